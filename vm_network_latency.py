@@ -1,0 +1,2065 @@
+#!/usr/bin/python3
+# -*- coding: utf-8 -*-
+#
+# vm_network_latency  Where does a KVM guest's packet spend its time on the host?
+#                     Per-packet latency between the VM's tap device, the virtual
+#                     switch (Open vSwitch kernel datapath or Linux bridge) and the
+#                     physical NIC, in both directions. For Linux, uses BCC, eBPF.
+#
+# How: every packet that enters the path (a frame the VM writes into its tap, or a
+# frame the physical NIC receives) is parsed once, filtered in the kernel, and kept
+# in a BPF hash keyed by its sk_buff address. Each later stage (switch, qdisc,
+# driver transmit, tap ring, the VM's read) only looks that address up and stamps
+# the time. When the packet completes the path, one ring-buffer event (detailed
+# mode) or a few in-kernel histogram increments (histogram mode) are produced.
+# Packets freed before they complete are counted with the kernel's drop reason.
+# Struct layouts come from the running kernel's BTF, never from headers of another
+# kernel. Stages attach to raw tracepoints or kprobes, chosen per stage.
+#
+# USAGE: vm_network_latency.py [-h] [--src-ip IP] [--dst-ip IP] [--src-port PORT]
+#            [--dst-port PORT] [--protocol {tcp,udp,icmp,all}]
+#            [--direction {tx,rx,both}] [--vm-dev DEV] [--phy-dev DEV]
+#            [--mode {detailed,histogram}] [--interval SECONDS]
+#            [--latency-threshold US] [--timeout SECONDS] [--output {text,json}]
+#            [--attach {auto,kprobe,tracepoint}] [--drops] [--list-stages]
+#            [--dry-run] [--verbose] [--ebpf]
+#
+# Licensed under the Apache License, Version 2.0 (the "License")
+
+from __future__ import print_function
+
+import argparse
+import ctypes
+import ipaddress
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import namedtuple
+
+VERSION = "1.0"
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+EXAMPLES = """examples:
+  # every VM packet, both directions, one record per packet
+  sudo ./vm_network_latency.py
+  # TCP traffic between two addresses, to port 80
+  sudo ./vm_network_latency.py --src-ip 192.168.1.10 --dst-ip 192.168.1.20 \\
+                               --protocol tcp --dst-port 80
+  # all UDP traffic as distributions, every 5 seconds
+  sudo ./vm_network_latency.py --protocol udp --mode histogram --interval 5
+  # ICMP (ping) latency from one VM
+  sudo ./vm_network_latency.py --protocol icmp --src-ip 192.168.1.10
+  # only packets slower than 100 us, for 30 seconds
+  sudo ./vm_network_latency.py --latency-threshold 100 --timeout 30
+  # one direction only, on one VM port and one uplink
+  sudo ./vm_network_latency.py --direction tx --vm-dev vnet3 --phy-dev eth1
+  # one JSON object per line, for scripts
+  sudo ./vm_network_latency.py --output json --timeout 10
+  # where would each stage attach on this kernel? (traces nothing)
+  sudo ./vm_network_latency.py --list-stages
+  # where did my packets die?
+  sudo ./vm_network_latency.py --drops --dst-ip 192.168.1.20
+"""
+
+PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1}
+PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: one line on stderr, exit 2."""
+
+
+def _port(text):
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("port %d is outside 1-65535" % value)
+    return value
+
+
+def _ipv4(text):
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "%r is not an IPv4 address (this tool traces IPv4 only)" % text)
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError("%r must be a positive number" % text)
+    return value
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("%r must be zero or a positive number" % text)
+    return value
+
+
+def _device(text):
+    if not text or len(text) > 15 or "/" in text or text in (".", "..") \
+            or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError("%r is not a valid network device name" % text)
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # argparse's usage line plus one line saying what is wrong, exit 2
+        self.print_usage(sys.stderr)
+        sys.stderr.write("%s: error: %s\n" % (self.prog, message))
+        sys.exit(2)
+
+
+def build_parser():
+    parser = _Parser(
+        prog="vm_network_latency.py",
+        description="Per-packet latency of KVM guest traffic between the VM's tap "
+                    "device, the virtual switch and the physical NIC.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES)
+    parser.add_argument("--src-ip", type=_ipv4, metavar="IP",
+                        help="source IP filter (the packet's own source address)")
+    parser.add_argument("--dst-ip", type=_ipv4, metavar="IP",
+                        help="destination IP filter (the packet's own destination)")
+    parser.add_argument("--src-port", type=_port, metavar="PORT",
+                        help="source port filter (TCP/UDP)")
+    parser.add_argument("--dst-port", type=_port, metavar="PORT",
+                        help="destination port filter (TCP/UDP)")
+    parser.add_argument("--protocol", choices=["tcp", "udp", "icmp", "all"],
+                        default="all", type=str.lower,
+                        help="protocol filter (default: all)")
+    parser.add_argument("--direction", choices=["tx", "rx", "both"], default="both",
+                        type=str.lower,
+                        help="tx: VM -> network, rx: network -> VM (default: both)")
+    parser.add_argument("--vm-dev", type=_device, action="append", metavar="DEV",
+                        help="VM tap device (repeatable; default: every tun/tap device)")
+    parser.add_argument("--phy-dev", type=_device, action="append", metavar="DEV",
+                        help="physical device (repeatable; default: the non-tap ports "
+                             "of the switches the taps are on)")
+    parser.add_argument("--mode", choices=["detailed", "histogram"], default="detailed",
+                        type=str.lower, help="output mode (default: detailed)")
+    parser.add_argument("--interval", type=_positive_float, default=5.0, metavar="SECONDS",
+                        help="histogram update interval (default: 5)")
+    parser.add_argument("--latency-threshold", type=_non_negative_float, default=0.0,
+                        metavar="US",
+                        help="only packets whose total latency is at least this many "
+                             "microseconds (filtered in the kernel)")
+    parser.add_argument("--timeout", type=_non_negative_float, default=0.0,
+                        metavar="SECONDS", help="stop after this long (0 = run until Ctrl-C)")
+    parser.add_argument("--output", choices=["text", "json"], default="text", type=str.lower,
+                        help="text for people, json for one object per line")
+    parser.add_argument("--attach", choices=["auto", "kprobe", "tracepoint"], default="auto",
+                        type=str.lower,
+                        help="how stages attach (default: auto, chosen per stage)")
+    parser.add_argument("--drops", action="store_true",
+                        help="also report each tracked packet the kernel dropped, "
+                             "with its drop reason and the last stage it reached")
+    parser.add_argument("--list-stages", action="store_true",
+                        help="print each stage and how it would attach on this kernel, "
+                             "then exit without tracing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compile the program and load it through the kernel "
+                             "verifier, attach nothing, then exit")
+    parser.add_argument("--btf", metavar="FILE", default="/sys/kernel/btf/vmlinux",
+                        help="kernel BTF to take struct layouts from ('none': use the "
+                             "kernel headers, only if they match the running kernel)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="say what was attached where and how layouts were found")
+    parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
+    return parser
+
+
+def parse_args(argv):
+    """Parse and validate the command line; everything checked here needs no kernel."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.protocol == "icmp" and (args.src_port or args.dst_port):
+        parser.error("ports cannot be used with --protocol icmp (ICMP has no ports)")
+    return args
+
+
+# ============================================================================
+# Kernel capabilities and layouts
+# ============================================================================
+
+class Fatal(Exception):
+    """The tool cannot run here: one line on stderr, exit 2."""
+
+
+# --- BTF: struct layouts of the running kernel, parsed with the standard library ---
+
+BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 3, 4, 5
+BTF_KIND_ENUM, BTF_KIND_FWD, BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST = 6, 7, 8, 9, 10
+BTF_KIND_RESTRICT, BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO, BTF_KIND_VAR = 11, 12, 13, 14
+BTF_KIND_DATASEC, BTF_KIND_FLOAT, BTF_KIND_DECL_TAG, BTF_KIND_TYPE_TAG = 15, 16, 17, 18
+BTF_KIND_ENUM64 = 19
+# bytes that follow the 12-byte common header, per kind: (fixed, per vlen entry)
+_BTF_EXTRA = {
+    BTF_KIND_INT: (4, 0), BTF_KIND_PTR: (0, 0), BTF_KIND_ARRAY: (12, 0),
+    BTF_KIND_STRUCT: (0, 12), BTF_KIND_UNION: (0, 12), BTF_KIND_ENUM: (0, 8),
+    BTF_KIND_FWD: (0, 0), BTF_KIND_TYPEDEF: (0, 0), BTF_KIND_VOLATILE: (0, 0),
+    BTF_KIND_CONST: (0, 0), BTF_KIND_RESTRICT: (0, 0), BTF_KIND_FUNC: (0, 0),
+    BTF_KIND_FUNC_PROTO: (0, 8), BTF_KIND_VAR: (4, 0), BTF_KIND_DATASEC: (0, 12),
+    BTF_KIND_FLOAT: (0, 0), BTF_KIND_DECL_TAG: (4, 0), BTF_KIND_TYPE_TAG: (0, 0),
+    BTF_KIND_ENUM64: (0, 12),
+}
+_MODIFIERS = (BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT,
+              BTF_KIND_TYPE_TAG)
+
+
+class BTFError(Exception):
+    pass
+
+
+class BTF(object):
+    """Just enough of a BTF reader to find member offsets, enums and tracepoint prototypes.
+
+    One pass records where each type starts; names are compared by string-table
+    offset, so no string is decoded unless it is asked for.
+    """
+
+    def __init__(self, data):
+        if len(data) < 24:
+            raise BTFError("file too short")
+        magic, version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != 0xEB9F:
+            raise BTFError("not a BTF file (bad magic)")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self.data = data
+        self.strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        self.type_start = [0]  # type id 0 is void
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        unpack = struct.Struct("<III").unpack_from
+        extra = _BTF_EXTRA
+        starts = self.type_start
+        while pos < end:
+            _name, info, _size = unpack(data, pos)
+            kind = (info >> 24) & 0x1f
+            try:
+                fixed, per = extra[kind]
+            except KeyError:
+                raise BTFError("unknown BTF kind %d" % kind)
+            starts.append(pos)
+            pos += 12 + fixed + per * (info & 0xffff)
+        self._by_name_off = None
+
+    @classmethod
+    def from_file(cls, path):
+        with open(path, "rb") as f:
+            return cls(f.read())
+
+    # -- low level --
+    def _header(self, tid):
+        return struct.unpack_from("<III", self.data, self.type_start[tid])
+
+    def kind(self, tid):
+        return (self._header(tid)[1] >> 24) & 0x1f
+
+    def name(self, tid):
+        off = self._header(tid)[0]
+        return self._string(off)
+
+    def _string(self, off):
+        end = self.strings.index(b"\0", off)
+        return self.strings[off:end].decode("ascii", "replace")
+
+    def _name_offset(self, name):
+        key = b"\0" + name.encode() + b"\0"
+        i = self.strings.find(key)
+        if i < 0:
+            return None if self.strings[:len(key) - 1] != key[1:] else 0
+        return i + 1
+
+    def find(self, name, kinds):
+        """Type ids with this name and one of these kinds."""
+        off = self._name_offset(name)
+        if off is None:
+            return []
+        if self._by_name_off is None:
+            index = {}
+            unpack = struct.Struct("<II").unpack_from
+            for tid in range(1, len(self.type_start)):
+                name_off, info = unpack(self.data, self.type_start[tid])
+                if name_off:
+                    index.setdefault(name_off, []).append(tid)
+            self._by_name_off = index
+        return [t for t in self._by_name_off.get(off, []) if self.kind(t) in kinds]
+
+    def strip(self, tid):
+        """Follow typedefs and qualifiers to the real type."""
+        for _ in range(32):
+            _n, info, ref = self._header(tid)
+            if (info >> 24) & 0x1f not in _MODIFIERS:
+                return tid
+            tid = ref
+        raise BTFError("typedef loop")
+
+    def size(self, tid):
+        tid = self.strip(tid)
+        _n, info, size_or_type = self._header(tid)
+        kind = (info >> 24) & 0x1f
+        if kind == BTF_KIND_PTR:
+            return 8
+        if kind == BTF_KIND_ARRAY:
+            elem, _index, nelems = struct.unpack_from("<III", self.data,
+                                                      self.type_start[tid] + 12)
+            return self.size(elem) * nelems
+        return size_or_type
+
+    def members(self, tid):
+        """(name, type id, bit offset, bitfield size) of a struct or union."""
+        start = self.type_start[tid]
+        _n, info, _size = struct.unpack_from("<III", self.data, start)
+        kind_flag = info >> 31
+        out = []
+        for i in range(info & 0xffff):
+            name_off, mtype, offset = struct.unpack_from("<III", self.data, start + 12 + 12 * i)
+            if kind_flag:
+                out.append((self._string(name_off), mtype, offset & 0xffffff, offset >> 24))
+            else:
+                out.append((self._string(name_off), mtype, offset, 0))
+        return out
+
+    def _member(self, tid, name):
+        """Find a member by name, descending into anonymous structs and unions."""
+        for mname, mtype, bit_off, bitfield in self.members(tid):
+            if mname == name:
+                return mtype, bit_off, bitfield
+            if not mname:
+                inner = self.strip(mtype)
+                if self.kind(inner) in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+                    found = self._member(inner, name)
+                    if found:
+                        return found[0], bit_off + found[1], found[2]
+        return None
+
+    def struct_id(self, name):
+        ids = self.find(name, (BTF_KIND_STRUCT, BTF_KIND_UNION))
+        for tid in ids:  # prefer a complete definition
+            if self.members(tid):
+                return tid
+        if ids:
+            return ids[0]
+        for tid in self.find(name, (BTF_KIND_TYPEDEF,)):  # possible_net_t is a typedef
+            inner = self.strip(tid)
+            if self.kind(inner) in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+                return inner
+        raise BTFError("struct %s not found" % name)
+
+    def offset(self, struct_name, path):
+        """Byte offset and size of struct_name.path ("nd_net.net" walks nested members)."""
+        tid = self.struct_id(struct_name)
+        total_bits = 0
+        mtype = None
+        for part in path.split("."):
+            found = self._member(tid, part)
+            if found is None:
+                raise BTFError("%s has no member %s" % (struct_name, path))
+            mtype, bit_off, bitfield = found
+            if bitfield or bit_off % 8:
+                raise BTFError("%s.%s is a bitfield" % (struct_name, path))
+            total_bits += bit_off
+            tid = self.strip(mtype)
+        return total_bits // 8, self.size(mtype)
+
+    def enum_values(self, name):
+        """{value: name} of an enum."""
+        for tid in self.find(name, (BTF_KIND_ENUM, BTF_KIND_ENUM64)):
+            start = self.type_start[tid]
+            _n, info, _size = struct.unpack_from("<III", self.data, start)
+            out = {}
+            if (info >> 24) & 0x1f == BTF_KIND_ENUM:
+                for i in range(info & 0xffff):
+                    n, v = struct.unpack_from("<Ii", self.data, start + 12 + 8 * i)
+                    out[v] = self._string(n)
+            else:
+                for i in range(info & 0xffff):
+                    n, lo, hi = struct.unpack_from("<III", self.data, start + 12 + 12 * i)
+                    out[(hi << 32) | lo] = self._string(n)
+            if out:
+                return out
+        return {}
+
+    def tracepoint_params(self, tp):
+        """Parameter type names of a vmlinux tracepoint, or None when it does not exist.
+
+        Every tracepoint has a typedef btf_trace_<name>: a pointer to a function whose
+        first parameter is the tracepoint's private data, the rest its TP_PROTO.
+        """
+        ids = self.find("btf_trace_" + tp, (BTF_KIND_TYPEDEF,))
+        if not ids:
+            return None
+        ptr = self._header(ids[0])[2]
+        proto = self._header(ptr)[2]
+        start = self.type_start[proto]
+        _n, info, _ret = struct.unpack_from("<III", self.data, start)
+        names = []
+        for i in range(1, info & 0xffff):
+            _pn, ptype = struct.unpack_from("<II", self.data, start + 12 + 8 * i)
+            names.append(self.type_name(ptype))
+        return names
+
+    def type_name(self, tid):
+        for _ in range(8):
+            if tid == 0:
+                return "void"
+            _n, info, ref = self._header(tid)
+            kind = (info >> 24) & 0x1f
+            if kind == BTF_KIND_PTR:
+                return self.type_name(ref) + " *"
+            if kind in (BTF_KIND_CONST, BTF_KIND_VOLATILE, BTF_KIND_RESTRICT, BTF_KIND_TYPE_TAG):
+                tid = ref
+                continue
+            prefix = {BTF_KIND_STRUCT: "struct ", BTF_KIND_UNION: "union ",
+                      BTF_KIND_ENUM: "enum ", BTF_KIND_ENUM64: "enum "}.get(kind, "")
+            return prefix + self.name(tid)
+        return "?"
+
+
+# The fields the program reads, as (C name, struct, member path).
+LAYOUT_FIELDS = [
+    ("SKB_DEV", "sk_buff", "dev"),
+    ("SKB_LEN", "sk_buff", "len"),
+    ("SKB_DATA_LEN", "sk_buff", "data_len"),
+    ("SKB_MAC_HEADER", "sk_buff", "mac_header"),
+    ("SKB_HEAD", "sk_buff", "head"),
+    ("DEV_IFINDEX", "net_device", "ifindex"),
+]
+NETNS_FIELDS = [
+    ("DEV_ND_NET", "net_device", "nd_net.net"),
+    ("NET_NS_INUM", "net", "ns.inum"),
+]
+
+Layout = namedtuple("Layout", "source offsets sizes netns drop_reasons kfree_skb_reason "
+                              "tracepoints")
+
+
+def layout_from_btf(btf):
+    """Offsets and sizes the program needs, from the running kernel's own BTF."""
+    offsets, sizes = {}, {}
+    for cname, sname, path in LAYOUT_FIELDS:
+        offsets[cname], sizes[cname] = btf.offset(sname, path)
+    netns = True
+    try:
+        for cname, sname, path in NETNS_FIELDS:
+            offsets[cname], sizes[cname] = btf.offset(sname, path)
+    except BTFError:
+        netns = False  # a kernel without network namespaces: every device is in init_net
+    params = btf.tracepoint_params("kfree_skb") or []
+    has_reason = len(params) >= 3 and params[2] == "enum skb_drop_reason"
+    tracepoints = set()
+    for tp in ("netif_receive_skb", "net_dev_queue", "net_dev_start_xmit",
+               "skb_copy_datagram_iovec", "kfree_skb", "consume_skb"):
+        if btf.tracepoint_params(tp) is not None:
+            tracepoints.add(tp)
+    return Layout("BTF", offsets, sizes, netns,
+                  btf.enum_values("skb_drop_reason") if has_reason else {},
+                  has_reason, tracepoints)
+
+
+def headers_release(build_dir):
+    path = os.path.join(build_dir, "include/generated/utsrelease.h")
+    try:
+        with open(path) as f:
+            m = re.search(r'UTS_RELEASE\s+"([^"]+)"', f.read())
+            return m.group(1) if m else None
+    except (IOError, OSError):
+        return None
+
+
+def layout_from_headers(release):
+    """Without BTF: trust the kernel headers only if they are the running kernel's."""
+    build = "/lib/modules/%s/build" % release
+    found = headers_release(build)
+    if found is None:
+        raise Fatal("no BTF (%s) and no kernel headers at %s: install the headers of "
+                    "the running kernel (linux-headers-%s / kernel-devel-%s)"
+                    % ("/sys/kernel/btf/vmlinux", build, release, release))
+    if found != release:
+        raise Fatal("no BTF, and the kernel headers at %s are for %s, not the running "
+                    "kernel %s: struct layouts from them would be wrong; install the "
+                    "headers of %s or run a kernel with BTF (CONFIG_DEBUG_INFO_BTF)"
+                    % (build, found, release, release))
+    offsets = dict((c, "offsetof(struct %s, %s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
+    sizes = dict((c, "sizeof(((struct %s *)0)->%s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
+    return Layout("kernel headers " + found, offsets, sizes, False, {}, False,
+                  {"netif_receive_skb", "net_dev_queue", "net_dev_start_xmit",
+                   "skb_copy_datagram_iovec", "kfree_skb", "consume_skb"})
+
+
+def find_layout(btf_path, release):
+    if btf_path != "none" and os.path.exists(btf_path):
+        try:
+            return layout_from_btf(BTF.from_file(btf_path))
+        except (BTFError, IOError, OSError, struct.error, ValueError, IndexError) as e:
+            raise Fatal("cannot read struct layouts from %s: %s" % (btf_path, e))
+    return layout_from_headers(release)
+
+
+# --- what this kernel can attach to ---
+
+TRACEFS_PATHS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def tracefs_dir(mount=True):
+    for path in TRACEFS_PATHS:
+        if os.path.isdir(os.path.join(path, "events")):
+            return path
+    if mount and os.path.isdir(TRACEFS_PATHS[0]):
+        # BCC's legacy kprobe interface and tracepoint lookups need tracefs
+        os.system("mount -t tracefs tracefs %s >/dev/null 2>&1" % TRACEFS_PATHS[0])
+        if os.path.isdir(os.path.join(TRACEFS_PATHS[0], "events")):
+            return TRACEFS_PATHS[0]
+    return None
+
+
+def kprobes_available():
+    if os.path.exists("/sys/bus/event_source/devices/kprobe/type"):
+        return True, "kprobe PMU"
+    tfs = tracefs_dir()
+    if tfs and os.path.exists(os.path.join(tfs, "kprobe_events")):
+        return True, "kprobe_events"
+    return False, "this kernel has no kprobe support (no kprobe PMU, no kprobe_events)"
+
+
+def kernel_symbols(wanted):
+    """{function: symbol to attach to}: exact names first, else .isra/.constprop clones."""
+    found = {}
+    pattern = re.compile(r"^([A-Za-z0-9_]+)((?:\.(?:isra|constprop|part|cold)\.\d+)*)$")
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3 or parts[1] not in "tTwW":
+                    continue
+                m = pattern.match(parts[2])
+                if not m or m.group(1) not in wanted or ".cold" in m.group(2):
+                    continue
+                if not m.group(2) or m.group(1) not in found:
+                    found[m.group(1)] = parts[2]
+    except (IOError, OSError):
+        pass
+    return found
+
+
+def tracepoint_exists(layout, category, name):
+    if name in layout.tracepoints:
+        return True
+    tfs = tracefs_dir()
+    return bool(tfs) and os.path.isdir(os.path.join(tfs, "events", category, name))
+
+
+def kernel_version(release):
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+# --- the stages of the path ---
+
+# A stage is one point of the path. `hook` says what the stage's C does:
+#   start    the packet enters the path here: parse, filter, start tracking
+#   dev      stamp only on a device of this stage's role (tap or physical)
+#   plain    stamp any tracked packet that passes (switches)
+#   vm_read  the VM's backend reads the frame from the tap: RX ends here
+#   host_rcv the host's own stack takes the packet: RX ends here
+# kprobes: [(function, argument number of the skb)]; tracepoint: (category, name, arg).
+Stage = namedtuple("Stage", "name sid direction hook role kprobes tracepoint meaning")
+
+STAGES = [
+    Stage("tap_rx", 0, "tx", "start", "vm", [("__netif_receive_skb", 1)],
+          ("net", "netif_receive_skb", 0),
+          "the host receives the VM's frame from its tap (tun_get_user -> netif_receive_skb)"),
+    Stage("phy_rx", 1, "rx", "start", "phy", [("__netif_receive_skb", 1)],
+          ("net", "netif_receive_skb", 0),
+          "the host receives the frame from the physical NIC"),
+    Stage("bridge", 2, "both", "plain", None, [("br_forward", 2)], None,
+          "the Linux bridge forwards the frame to its output port"),
+    Stage("ovs_dp", 3, "both", "plain", None, [("ovs_dp_process_packet", 1)],
+          ("openvswitch", "ovs_do_execute_action", 1),
+          "the Open vSwitch kernel datapath processes the frame"),
+    Stage("phy_queue", 4, "tx", "dev", "phy", [("__dev_queue_xmit", 1)],
+          ("net", "net_dev_queue", 0),
+          "queued for the physical NIC (__dev_queue_xmit: qdisc)"),
+    Stage("phy_xmit", 5, "tx", "dev", "phy", [], ("net", "net_dev_start_xmit", 0),
+          "handed to the physical NIC's driver"),
+    Stage("tap_queue", 6, "rx", "dev", "vm", [("__dev_queue_xmit", 1)],
+          ("net", "net_dev_queue", 0),
+          "queued for the VM's tap (__dev_queue_xmit: qdisc)"),
+    Stage("tap_xmit", 7, "rx", "dev", "vm", [("tun_net_xmit", 1)],
+          ("net", "net_dev_start_xmit", 0),
+          "put in the tap's ring for the VM (tun_net_xmit)"),
+    Stage("vm_read", 8, "rx", "vm_read", None, [("skb_copy_datagram_iter", 1)],
+          ("skb", "skb_copy_datagram_iovec", 0),
+          "the VM's backend (QEMU or vhost) reads the frame (tun_put_user)"),
+    Stage("host_rcv", 9, "rx", "host_rcv", None,
+          [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1)], None,
+          "delivered to the host's own TCP/UDP/ICMP stack (traffic ending on the host)"),
+]
+STAGE_BY_NAME = dict((s.name, s) for s in STAGES)
+STAGE_NAMES = [s.name for s in STAGES]
+NSTAGES = len(STAGES)
+DIRECTIONS = ("tx", "rx")
+PATH_ORDER = {
+    "tx": ["tap_rx", "bridge", "ovs_dp", "phy_queue", "phy_xmit"],
+    "rx": ["phy_rx", "bridge", "ovs_dp", "tap_queue", "tap_xmit", "vm_read", "host_rcv"],
+}
+
+Plan = namedtuple("Plan", "stage method probe arg reason")  # method None: not traced
+
+
+def plan_stages(args, layout, kprobes_ok, kprobe_why, symbols):
+    """Choose, per stage, how it attaches on this kernel (or why it cannot)."""
+    wanted_dirs = DIRECTIONS if args.direction == "both" else (args.direction,)
+    plans = []
+    for st in STAGES:
+        if st.direction != "both" and st.direction not in wanted_dirs:
+            plans.append(Plan(st, None, None, None, "not traced: --direction %s" % args.direction))
+            continue
+        tp = None
+        if st.tracepoint and tracepoint_exists(layout, st.tracepoint[0], st.tracepoint[1]):
+            tp = Plan(st, "tracepoint", "%s:%s" % st.tracepoint[:2], st.tracepoint[2], "")
+        kp = None
+        syms = [(symbols[f], a) for f, a in st.kprobes if f in symbols]
+        if kprobes_ok and syms:
+            kp = Plan(st, "kprobe", ",".join(s for s, _ in syms), syms[0][1], "")
+        # auto prefers the tracepoint: it sits at the same point, costs less, is a
+        # stable ABI, and netif_receive_skb also sees GRO's list receive path, which
+        # the __netif_receive_skb kprobe misses
+        if args.attach == "kprobe":
+            order = [kp] if st.kprobes else [tp]
+        elif args.attach == "tracepoint":
+            order = [tp] if st.tracepoint else [kp]
+        else:
+            order = [tp, kp]
+        chosen = next((p for p in order if p), None)
+        if chosen:
+            plans.append(chosen)
+            continue
+        plans.append(Plan(st, None, None, None, why_not(st, args, kprobes_ok, kprobe_why,
+                                                          symbols)))
+    return plans
+
+
+def why_not(st, args, kprobes_ok, kprobe_why, symbols):
+    if args.attach == "tracepoint" and not st.tracepoint:
+        return "no tracepoint at this point (needs --attach kprobe or auto)"
+    if st.name == "ovs_dp":
+        if not os.path.isdir("/sys/module/openvswitch"):
+            return "the openvswitch module is not loaded (no OVS kernel datapath)"
+        if args.attach != "kprobe":
+            return "no ovs_do_execute_action tracepoint (kernel < 5.14) and %s" % (
+                kprobe_why if not kprobes_ok else "no ovs_dp_process_packet symbol")
+    if st.name == "bridge" and "br_forward" not in symbols and kprobes_ok:
+        return "the bridge module is not loaded (no Linux bridge)"
+    if args.attach == "kprobe" and not st.kprobes:
+        return "no kprobe at this point"
+    if not kprobes_ok:
+        return kprobe_why
+    return "none of %s is in /proc/kallsyms" % ", ".join(f for f, _ in st.kprobes)
+
+
+# --- which devices are the VM side and which the physical side ---
+
+ROLE_VM, ROLE_PHY = 1, 2
+SYS_NET = "/sys/class/net"
+
+
+def _sysfs(dev, *parts):
+    return os.path.join(SYS_NET, dev, *parts)
+
+
+def is_tap(dev):
+    return os.path.exists(_sysfs(dev, "tun_flags"))
+
+
+def device_master(dev):
+    try:
+        return os.path.basename(os.readlink(_sysfs(dev, "master")))
+    except OSError:
+        return None
+
+
+def device_ifindex(dev):
+    with open(_sysfs(dev, "ifindex")) as f:
+        return int(f.read())
+
+
+def list_devices():
+    try:
+        return sorted(os.listdir(SYS_NET))
+    except OSError:
+        return []
+
+
+def default_phy_devices(taps, devices):
+    """The uplinks: non-tap ports of the switches (bridge or OVS) the taps are on.
+
+    Fallback when the taps are not on a switch (routed setups): the devices backed
+    by hardware (/sys/class/net/X/device)."""
+    masters = set(m for m in (device_master(t) for t in taps) if m)
+    phys = [d for d in devices if d not in taps and not is_tap(d)
+            and device_master(d) in masters]
+    if not phys:
+        phys = [d for d in devices if os.path.exists(_sysfs(d, "device")) and not is_tap(d)]
+    return phys
+
+
+def resolve_roles(args):
+    """{ifindex: role} and {ifindex: name}, for the devices given or found."""
+    devices = list_devices()
+    taps = args.vm_dev or [d for d in devices if is_tap(d)]
+    phys = args.phy_dev or default_phy_devices(taps, devices)
+    roles, names = {}, {}
+    for role, devs in ((ROLE_VM, taps), (ROLE_PHY, phys)):
+        for dev in devs:
+            try:
+                idx = device_ifindex(dev)
+            except (IOError, OSError, ValueError):
+                continue  # vanished since the listing
+            roles[idx] = role
+            names[idx] = dev
+    return roles, names, taps, phys
+
+
+def check_devices_exist(args):
+    for dev in (args.vm_dev or []) + (args.phy_dev or []):
+        if not os.path.isdir(_sysfs(dev)):
+            raise UsageError("device %r does not exist in this network namespace "
+                             "(see 'ip link')" % dev)
+    both = set(args.vm_dev or []) & set(args.phy_dev or [])
+    if both:
+        raise UsageError("device %s cannot be both --vm-dev and --phy-dev" % sorted(both)[0])
+
+
+# ============================================================================
+# Program generation
+# ============================================================================
+
+STAT_NAMES = ["started_tx", "started_rx", "completed_tx", "completed_rx", "below_threshold",
+              "lost", "dropped", "left_path", "not_tracked", "vanished"]
+STAT = dict((n, i) for i, n in enumerate(STAT_NAMES))
+FATE_LEFT = 0xffffffff     # reason code in the fates map: freed normally, not dropped
+EV_PACKET, EV_DROP = 1, 2
+HIST_SUB_BITS = 4          # 16 sub-buckets per power of two: percentiles within ~3%
+SEG_TOTAL = 255
+
+C_PROGRAM = r"""
+#include <uapi/linux/ptrace.h>
+
+/*CONFIG*/
+
+#define ROLE_VM  1
+#define ROLE_PHY 2
+#define DIR_TX   0
+#define DIR_RX   1
+
+// One record per packet in flight; also the event sent to user space.
+struct pkt {
+    u64 ts[NSTAGES];        // when each stage saw the packet, 0 = not seen
+    u64 location;           // drop events: where the kernel freed it
+    u32 saddr, daddr;       // IPv4, host order
+    u32 vm_ifindex, phy_ifindex;
+    u32 pid;                // VM side: the process that wrote (tx) or read (rx) it
+    u32 reason;             // drop events: enum skb_drop_reason
+    u16 sport, dport;       // TCP/UDP ports, or ICMP id and sequence
+    u16 vlan;               // 802.1Q VLAN id + 1, 0 = untagged
+    u8  proto, dir, last, type;
+    u8  icmp_type, pad;
+    char comm[16];
+};
+
+struct fate_key { u32 reason; u8 dir, last, pad[2]; };
+struct hist_key { u32 bucket; u8 slot, dir, seg, pad; };
+
+BPF_HASH(inflight, u64, struct pkt, MAX_INFLIGHT);
+BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
+BPF_HASH(devroles, u32, u8, 4096);
+BPF_ARRAY(hostnet, u64, 1);
+BPF_PERCPU_ARRAY(stats, u64, NSTATS);
+BPF_HASH(fates, struct fate_key, u64, 4096);
+#if HISTOGRAM
+BPF_ARRAY(hslot, u32, 1);
+BPF_HASH(hist, struct hist_key, u64, 65536);
+#endif
+#if USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+
+static __always_inline void stat_add(u32 idx)
+{
+    u64 *v = stats.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+/*READERS*/
+
+// Is this device one of ours, and in the host's network namespace? A namespace's
+// eth0 can share an ifindex with a host device, so the ifindex alone is not enough.
+static __always_inline u32 skb_dev_role(void *skb, u32 *ifindex)
+{
+    void *dev = 0;
+    bpf_probe_read_kernel(&dev, sizeof(dev), (u8 *)skb + SKB_DEV);
+    if (!dev)
+        return 0;
+    u32 idx = 0;
+    u64 net = 0;
+    read_dev(dev, &idx, &net);
+    u8 *role = devroles.lookup(&idx);
+    if (!role)
+        return 0;
+#if CHECK_NETNS
+    u32 zero = 0;
+    u64 *host = hostnet.lookup(&zero);
+    if (!host)
+        return 0;
+    if (*host != net) {
+        if (*host)
+            return 0;
+        u32 inum = 0;   // first match: learn the host's struct net by its inode number
+        bpf_probe_read_kernel(&inum, sizeof(inum), (u8 *)net + NET_NS_INUM);
+        if (inum != HOST_NETNS_INUM)
+            return 0;
+        *host = net;
+    }
+#endif
+    *ifindex = idx;
+    return *role;
+}
+
+static __always_inline u32 be16(const u8 *p) { return ((u32)p[0] << 8) | p[1]; }
+static __always_inline u32 be32(const u8 *p)
+{
+    return ((u32)p[0] << 24) | ((u32)p[1] << 16) | ((u32)p[2] << 8) | p[3];
+}
+
+// IPv4 header at constant offset L3 of the frame bytes in b. Returns 0 for
+// anything that is not a well-formed, filter-matching TCP/UDP/ICMP packet.
+static __always_inline int parse_ipv4(const u8 *b, const int L3, const u8 *head,
+                                      u32 mac, u32 headlen, struct pkt *p)
+{
+    u32 vihl = b[L3];
+    if ((vihl >> 4) != 4 || (vihl & 15) < 5)
+        return 0;
+    u32 ihl = (vihl & 15) * 4;
+    u32 tot = be16(b + L3 + 2);
+    // the IP packet and its first 8 L4 bytes must lie in the frame's linear data
+    if (tot < ihl + 8 || (L3 - 14) + tot > headlen)
+        return 0;
+    if (be16(b + L3 + 6) & 0x1fff)
+        return 0;           // a non-first fragment has no L4 header
+    p->proto = b[L3 + 9];
+    p->saddr = be32(b + L3 + 12);
+    p->daddr = be32(b + L3 + 16);
+#if FILTER_PROTO
+    if (p->proto != FILTER_PROTO)
+        return 0;
+#else
+    if (p->proto != 6 && p->proto != 17 && p->proto != 1)
+        return 0;
+#endif
+#if FILTER_SADDR
+    if (p->saddr != FILTER_SADDR)
+        return 0;
+#endif
+#if FILTER_DADDR
+    if (p->daddr != FILTER_DADDR)
+        return 0;
+#endif
+    u8 l4[8] = {};
+    if (ihl == 20) {
+        __builtin_memcpy(l4, b + L3 + 20, 8);
+    } else {
+        bpf_probe_read_kernel(l4, 8, head + mac + L3 + ihl);
+    }
+    // values first, then choose: lets clang select values, never pointers
+    u32 w0 = be16(l4), w1 = be16(l4 + 2), w2 = be16(l4 + 4), w3 = be16(l4 + 6);
+    if (p->proto == 1) {
+        p->icmp_type = l4[0];
+        if (l4[0] == 0 || l4[0] == 8) {     // echo reply / request carry id and seq
+            p->sport = w2;
+            p->dport = w3;
+        }
+    } else {
+        p->sport = w0;
+        p->dport = w1;
+    }
+#if FILTER_SPORT
+    if (p->proto == 1 || p->sport != FILTER_SPORT)
+        return 0;
+#endif
+#if FILTER_DPORT
+    if (p->proto == 1 || p->dport != FILTER_DPORT)
+        return 0;
+#endif
+    return 1;
+}
+
+// Read the frame from its MAC header and fill p. Up to two VLAN tags in the frame.
+static __always_inline int parse_frame(void *skb, struct pkt *p)
+{
+    u32 len = 0, data_len = 0;
+    u16 mac = 0;
+    u8 *head = 0;
+    read_skb(skb, &len, &data_len, &mac, &head);
+    if (mac == 0xffff || !head || data_len > len)
+        return 0;
+    u32 headlen = len - data_len;     // skb->data is past the Ethernet header here
+    u8 b[64] = {};
+    if (bpf_probe_read_kernel(b, sizeof(b), head + mac))
+        return 0;
+    u32 eth = be16(b + 12);
+    if (eth == 0x0800)
+        return parse_ipv4(b, 14, head, mac, headlen, p);
+    if (eth != 0x8100 && eth != 0x88a8)
+        return 0;
+    p->vlan = (be16(b + 14) & 0xfff) + 1;
+    eth = be16(b + 16);
+    if (eth == 0x0800)
+        return parse_ipv4(b, 18, head, mac, headlen, p);
+    if (eth != 0x8100)
+        return 0;
+    eth = be16(b + 20);
+    if (eth == 0x0800)
+        return parse_ipv4(b, 22, head, mac, headlen, p);
+    return 0;
+}
+
+static __always_inline void emit(void *ctx, struct pkt *p)
+{
+#if USE_RINGBUF
+    struct pkt *ev = events.ringbuf_reserve(sizeof(struct pkt));
+    if (!ev) {
+        stat_add(STAT_lost);
+        return;
+    }
+    __builtin_memcpy(ev, p, sizeof(struct pkt));
+    events.ringbuf_submit(ev, 0);
+#else
+    if (events.perf_submit(ctx, p, sizeof(struct pkt)))
+        stat_add(STAT_lost);
+#endif
+}
+
+#if HISTOGRAM
+// 16 linear sub-buckets per power of two of v = ns * 1.024 (units of 1/1024 us,
+// so the power-of-two rows are whole microseconds). u64: minutes do not wrap.
+static __always_inline void hist_add(u32 slot, u8 dir, u8 seg, u64 ns)
+{
+    u64 v = ns + ns * 3 / 125;
+    u32 bucket = v;
+    if (v >= (1 << (HIST_SUB_BITS + 1))) {
+        u32 lg = bpf_log2l(v);
+        bucket = ((lg - HIST_SUB_BITS + 1) << HIST_SUB_BITS) +
+                 ((v >> (lg - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1));
+    }
+    struct hist_key k = {.bucket = bucket, .slot = slot, .dir = dir, .seg = seg};
+    hist.atomic_increment(k);
+}
+
+// Consecutive stages the packet was seen at, in path order.
+#define HIST_STEP(S)                                                    \
+    if (p->ts[S]) {                                                     \
+        if (prev_ts)                                                    \
+            hist_add(slot, p->dir, prev * 16 + S, p->ts[S] - prev_ts);  \
+        prev_ts = p->ts[S];                                             \
+        prev = S;                                                       \
+    }
+
+static __always_inline void hist_packet(struct pkt *p, u64 total)
+{
+    u32 zero = 0;
+    u32 *slotp = hslot.lookup(&zero);
+    u32 slot = slotp ? *slotp : 0;
+    u64 prev_ts = 0;
+    u32 prev = 0;
+    if (p->dir == DIR_TX) {
+        HIST_STEPS_TX
+    } else {
+        HIST_STEPS_RX
+    }
+    hist_add(slot, p->dir, SEG_TOTAL, total);
+}
+#endif
+
+static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
+{
+    u64 first = p->dir == DIR_TX ? p->ts[STAGE_tap_rx] : p->ts[STAGE_phy_rx];
+    u64 total = now - first;
+    stat_add(p->dir == DIR_TX ? STAT_completed_tx : STAT_completed_rx);
+    if (total < THRESHOLD_NS) {
+        stat_add(STAT_below_threshold);
+    } else {
+#if HISTOGRAM
+        hist_packet(p, total);
+#else
+        p->type = EV_PACKET;
+        emit(ctx, p);
+#endif
+    }
+    inflight.delete(&key);
+}
+
+static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
+{
+    if (!p->ts[stage]) {
+        p->ts[stage] = now;
+        p->last = stage;
+    }
+}
+
+// --- one handler per kind of stage; the attach wrappers below only pass the skb ---
+
+// netif_receive_skb: a frame from a tap starts TX, one from a physical NIC starts RX.
+static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int phy_stage)
+{
+    u32 ifindex = 0;
+    u32 role = skb_dev_role(skb, &ifindex);
+    u8 dir;
+    u32 stage;
+    if (role == ROLE_VM && vm_stage >= 0) {
+        dir = DIR_TX;
+        stage = vm_stage;
+    } else if (role == ROLE_PHY && phy_stage >= 0) {
+        dir = DIR_RX;
+        stage = phy_stage;
+    } else {
+        return 0;
+    }
+    u32 zero = 0;
+    struct pkt *p = scratch.lookup(&zero);
+    if (!p)
+        return 0;
+    __builtin_memset(p, 0, sizeof(*p));
+    if (!parse_frame(skb, p))
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    p->dir = dir;
+    p->ts[stage] = now;
+    p->last = stage;
+    if (dir == DIR_TX) {
+        p->vm_ifindex = ifindex;
+        p->pid = bpf_get_current_pid_tgid() >> 32;   // the VM's writer: QEMU or vhost
+        bpf_get_current_comm(p->comm, sizeof(p->comm));
+    } else {
+        p->phy_ifindex = ifindex;
+    }
+    u64 key = (u64)skb;
+    int err = inflight.insert(&key, p);
+    if (err == -17) {   // EEXIST: the packet that had this sk_buff vanished untraced
+        stat_add(STAT_vanished);
+        err = inflight.update(&key, p);
+    }
+    if (err) {
+        stat_add(STAT_not_tracked);
+        return 0;
+    }
+    stat_add(dir == DIR_TX ? STAT_started_tx : STAT_started_rx);
+    return 0;
+}
+
+// A device stage: the tap's stage counts for RX packets, the NIC's for TX packets.
+static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy_stage)
+{
+    u64 key = (u64)skb;
+    struct pkt *p = inflight.lookup(&key);
+    if (!p)
+        return 0;
+    u32 ifindex = 0;
+    u32 role = skb_dev_role(skb, &ifindex);
+    u64 now = bpf_ktime_get_ns();
+    if (role == ROLE_VM && vm_stage >= 0 && p->dir == DIR_RX) {
+        stamp(p, vm_stage, now);
+        p->vm_ifindex = ifindex;
+        if (vm_stage == FINAL_RX_VM)
+            complete(ctx, key, p, now);
+    } else if (role == ROLE_PHY && phy_stage >= 0 && p->dir == DIR_TX) {
+        stamp(p, phy_stage, now);
+        p->phy_ifindex = ifindex;
+        if (phy_stage == FINAL_TX)
+            complete(ctx, key, p, now);
+    }
+    return 0;
+}
+
+// The switch: any tracked packet it processes.
+static __always_inline int on_switch(void *ctx, void *skb, u32 stage)
+{
+    u64 key = (u64)skb;
+    struct pkt *p = inflight.lookup(&key);
+    if (p)
+        stamp(p, stage, bpf_ktime_get_ns());
+    return 0;
+}
+
+// The VM's backend copies the frame out of the tap: only for packets that were
+// put on a tap, so a host socket reading a tracked packet is never taken for a VM.
+static __always_inline int on_vm_read(void *ctx, void *skb, u32 stage)
+{
+    u64 key = (u64)skb;
+    struct pkt *p = inflight.lookup(&key);
+    if (!p || p->dir != DIR_RX || !(p->ts[STAGE_tap_xmit] | p->ts[STAGE_tap_queue]))
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    stamp(p, stage, now);
+    p->pid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(p->comm, sizeof(p->comm));
+    complete(ctx, key, p, now);
+    return 0;
+}
+
+// The host's own stack takes an RX packet that never went towards a tap.
+static __always_inline int on_host_rcv(void *ctx, void *skb, u32 stage)
+{
+    u64 key = (u64)skb;
+    struct pkt *p = inflight.lookup(&key);
+    if (!p || p->dir != DIR_RX || (p->ts[STAGE_tap_xmit] | p->ts[STAGE_tap_queue]))
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    stamp(p, stage, now);
+    complete(ctx, key, p, now);
+    return 0;
+}
+
+// A tracked packet freed before completing its path: dropped, or gone elsewhere.
+static __always_inline int on_free(void *ctx, void *skb, u32 reason, u64 location)
+{
+    u64 key = (u64)skb;
+    struct pkt *p = inflight.lookup(&key);
+    if (!p)
+        return 0;
+    stat_add(reason == FATE_LEFT ? STAT_left_path : STAT_dropped);
+    struct fate_key fk = {.reason = reason, .dir = p->dir, .last = p->last};
+    fates.atomic_increment(fk);
+#if EMIT_DROPS
+    if (reason != FATE_LEFT) {
+        p->type = EV_DROP;
+        p->reason = reason;
+        p->location = location;
+        emit(ctx, p);
+    }
+#endif
+    inflight.delete(&key);
+    return 0;
+}
+
+int rtp_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
+{
+#if KFREE_SKB_HAS_REASON
+    return on_free(ctx, (void *)ctx->args[0], (u32)ctx->args[2], ctx->args[1]);
+#else
+    return on_free(ctx, (void *)ctx->args[0], 0, ctx->args[1]);
+#endif
+}
+
+int rtp_consume_skb(struct bpf_raw_tracepoint_args *ctx)
+{
+    return on_free(ctx, (void *)ctx->args[0], FATE_LEFT, 0);
+}
+
+/*WRAPPERS*/
+"""
+
+
+def _c_reader(fn_name, base, fields, max_span=96):
+    """C that reads several struct fields with as few probe reads as possible.
+
+    fields: [(out parameter, C type, offset macro, offset value or None, size)].
+    Fields within max_span bytes of each other share one bpf_probe_read_kernel."""
+    params = ", ".join("%s *%s" % (ctype, name) for name, ctype, _m, _o, _s in fields)
+    lines = ["static __always_inline void %s(void *%s, %s)" % (fn_name, base, params), "{"]
+    known = all(isinstance(off, int) for _n, _t, _m, off, _s in fields)
+    if known:
+        groups = []
+        for f in sorted(fields, key=lambda f: f[3]):
+            if groups and f[3] + f[4] - groups[-1][0][3] <= max_span:
+                groups[-1].append(f)
+            else:
+                groups.append([f])
+        for i, group in enumerate(groups):
+            start = group[0][3]
+            span = group[-1][3] + group[-1][4] - start
+            words = (span + 7) // 8
+            lines.append("    u64 s%d[%d] = {};" % (i, words))
+            lines.append("    bpf_probe_read_kernel(s%d, %d, (u8 *)%s + %d);"
+                         % (i, span, base, start))
+            for name, _ctype, _macro, off, size in group:
+                lines.append("    __builtin_memcpy(%s, (u8 *)s%d + %d, %d);"
+                             % (name, i, off - start, size))
+    else:  # offsets are offsetof() expressions from kernel headers
+        for name, _ctype, macro, _off, size in fields:
+            lines.append("    bpf_probe_read_kernel(%s, %s, (u8 *)%s + %s);"
+                         % (name, size, base, macro))
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _int_or_none(v):
+    return v if isinstance(v, int) else None
+
+
+def generate_readers(layout):
+    o, s = layout.offsets, layout.sizes
+    dev_fields = [("ifindex", "u32", "DEV_IFINDEX", _int_or_none(o["DEV_IFINDEX"]), 4)]
+    if layout.netns:
+        dev_fields.append(("net", "u64", "DEV_ND_NET", _int_or_none(o["DEV_ND_NET"]), 8))
+        read_dev = _c_reader("read_dev", "dev", dev_fields)
+    else:
+        read_dev = _c_reader("read_dev_ifindex", "dev", dev_fields) + (
+            "\nstatic __always_inline void read_dev(void *dev, u32 *ifindex, u64 *net)"
+            "\n{\n    read_dev_ifindex(dev, ifindex);\n}")
+    skb_fields = [
+        ("len", "u32", "SKB_LEN", _int_or_none(o["SKB_LEN"]), 4),
+        ("data_len", "u32", "SKB_DATA_LEN", _int_or_none(o["SKB_DATA_LEN"]), 4),
+        ("mac", "u16", "SKB_MAC_HEADER", _int_or_none(o["SKB_MAC_HEADER"]), 2),
+        ("head", "u8 *", "SKB_HEAD", _int_or_none(o["SKB_HEAD"]), 8),
+    ]
+    for _n, _t, macro, _o, size in skb_fields + dev_fields:
+        if isinstance(s.get(macro), int) and s[macro] != size:
+            raise Fatal("unexpected size %d of %s in this kernel" % (s[macro], macro))
+    return read_dev + "\n\n" + _c_reader("read_skb", "skb", skb_fields)
+
+
+Attachment = namedtuple("Attachment", "method probe fn_name stages")
+
+
+def group_attachments(plans):
+    """One BPF function per attach point, calling the handler of each stage there."""
+    groups = {}
+    order = []
+    for p in plans:
+        if not p.method:
+            continue
+        probes = p.probe.split(",")
+        for probe in probes:
+            key = (p.method, probe)
+            if key not in groups:
+                groups[key] = []
+                order.append(key)
+            groups[key].append(p)
+    out = []
+    for method, probe in order:
+        safe = re.sub(r"[^A-Za-z0-9_]", "_", probe)
+        fn = ("kp_" if method == "kprobe" else "rtp_") + safe
+        out.append(Attachment(method, probe, fn, groups[(method, probe)]))
+    return out
+
+
+def _wrapper(att):
+    """The thin per-attach-method wrapper: fetch the skb, call the stage handlers."""
+    plan = att.stages[0]
+    if att.method == "kprobe":
+        head = "int %s(struct pt_regs *ctx)\n{\n    void *skb = (void *)PT_REGS_PARM%d(ctx);" \
+            % (att.fn_name, plan.arg)
+    else:
+        head = "int %s(struct bpf_raw_tracepoint_args *ctx)\n{\n" \
+               "    void *skb = (void *)ctx->args[%d];" % (att.fn_name, plan.arg)
+    hooks = set(p.stage.hook for p in att.stages)
+    by_role = dict((p.stage.role, p.stage.sid) for p in att.stages)
+    if hooks == {"start"}:
+        body = "on_receive(ctx, skb, %d, %d)" % (by_role.get("vm", -1), by_role.get("phy", -1))
+    elif hooks == {"dev"}:
+        body = "on_device(ctx, skb, %d, %d)" % (by_role.get("vm", -1), by_role.get("phy", -1))
+    elif len(att.stages) == 1:
+        handler = {"plain": "on_switch", "vm_read": "on_vm_read",
+                   "host_rcv": "on_host_rcv"}[plan.stage.hook]
+        body = "%s(ctx, skb, %d)" % (handler, plan.stage.sid)
+    else:
+        raise AssertionError("stages %s share %s" % ([p.stage.name for p in att.stages],
+                                                     att.probe))
+    return "%s\n    return %s;\n}" % (head, body)
+
+
+def final_stage(plans, direction):
+    """The last stage of a direction's path that this run can see."""
+    traced = set(p.stage.name for p in plans if p.method)
+    candidates = {"tx": ["phy_xmit", "phy_queue"],
+                  "rx": ["vm_read", "tap_xmit", "tap_queue"]}[direction]
+    for name in candidates:
+        if name in traced:
+            return STAGE_BY_NAME[name].sid
+    return -1
+
+
+def _hist_steps(plans, direction):
+    traced = set(p.stage.name for p in plans if p.method)
+    return " ".join("HIST_STEP(%d)" % STAGE_BY_NAME[n].sid
+                    for n in PATH_ORDER[direction] if n in traced)
+
+
+def ip_to_int(text):
+    return struct.unpack("!I", socket.inet_aton(text))[0] if text else 0
+
+
+def generate_program(args, plans, layout, caps):
+    defines = [
+        ("NSTAGES", NSTAGES), ("NSTATS", len(STAT_NAMES)),
+        ("MAX_INFLIGHT", caps["max_inflight"]),
+        ("HISTOGRAM", int(args.mode == "histogram")),
+        ("USE_RINGBUF", int(caps["ringbuf"])), ("RINGBUF_PAGES", caps["ringbuf_pages"]),
+        ("EMIT_DROPS", int(args.drops)),
+        ("THRESHOLD_NS", "%dULL" % int(round(args.latency_threshold * 1000))),
+        ("FILTER_PROTO", PROTOCOLS.get(args.protocol, 0)),
+        ("FILTER_SADDR", "0x%08xU" % ip_to_int(args.src_ip)),
+        ("FILTER_DADDR", "0x%08xU" % ip_to_int(args.dst_ip)),
+        ("FILTER_SPORT", args.src_port or 0), ("FILTER_DPORT", args.dst_port or 0),
+        ("CHECK_NETNS", int(layout.netns)), ("HOST_NETNS_INUM", "%dU" % caps["netns_inum"]),
+        ("KFREE_SKB_HAS_REASON", int(layout.kfree_skb_reason)),
+        ("FATE_LEFT", "0x%xU" % FATE_LEFT), ("EV_PACKET", EV_PACKET), ("EV_DROP", EV_DROP),
+        ("HIST_SUB_BITS", HIST_SUB_BITS), ("SEG_TOTAL", SEG_TOTAL),
+        ("FINAL_TX", final_stage(plans, "tx")), ("FINAL_RX_VM", final_stage(plans, "rx")),
+        ("HIST_STEPS_TX", _hist_steps(plans, "tx")), ("HIST_STEPS_RX", _hist_steps(plans, "rx")),
+    ]
+    defines += [("STAGE_" + s.name, s.sid) for s in STAGES]
+    defines += [("STAT_" + n, i) for n, i in sorted(STAT.items(), key=lambda x: x[1])]
+    defines += sorted(layout.offsets.items())
+    if not caps["probe_read_kernel"]:
+        defines.append(("bpf_probe_read_kernel", "bpf_probe_read"))
+    config = "\n".join("#define %s %s" % (k, v) for k, v in defines)
+    if not isinstance(next(iter(layout.offsets.values())), int):
+        config = ("#include <linux/skbuff.h>\n#include <linux/netdevice.h>\n" + config)
+    wrappers = "\n\n".join(_wrapper(a) for a in group_attachments(plans))
+    return (C_PROGRAM.replace("/*CONFIG*/", config)
+            .replace("/*READERS*/", generate_readers(layout))
+            .replace("/*WRAPPERS*/", wrappers))
+
+
+# ============================================================================
+# Loading and attaching
+# ============================================================================
+
+def import_bcc():
+    try:
+        import bcc  # noqa: F401  (BCC's bindings live in the system python3)
+        return bcc
+    except ImportError:
+        raise Fatal("cannot import BCC's Python module 'bcc': install python3-bpfcc "
+                    "(Debian/Ubuntu) or python3-bcc (RHEL/Fedora) and run with the "
+                    "system interpreter, /usr/bin/python3 (%s is running)" % sys.executable)
+
+
+def clear_stale_kprobe_events(verbose):
+    """Remove kprobe events a killed (SIGKILL) BCC tool left in tracefs.
+
+    BCC names them ..._bcc_<pid>; those whose process is gone are dead weight."""
+    tfs = tracefs_dir(mount=False)
+    if not tfs:
+        return
+    path = os.path.join(tfs, "kprobe_events")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (IOError, OSError):
+        return
+    for line in lines:
+        m = re.match(r"^[pr]:(?:\S+/)?(\S+_bcc_(\d+))\s", line)
+        if not m or os.path.exists("/proc/%s" % m.group(2)):
+            continue
+        try:
+            with open(path, "a") as f:
+                f.write("-:%s\n" % m.group(1))
+            if verbose:
+                log("removed stale kprobe event %s" % m.group(1))
+        except (IOError, OSError):
+            pass
+
+
+class Tracer(object):
+    """The loaded program and what is attached; detach() undoes everything."""
+
+    def __init__(self, bcc, text, attachments, verbose):
+        self.bpf = bcc.BPF(text=text)
+        self.bcc = bcc
+        self.attachments = attachments
+        self.attached = []
+        self.verbose = verbose
+
+    def load_only(self):
+        """Run every program through the verifier without attaching it."""
+        BPF = self.bcc.BPF
+        count = 0
+        for att in self.attachments:
+            kind = BPF.KPROBE if att.method == "kprobe" else BPF.RAW_TRACEPOINT
+            self.bpf.load_func(att.fn_name, kind)
+            count += 1
+        for fn in ("rtp_kfree_skb", "rtp_consume_skb"):
+            self.bpf.load_func(fn, BPF.RAW_TRACEPOINT)
+            count += 1
+        return count
+
+    def attach(self):
+        for att in self.attachments:
+            if att.method == "kprobe":
+                self.bpf.attach_kprobe(event=att.probe, fn_name=att.fn_name)
+                self.attached.append(("kprobe", att.probe))
+            else:
+                tp = att.probe.split(":")[1]
+                self.bpf.attach_raw_tracepoint(tp=tp, fn_name=att.fn_name)
+                self.attached.append(("raw_tracepoint", tp))
+            if self.verbose:
+                log("attached %s %s -> %s" % (att.method, att.probe,
+                                              ", ".join(p.stage.name for p in att.stages)))
+        for tp in ("kfree_skb", "consume_skb"):
+            self.bpf.attach_raw_tracepoint(tp=tp, fn_name="rtp_" + tp)
+            self.attached.append(("raw_tracepoint", tp))
+            if self.verbose:
+                log("attached tracepoint skb:%s -> packet fates" % tp)
+
+    def detach(self):
+        while self.attached:
+            kind, probe = self.attached.pop()
+            try:
+                if kind == "kprobe":
+                    self.bpf.detach_kprobe(event=probe)
+                else:
+                    self.bpf.detach_raw_tracepoint(tp=probe)
+            except Exception:  # keep detaching the rest whatever one of them says
+                pass
+
+    def close(self):
+        self.detach()
+        try:
+            self.bpf.cleanup()
+        except Exception:
+            pass
+
+
+# ============================================================================
+# Event decoding
+# ============================================================================
+
+# struct pkt, as laid out by the C compiler (see C_PROGRAM)
+PKT = struct.Struct("<%dQQ6I3H4B2B16s4x" % NSTAGES)
+P_LOCATION, P_SADDR, P_DADDR, P_VM_IF, P_PHY_IF, P_PID, P_REASON = range(NSTAGES, NSTAGES + 7)
+P_SPORT, P_DPORT, P_VLAN, P_PROTO, P_DIR, P_LAST, P_TYPE, P_ICMP_TYPE = \
+    range(NSTAGES + 7, NSTAGES + 15)
+P_COMM = NSTAGES + 16
+
+
+def int_to_ip(value):
+    return socket.inet_ntoa(struct.pack("!I", value))
+
+
+def packet_record(fields, names, process_name, wall_offset):
+    """A decoded packet (or drop) event, as the dict the JSON output prints."""
+    direction = DIRECTIONS[fields[P_DIR]]
+    seen = [(name, fields[STAGE_BY_NAME[name].sid]) for name in PATH_ORDER[direction]
+            if fields[STAGE_BY_NAME[name].sid]]
+    segments = [{"from": a[0], "to": b[0], "us": round((b[1] - a[1]) / 1000.0, 3)}
+                for a, b in zip(seen, seen[1:])]
+    proto = fields[P_PROTO]
+    is_icmp = proto == 1
+    pid = fields[P_PID]
+    thread = fields[P_COMM].split(b"\0", 1)[0].decode("utf-8", "replace")
+    end_ns = seen[-1][1] if seen else 0
+    rec = {
+        "type": "packet" if fields[P_TYPE] == EV_PACKET else "drop",
+        "timestamp": round(wall_offset + end_ns / 1e9, 6),
+        "direction": direction,
+        "protocol": PROTO_NAMES.get(proto, str(proto)),
+        "src_ip": int_to_ip(fields[P_SADDR]), "dst_ip": int_to_ip(fields[P_DADDR]),
+        "src_port": None if is_icmp else fields[P_SPORT],
+        "dst_port": None if is_icmp else fields[P_DPORT],
+        "icmp_type": fields[P_ICMP_TYPE] if is_icmp else None,
+        "icmp_id": fields[P_SPORT] if is_icmp else None,
+        "icmp_seq": fields[P_DPORT] if is_icmp else None,
+        "vlan": fields[P_VLAN] - 1 if fields[P_VLAN] else None,
+        "vm_dev": names.get(fields[P_VM_IF]) if fields[P_VM_IF] else None,
+        "phy_dev": names.get(fields[P_PHY_IF]) if fields[P_PHY_IF] else None,
+        "pid": pid or None,
+        "comm": process_name(pid, thread) if pid else None,
+        "thread": thread or None,
+        "stages": [name for name, _ in seen],
+        "segments": segments,
+        "total_us": round((end_ns - seen[0][1]) / 1000.0, 3) if seen else 0.0,
+    }
+    if rec["type"] == "drop":
+        rec["last_stage"] = STAGE_NAMES[fields[P_LAST]]
+    return rec
+
+
+# --- histogram buckets: v = ns * 1.024, 16 sub-buckets per power of two ---
+
+def bucket_bounds(bucket):
+    """[lo, hi) of a bucket, in microseconds."""
+    sub = 1 << HIST_SUB_BITS
+    if bucket < 2 * sub:
+        lo, hi = bucket, bucket + 1
+    else:
+        lg = (bucket >> HIST_SUB_BITS) + HIST_SUB_BITS - 1
+        step = 1 << (lg - HIST_SUB_BITS)
+        lo = (1 << lg) + (bucket & (sub - 1)) * step
+        hi = lo + step
+    return lo / 1024.0, hi / 1024.0
+
+
+def bucket_of_ns(ns):
+    """Python mirror of hist_add() in the kernel."""
+    v = ns + ns * 3 // 125
+    if v < (1 << (HIST_SUB_BITS + 1)):
+        return v
+    lg = v.bit_length() - 1
+    return ((lg - HIST_SUB_BITS + 1) << HIST_SUB_BITS) + \
+        ((v >> (lg - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1))
+
+
+def percentile(buckets, fraction):
+    """Percentile (us) from {bucket: count}, interpolated inside its bucket."""
+    total = sum(buckets.values())
+    if not total:
+        return None
+    rank = fraction * total
+    seen = 0
+    for b in sorted(buckets):
+        count = buckets[b]
+        if seen + count >= rank:
+            lo, hi = bucket_bounds(b)
+            inside = (rank - seen) / float(count)
+            return lo + (hi - lo) * inside
+        seen += count
+    return bucket_bounds(max(buckets))[1]
+
+
+def log2_rows(buckets):
+    """Power-of-two rows [lo, hi) us with counts, from the first to the last non-empty."""
+    rows = {}
+    for b, count in buckets.items():
+        lo, _hi = bucket_bounds(b)
+        exp = -11 if lo <= 0 else int(lo * 1024).bit_length() - 1 - 10
+        rows[exp] = rows.get(exp, 0) + count
+    if not rows:
+        return []
+    out = []
+    for exp in range(min(rows), max(rows) + 1):
+        lo = 0.0 if exp == -11 else 2.0 ** exp
+        out.append((lo, 2.0 ** (exp + 1), rows.get(exp, 0)))
+    return out
+
+
+def exact_percentile(values, fraction):
+    """Nearest-rank percentile of exact values (the tests compare against it)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = max(0, int(-(-fraction * len(ordered) // 1)) - 1)
+    return ordered[min(k, len(ordered) - 1)]
+
+
+# ============================================================================
+# Reporting
+# ============================================================================
+
+def log(msg):
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def can_encode(stream, text):
+    try:
+        text.encode(getattr(stream, "encoding", None) or "ascii")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+class Reporter(object):
+    def __init__(self, args, out=None):
+        self.args = args
+        self.out = out or sys.stdout
+        fancy = can_encode(self.out, u"\u03bc\u2588")   # over SSH with LANG=C: plain ASCII
+        self.us = u"\u03bcs" if fancy else "us"
+        self.bar = u"\u2588" if fancy else "#"
+        self.json = args.output == "json"
+        self.proto_title = args.protocol.upper() if args.protocol != "all" else "ALL"
+
+    def write(self, text):
+        self.out.write(text)
+
+    def emit_json(self, obj):
+        self.out.write(json.dumps(obj, sort_keys=False) + "\n")
+
+    def flush(self):
+        self.out.flush()
+
+    def fmt_us(self, us):
+        return "%.2f%s" % (us, self.us)
+
+    def packet(self, rec):
+        if self.json:
+            self.emit_json(rec)
+            return
+        when = time.strftime("%H:%M:%S", time.localtime(rec["timestamp"]))
+        when += ".%03d" % int((rec["timestamp"] % 1) * 1000)
+        proto = rec["protocol"].upper()
+        if rec["icmp_type"] is not None:
+            what = "%s -> %s" % (rec["src_ip"], rec["dst_ip"])
+            if rec["icmp_type"] in (0, 8):
+                what += " id=%d seq=%d" % (rec["icmp_id"], rec["icmp_seq"])
+            else:
+                what += " type=%d" % rec["icmp_type"]
+        else:
+            what = "%s:%d -> %s:%d" % (rec["src_ip"], rec["src_port"],
+                                       rec["dst_ip"], rec["dst_port"])
+        ends = (rec["vm_dev"], rec["phy_dev"]) if rec["direction"] == "tx" else \
+            (rec["phy_dev"], rec["vm_dev"])
+        path = " -> ".join(d for d in ends if d)
+        vlan = " vlan=%d" % rec["vlan"] if rec["vlan"] is not None else ""
+        if rec["type"] == "drop":
+            self.write("[%s] DROP %s %s%s %s %s after %s: %s at %s\n" % (
+                when, proto, what, vlan, rec["direction"].upper(), path, rec["last_stage"],
+                rec["reason"], rec["location"]))
+            return
+        segs = " | ".join("%s->%s: %s" % (s["from"], s["to"], self.fmt_us(s["us"]))
+                          for s in rec["segments"])
+        who = " | PID: %d (%s)" % (rec["pid"], rec["comm"]) if rec["pid"] else ""
+        self.write("[%s] %s %s%s %s %s\n  %s\n  Total Latency: %s%s\n" % (
+            when, proto, what, vlan, rec["direction"].upper(), path, segs or "-",
+            self.fmt_us(rec["total_us"]), who))
+
+    def histograms(self, when, tables):
+        """tables: [(direction, segment, {bucket: count})], segment 'total' last."""
+        stamp = time.strftime("%H:%M:%S", time.localtime(when))
+        if self.json:
+            for direction, segment, buckets in tables:
+                count = sum(buckets.values())
+                self.emit_json({
+                    "type": "histogram", "timestamp": round(when, 3),
+                    "direction": direction, "segment": segment, "count": count,
+                    "p50_us": _round(percentile(buckets, 0.50)),
+                    "p90_us": _round(percentile(buckets, 0.90)),
+                    "p99_us": _round(percentile(buckets, 0.99)),
+                    "buckets": [{"lo_us": lo, "hi_us": hi, "count": c}
+                                for lo, hi, c in log2_rows(buckets) if c],
+                })
+            return
+        if not tables:
+            self.write("[%s] no packets completed the path in this interval\n\n" % stamp)
+            return
+        current = None
+        for direction, segment, buckets in tables:
+            if direction != current:
+                current = direction
+                total = sum(b for d, s, bk in tables if d == direction and s == "total"
+                            for b in bk.values())
+                self.write("[%s] Latency Distribution (%s) - %s %s Path: %d packets\n" % (
+                    stamp, self.us, self.proto_title, direction.upper(), total))
+            title = "Total" if segment == "total" else "Stage: %s" % segment.replace(
+                "->", " -> ")
+            self.write(title + "\n")
+            rows = log2_rows(buckets)
+            peak = max(c for _lo, _hi, c in rows) or 1
+            for lo, hi, count in rows:
+                label = "[%s-%s)" % (_num(lo), _num(hi))
+                self.write("  %-14s: %-20s %s\n" % (label, self.bar * int(round(
+                    20.0 * count / peak)), "{:,}".format(count)))
+            self.write("  Percentiles: P50=%s P90=%s P99=%s\n" % tuple(
+                self.fmt_us(percentile(buckets, f)) for f in (0.5, 0.9, 0.99)))
+        self.write("\n")
+
+    def summary(self, s):
+        if self.json:
+            obj = {"type": "summary"}
+            obj.update(s)
+            self.emit_json(obj)
+            return
+        self.write(summary_line(s) + "\n")
+        for line in s["fate_lines"]:
+            self.write("  " + line + "\n")
+
+
+def _round(v):
+    return None if v is None else round(v, 3)
+
+
+def _num(v):
+    return ("%g" % v) if v < 1 else "%d" % v
+
+
+def summary_line(s):
+    return ("Summary: %d packets reported (tx %d, rx %d); %d below the latency threshold; "
+            "%d dropped by the kernel; %d left the traced path before its end; "
+            "%d still in flight; %d not tracked (tracking table full); "
+            "%d lost by the output buffer; %d vanished untraced"
+            % (s["reported"], s["reported_tx"], s["reported_rx"], s["below_threshold"],
+               s["dropped"], s["left_path"], s["in_flight"], s["not_tracked"], s["lost"],
+               s["vanished"]))
+
+
+# ============================================================================
+# Main
+# ============================================================================
+
+class Stop(Exception):
+    pass
+
+
+def list_stages_report(plans, layout, out_json, reporter):
+    if out_json:
+        for p in plans:
+            reporter.emit_json({"type": "stage", "name": p.stage.name,
+                                "direction": p.stage.direction, "method": p.method,
+                                "probe": p.probe, "reason": p.reason or None,
+                                "meaning": p.stage.meaning})
+        return
+    reporter.write("%-10s %-5s %-11s %-34s %s\n" % ("STAGE", "DIR", "METHOD", "PROBE",
+                                                     "MEANING / WHY NOT TRACED"))
+    for p in plans:
+        reporter.write("%-10s %-5s %-11s %-34s %s\n" % (
+            p.stage.name, p.stage.direction, p.method or "-", p.probe or "-",
+            p.stage.meaning if p.method else p.reason))
+    reporter.write("struct layouts: %s\n" % layout.source)
+
+
+def host_netns_inum():
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+class Session(object):
+    """One tracing run: maps to read, names to refresh, counters to report."""
+
+    def __init__(self, args, tracer, reporter, names, layout):
+        self.args = args
+        self.tracer = tracer
+        self.bpf = tracer.bpf
+        self.reporter = reporter
+        self.names = names
+        self.layout = layout
+        self.reported = {"tx": 0, "rx": 0}
+        self.perf_lost = 0
+        self.proc_names = {}
+        self.wall_offset = time.time() - time.monotonic()
+        self.slot = 0
+        self.output_broken = False
+
+    def process_name(self, pid, thread):
+        name = self.proc_names.get(pid)
+        if name is None:
+            try:
+                with open("/proc/%d/comm" % pid) as f:
+                    name = f.read().strip()
+            except (IOError, OSError):
+                name = thread
+            if len(self.proc_names) > 4096:
+                self.proc_names.clear()
+            self.proc_names[pid] = name
+        return name
+
+    def on_event(self, data, size=None):
+        raw = ctypes.string_at(data, PKT.size)
+        fields = PKT.unpack(raw)
+        rec = packet_record(fields, self.names, self.process_name, self.wall_offset)
+        if rec["type"] == "drop":
+            rec["reason"] = self.reason_name(fields[P_REASON])
+            rec["location"] = self.location(fields[P_LOCATION])
+        else:
+            self.reported[rec["direction"]] += 1
+        self.reporter.packet(rec)
+
+    def reason_name(self, code):
+        if not self.layout.kfree_skb_reason:
+            return "unknown (kernel has no drop reasons)"
+        name = self.layout.drop_reasons.get(code)
+        return name[len("SKB_DROP_REASON_"):] if name and name.startswith(
+            "SKB_DROP_REASON_") else (name or str(code))
+
+    def location(self, addr):
+        if not addr:
+            return "?"
+        try:
+            return self.tracer.bcc.BPF.ksym(addr, show_offset=True).decode("utf-8", "replace")
+        except Exception:
+            return "0x%x" % addr
+
+    def refresh_devices(self):
+        """New VMs start and stop: keep the device map in step with the host."""
+        roles, names, _taps, _phys = resolve_roles(self.args)
+        table = self.bpf["devroles"]
+        current = dict((k.value, v.value) for k, v in table.items())
+        if current == roles:
+            return
+        for idx in set(current) - set(roles):
+            try:
+                del table[table.Key(idx)]
+            except KeyError:
+                pass
+        for idx, role in roles.items():
+            table[table.Key(idx)] = table.Leaf(role)
+        self.names.update(names)
+        if self.args.verbose:
+            log("devices now: %s" % ", ".join("%s=%s" % (names[i], "vm" if r == ROLE_VM
+                                                         else "phy")
+                                               for i, r in sorted(roles.items())))
+
+    def flip_histograms(self):
+        """Read the interval's histograms while the kernel writes the other slot."""
+        old = self.slot
+        self.slot ^= 1
+        slot_table = self.bpf["hslot"]
+        slot_table[slot_table.Key(0)] = slot_table.Leaf(self.slot)
+        time.sleep(0.005)    # let handlers that already read the old slot finish
+        return self.drain_histogram_slot(old)
+
+    def drain_histogram_slot(self, slot):
+        hist = self.bpf["hist"]
+        tables = {}
+        done = []
+        for k, v in hist.items():
+            if k.slot != slot:
+                continue
+            done.append(k)
+            seg = "total" if k.seg == SEG_TOTAL else "%s->%s" % (
+                STAGE_NAMES[k.seg // 16], STAGE_NAMES[k.seg % 16])
+            tables.setdefault((k.dir, seg), {})
+            tables[(k.dir, seg)][k.bucket] = v.value
+        for k in done:
+            try:
+                del hist[k]
+            except KeyError:
+                pass
+        return self.order_tables(tables)
+
+    @staticmethod
+    def order_tables(tables):
+        out = []
+        for d, direction in enumerate(DIRECTIONS):
+            order = PATH_ORDER[direction]
+            segs = [s for (dd, s) in tables if dd == d and s != "total"]
+            segs.sort(key=lambda s: order.index(s.split("->")[0]))
+            for s in segs + (["total"] if (d, "total") in tables else []):
+                out.append((direction, s, tables[(d, s)]))
+        return out
+
+    def stats(self):
+        values = [0] * len(STAT_NAMES)
+        for k, v in self.bpf["stats"].items():
+            if k.value < len(values):
+                values[k.value] = sum(v)
+        return dict(zip(STAT_NAMES, values))
+
+    def summary(self, hist_counts):
+        st = self.stats()
+        in_flight = len(self.bpf["inflight"].keys())
+        if self.args.mode == "histogram":
+            rep_tx, rep_rx = hist_counts.get("tx", 0), hist_counts.get("rx", 0)
+        else:
+            rep_tx, rep_rx = self.reported["tx"], self.reported["rx"]
+        fates = []
+        for k, v in self.bpf["fates"].items():
+            direction = DIRECTIONS[k.dir]
+            what = "left the path" if k.reason == FATE_LEFT else \
+                "dropped (%s)" % self.reason_name(k.reason)
+            fates.append((v.value, "%s %s after %s: %d" % (direction, what,
+                                                           STAGE_NAMES[k.last], v.value)))
+        fates.sort(reverse=True)
+        return {
+            "reported": rep_tx + rep_rx, "reported_tx": rep_tx, "reported_rx": rep_rx,
+            "started": st["started_tx"] + st["started_rx"],
+            "completed": st["completed_tx"] + st["completed_rx"],
+            "below_threshold": st["below_threshold"], "dropped": st["dropped"],
+            "left_path": st["left_path"], "in_flight": in_flight,
+            "not_tracked": st["not_tracked"], "lost": st["lost"] + self.perf_lost,
+            "vanished": st["vanished"],
+            "fates": [line for _n, line in fates],
+            "fate_lines": [line for _n, line in fates],
+        }
+
+
+def run(args):
+    check_devices_exist(args)
+    if os.geteuid() != 0:
+        raise Fatal("must run as root (BPF programs need CAP_BPF and CAP_PERFMON): "
+                    "sudo %s" % " ".join([sys.argv[0]] + sys.argv[1:]))
+    release = os.uname()[2]
+    layout = find_layout(args.btf, release)
+    kprobes_ok, kprobe_why = kprobes_available()
+    if args.dry_run and args.attach == "kprobe" and not kprobes_ok:
+        kprobes_ok = True       # loading needs no kprobe support, only attaching does
+    wanted = set(f for st in STAGES for f, _a in st.kprobes)
+    symbols = kernel_symbols(wanted) if (kprobes_ok or args.list_stages) else {}
+    plans = plan_stages(args, layout, kprobes_ok, kprobe_why, symbols)
+    reporter = Reporter(args)
+    if args.list_stages:
+        list_stages_report(plans, layout, args.output == "json", reporter)
+        return 0
+    for direction in ("tx", "rx"):
+        if args.direction not in (direction, "both"):
+            continue
+        start = "tap_rx" if direction == "tx" else "phy_rx"
+        start_plan = next(p for p in plans if p.stage.name == start)
+        if not start_plan.method or final_stage(plans, direction) < 0:
+            raise Fatal("cannot trace %s: %s" % (direction.upper(), start_plan.reason or
+                                                  "no stage can see the end of the path"))
+    version = kernel_version(release)
+    caps = {"ringbuf": version >= (5, 8), "ringbuf_pages": 1024,
+            "probe_read_kernel": version >= (5, 5), "max_inflight": 65536,
+            "netns_inum": host_netns_inum()}
+    text = generate_program(args, plans, layout, caps)
+    if args.ebpf:
+        print(text)
+        return 0
+    bcc = import_bcc()
+    roles, names, taps, phys = resolve_roles(args)
+    if args.verbose:
+        log("struct layouts from %s: %s" % (layout.source, ", ".join(
+            "%s=%s" % kv for kv in sorted(layout.offsets.items()))))
+        log("kprobes: %s" % (kprobe_why if not kprobes_ok else "available (%s)" % kprobe_why))
+        log("VM devices: %s; physical devices: %s" % (", ".join(taps) or "none yet",
+                                                      ", ".join(phys) or "none"))
+    for p in plans:
+        if not p.method and "--direction" not in p.reason:
+            log("note: stage %s not traced: %s" % (p.stage.name, p.reason))
+    if not phys:
+        log("warning: no physical device found; name it with --phy-dev")
+    attachments = group_attachments(plans)
+    clear_stale_kprobe_events(args.verbose)
+    try:
+        tracer = Tracer(bcc, text, attachments, args.verbose)
+    except Exception as e:
+        raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
+    if args.dry_run:
+        try:
+            count = tracer.load_only()
+        except Exception as e:
+            tracer.close()
+            raise Fatal("the kernel verifier rejected the program: %s" % e)
+        tracer.close()
+        log("%d BPF programs (%s) passed the kernel verifier; nothing was attached"
+            % (count, args.attach))
+        return 0
+    return trace(args, tracer, reporter, roles, names, layout)
+
+
+def trace(args, tracer, reporter, roles, names, layout):
+    session = Session(args, tracer, reporter, names, layout)
+    stop = {"why": None}
+
+    def on_signal(signum, _frame):
+        stop["why"] = signum
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    hist_counts = {}
+    try:
+        table = tracer.bpf["devroles"]
+        for idx, role in roles.items():
+            table[table.Key(idx)] = table.Leaf(role)
+        if args.mode == "detailed" or args.drops:
+            open_events(tracer, session)
+        try:
+            tracer.attach()
+        except Exception as e:
+            raise Fatal("attaching failed: %s" % e)
+        log("Tracing VM network latency (%s mode, %s)... Hit Ctrl-C to end."
+            % (args.mode, ", ".join("%s=%s" % (p.stage.name, p.method)
+                                    for a in tracer.attachments for p in a.stages)))
+        started = time.monotonic()
+        next_interval = started + args.interval
+        next_refresh = started + 1.0
+        while stop["why"] is None:
+            now = time.monotonic()
+            if args.timeout and now - started >= args.timeout:
+                break
+            wait = 0.1
+            if args.timeout:
+                wait = min(wait, max(0.0, args.timeout - (now - started)))
+            poll_events(tracer, session, wait)
+            now = time.monotonic()
+            if args.mode == "histogram" and now >= next_interval:
+                next_interval += args.interval
+                tables = session.flip_histograms()
+                count_totals(hist_counts, tables)
+                reporter.histograms(time.time(), tables)
+                reporter.flush()
+            if not args.vm_dev and now >= next_refresh:
+                next_refresh = now + 1.0
+                session.refresh_devices()
+            if args.mode == "detailed":
+                reporter.flush()
+    except (IOError, OSError) as e:
+        if getattr(e, "errno", None) not in (32, 5):  # EPIPE, EIO: the terminal went away
+            raise
+        session.output_broken = True
+    finally:
+        tracer.detach()
+    # nothing is attached any more: drain what is left and account for every packet
+    try:
+        if args.mode == "detailed" or args.drops:
+            poll_events(tracer, session, 0)
+        if args.mode == "histogram":
+            tables = session.drain_histogram_slot(session.slot)
+            count_totals(hist_counts, tables)
+            if tables:
+                reporter.histograms(time.time(), tables)
+        summary = session.summary(hist_counts)
+        if not session.output_broken:
+            reporter.summary(summary)
+            reporter.flush()
+    except (IOError, OSError):
+        pass
+    finally:
+        tracer.close()
+    return 0
+
+
+def count_totals(counts, tables):
+    for direction, segment, buckets in tables:
+        if segment == "total":
+            counts[direction] = counts.get(direction, 0) + sum(buckets.values())
+
+
+def open_events(tracer, session):
+    table = tracer.bpf["events"]
+    if hasattr(table, "open_ring_buffer") and type(table).__name__ == "RingBuf":
+        table.open_ring_buffer(lambda _ctx, data, size: session.on_event(data, size))
+        session.poll = lambda ms: tracer.bpf.ring_buffer_poll(ms)
+    else:
+        def lost(count):
+            session.perf_lost += count
+        table.open_perf_buffer(lambda _cpu, data, size: session.on_event(data, size),
+                               page_cnt=256, lost_cb=lost)
+        session.poll = lambda ms: tracer.bpf.perf_buffer_poll(ms)
+
+
+def poll_events(tracer, session, seconds):
+    poll = getattr(session, "poll", None)
+    if poll is None:
+        time.sleep(seconds)
+        return
+    poll(int(seconds * 1000))
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        return run(args)
+    except (UsageError, Fatal) as e:
+        sys.stderr.write("vm_network_latency.py: error: %s\n" % e)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
