@@ -1861,7 +1861,7 @@ class Session(object):
 
     def summary(self, hist_counts):
         st = self.stats()
-        in_flight = len(self.bpf["inflight"].keys())
+        in_flight = sum(1 for _ in self.bpf["inflight"].keys())
         if self.args.mode == "histogram":
             rep_tx, rep_rx = hist_counts.get("tx", 0), hist_counts.get("rx", 0)
         else:
