@@ -859,15 +859,16 @@ static __always_inline u32 be32(const u8 *p)
 // IPv4 header at constant offset L3 of the frame bytes in b. Returns 0 for
 // anything that is not a well-formed, filter-matching TCP/UDP/ICMP packet.
 static __always_inline int parse_ipv4(const u8 *b, const int L3, const u8 *head,
-                                      u32 mac, u32 headlen, struct pkt *p)
+                                      u32 mac, u32 len, u32 headlen, struct pkt *p)
 {
     u32 vihl = b[L3];
     if ((vihl >> 4) != 4 || (vihl & 15) < 5)
         return 0;
     u32 ihl = (vihl & 15) * 4;
     u32 tot = be16(b + L3 + 2);
-    // the IP packet and its first 8 L4 bytes must lie in the frame's linear data
-    if (tot < ihl + 8 || (L3 - 14) + tot > headlen)
+    // the packet must fit in the frame, its headers in the frame's linear data
+    // (payload often sits in page fragments: data_len > 0 is normal)
+    if (tot < ihl + 8 || (L3 - 14) + tot > len || (L3 - 14) + ihl + 8 > headlen)
         return 0;
     if (be16(b + L3 + 6) & 0x1fff)
         return 0;           // a non-first fragment has no L4 header
@@ -933,18 +934,18 @@ static __always_inline int parse_frame(void *skb, struct pkt *p)
         return 0;
     u32 eth = be16(b + 12);
     if (eth == 0x0800)
-        return parse_ipv4(b, 14, head, mac, headlen, p);
+        return parse_ipv4(b, 14, head, mac, len, headlen, p);
     if (eth != 0x8100 && eth != 0x88a8)
         return 0;
     p->vlan = (be16(b + 14) & 0xfff) + 1;
     eth = be16(b + 16);
     if (eth == 0x0800)
-        return parse_ipv4(b, 18, head, mac, headlen, p);
+        return parse_ipv4(b, 18, head, mac, len, headlen, p);
     if (eth != 0x8100)
         return 0;
     eth = be16(b + 20);
     if (eth == 0x0800)
-        return parse_ipv4(b, 22, head, mac, headlen, p);
+        return parse_ipv4(b, 22, head, mac, len, headlen, p);
     return 0;
 }
 
@@ -972,7 +973,7 @@ static __always_inline void hist_add(u32 slot, u8 dir, u8 seg, u64 ns)
     u64 v = ns + ns * 3 / 125;
     u32 bucket = v;
     if (v >= (1 << (HIST_SUB_BITS + 1))) {
-        u32 lg = bpf_log2l(v);
+        u32 lg = bpf_log2l(v) - 1;      // bcc's bpf_log2l() is floor(log2(v)) + 1
         bucket = ((lg - HIST_SUB_BITS + 1) << HIST_SUB_BITS) +
                  ((v >> (lg - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1));
     }
@@ -1686,8 +1687,11 @@ class Reporter(object):
             self.emit_json(obj)
             return
         self.write(summary_line(s) + "\n")
-        for line in s["fate_lines"]:
-            self.write("  " + line + "\n")
+        for f in s["fates"]:
+            what = "left the traced path" if f["fate"] == "left_path" else \
+                "dropped (%s)" % f["reason"]
+            self.write("  %s %s after %s: %d\n" % (f["direction"].upper(), what,
+                                                   f["last_stage"], f["count"]))
 
 
 def _round(v):
@@ -1768,15 +1772,20 @@ class Session(object):
         return name
 
     def on_event(self, data, size=None):
-        raw = ctypes.string_at(data, PKT.size)
-        fields = PKT.unpack(raw)
+        # called from BCC through ctypes: an exception here would only be printed
+        if self.output_broken:
+            return
+        fields = PKT.unpack(ctypes.string_at(data, PKT.size))
         rec = packet_record(fields, self.names, self.process_name, self.wall_offset)
         if rec["type"] == "drop":
             rec["reason"] = self.reason_name(fields[P_REASON])
             rec["location"] = self.location(fields[P_LOCATION])
         else:
             self.reported[rec["direction"]] += 1
-        self.reporter.packet(rec)
+        try:
+            self.reporter.packet(rec)
+        except (IOError, OSError):
+            self.output_broken = True   # the terminal or pipe went away (SIGHUP, EPIPE)
 
     def reason_name(self, code):
         if not self.layout.kfree_skb_reason:
@@ -1868,12 +1877,12 @@ class Session(object):
             rep_tx, rep_rx = self.reported["tx"], self.reported["rx"]
         fates = []
         for k, v in self.bpf["fates"].items():
-            direction = DIRECTIONS[k.dir]
-            what = "left the path" if k.reason == FATE_LEFT else \
-                "dropped (%s)" % self.reason_name(k.reason)
-            fates.append((v.value, "%s %s after %s: %d" % (direction, what,
-                                                           STAGE_NAMES[k.last], v.value)))
-        fates.sort(reverse=True)
+            fates.append({"direction": DIRECTIONS[k.dir],
+                          "fate": "left_path" if k.reason == FATE_LEFT else "dropped",
+                          "reason": None if k.reason == FATE_LEFT else
+                          self.reason_name(k.reason),
+                          "last_stage": STAGE_NAMES[k.last], "count": v.value})
+        fates.sort(key=lambda f: -f["count"])
         return {
             "reported": rep_tx + rep_rx, "reported_tx": rep_tx, "reported_rx": rep_rx,
             "started": st["started_tx"] + st["started_rx"],
@@ -1881,9 +1890,7 @@ class Session(object):
             "below_threshold": st["below_threshold"], "dropped": st["dropped"],
             "left_path": st["left_path"], "in_flight": in_flight,
             "not_tracked": st["not_tracked"], "lost": st["lost"] + self.perf_lost,
-            "vanished": st["vanished"],
-            "fates": [line for _n, line in fates],
-            "fate_lines": [line for _n, line in fates],
+            "vanished": st["vanished"], "fates": fates,
         }
 
 
@@ -1977,7 +1984,7 @@ def trace(args, tracer, reporter, roles, names, layout):
         started = time.monotonic()
         next_interval = started + args.interval
         next_refresh = started + 1.0
-        while stop["why"] is None:
+        while stop["why"] is None and not session.output_broken:
             now = time.monotonic()
             if args.timeout and now - started >= args.timeout:
                 break

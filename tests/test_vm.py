@@ -1,0 +1,269 @@
+"""The real tool, the real kernel, a real QEMU VM on a tap: tap -> bridge -> veth -> namespace.
+
+Every count is checked against an independent oracle: what the traffic generator
+sent, what the remote sink received, or what tcpdump saw crossing the tap.
+"""
+import collections
+import signal
+import time
+
+import pytest
+
+from lab import Lab
+from tracing import Capture, Trace, exact_percentile, our_programs
+
+TAP, PHY = Lab.TAP, Lab.PHY
+VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
+DEVS = ("--vm-dev", TAP, "--phy-dev", PHY)
+TX_STAGES = ["tap_rx", "phy_queue", "phy_xmit"]
+RX_STAGES = ["phy_rx", "tap_queue", "tap_xmit", "vm_read"]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab() as lab:
+        yield lab
+
+
+@pytest.fixture
+def traces():
+    started = []
+
+    def start(*args, **kw):
+        t = Trace(*args, **kw)
+        started.append(t)
+        return t
+    yield start
+    for t in started:
+        t.close()
+    assert our_programs() == [], "BPF programs left loaded after the tool exited"
+
+
+def guest_ok(lab, cmd, timeout=120):
+    rc, out = lab.guest(cmd, timeout=timeout)
+    assert rc == 0, "guest command failed: %s\n%s" % (cmd, out)
+    return out
+
+
+def check_record_shape(rec, lab):
+    """What every packet record must hold, whatever the protocol."""
+    stages = TX_STAGES if rec["direction"] == "tx" else RX_STAGES
+    assert rec["stages"] == stages
+    assert [(s["from"], s["to"]) for s in rec["segments"]] == list(zip(stages, stages[1:]))
+    assert all(s["us"] > 0 for s in rec["segments"])
+    assert abs(sum(s["us"] for s in rec["segments"]) - rec["total_us"]) < 0.01
+    assert rec["vm_dev"] == TAP and rec["phy_dev"] == PHY
+    # the process on the VM's side of the tap: QEMU writes TX frames, reads RX frames
+    assert rec["pid"] == lab.qemu.pid
+    assert rec["comm"] == "qemu-system-x86"
+
+
+def test_ping_is_traced_both_ways_per_packet(lab, traces):
+    t = traces(*DEVS)
+    cap = Capture(TAP, "icmp")
+    guest_ok(lab, "ping -c 5 -i 0.2 -W 2 %s" % REMOTE)
+    t.stop()
+    seen = cap.stop().packets(Lab.GUEST_MAC)
+    assert t.returncode == 0, t.stderr
+    tx = t.packets(direction="tx", protocol="icmp")
+    rx = t.packets(direction="rx", protocol="icmp")
+    assert len(tx) == 5 and len(rx) == 5
+    assert len(seen) == 10
+    assert sorted(r["icmp_seq"] for r in tx) == sorted(r["icmp_seq"] for r in rx) == \
+        sorted(p[5] for p in seen if p[0] == "tx")
+    assert {r["icmp_id"] for r in tx + rx} == {p[4] for p in seen}
+    for r in tx:
+        assert (r["src_ip"], r["dst_ip"], r["icmp_type"]) == (VM, REMOTE, 8)
+        check_record_shape(r, lab)
+    for r in rx:
+        assert (r["src_ip"], r["dst_ip"], r["icmp_type"]) == (REMOTE, VM, 0)
+        check_record_shape(r, lab)
+    s = t.summary()
+    assert s["reported"] == 10 and s["dropped"] == 0 and s["lost"] == 0
+    assert s["in_flight"] == 0 and s["not_tracked"] == 0
+
+
+def test_udp_burst_gives_one_record_per_datagram(lab, traces):
+    sink = lab.start_udp_sink(9000)
+    t = traces(*(DEVS + ("--protocol", "udp")))
+    out = guest_ok(lab, "vnl-traffic udp %s 9000 200 40001" % REMOTE)
+    assert out.strip() == "sent 200"
+    assert sink.wait_count(200) == 200
+    t.stop()
+    sink.stop()
+    tx = t.packets(direction="tx")
+    assert len(tx) == 200 and len(t.packets()) == 200
+    for r in tx:
+        assert (r["src_port"], r["dst_port"], r["src_ip"], r["dst_ip"]) == (40001, 9000, VM, REMOTE)
+        check_record_shape(r, lab)
+    # one flow, 200 packets in flight together: each measured on its own
+    assert len({r["timestamp"] for r in tx}) > 1
+    s = t.summary()
+    assert s["reported"] == s["started"] == 200
+    assert s["dropped"] == s["left_path"] == s["in_flight"] == s["lost"] == 0
+
+
+def test_tcp_exchange_counts_match_the_wire(lab, traces):
+    echo = lab.start_tcp_echo(7000)
+    t = traces(*(DEVS + ("--protocol", "tcp")))
+    cap = Capture(TAP, "tcp port 7000")
+    out = guest_ok(lab, "vnl-traffic tcp %s 7000 5 40002" % REMOTE)
+    assert out.strip() == "exchanged 5"
+    assert echo.wait_closed(1) == 1
+    time.sleep(0.5)   # the last ACK/FIN
+    t.stop()
+    echo.stop()
+    wire = cap.stop().packets(Lab.GUEST_MAC)
+    tx, rx = t.packets(direction="tx"), t.packets(direction="rx")
+    assert len(tx) == sum(1 for p in wire if p[0] == "tx")
+    assert len(rx) == sum(1 for p in wire if p[0] == "rx")
+    assert len(tx) >= 8 and len(rx) >= 8   # handshake, 5 requests and echoes, close
+    for r in tx:
+        assert (r["src_port"], r["dst_port"]) == (40002, 7000)
+        check_record_shape(r, lab)
+    for r in rx:
+        assert (r["src_port"], r["dst_port"]) == (7000, 40002)
+        check_record_shape(r, lab)
+
+
+def _key(rec):
+    return (rec["direction"], rec["protocol"])
+
+
+def test_filters_select_exactly_the_matching_packets(lab, traces):
+    """Several instances side by side, each with one filter, on the same mixed traffic."""
+    sinks = [lab.start_udp_sink(9000), lab.start_udp_sink(9001)]
+    echo = lab.start_tcp_echo(7001)
+    filters = {
+        "icmp": (("--protocol", "icmp"), lambda p: p[1] == "icmp"),
+        "udp_dport": (("--protocol", "udp", "--dst-port", "9001"),
+                      lambda p: p[1] == "udp" and p[5] == 9001),
+        "src_ip": (("--src-ip", REMOTE), lambda p: p[2] == REMOTE),
+        "dst_ip_tcp": (("--dst-ip", REMOTE, "--protocol", "tcp"),
+                       lambda p: p[3] == REMOTE and p[1] == "tcp"),
+        "sport": (("--src-port", "40001"), lambda p: p[1] != "icmp" and p[4] == 40001),
+        "rx_only": (("--direction", "rx"), lambda p: p[0] == "rx"),
+        "tx_only": (("--direction", "tx", "--protocol", "udp"),
+                    lambda p: p[0] == "tx" and p[1] == "udp"),
+    }
+    runs = dict((name, traces(*(DEVS + args))) for name, (args, _f) in filters.items())
+    everything = traces()               # no filter, default devices
+    slow_only = traces(*(DEVS + ("--latency-threshold", "5000000")))
+    cap = Capture(TAP, "ip")
+    guest_ok(lab, "ping -c 3 -i 0.2 -W 2 %s" % REMOTE)
+    guest_ok(lab, "vnl-traffic udp %s 9000 30 40001" % REMOTE)
+    guest_ok(lab, "vnl-traffic udp %s 9001 20 40003" % REMOTE)
+    guest_ok(lab, "vnl-traffic tcp %s 7001 3 40004" % REMOTE)
+    assert sinks[0].wait_count(30) == 30 and sinks[1].wait_count(20) == 20
+    echo.wait_closed(1)
+    time.sleep(0.5)
+    for t in list(runs.values()) + [everything, slow_only]:
+        t.stop(settle=0)
+    wire = [p for p in cap.stop().packets(Lab.GUEST_MAC) if p[0] != "?"]
+    for s in sinks + [echo]:
+        s.stop()
+    for name, (_args, keep) in filters.items():
+        expected = collections.Counter((p[0], p[1]) for p in wire if keep(p))
+        got = collections.Counter(_key(r) for r in runs[name].packets())
+        assert got == expected, name
+        assert sum(expected.values()) > 0, name
+    # no filter, no devices named: every tap is a VM port, the bridge's uplink the NIC
+    got = everything.packets()
+    assert collections.Counter(_key(r) for r in got) == \
+        collections.Counter((p[0], p[1]) for p in wire)
+    assert {(r["vm_dev"], r["phy_dev"]) for r in got} == {(TAP, PHY)}
+    # a 5 s threshold: nothing here is that slow, and every packet is accounted for
+    s = slow_only.summary()
+    assert slow_only.packets() == []
+    assert s["below_threshold"] == s["started"] == len(wire)
+
+
+def test_text_output_follows_the_readme(lab, traces):
+    t = traces(*DEVS, output="text")
+    guest_ok(lab, "ping -c 2 -i 0.2 -W 2 %s" % REMOTE)
+    t.stop()
+    lines = t.stdout.splitlines()
+    heads = [l for l in lines if l.startswith("[") and " ICMP " in l]
+    assert len(heads) == 4
+    assert sum(1 for l in heads if l.endswith("TX %s -> %s" % (TAP, PHY))) == 2
+    assert sum(1 for l in heads if l.endswith("RX %s -> %s" % (PHY, TAP))) == 2
+    totals = [l for l in lines if l.strip().startswith("Total Latency:")]
+    assert len(totals) == 4
+    assert all("PID: %d (qemu-system-x86)" % lab.qemu.pid in l for l in totals)
+    assert any(l.strip().startswith("tap_rx->phy_queue:") for l in lines)
+    assert lines[-1].startswith("Summary: 4 packets reported (tx 2, rx 2)")
+
+
+def test_histogram_counts_and_percentiles_match_exact_values(lab, traces):
+    sink = lab.start_udp_sink(9002)
+    args = DEVS + ("--protocol", "udp", "--mode", "histogram")
+    per_second = traces(*(args + ("--interval", "1")))
+    one_table = traces(*(args + ("--interval", "600")))   # all packets in the final table
+    exact = traces(*(DEVS + ("--protocol", "udp")))
+    # gaps between datagrams spread the latencies over several buckets
+    guest_ok(lab, "vnl-traffic udp %s 9002 150 40005" % REMOTE)
+    time.sleep(1.5)   # the second burst falls in a later interval
+    guest_ok(lab, "vnl-traffic udp %s 9002 150 40005 2000" % REMOTE)
+    assert sink.wait_count(300) == 300
+    time.sleep(1.5)   # at least one interval boundary after the traffic
+    for t in (per_second, one_table, exact):
+        t.stop(settle=0)
+    sink.stop()
+    tables = per_second.histograms()
+    assert len({h["timestamp"] for h in tables}) >= 2   # reported per interval
+    by_segment = collections.defaultdict(list)
+    for h in tables:
+        assert h["direction"] == "tx"
+        by_segment[h["segment"]].append(h)
+    assert set(by_segment) == {"tap_rx->phy_queue", "phy_queue->phy_xmit", "total"}
+    for segment, rows in by_segment.items():
+        assert sum(h["count"] for h in rows) == 300, segment
+        assert sum(b["count"] for h in rows for b in h["buckets"]) == 300
+    assert per_second.summary()["reported"] == 300
+    # the same packets, measured exactly by the detailed instance beside it
+    values = [r["total_us"] for r in exact.packets()]
+    assert len(values) == 300
+    total = [h for h in one_table.histograms() if h["segment"] == "total"]
+    assert len(total) == 1 and total[0]["count"] == 300
+    for f, key in ((0.5, "p50_us"), (0.9, "p90_us"), (0.99, "p99_us")):
+        want = exact_percentile(values, f)
+        assert abs(total[0][key] - want) <= 0.10 * want, (key, total[0][key], want)
+
+
+def test_namespace_devices_with_colliding_ifindex_are_not_ours(lab, traces):
+    """The remote namespace's eth0 gets the ifindex of the host's tap: nothing changes."""
+    import subprocess
+    with open("/sys/class/net/%s/ifindex" % TAP) as f:
+        tap_index = int(f.read())
+    subprocess.run(["ip", "-n", Lab.NS, "link", "add", "vnlx0", "index", str(tap_index),
+                    "type", "veth", "peer", "name", "vnlx1"], check=True)
+    try:
+        subprocess.run(["ip", "-n", Lab.NS, "link", "set", "vnlx0", "up"], check=True)
+        subprocess.run(["ip", "-n", Lab.NS, "link", "set", "vnlx1", "up"], check=True)
+        # traffic inside the namespace on the device whose ifindex is the tap's
+        t = traces(*DEVS)
+        subprocess.run(["ip", "netns", "exec", Lab.NS, "ping", "-c", "3", "-i", "0.2",
+                        "-I", "vnlx0", "-W", "1", "169.254.9.9"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        guest_ok(lab, "ping -c 2 -i 0.2 -W 2 %s" % REMOTE)
+        t.stop()
+    finally:
+        subprocess.run(["ip", "-n", Lab.NS, "link", "del", "vnlx0"], check=False)
+    s = t.summary()
+    assert len(t.packets()) == 4 and s["started"] == 4 and s["left_path"] == 0
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP", "timeout"])
+def test_every_stop_detaches_and_summarises(lab, traces, how):
+    if how == "timeout":
+        t = traces(*(DEVS + ("--timeout", "3")))
+        guest_ok(lab, "ping -c 1 -W 2 %s" % REMOTE)
+        t.wait()
+    else:
+        t = traces(*DEVS)
+        guest_ok(lab, "ping -c 1 -W 2 %s" % REMOTE)
+        t.stop(getattr(signal, how))
+    assert t.returncode == 0, t.stderr
+    assert "Traceback" not in t.stderr
+    assert t.summary()["reported"] == 2
+    assert our_programs() == []

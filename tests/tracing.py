@@ -1,0 +1,170 @@
+"""Running the real tool against the lab, and independent oracles for what it must see.
+
+Trace      the tool as a subprocess, JSON on a file, stopped by a signal or --timeout.
+Capture    tcpdump on a device: what really crossed it, to compare counts against.
+"""
+import json
+import math
+import os
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+
+from conftest import PYTHON, TOOL
+
+
+class Trace(object):
+    """The real tool, attached and tracing until stop()."""
+
+    def __init__(self, *args, output="json", ready_timeout=90):
+        self.args = list(args)
+        self.dir = tempfile.mkdtemp(prefix="vnl-trace-")
+        self.out_path = os.path.join(self.dir, "stdout")
+        self.err_path = os.path.join(self.dir, "stderr")
+        argv = [PYTHON, TOOL, "--output", output] + [str(a) for a in args]
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.returncode = None
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "Tracing" in self.stderr:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError("tool exited before tracing (rc=%s): %s"
+                                     % (self.proc.returncode, self.stderr))
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError("tool did not start tracing in %ss: %s" % (timeout, self.stderr))
+
+    @property
+    def stderr(self):
+        with open(self.err_path) as f:
+            return f.read()
+
+    @property
+    def stdout(self):
+        with open(self.out_path) as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGINT, settle=0.5, timeout=60):
+        """Let the last packets finish their path, signal the tool, wait for its summary."""
+        time.sleep(settle)
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("tool did not exit %ss after signal %d" % (timeout, sig))
+        return self
+
+    def wait(self, timeout=120):
+        self.returncode = self.proc.wait(timeout)
+        return self
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def close(self):
+        self.kill()
+        for name in (self.out_path, self.err_path):
+            if os.path.exists(name):
+                os.unlink(name)
+        os.rmdir(self.dir)
+
+    # --- what it printed ---
+    def objects(self):
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+    def packets(self, **match):
+        return [o for o in self.objects() if o["type"] == "packet" and
+                all(o.get(k) == v for k, v in match.items())]
+
+    def histograms(self):
+        return [o for o in self.objects() if o["type"] == "histogram"]
+
+    def summary(self):
+        found = [o for o in self.objects() if o["type"] == "summary"]
+        assert len(found) == 1, "expected one summary, got %d: %s" % (len(found), self.stdout[-2000:])
+        return found[0]
+
+
+def bpf_program_names():
+    """Names of the BPF programs loaded in the kernel now (truncated to 15 chars)."""
+    out = subprocess.run(["bpftool", "prog", "list", "-j"], stdout=subprocess.PIPE,
+                         universal_newlines=True, check=True).stdout
+    return [p.get("name", "") for p in json.loads(out or "[]")]
+
+
+def our_programs():
+    return [n for n in bpf_program_names() if n.startswith(("rtp_", "kp_"))]
+
+
+class Capture(object):
+    """tcpdump on one device, parsed here: the oracle for what crossed it."""
+
+    def __init__(self, dev, bpf_filter="ip", netns=None):
+        self.path = tempfile.mktemp(prefix="vnl-cap-", suffix=".pcap")
+        argv = ["tcpdump", "-i", dev, "-nn", "-U", "-w", self.path, bpf_filter]
+        if netns:
+            argv = ["ip", "netns", "exec", netns] + argv
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     universal_newlines=True, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+
+    def stop(self):
+        time.sleep(0.3)
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+        return self
+
+    def packets(self, vm_mac):
+        """[(direction, proto, src, dst, sport/icmp id, dport/icmp seq, icmp type)]"""
+        vm = bytes.fromhex(vm_mac.replace(":", ""))
+        with open(self.path, "rb") as f:
+            data = f.read()
+        os.unlink(self.path)
+        magic = struct.unpack_from("<I", data, 0)[0]
+        endian = "<" if magic in (0xa1b2c3d4, 0xa1b23c4d) else ">"
+        pos, out = 24, []
+        while pos + 16 <= len(data):
+            _s, _us, incl, _orig = struct.unpack_from(endian + "IIII", data, pos)
+            frame = data[pos + 16: pos + 16 + incl]
+            pos += 16 + incl
+            if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+                continue
+            direction = "tx" if frame[6:12] == vm else "rx" if frame[0:6] == vm else "?"
+            ihl = (frame[14] & 15) * 4
+            proto = frame[23]
+            src = ".".join(str(b) for b in frame[26:30])
+            dst = ".".join(str(b) for b in frame[30:34])
+            l4 = frame[14 + ihl: 14 + ihl + 8]
+            a, b = struct.unpack("!HH", l4[0:4]) if proto != 1 else struct.unpack("!HH", l4[4:8])
+            out.append((direction, {1: "icmp", 6: "tcp", 17: "udp"}.get(proto, str(proto)),
+                        src, dst, a, b, l4[0] if proto == 1 else None))
+        return out
+
+
+def exact_percentile(values, fraction):
+    """Nearest-rank percentile: the smallest value with at least fraction of all at or below."""
+    ordered = sorted(values)
+    rank = max(1, int(math.ceil(fraction * len(ordered) - 1e-9)))
+    return ordered[rank - 1]
+
+
+def kill_quietly(sig, proc):
+    try:
+        os.killpg(proc.pid, sig)
+    except OSError:
+        pass
