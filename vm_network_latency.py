@@ -24,7 +24,7 @@
 #            [--attach {auto,kprobe,tracepoint}] [--drops] [--list-stages]
 #            [--dry-run] [--verbose] [--ebpf]
 #
-# Licensed under the Apache License, Version 2.0 (the "License")
+# Copyright (c) 2026 The vm_network_latency developers. MIT License (see LICENSE).
 
 from __future__ import print_function
 
@@ -115,6 +115,16 @@ def _non_negative_float(text):
     return value
 
 
+def _table_size(text):
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    if not 16 <= value <= 4194304:
+        raise argparse.ArgumentTypeError("%d is outside 16-4194304" % value)
+    return value
+
+
 def _device(text):
     if not text or len(text) > 15 or "/" in text or text in (".", "..") \
             or any(c.isspace() for c in text):
@@ -180,6 +190,10 @@ def build_parser():
     parser.add_argument("--dry-run", action="store_true",
                         help="compile the program and load it through the kernel "
                              "verifier, attach nothing, then exit")
+    parser.add_argument("--max-inflight", type=_table_size, default=65536, metavar="N",
+                        help="packets tracked at once (kernel memory is fixed at about "
+                             "250 bytes each; beyond it packets are counted as not "
+                             "tracked; default: 65536)")
     parser.add_argument("--btf", metavar="FILE", default="/sys/kernel/btf/vmlinux",
                         help="kernel BTF to take struct layouts from ('none': use the "
                              "kernel headers, only if they match the running kernel)")
@@ -1921,7 +1935,7 @@ def run(args):
                                                   "no stage can see the end of the path"))
     version = kernel_version(release)
     caps = {"ringbuf": version >= (5, 8), "ringbuf_pages": 1024,
-            "probe_read_kernel": version >= (5, 5), "max_inflight": 65536,
+            "probe_read_kernel": version >= (5, 5), "max_inflight": args.max_inflight,
             "netns_inum": host_netns_inum()}
     text = generate_program(args, plans, layout, caps)
     if args.ebpf:

@@ -113,7 +113,7 @@ class Capture(object):
 
     def __init__(self, dev, bpf_filter="ip", netns=None):
         self.path = tempfile.mktemp(prefix="vnl-cap-", suffix=".pcap")
-        argv = ["tcpdump", "-i", dev, "-nn", "-U", "-w", self.path, bpf_filter]
+        argv = ["tcpdump", "-i", dev, "-nn", "-U", "--immediate-mode", "-w", self.path, bpf_filter]
         if netns:
             argv = ["ip", "netns", "exec", netns] + argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -1,0 +1,398 @@
+"""Numbers that can be trusted: known delays land in the right segment, every packet that
+entered the path is accounted for, and the tool stays safe under load and abuse.
+"""
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conftest import load_tool
+from lab import Lab
+from tapwriter import TapWriter, ether, icmp, ipv4, udp
+from tracing import Trace, our_programs
+
+TAP, PHY, BRIDGE = Lab.TAP, Lab.PHY, Lab.BRIDGE
+VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
+DEVS = ("--vm-dev", TAP, "--phy-dev", PHY)
+STAND_IN = "vnltap1"          # a second 'VM': a process writing frames into its own tap
+STAND_IN_MAC, STAND_IN_IP = "52:54:00:77:00:09", "10.77.0.9"
+ACCOUNTED = ("reported", "below_threshold", "dropped", "left_path", "in_flight",
+             "not_tracked", "lost", "vanished")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with Lab() as lab:
+        # the remote's MAC stays on the physical port: no flooding towards the taps
+        subprocess.run(["bridge", "fdb", "replace", Lab.REMOTE_MAC, "dev", PHY, "master",
+                        "static"], check=True)
+        yield lab
+
+
+@pytest.fixture
+def traces():
+    started = []
+
+    def start(*args, **kw):
+        t = Trace(*args, **kw)
+        started.append(t)
+        return t
+    yield start
+    for t in started:
+        t.close()
+    assert our_programs() == []
+
+
+@pytest.fixture
+def qdisc():
+    added = []
+
+    def add(dev, *spec):
+        subprocess.run(["tc", "qdisc", "replace", "dev", dev, "root"] + list(spec), check=True)
+        added.append(dev)
+    yield add
+    for dev in added:
+        subprocess.run(["tc", "qdisc", "del", "dev", dev, "root"], stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def paused(lab):
+    """Pause the VM (QEMU stops reading its tap); always resumed afterwards."""
+    yield lab
+    if lab.vm_status() != "running":
+        lab.resume_vm()
+
+
+def rx_packets(dev):
+    with open("/sys/class/net/%s/statistics/rx_packets" % dev) as f:
+        return int(f.read())
+
+
+def accounted(summary):
+    return sum(summary[k] for k in ACCOUNTED)
+
+
+def text_summary(trace):
+    """The numbers of the text summary line, by name."""
+    line = [l for l in trace.stdout.splitlines() if l.startswith("Summary:")][-1]
+    nums = [int(n) for n in re.findall(r"\d+", line)]
+    return dict(zip(["reported", "reported_tx", "reported_rx", "below_threshold", "dropped",
+                     "left_path", "in_flight", "not_tracked", "lost", "vanished"], nums))
+
+
+def segment(rec, a, b):
+    return [s["us"] for s in rec["segments"] if (s["from"], s["to"]) == (a, b)][0]
+
+
+def remote_send(lab, count, dport, sport, gap_us=0):
+    r = lab.remote_run(lab.host_traffic, "udp", VM, dport, count, sport, gap_us, check=True)
+    assert r.stdout.strip() == "sent %d" % count
+
+
+# ---------------------------------------------------------------------------
+# Ground truth: known delays, in the right segment
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def stand_in(lab):
+    """A second 'VM' on the bridge that reads its tap only when the test says so.
+
+    (A paused QEMU is no use here: it still takes the first frame into its own queue.)"""
+    with TapWriter(STAND_IN, BRIDGE) as vm:
+        subprocess.run(["bridge", "fdb", "replace", STAND_IN_MAC, "dev", STAND_IN, "master",
+                        "static"], check=True)
+        subprocess.run(["ip", "-n", Lab.NS, "neigh", "replace", STAND_IN_IP, "lladdr",
+                        STAND_IN_MAC, "dev", Lab.NS_DEV, "nud", "permanent"], check=True)
+        vm.drain()
+        yield vm
+        subprocess.run(["ip", "-n", Lab.NS, "neigh", "del", STAND_IN_IP, "dev", Lab.NS_DEV],
+                       stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("hold", [0.070, 5.0])
+def test_vm_not_reading_is_the_tap_to_vm_segment(lab, stand_in, traces, hold):
+    t = traces("--vm-dev", STAND_IN, "--phy-dev", PHY, "--direction", "rx",
+               "--protocol", "udp", "--dst-port", "9100")
+    before_send = time.monotonic()
+    r = lab.remote_run(lab.host_traffic, "udp", STAND_IN_IP, 9100, 1, 40100, check=True)
+    after_send = time.monotonic()
+    assert r.stdout.strip() == "sent 1"
+    time.sleep(max(0.0, hold - (time.monotonic() - after_send)))
+    before_read = time.monotonic()
+    assert stand_in.drain() == 1
+    after_read = time.monotonic()
+    t.stop()
+    recs = t.packets()
+    assert len(recs) == 1
+    assert recs[0]["stages"] == ["phy_rx", "tap_queue", "tap_xmit", "vm_read"]
+    wait = segment(recs[0], "tap_xmit", "vm_read") / 1e6
+    # the frame reached the tap between before_send and after_send, and was read
+    # between before_read and after_read: the true wait lies in between
+    shortest, longest = before_read - after_send, after_read - before_send
+    slack = max(0.10 * hold, 20e-6)
+    assert shortest - slack <= wait <= longest + slack, (wait, shortest, longest)
+    assert longest - shortest < 0.05 * hold + 0.01   # the bounds themselves are tight
+    assert recs[0]["total_us"] / 1e6 == pytest.approx(wait, abs=0.001)
+
+
+def test_qdisc_queue_wait_matches_the_token_bucket(lab, traces, qdisc):
+    rate = 10 * 1000 * 1000 // 8      # 10 mbit/s in bytes/s
+    burst = 1500
+    frame = 1250                      # 14 + 20 + 8 + 1208 payload: 1 ms per packet at 10 mbit
+    qdisc(PHY, "tbf", "rate", "10mbit", "burst", str(burst), "limit", "200000")
+    sink = lab.start_udp_sink(9101)
+    t = traces(*(DEVS + ("--direction", "tx", "--protocol", "udp", "--dst-port", "9101")))
+    out = lab.guest("vnl-traffic udp %s 9101 30 40101 0 1208" % REMOTE)[1]
+    assert out.strip() == "sent 30"
+    assert sink.wait_count(30) == 30
+    t.stop()
+    sink.stop()
+    recs = sorted(t.packets(), key=lambda r: r["timestamp"])
+    assert len(recs) == 30
+    # replay the token bucket on the arrival times the packets had at the qdisc
+    tokens, last = float(burst), None
+    for rec in recs:
+        wait_us = segment(rec, "phy_queue", "phy_xmit")
+        arrival = rec["timestamp"] - wait_us / 1e6
+        now = arrival if last is None else max(arrival, last)
+        if last is not None:
+            tokens = min(burst, tokens + (now - last) * rate)
+        if tokens < frame:
+            now += (frame - tokens) / rate
+            tokens = float(frame)
+        tokens -= frame
+        last = now
+        expected_us = (now - arrival) * 1e6
+        assert abs(wait_us - expected_us) <= max(0.10 * expected_us, 20) + 60, \
+            (wait_us, expected_us)
+    assert segment(recs[-1], "phy_queue", "phy_xmit") > 20000   # the queue really built up
+
+
+# ---------------------------------------------------------------------------
+# Nothing lost silently: sent = reported + counted
+# ---------------------------------------------------------------------------
+
+def test_full_tap_queue_conservation_and_drop_reports(paused, traces):
+    lab = paused
+    args = DEVS + ("--direction", "rx", "--protocol", "udp", "--dst-port", "9200")
+    as_json = traces(*(args + ("--drops",)))
+    as_text = traces(*args, output="text")
+    before = rx_packets(PHY)
+    lab.pause_vm()
+    remote_send(lab, 3000, 9200, 40200, 20)
+    time.sleep(0.5)
+    lab.resume_vm()
+    time.sleep(2)
+    entered = rx_packets(PHY) - before      # what the host received on its NIC
+    for t in (as_json, as_text):
+        t.stop(settle=0)
+    s = as_json.summary()
+    assert s["started"] == entered
+    assert accounted(s) == entered
+    assert s["dropped"] > 500 and s["reported"] > 500
+    drops = [o for o in as_json.objects() if o["type"] == "drop"]
+    assert len(drops) == s["dropped"]
+    assert {(d["reason"], d["last_stage"], d["direction"]) for d in drops} == \
+        {("FULL_RING", "tap_xmit", "rx")}
+    assert all(d["location"].startswith("tun_net_xmit") for d in drops)
+    assert s["fates"] == [{"direction": "rx", "fate": "dropped", "reason": "FULL_RING",
+                           "last_stage": "tap_xmit", "count": s["dropped"]}]
+    ts = text_summary(as_text)
+    assert sum(ts[k] for k in ACCOUNTED) == entered
+    assert ts["dropped"] == s["dropped"]
+    assert "RX dropped (FULL_RING) after tap_xmit: %d" % ts["dropped"] in as_text.stdout
+
+
+def test_qdisc_limit_conservation(lab, traces, qdisc):
+    qdisc(PHY, "tbf", "rate", "1mbit", "burst", "1600", "limit", "4000")
+    t = traces(*(DEVS + ("--direction", "tx", "--protocol", "udp", "--dst-port", "9201")))
+    before = rx_packets(TAP)
+    out = lab.guest("vnl-traffic udp %s 9201 1000 40201" % REMOTE, timeout=120)[1]
+    assert out.strip() == "sent 1000"
+    time.sleep(1.0)      # let the queue empty at 1 mbit/s
+    entered = rx_packets(TAP) - before      # frames the host took from the VM
+    t.stop()
+    s = t.summary()
+    assert s["started"] == entered and accounted(s) == entered
+    assert s["dropped"] > 0 and s["in_flight"] == 0
+    assert {(f["reason"], f["last_stage"]) for f in s["fates"]} == {("QDISC_DROP", "phy_queue")}
+
+
+def test_full_tracking_table_is_counted(paused, traces):
+    lab = paused
+    t = traces(*(DEVS + ("--direction", "rx", "--protocol", "udp", "--dst-port", "9202",
+                         "--max-inflight", "100")))
+    before = rx_packets(PHY)
+    lab.pause_vm()
+    remote_send(lab, 500, 9202, 40202, 50)
+    time.sleep(0.3)
+    lab.resume_vm()
+    time.sleep(1.5)
+    entered = rx_packets(PHY) - before
+    t.stop()
+    s = t.summary()
+    assert s["not_tracked"] >= entered - 100 - 16   # per-CPU free lists may keep a few
+    assert s["started"] + s["not_tracked"] == entered
+    assert accounted(s) == entered
+
+
+def test_output_overrun_is_counted_not_hidden(lab, traces):
+    """More events than the ring buffer and Python can take: losses are counted."""
+    with TapWriter(STAND_IN, BRIDGE) as vm:
+        t = traces("--vm-dev", STAND_IN, "--phy-dev", PHY, "--direction", "tx")
+        quiet = traces("--vm-dev", STAND_IN, "--phy-dev", PHY, "--direction", "tx",
+                       "--latency-threshold", "10000000")
+        before = vm.rx_packets()
+        frame = ether(Lab.REMOTE_MAC, STAND_IN_MAC, 0x0800,
+                      ipv4(STAND_IN_IP, REMOTE, 17, udp(40300, 9300, b"x" * 18)))
+        for _ in range(300000):
+            vm.write(frame)
+        entered = vm.rx_packets() - before
+        time.sleep(1)
+        t.stop(settle=0)
+        quiet.stop(settle=0)
+    s = t.summary()
+    assert accounted(s) == entered
+    assert s["lost"] > 0          # this flood is faster than any terminal
+    q = quiet.summary()
+    assert accounted(q) == entered and q["lost"] == 0 and q["below_threshold"] == entered
+
+
+# ---------------------------------------------------------------------------
+# Abuse: malformed frames, a million flows, kills, fuzzed command lines
+# ---------------------------------------------------------------------------
+
+def test_malformed_frames_are_never_reported(lab, traces):
+    src, dst = STAND_IN_MAC, Lab.REMOTE_MAC
+    good_udp = ipv4(STAND_IN_IP, REMOTE, 17, udp(40400, 9400, b"ok"))
+    frames = {
+        "valid udp": (ether(dst, src, 0x0800, good_udp), True),
+        "valid icmp": (ether(dst, src, 0x0800, ipv4(STAND_IN_IP, REMOTE, 1,
+                                                     icmp(8, 77, 5))), True),
+        "802.1Q udp": (ether(dst, src, 0x0800, good_udp, vlans=[(0x8100, 42)]), True),
+        "QinQ udp": (ether(dst, src, 0x0800, good_udp, vlans=[(0x88a8, 7), (0x8100, 8)]), True),
+        "ip options": (ether(dst, src, 0x0800, ipv4(STAND_IN_IP, REMOTE, 17, udp(40400, 9400),
+                                                     ihl=6, options=b"\x01\x01\x01\x00")), True),
+        "truncated ip": (ether(dst, src, 0x0800, good_udp[:24]), False),
+        "tot_len too big": (ether(dst, src, 0x0800, ipv4(STAND_IN_IP, REMOTE, 17,
+                                                          udp(40400, 9400), tot_len=1400)), False),
+        "ihl 4": (ether(dst, src, 0x0800, ipv4(STAND_IN_IP, REMOTE, 17, udp(40400, 9400),
+                                                ihl=4)), False),
+        "ihl 15, short": (ether(dst, src, 0x0800, ipv4(STAND_IN_IP, REMOTE, 17,
+                                                        udp(40400, 9400), ihl=15)), False),
+        "ipv6": (ether(dst, src, 0x86dd, b"\x60" + b"\0" * 60), False),
+        "arp": (ether(dst, src, 0x0806, b"\0\1\x08\0\6\4\0\1" + b"\0" * 20), False),
+        "version 5": (ether(dst, src, 0x0800, b"\x55" + good_udp[1:]), False),
+        "fragment": (ether(dst, src, 0x0800, ipv4(STAND_IN_IP, REMOTE, 17, b"\0" * 16,
+                                                   frag=100)), False),
+        "gre": (ether(dst, src, 0x0800, ipv4(STAND_IN_IP, REMOTE, 47, b"\0" * 16)), False),
+        "header only": (ether(dst, src, 0x0800, b""), False),
+        "runt": (ether(dst, src, 0x0800, b"\x45\0"), False),
+    }
+    with TapWriter(STAND_IN, BRIDGE) as vm:
+        t = traces("--vm-dev", STAND_IN, "--phy-dev", PHY)
+        for frame, _ok in frames.values():
+            vm.write(frame)
+        t.stop()
+    recs = t.packets()
+    expected = [name for name, (_f, ok) in frames.items() if ok]
+    assert len(recs) == len(expected), [r["protocol"] for r in recs]
+    assert t.summary()["started"] == len(expected)
+    for r in recs:
+        assert r["direction"] == "tx" and r["src_ip"] == STAND_IN_IP and r["dst_ip"] == REMOTE
+        assert r["vm_dev"] == STAND_IN and r["phy_dev"] == PHY
+        if r["protocol"] == "udp":
+            assert (r["src_port"], r["dst_port"]) == (40400, 9400)
+        else:
+            assert (r["protocol"], r["icmp_type"], r["icmp_id"], r["icmp_seq"]) == \
+                ("icmp", 8, 77, 5)
+    assert sorted(r["vlan"] for r in recs if r["vlan"] is not None) == [7, 42]
+
+
+def tool_memory_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+
+def test_a_million_flows_keep_memory_bounded(lab, traces):
+    with TapWriter(STAND_IN, BRIDGE) as vm:
+        t = traces("--vm-dev", STAND_IN, "--phy-dev", PHY, "--direction", "tx",
+                   "--mode", "histogram", "--interval", "2")
+        before = vm.rx_packets()
+        base = ipv4(STAND_IN_IP, REMOTE, 17, udp(1, 1, b"f" * 18))
+        head = ether(Lab.REMOTE_MAC, STAND_IN_MAC, 0x0800, b"")
+        for i in range(1000000):        # 1,000,000 distinct source/destination port pairs
+            sport, dport = 1024 + i % 50000, 1024 + i // 50000
+            vm.write(head + base[:20] + bytes(((sport >> 8), sport & 255, dport >> 8,
+                                               dport & 255)) + base[24:])
+        entered = vm.rx_packets() - before
+        time.sleep(2.5)
+        peak_kb = tool_memory_kb(t.proc.pid)
+        t.stop(settle=0)
+    s = t.summary()
+    assert entered == 1000000
+    assert accounted(s) == entered and s["reported"] == entered - s["dropped"]
+    assert peak_kb < 150 * 1024          # README: under 150 MB resident
+    assert len(t.histograms()) >= 2      # kept reporting while the flows went by
+
+
+def test_sigkill_leaves_nothing_attached(lab, traces):
+    t = traces(*DEVS)
+    assert our_programs() != []
+    os.kill(t.proc.pid, signal.SIGKILL)
+    t.proc.wait(10)
+    deadline = time.monotonic() + 5
+    while our_programs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert our_programs() == []       # fds closed by the kernel take the programs along
+    again = traces(*DEVS)             # and the next run starts cleanly
+    lab.guest("ping -c 1 -W 2 %s" % REMOTE)
+    again.stop()
+    assert again.summary()["reported"] == 2
+
+
+FUZZ_VALUES = st.one_of(
+    st.sampled_from(["tcp", "udp", "icmp", "all", "tx", "rx", "both", "detailed",
+                     "histogram", "json", "text", "kprobe", "auto", "lo", "-1", "0", "1",
+                     "65535", "65536", "1e309", "nan", "10.0.0.1", "::1", "", " ", "\x00x",
+                     "a" * 300, "--", "-"]),
+    st.text(max_size=12))
+FUZZ_OPTIONS = ["--src-ip", "--dst-ip", "--src-port", "--dst-port", "--protocol",
+                "--direction", "--vm-dev", "--phy-dev", "--mode", "--interval",
+                "--latency-threshold", "--timeout", "--output", "--attach", "--max-inflight",
+                "--drops", "--verbose", "--bogus"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(FUZZ_OPTIONS), FUZZ_VALUES), max_size=6))
+def test_fuzzed_command_lines_never_trace_back(pairs):
+    tool = load_tool()
+    argv = [x for pair in pairs for x in pair]
+    try:
+        args = tool.parse_args(argv)
+        tool.check_devices_exist(args)
+    except SystemExit as e:
+        assert e.code == 2
+    except tool.UsageError:
+        pass
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fuzzed_command_lines_as_a_process(seed):
+    import random
+    rng = random.Random(seed)
+    argv = []
+    for _ in range(rng.randrange(1, 5)):
+        argv.append(rng.choice(FUZZ_OPTIONS))
+        argv.append(rng.choice(["udp", "rx", "-3", "0", "70000", "10.1.2.3", "lo", "x" * 20,
+                                "histogram", "json", "2", "icmp"]))
+    r = subprocess.run(["/usr/bin/python3", os.path.join(os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))), "vm_network_latency.py")] + argv +
+        ["--list-stages"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60)
+    assert r.returncode in (0, 2), r.stderr
+    assert "Traceback" not in r.stderr
