@@ -355,6 +355,7 @@ def test_sigkill_leaves_nothing_attached(lab, traces):
     assert again.summary()["reported"] == 2
 
 
+TOOL = load_tool()
 FUZZ_VALUES = st.one_of(
     st.sampled_from(["tcp", "udp", "icmp", "all", "tx", "rx", "both", "detailed",
                      "histogram", "json", "text", "kprobe", "auto", "lo", "-1", "0", "1",
@@ -370,7 +371,7 @@ FUZZ_OPTIONS = ["--src-ip", "--dst-ip", "--src-port", "--dst-port", "--protocol"
 @settings(max_examples=3000, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(FUZZ_OPTIONS), FUZZ_VALUES), max_size=6))
 def test_fuzzed_command_lines_never_trace_back(pairs):
-    tool = load_tool()
+    tool = TOOL
     argv = [x for pair in pairs for x in pair]
     try:
         args = tool.parse_args(argv)
