@@ -397,3 +397,17 @@ def test_fuzzed_command_lines_as_a_process(seed):
         universal_newlines=True, timeout=60)
     assert r.returncode in (0, 2), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_vm_started_while_tracing_is_picked_up(lab, traces):
+    t = traces("--direction", "tx", "--protocol", "udp")   # default devices
+    with TapWriter(STAND_IN, BRIDGE) as vm:
+        time.sleep(2.5)         # the device list is rescanned every second
+        frame = ether(Lab.REMOTE_MAC, STAND_IN_MAC, 0x0800,
+                      ipv4(STAND_IN_IP, REMOTE, 17, udp(40500, 9500, b"new")))
+        for _ in range(5):
+            vm.write(frame)
+        t.stop()
+    recs = t.packets()
+    assert len(recs) == 5
+    assert {(r["vm_dev"], r["phy_dev"], r["src_port"]) for r in recs} == {(STAND_IN, PHY, 40500)}
