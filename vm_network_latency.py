@@ -30,6 +30,7 @@ from __future__ import print_function
 
 import argparse
 import ctypes
+import errno
 import ipaddress
 import json
 import os
@@ -1974,6 +1975,7 @@ def run(args):
 
 
 def trace(args, tracer, reporter, roles, names, layout):
+    """Attach, report until a stop, detach, account for every packet. Always cleans up."""
     session = Session(args, tracer, reporter, names, layout)
     stop = {"why": None}
 
@@ -1983,55 +1985,69 @@ def trace(args, tracer, reporter, roles, names, layout):
         signal.signal(sig, on_signal)
     hist_counts = {}
     try:
-        table = tracer.bpf["devroles"]
-        for idx, role in roles.items():
-            table[table.Key(idx)] = table.Leaf(role)
-        if args.mode == "detailed" or args.drops:
-            open_events(tracer, session)
         try:
-            tracer.attach()
-        except Exception as e:
-            raise Fatal("attaching failed: %s" % e)
-        log("Tracing VM network latency (%s mode, %s)... Hit Ctrl-C to end."
-            % (args.mode, ", ".join("%s=%s" % (p.stage.name, p.method)
-                                    for a in tracer.attachments for p in a.stages)))
-        started = time.monotonic()
-        next_interval = started + args.interval
-        next_refresh = started + 1.0
-        while stop["why"] is None and not session.output_broken:
-            now = time.monotonic()
-            if args.timeout and now - started >= args.timeout:
-                break
-            wait = 0.1
-            if args.timeout:
-                wait = min(wait, max(0.0, args.timeout - (now - started)))
-            poll_events(tracer, session, wait)
-            now = time.monotonic()
-            if args.mode == "histogram" and now >= next_interval:
-                next_interval += args.interval
-                tables = session.flip_histograms()
-                count_totals(hist_counts, tables)
-                reporter.histograms(time.time(), tables)
-                reporter.flush()
-            if not args.vm_dev and now >= next_refresh:
-                next_refresh = now + 1.0
-                session.refresh_devices()
-            if args.mode == "detailed":
-                reporter.flush()
-    except (IOError, OSError) as e:
-        if getattr(e, "errno", None) not in (32, 5):  # EPIPE, EIO: the terminal went away
-            raise
-        session.output_broken = True
+            attach_and_report(args, tracer, session, roles, stop, hist_counts)
+        except (IOError, OSError) as e:
+            if getattr(e, "errno", None) not in (errno.EPIPE, errno.EIO):
+                raise
+            session.output_broken = True     # the terminal went away (SIGHUP, closed pipe)
+        finally:
+            tracer.detach()
+        final_report(args, tracer, session, hist_counts)
     finally:
-        tracer.detach()
-    # nothing is attached any more: drain what is left and account for every packet
+        tracer.close()
+    return 0
+
+
+def attach_and_report(args, tracer, session, roles, stop, hist_counts):
+    reporter = session.reporter
+    table = tracer.bpf["devroles"]
+    for idx, role in roles.items():
+        table[table.Key(idx)] = table.Leaf(role)
+    if args.mode == "detailed" or args.drops:
+        open_events(tracer, session)
+    try:
+        tracer.attach()
+    except Exception as e:
+        raise Fatal("attaching failed: %s" % e)
+    log("Tracing VM network latency (%s mode, %s)... Hit Ctrl-C to end."
+        % (args.mode, ", ".join("%s=%s" % (p.stage.name, p.method)
+                                for a in tracer.attachments for p in a.stages)))
+    started = time.monotonic()
+    next_interval = started + args.interval
+    next_refresh = started + 1.0
+    while stop["why"] is None and not session.output_broken:
+        now = time.monotonic()
+        if args.timeout and now - started >= args.timeout:
+            break
+        wait = 0.1
+        if args.timeout:
+            wait = min(wait, max(0.0, args.timeout - (now - started)))
+        poll_events(tracer, session, wait)
+        now = time.monotonic()
+        if args.mode == "histogram" and now >= next_interval:
+            next_interval += args.interval
+            tables = session.flip_histograms()
+            count_totals(hist_counts, tables)
+            reporter.histograms(time.time(), tables)
+            reporter.flush()
+        if not args.vm_dev and now >= next_refresh:
+            next_refresh = now + 1.0
+            session.refresh_devices()
+        if args.mode == "detailed":
+            reporter.flush()
+
+
+def final_report(args, tracer, session, hist_counts):
+    """Nothing is attached any more: drain what is left, then the summary."""
+    reporter = session.reporter
     try:
         if args.mode == "detailed" or args.drops:
             poll_events(tracer, session, 0)
         if args.mode == "histogram":
             tables = session.drain_histogram_slot(session.slot)
             count_totals(hist_counts, tables)
-            if tables:
+            if tables and not session.output_broken:
                 reporter.histograms(time.time(), tables)
         summary = session.summary(hist_counts)
         if not session.output_broken:
@@ -2039,9 +2055,6 @@ def trace(args, tracer, reporter, roles, names, layout):
             reporter.flush()
     except (IOError, OSError):
         pass
-    finally:
-        tracer.close()
-    return 0
 
 
 def count_totals(counts, tables):

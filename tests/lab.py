@@ -878,6 +878,11 @@ class Lab:
         for p in self._procs:
             step("stop remote process", _stop_popen, p, 2.0)
         self._procs = []
+        if self._lock_fd is None:
+            # we never got the lock: nothing below is ours (another lab may own it)
+            if self.workdir and not self.keep_workdir:
+                step("remove workdir", shutil.rmtree, self.workdir, True)
+            return
         # whatever else still lives in the namespace, QEMU left on our tap, devices
         step("cleanup", self.cleanup_stale)
         for dev in (self.TAP, self.PHY, self.BRIDGE):
