@@ -1475,15 +1475,28 @@ P_SPORT, P_DPORT, P_VLAN, P_PROTO, P_DIR, P_LAST, P_TYPE, P_ICMP_TYPE = \
 P_COMM = NSTAGES + 16
 
 
+_IP_CACHE = {}
+
+
 def int_to_ip(value):
-    return socket.inet_ntoa(struct.pack("!I", value))
+    text = _IP_CACHE.get(value)
+    if text is None:
+        if len(_IP_CACHE) > 65536:
+            _IP_CACHE.clear()
+        text = _IP_CACHE[value] = socket.inet_ntoa(struct.pack("!I", value))
+    return text
+
+
+# (name, index in the event) of each direction's stages, in path order
+_PATH_FIELDS = dict((d, [(n, STAGE_BY_NAME[n].sid) for n in PATH_ORDER[d]]) for d in DIRECTIONS)
 
 
 def packet_record(fields, names, process_name, wall_offset):
-    """A decoded packet (or drop) event, as the dict the JSON output prints."""
+    """A decoded packet (or drop) event, as the dict the JSON output prints.
+
+    Runs once per event in detailed mode: keep it plain."""
     direction = DIRECTIONS[fields[P_DIR]]
-    seen = [(name, fields[STAGE_BY_NAME[name].sid]) for name in PATH_ORDER[direction]
-            if fields[STAGE_BY_NAME[name].sid]]
+    seen = [(name, fields[sid]) for name, sid in _PATH_FIELDS[direction] if fields[sid]]
     segments = [{"from": a[0], "to": b[0], "us": round((b[1] - a[1]) / 1000.0, 3)}
                 for a, b in zip(seen, seen[1:])]
     proto = fields[P_PROTO]
@@ -1491,6 +1504,7 @@ def packet_record(fields, names, process_name, wall_offset):
     pid = fields[P_PID]
     thread = fields[P_COMM].split(b"\0", 1)[0].decode("utf-8", "replace")
     end_ns = seen[-1][1] if seen else 0
+    vm_if, phy_if = fields[P_VM_IF], fields[P_PHY_IF]
     rec = {
         "type": "packet" if fields[P_TYPE] == EV_PACKET else "drop",
         "timestamp": round(wall_offset + end_ns / 1e9, 6),
@@ -1503,8 +1517,8 @@ def packet_record(fields, names, process_name, wall_offset):
         "icmp_id": fields[P_SPORT] if is_icmp else None,
         "icmp_seq": fields[P_DPORT] if is_icmp else None,
         "vlan": fields[P_VLAN] - 1 if fields[P_VLAN] else None,
-        "vm_dev": names.get(fields[P_VM_IF]) if fields[P_VM_IF] else None,
-        "phy_dev": names.get(fields[P_PHY_IF]) if fields[P_PHY_IF] else None,
+        "vm_dev": names.get(vm_if) if vm_if else None,
+        "phy_dev": names.get(phy_if) if phy_if else None,
         "pid": pid or None,
         "comm": process_name(pid, thread) if pid else None,
         "thread": thread or None,
@@ -1610,15 +1624,25 @@ class Reporter(object):
         self.bar = u"\u2588" if fancy else "#"
         self.json = args.output == "json"
         self.proto_title = args.protocol.upper() if args.protocol != "all" else "ALL"
+        self._second, self._hms = None, ""
+        self._json = json.JSONEncoder(check_circular=False)
 
     def write(self, text):
         self.out.write(text)
 
     def emit_json(self, obj):
-        self.out.write(json.dumps(obj, sort_keys=False) + "\n")
+        self.out.write(self._json.encode(obj) + "\n")
 
     def flush(self):
         self.out.flush()
+
+    def clock(self, timestamp):
+        """HH:MM:SS.mmm, formatting each second only once."""
+        second = int(timestamp)
+        if second != self._second:
+            self._second = second
+            self._hms = time.strftime("%H:%M:%S", time.localtime(second))
+        return "%s.%03d" % (self._hms, int((timestamp - second) * 1000))
 
     def fmt_us(self, us):
         return "%.2f%s" % (us, self.us)
@@ -1627,8 +1651,7 @@ class Reporter(object):
         if self.json:
             self.emit_json(rec)
             return
-        when = time.strftime("%H:%M:%S", time.localtime(rec["timestamp"]))
-        when += ".%03d" % int((rec["timestamp"] % 1) * 1000)
+        when = self.clock(rec["timestamp"])
         proto = rec["protocol"].upper()
         if rec["icmp_type"] is not None:
             what = "%s -> %s" % (rec["src_ip"], rec["dst_ip"])
