@@ -189,8 +189,8 @@ def build_parser():
                         help="print each stage and how it would attach on this kernel, "
                              "then exit without tracing")
     parser.add_argument("--dry-run", action="store_true",
-                        help="compile the program and load it through the kernel "
-                             "verifier, attach nothing, then exit")
+                        help="compile the program for every stage of the --attach method "
+                             "and load it through the kernel verifier; attach nothing")
     parser.add_argument("--max-inflight", type=_table_size, default=65536, metavar="N",
                         help="packets tracked at once (kernel memory is fixed at about "
                              "250 bytes each; beyond it packets are counted as not "
@@ -595,7 +595,9 @@ def kernel_version(release):
 # A stage is one point of the path. `hook` says what the stage's C does:
 #   start    the packet enters the path here: parse, filter, start tracking
 #   dev      stamp only on a device of this stage's role (tap or physical)
-#   plain    stamp any tracked packet that passes (switches)
+#   plain    stamp any tracked packet that passes (the bridge)
+#   ovs      the OVS datapath; with upcalls traced it also recognises returned packets
+#   upcall   OVS sends the packet to ovs-vswitchd, which returns a copy
 #   vm_read  the VM's backend reads the frame from the tap: RX ends here
 #   host_rcv the host's own stack takes the packet: RX ends here
 # kprobes: [(function, argument number of the skb)]; tracepoint: (category, name, arg).
@@ -610,24 +612,28 @@ STAGES = [
           "the host receives the frame from the physical NIC"),
     Stage("bridge", 2, "both", "plain", None, [("br_forward", 2)], None,
           "the Linux bridge forwards the frame to its output port"),
-    Stage("ovs_dp", 3, "both", "plain", None, [("ovs_dp_process_packet", 1)],
+    Stage("ovs_upcall", 3, "both", "upcall", None,
+          [("ovs_dp_upcall", 2), ("ovs_execute_actions", 2)],
+          ("openvswitch", "ovs_dp_upcall", 1),
+          "OVS had no flow for it: sent to ovs-vswitchd (first packet of a flow)"),
+    Stage("ovs_dp", 4, "both", "ovs", None, [("ovs_dp_process_packet", 1)],
           ("openvswitch", "ovs_do_execute_action", 1),
           "the Open vSwitch kernel datapath processes the frame"),
-    Stage("phy_queue", 4, "tx", "dev", "phy", [("__dev_queue_xmit", 1)],
+    Stage("phy_queue", 5, "tx", "dev", "phy", [("__dev_queue_xmit", 1)],
           ("net", "net_dev_queue", 0),
           "queued for the physical NIC (__dev_queue_xmit: qdisc)"),
-    Stage("phy_xmit", 5, "tx", "dev", "phy", [], ("net", "net_dev_start_xmit", 0),
+    Stage("phy_xmit", 6, "tx", "dev", "phy", [], ("net", "net_dev_start_xmit", 0),
           "handed to the physical NIC's driver"),
-    Stage("tap_queue", 6, "rx", "dev", "vm", [("__dev_queue_xmit", 1)],
+    Stage("tap_queue", 7, "rx", "dev", "vm", [("__dev_queue_xmit", 1)],
           ("net", "net_dev_queue", 0),
           "queued for the VM's tap (__dev_queue_xmit: qdisc)"),
-    Stage("tap_xmit", 7, "rx", "dev", "vm", [("tun_net_xmit", 1)],
+    Stage("tap_xmit", 8, "rx", "dev", "vm", [("tun_net_xmit", 1)],
           ("net", "net_dev_start_xmit", 0),
           "put in the tap's ring for the VM (tun_net_xmit)"),
-    Stage("vm_read", 8, "rx", "vm_read", None, [("skb_copy_datagram_iter", 1)],
+    Stage("vm_read", 9, "rx", "vm_read", None, [("skb_copy_datagram_iter", 1)],
           ("skb", "skb_copy_datagram_iovec", 0),
           "the VM's backend (QEMU or vhost) reads the frame (tun_put_user)"),
-    Stage("host_rcv", 9, "rx", "host_rcv", None,
+    Stage("host_rcv", 10, "rx", "host_rcv", None,
           [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1)], None,
           "delivered to the host's own TCP/UDP/ICMP stack (traffic ending on the host)"),
 ]
@@ -636,11 +642,13 @@ STAGE_NAMES = [s.name for s in STAGES]
 NSTAGES = len(STAGES)
 DIRECTIONS = ("tx", "rx")
 PATH_ORDER = {
-    "tx": ["tap_rx", "bridge", "ovs_dp", "phy_queue", "phy_xmit"],
-    "rx": ["phy_rx", "bridge", "ovs_dp", "tap_queue", "tap_xmit", "vm_read", "host_rcv"],
+    "tx": ["tap_rx", "bridge", "ovs_upcall", "ovs_dp", "phy_queue", "phy_xmit"],
+    "rx": ["phy_rx", "bridge", "ovs_upcall", "ovs_dp", "tap_queue", "tap_xmit", "vm_read",
+           "host_rcv"],
 }
 
-Plan = namedtuple("Plan", "stage method probe arg reason")  # method None: not traced
+# method None: not traced (reason says why); probes: [(kprobe symbol or "cat:tracepoint", arg)]
+Plan = namedtuple("Plan", "stage method probes reason")
 
 
 def plan_stages(args, layout, kprobes_ok, kprobe_why, symbols):
@@ -649,42 +657,46 @@ def plan_stages(args, layout, kprobes_ok, kprobe_why, symbols):
     plans = []
     for st in STAGES:
         if st.direction != "both" and st.direction not in wanted_dirs:
-            plans.append(Plan(st, None, None, None, "not traced: --direction %s" % args.direction))
+            plans.append(Plan(st, None, [], "not traced: --direction %s" % args.direction))
             continue
         tp = None
         if st.tracepoint and tracepoint_exists(layout, st.tracepoint[0], st.tracepoint[1]):
-            tp = Plan(st, "tracepoint", "%s:%s" % st.tracepoint[:2], st.tracepoint[2], "")
+            tp = Plan(st, "tracepoint", [("%s:%s" % st.tracepoint[:2], st.tracepoint[2])], "")
         kp = None
         syms = [(symbols[f], a) for f, a in st.kprobes if f in symbols]
-        if kprobes_ok and syms:
-            kp = Plan(st, "kprobe", ",".join(s for s, _ in syms), syms[0][1], "")
+        # a stage whose kprobes work together (ovs_upcall) needs all of them
+        complete = len(syms) == len(st.kprobes) or st.hook == "host_rcv"
+        if kprobes_ok and syms and complete:
+            kp = Plan(st, "kprobe", syms, "")
         # auto prefers the tracepoint: it sits at the same point, costs less, is a
         # stable ABI, and netif_receive_skb also sees GRO's list receive path, which
         # the __netif_receive_skb kprobe misses
+        # --attach kprobe: phy_xmit has no kprobe of its own and keeps its tracepoint;
+        # --attach tracepoint never uses a kprobe (bridge and host_rcv are left out)
         if args.attach == "kprobe":
             order = [kp] if st.kprobes else [tp]
         elif args.attach == "tracepoint":
-            order = [tp] if st.tracepoint else [kp]
+            order = [tp]
         else:
             order = [tp, kp]
         chosen = next((p for p in order if p), None)
         if chosen:
             plans.append(chosen)
             continue
-        plans.append(Plan(st, None, None, None, why_not(st, args, kprobes_ok, kprobe_why,
-                                                          symbols)))
+        plans.append(Plan(st, None, [], why_not(st, args, kprobes_ok, kprobe_why, symbols)))
     return plans
 
 
 def why_not(st, args, kprobes_ok, kprobe_why, symbols):
     if args.attach == "tracepoint" and not st.tracepoint:
         return "no tracepoint at this point (needs --attach kprobe or auto)"
-    if st.name == "ovs_dp":
+    if st.name in ("ovs_dp", "ovs_upcall"):
         if not os.path.isdir("/sys/module/openvswitch"):
             return "the openvswitch module is not loaded (no OVS kernel datapath)"
         if args.attach != "kprobe":
-            return "no ovs_do_execute_action tracepoint (kernel < 5.14) and %s" % (
-                kprobe_why if not kprobes_ok else "no ovs_dp_process_packet symbol")
+            return "no %s tracepoint (kernel too old) and %s" % (
+                st.tracepoint[1], kprobe_why if not kprobes_ok else "no %s symbol" %
+                st.kprobes[0][0])
     if st.name == "bridge" and "br_forward" not in symbols and kprobes_ok:
         return "the bridge module is not loaded (no Linux bridge)"
     if args.attach == "kprobe" and not st.kprobes:
@@ -800,7 +812,8 @@ struct pkt {
     u16 sport, dport;       // TCP/UDP ports, or ICMP id and sequence
     u16 vlan;               // 802.1Q VLAN id + 1, 0 = untagged
     u8  proto, dir, last, type;
-    u8  icmp_type, pad;
+    u8  icmp_type, upcalled;  // upcalled: a copy waits for ovs-vswitchd to return it
+    u16 ip_id;
     char comm[16];
 };
 
@@ -813,6 +826,13 @@ BPF_HASH(devroles, u32, u8, 4096);
 BPF_ARRAY(hostnet, u64, 1);
 BPF_PERCPU_ARRAY(stats, u64, NSTATS);
 BPF_HASH(fates, struct fate_key, u64, 4096);
+#if TRACE_UPCALLS
+// Packets ovs-vswitchd is handling (a datapath miss): it sends back a new sk_buff,
+// recognised by its headers and IP id.
+struct upcall_key { u32 saddr, daddr; u16 sport, dport, ip_id; u8 proto, pad; };
+BPF_HASH(upcalls, struct upcall_key, struct pkt, 4096);
+BPF_ARRAY(upcall_pending, s64, 1);
+#endif
 #if HISTOGRAM
 BPF_ARRAY(hslot, u32, 1);
 BPF_HASH(hist, struct hist_key, u64, 65536);
@@ -888,6 +908,7 @@ static __always_inline int parse_ipv4(const u8 *b, const int L3, const u8 *head,
     if (be16(b + L3 + 6) & 0x1fff)
         return 0;           // a non-first fragment has no L4 header
     p->proto = b[L3 + 9];
+    p->ip_id = be16(b + L3 + 4);
     p->saddr = be32(b + L3 + 12);
     p->daddr = be32(b + L3 + 16);
 #if FILTER_PROTO
@@ -980,6 +1001,35 @@ static __always_inline void emit(void *ctx, struct pkt *p)
 #endif
 }
 
+#if TRACE_UPCALLS
+static __always_inline void upcall_key_of(struct pkt *p, struct upcall_key *k)
+{
+    k->saddr = p->saddr;
+    k->daddr = p->daddr;
+    k->sport = p->sport;
+    k->dport = p->dport;
+    k->ip_id = p->ip_id;
+    k->proto = p->proto;
+}
+
+static __always_inline void upcall_pending_add(s64 n)
+{
+    u32 zero = 0;
+    s64 *v = upcall_pending.lookup(&zero);
+    if (v)
+        __sync_fetch_and_add(v, n);
+}
+
+// The original of an upcalled packet ended: forget the copy (if still waiting).
+static __always_inline void upcall_forget(struct pkt *p)
+{
+    struct upcall_key k = {};
+    upcall_key_of(p, &k);
+    if (upcalls.delete(&k) == 0)
+        upcall_pending_add(-1);
+}
+#endif
+
 #if HISTOGRAM
 // 16 linear sub-buckets per power of two of v = ns * 1.024 (units of 1/1024 us,
 // so the power-of-two rows are whole microseconds). u64: minutes do not wrap.
@@ -1026,6 +1076,10 @@ static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
     u64 first = p->dir == DIR_TX ? p->ts[STAGE_tap_rx] : p->ts[STAGE_phy_rx];
     u64 total = now - first;
     stat_add(p->dir == DIR_TX ? STAT_completed_tx : STAT_completed_rx);
+#if TRACE_UPCALLS
+    if (p->upcalled)        // a userspace action took a copy; this one went on
+        upcall_forget(p);
+#endif
     if (total < THRESHOLD_NS) {
         stat_add(STAT_below_threshold);
     } else {
@@ -1131,6 +1185,67 @@ static __always_inline int on_switch(void *ctx, void *skb, u32 stage)
     return 0;
 }
 
+#if TRACE_UPCALLS
+// The datapath has no flow for the packet: it goes to ovs-vswitchd, which sends a
+// copy back to be executed. Keep the record under the packet's headers until then.
+static __always_inline int on_upcall(void *ctx, void *skb, u32 stage)
+{
+    u64 key = (u64)skb;
+    struct pkt *p = inflight.lookup(&key);
+    if (!p)
+        return 0;
+    stamp(p, stage, bpf_ktime_get_ns());
+    u32 zero = 0;
+    struct pkt *copy = scratch.lookup(&zero);
+    if (!copy)
+        return 0;
+    __builtin_memcpy(copy, p, sizeof(*copy));
+    copy->ts[STAGE_ovs_dp] = 0;     // stamped again when the actions run on the copy
+    struct upcall_key k = {};
+    upcall_key_of(p, &k);
+    if (upcalls.insert(&k, copy) == 0) {
+        p->upcalled = 1;
+        upcall_pending_add(1);
+    }
+    return 0;
+}
+
+// Actions run on a packet: stamp a tracked one; an untracked one may be the copy
+// ovs-vswitchd sends back after an upcall (looked for only while upcalls wait).
+static __always_inline int on_ovs_execute(void *ctx, void *skb, u32 stage)
+{
+    u64 key = (u64)skb;
+    struct pkt *p = inflight.lookup(&key);
+    if (p) {
+        stamp(p, stage, bpf_ktime_get_ns());
+        return 0;
+    }
+    u32 zero = 0;
+    s64 *pending = upcall_pending.lookup(&zero);
+    if (!pending || *pending <= 0)
+        return 0;
+    struct pkt *q = scratch.lookup(&zero);
+    if (!q)
+        return 0;
+    __builtin_memset(q, 0, sizeof(*q));
+    if (!parse_frame(skb, q))
+        return 0;
+    struct upcall_key k = {};
+    upcall_key_of(q, &k);
+    struct pkt *rec = upcalls.lookup(&k);
+    if (!rec)
+        return 0;
+    rec->upcalled = 0;
+    stamp(rec, stage, bpf_ktime_get_ns());
+    if (inflight.insert(&key, rec))
+        stat_add(STAT_not_tracked);
+    upcalls.delete(&k);
+    upcall_pending_add(-1);
+    return 0;
+}
+
+#endif
+
 // The VM's backend copies the frame out of the tap: only for packets that were
 // put on a tap, so a host socket reading a tracked packet is never taken for a VM.
 static __always_inline int on_vm_read(void *ctx, void *skb, u32 stage)
@@ -1167,6 +1282,15 @@ static __always_inline int on_free(void *ctx, void *skb, u32 reason, u64 locatio
     struct pkt *p = inflight.lookup(&key);
     if (!p)
         return 0;
+#if TRACE_UPCALLS
+    if (p->upcalled) {
+        if (reason == FATE_LEFT) {  // freed after its upcall: the copy carries on
+            inflight.delete(&key);
+            return 0;
+        }
+        upcall_forget(p);           // the upcall failed (ovs-dpctl show: lost)
+    }
+#endif
     stat_add(reason == FATE_LEFT ? STAT_left_path : STAT_dropped);
     struct fate_key fk = {.reason = reason, .dir = p->dir, .last = p->last};
     fates.atomic_increment(fk);
@@ -1259,7 +1383,7 @@ def generate_readers(layout):
     return read_dev + "\n\n" + _c_reader("read_skb", "skb", skb_fields)
 
 
-Attachment = namedtuple("Attachment", "method probe fn_name stages")
+Attachment = namedtuple("Attachment", "method probe arg fn_name stages")
 
 
 def group_attachments(plans):
@@ -1267,46 +1391,58 @@ def group_attachments(plans):
     groups = {}
     order = []
     for p in plans:
-        if not p.method:
-            continue
-        probes = p.probe.split(",")
-        for probe in probes:
-            key = (p.method, probe)
+        for probe, arg in p.probes if p.method else []:
+            key = (p.method, probe, arg)
             if key not in groups:
                 groups[key] = []
                 order.append(key)
             groups[key].append(p)
     out = []
-    for method, probe in order:
+    for method, probe, arg in order:
         safe = re.sub(r"[^A-Za-z0-9_]", "_", probe)
         fn = ("kp_" if method == "kprobe" else "rtp_") + safe
-        out.append(Attachment(method, probe, fn, groups[(method, probe)]))
+        out.append(Attachment(method, probe, arg, fn, groups[(method, probe, arg)]))
     return out
 
 
-def _wrapper(att):
-    """The thin per-attach-method wrapper: fetch the skb, call the stage handlers."""
+def traces_upcalls(plans):
+    return any(p.method for p in plans if p.stage.name == "ovs_upcall")
+
+
+def _handler_call(att, upcalls):
+    """The C call that handles this attach point's stages."""
     plan = att.stages[0]
-    if att.method == "kprobe":
-        head = "int %s(struct pt_regs *ctx)\n{\n    void *skb = (void *)PT_REGS_PARM%d(ctx);" \
-            % (att.fn_name, plan.arg)
-    else:
-        head = "int %s(struct bpf_raw_tracepoint_args *ctx)\n{\n" \
-               "    void *skb = (void *)ctx->args[%d];" % (att.fn_name, plan.arg)
     hooks = set(p.stage.hook for p in att.stages)
     by_role = dict((p.stage.role, p.stage.sid) for p in att.stages)
     if hooks == {"start"}:
-        body = "on_receive(ctx, skb, %d, %d)" % (by_role.get("vm", -1), by_role.get("phy", -1))
-    elif hooks == {"dev"}:
-        body = "on_device(ctx, skb, %d, %d)" % (by_role.get("vm", -1), by_role.get("phy", -1))
-    elif len(att.stages) == 1:
-        handler = {"plain": "on_switch", "vm_read": "on_vm_read",
-                   "host_rcv": "on_host_rcv"}[plan.stage.hook]
-        body = "%s(ctx, skb, %d)" % (handler, plan.stage.sid)
-    else:
+        return "on_receive(ctx, skb, %d, %d)" % (by_role.get("vm", -1), by_role.get("phy", -1))
+    if hooks == {"dev"}:
+        return "on_device(ctx, skb, %d, %d)" % (by_role.get("vm", -1), by_role.get("phy", -1))
+    if len(att.stages) != 1:
         raise AssertionError("stages %s share %s" % ([p.stage.name for p in att.stages],
                                                      att.probe))
-    return "%s\n    return %s;\n}" % (head, body)
+    sid = plan.stage.sid
+    if plan.stage.hook == "upcall" and att.probe.startswith("ovs_execute_actions"):
+        # the kprobe way to see a packet ovs-vswitchd returns (no ovs_dp_process_packet)
+        return "on_ovs_execute(ctx, skb, %d)" % STAGE_BY_NAME["ovs_dp"].sid
+    if plan.stage.hook == "ovs":
+        # the ovs_do_execute_action tracepoint also sees packets returned by upcalls
+        use = "on_ovs_execute" if upcalls and att.method == "tracepoint" else "on_switch"
+        return "%s(ctx, skb, %d)" % (use, sid)
+    handler = {"plain": "on_switch", "upcall": "on_upcall", "vm_read": "on_vm_read",
+               "host_rcv": "on_host_rcv"}[plan.stage.hook]
+    return "%s(ctx, skb, %d)" % (handler, sid)
+
+
+def _wrapper(att, upcalls):
+    """The thin per-attach-method wrapper: fetch the skb, call the stage handler."""
+    if att.method == "kprobe":
+        head = "int %s(struct pt_regs *ctx)\n{\n    void *skb = (void *)PT_REGS_PARM%d(ctx);" \
+            % (att.fn_name, att.arg)
+    else:
+        head = "int %s(struct bpf_raw_tracepoint_args *ctx)\n{\n" \
+               "    void *skb = (void *)ctx->args[%d];" % (att.fn_name, att.arg)
+    return "%s\n    return %s;\n}" % (head, _handler_call(att, upcalls))
 
 
 def final_stage(plans, direction):
@@ -1346,6 +1482,7 @@ def generate_program(args, plans, layout, caps):
         ("KFREE_SKB_HAS_REASON", int(layout.kfree_skb_reason)),
         ("FATE_LEFT", "0x%xU" % FATE_LEFT), ("EV_PACKET", EV_PACKET), ("EV_DROP", EV_DROP),
         ("HIST_SUB_BITS", HIST_SUB_BITS), ("SEG_TOTAL", SEG_TOTAL),
+        ("TRACE_UPCALLS", int(traces_upcalls(plans))),
         ("FINAL_TX", final_stage(plans, "tx")), ("FINAL_RX_VM", final_stage(plans, "rx")),
         ("HIST_STEPS_TX", _hist_steps(plans, "tx")), ("HIST_STEPS_RX", _hist_steps(plans, "rx")),
     ]
@@ -1357,7 +1494,8 @@ def generate_program(args, plans, layout, caps):
     config = "\n".join("#define %s %s" % (k, v) for k, v in defines)
     if not isinstance(next(iter(layout.offsets.values())), int):
         config = ("#include <linux/skbuff.h>\n#include <linux/netdevice.h>\n" + config)
-    wrappers = "\n\n".join(_wrapper(a) for a in group_attachments(plans))
+    upcalls = traces_upcalls(plans)
+    wrappers = "\n\n".join(_wrapper(a, upcalls) for a in group_attachments(plans))
     return (C_PROGRAM.replace("/*CONFIG*/", config)
             .replace("/*READERS*/", generate_readers(layout))
             .replace("/*WRAPPERS*/", wrappers))
@@ -1406,8 +1544,10 @@ def clear_stale_kprobe_events(verbose):
 class Tracer(object):
     """The loaded program and what is attached; detach() undoes everything."""
 
-    def __init__(self, bcc, text, attachments, verbose):
+    def __init__(self, bcc, text, plans, verbose):
         self.bpf = bcc.BPF(text=text)
+        self.plans = plans
+        attachments = group_attachments(plans)
         self.bcc = bcc
         self.attachments = attachments
         self.attached = []
@@ -1468,11 +1608,11 @@ class Tracer(object):
 # ============================================================================
 
 # struct pkt, as laid out by the C compiler (see C_PROGRAM)
-PKT = struct.Struct("<%dQQ6I3H4B2B16s4x" % NSTAGES)
+PKT = struct.Struct("<%dQQ6I3H4B2BH16s2x" % NSTAGES)
 P_LOCATION, P_SADDR, P_DADDR, P_VM_IF, P_PHY_IF, P_PID, P_REASON = range(NSTAGES, NSTAGES + 7)
 P_SPORT, P_DPORT, P_VLAN, P_PROTO, P_DIR, P_LAST, P_TYPE, P_ICMP_TYPE = \
     range(NSTAGES + 7, NSTAGES + 15)
-P_COMM = NSTAGES + 16
+P_COMM = NSTAGES + 17
 
 
 _IP_CACHE = {}
@@ -1763,14 +1903,16 @@ def list_stages_report(plans, layout, out_json, reporter):
         for p in plans:
             reporter.emit_json({"type": "stage", "name": p.stage.name,
                                 "direction": p.stage.direction, "method": p.method,
-                                "probe": p.probe, "reason": p.reason or None,
+                                "probe": ",".join(n for n, _a in p.probes) or None,
+                                "reason": p.reason or None,
                                 "meaning": p.stage.meaning})
         return
     reporter.write("%-10s %-5s %-11s %-34s %s\n" % ("STAGE", "DIR", "METHOD", "PROBE",
                                                      "MEANING / WHY NOT TRACED"))
     for p in plans:
         reporter.write("%-10s %-5s %-11s %-34s %s\n" % (
-            p.stage.name, p.stage.direction, p.method or "-", p.probe or "-",
+            p.stage.name, p.stage.direction, p.method or "-",
+            ",".join(n for n, _a in p.probes) or "-",
             p.stage.meaning if p.method else p.reason))
     reporter.write("struct layouts: %s\n" % layout.source)
 
@@ -1795,6 +1937,7 @@ class Session(object):
         self.wall_offset = time.time() - time.monotonic()
         self.slot = 0
         self.output_broken = False
+        self.args_upcalls = traces_upcalls(tracer.plans)
 
     def process_name(self, pid, thread):
         name = self.proc_names.get(pid)
@@ -1899,6 +2042,18 @@ class Session(object):
                 out.append((direction, s, tables[(d, s)]))
         return out
 
+    def packets_in_flight(self):
+        """(in flight, of which waiting for ovs-vswitchd): each packet counted once."""
+        upcalled = 0
+        count = 0
+        for v in self.bpf["inflight"].values():
+            count += 1
+            upcalled += v.upcalled
+        if not self.args_upcalls:
+            return count, 0
+        waiting = sum(1 for _ in self.bpf["upcalls"].keys())
+        return count - upcalled + waiting, waiting
+
     def stats(self):
         values = [0] * len(STAT_NAMES)
         for k, v in self.bpf["stats"].items():
@@ -1908,7 +2063,7 @@ class Session(object):
 
     def summary(self, hist_counts):
         st = self.stats()
-        in_flight = sum(1 for _ in self.bpf["inflight"].keys())
+        in_flight, in_upcall = self.packets_in_flight()
         if self.args.mode == "histogram":
             rep_tx, rep_rx = hist_counts.get("tx", 0), hist_counts.get("rx", 0)
         else:
@@ -1928,7 +2083,7 @@ class Session(object):
             "below_threshold": st["below_threshold"], "dropped": st["dropped"],
             "left_path": st["left_path"], "in_flight": in_flight,
             "not_tracked": st["not_tracked"], "lost": st["lost"] + self.perf_lost,
-            "vanished": st["vanished"], "fates": fates,
+            "vanished": st["vanished"], "in_upcall": in_upcall, "fates": fates,
         }
 
 
@@ -1940,10 +2095,14 @@ def run(args):
     release = os.uname()[2]
     layout = find_layout(args.btf, release)
     kprobes_ok, kprobe_why = kprobes_available()
-    if args.dry_run and args.attach == "kprobe" and not kprobes_ok:
-        kprobes_ok = True       # loading needs no kprobe support, only attaching does
     wanted = set(f for st in STAGES for f, _a in st.kprobes)
     symbols = kernel_symbols(wanted) if (kprobes_ok or args.list_stages) else {}
+    if args.dry_run:
+        # the verifier checks programs without attaching them: check every stage's,
+        # as if this kernel had every probe point (kprobes, OVS, its tracepoints)
+        kprobes_ok, symbols = True, dict((f, f) for f in wanted)
+        layout = layout._replace(tracepoints=set(layout.tracepoints) | set(
+            st.tracepoint[1] for st in STAGES if st.tracepoint))
     plans = plan_stages(args, layout, kprobes_ok, kprobe_why, symbols)
     reporter = Reporter(args)
     if args.list_stages:
@@ -1978,10 +2137,9 @@ def run(args):
             log("note: stage %s not traced: %s" % (p.stage.name, p.reason))
     if not phys:
         log("warning: no physical device found; name it with --phy-dev")
-    attachments = group_attachments(plans)
     clear_stale_kprobe_events(args.verbose)
     try:
-        tracer = Tracer(bcc, text, attachments, args.verbose)
+        tracer = Tracer(bcc, text, plans, args.verbose)
     except Exception as e:
         raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
     if args.dry_run:

@@ -250,14 +250,19 @@ def test_ebpf_prints_the_program_with_btf_offsets():
 
 @pytest.mark.parametrize("mode", ["detailed", "histogram"])
 @pytest.mark.parametrize("attach", ["kprobe", "tracepoint"])
-def test_program_passes_the_verifier(mode, attach):
-    # the kprobe variant loads here even though this kernel cannot attach kprobes
+def test_program_passes_the_verifier(tool, mode, attach):
+    # every stage's program, OVS and upcalls included, loads on this kernel, even
+    # though it cannot attach kprobes and has no openvswitch module
     r = run_tool("--dry-run", "--attach", attach, "--mode", mode, "--drops", timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "passed the kernel verifier" in r.stderr
+    n = int(re.search(r"(\d+) BPF programs \(%s\) passed the kernel verifier" % attach,
+                      r.stderr).group(1))
     if attach == "kprobe":
-        n = int(re.search(r"(\d+) BPF programs", r.stderr).group(1))
-        assert n >= 5
+        points = set(f for st in tool.STAGES for f, _a in st.kprobes)
+        points |= set(st.tracepoint for st in tool.STAGES if not st.kprobes)
+    else:
+        points = set(st.tracepoint[:2] for st in tool.STAGES if st.tracepoint)
+    assert n == len(points) + 2      # + kfree_skb and consume_skb, the packet fates
 
 
 def test_kprobe_attach_refused_cleanly_without_kprobes(tool):
@@ -274,8 +279,8 @@ def test_list_stages_json_names_every_stage():
     assert r.returncode == 0, r.stderr
     stages = [json.loads(l) for l in r.stdout.splitlines()]
     names = [s["name"] for s in stages]
-    assert names == ["tap_rx", "phy_rx", "bridge", "ovs_dp", "phy_queue", "phy_xmit",
-                     "tap_queue", "tap_xmit", "vm_read", "host_rcv"]
+    assert names == ["tap_rx", "phy_rx", "bridge", "ovs_upcall", "ovs_dp", "phy_queue",
+                     "phy_xmit", "tap_queue", "tap_xmit", "vm_read", "host_rcv"]
     by = {s["name"]: s for s in stages}
     assert by["tap_rx"]["probe"] == "net:netif_receive_skb"
     for s in stages:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from lab import Lab
-from tracing import Capture, Trace, exact_percentile, our_programs
+from tracing import Capture, Trace, exact_percentile
 
 TAP, PHY = Lab.TAP, Lab.PHY
 VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
@@ -36,7 +36,8 @@ def traces():
     yield start
     for t in started:
         t.close()
-    assert our_programs() == [], "BPF programs left loaded after the tool exited"
+    for t in started:
+        assert t.leftover_programs() == [], "BPF programs left loaded after the tool exited"
 
 
 def guest_ok(lab, cmd, timeout=120):
@@ -266,4 +267,4 @@ def test_every_stop_detaches_and_summarises(lab, traces, how):
     assert t.returncode == 0, t.stderr
     assert "Traceback" not in t.stderr
     assert t.summary()["reported"] == 2
-    assert our_programs() == []
+    assert t.prog_ids and t.leftover_programs() == []

@@ -29,6 +29,7 @@ class Trace(object):
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         self.returncode = None
         self._wait_ready(ready_timeout)
+        self.prog_ids = programs_of(self.proc.pid)
 
     def _wait_ready(self, timeout):
         deadline = time.monotonic() + timeout
@@ -68,6 +69,10 @@ class Trace(object):
         self.returncode = self.proc.wait(timeout)
         return self
 
+    def leftover_programs(self):
+        """Programs this tool loaded that are still in the kernel (must be none after exit)."""
+        return sorted(set(self.prog_ids) & set(loaded_program_ids()))
+
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
@@ -97,15 +102,25 @@ class Trace(object):
         return found[0]
 
 
-def bpf_program_names():
-    """Names of the BPF programs loaded in the kernel now (truncated to 15 chars)."""
+def programs_of(pid):
+    """IDs of the BPF programs a process holds, from its file descriptors."""
+    ids = []
+    fdinfo = "/proc/%d/fdinfo" % pid
+    for fd in os.listdir(fdinfo):
+        try:
+            with open(os.path.join(fdinfo, fd)) as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.append(int(line.split()[1]))
+        except (IOError, OSError):
+            pass
+    return ids
+
+
+def loaded_program_ids():
     out = subprocess.run(["bpftool", "prog", "list", "-j"], stdout=subprocess.PIPE,
                          universal_newlines=True, check=True).stdout
-    return [p.get("name", "") for p in json.loads(out or "[]")]
-
-
-def our_programs():
-    return [n for n in bpf_program_names() if n.startswith(("rtp_", "kp_"))]
+    return [p["id"] for p in json.loads(out or "[]")]
 
 
 class Capture(object):
