@@ -268,3 +268,15 @@ def test_every_stop_detaches_and_summarises(lab, traces, how):
     assert "Traceback" not in t.stderr
     assert t.summary()["reported"] == 2
     assert t.prog_ids and t.leftover_programs() == []
+
+
+def test_verbose_says_what_is_attached_and_where_layouts_come_from(lab, traces):
+    t = traces(*(DEVS + ("--verbose",)))
+    t.stop(settle=0)
+    err = t.stderr
+    assert "struct layouts from BTF: " in err and "SKB_HEAD=" in err
+    assert "attached tracepoint net:netif_receive_skb -> tap_rx, phy_rx" in err
+    assert "attached tracepoint skb:skb_copy_datagram_iovec -> vm_read" in err
+    assert "VM devices: %s; physical devices: %s" % (TAP, PHY) in err
+    # host_rcv needs kprobes: attached where the kernel has them, else said why not
+    assert "note: stage host_rcv not traced" in err or "-> host_rcv" in err
