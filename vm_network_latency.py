@@ -789,7 +789,8 @@ STAT = dict((n, i) for i, n in enumerate(STAT_NAMES))
 FATE_LEFT = 0xffffffff     # reason code in the fates map: freed normally, not dropped
 EV_PACKET, EV_DROP = 1, 2
 HIST_SUB_BITS = 4          # 16 sub-buckets per power of two: percentiles within ~3%
-SEG_TOTAL = 255
+HIST_BUCKETS = 720         # up to 2^47 / 1024 us (about 38 hours); longer ones share the last
+DEVROLE_SLOTS = 65536      # ifindexes below this are looked up in an array, above in a hash
 
 C_PROGRAM = r"""
 #include <uapi/linux/ptrace.h>
@@ -805,24 +806,26 @@ C_PROGRAM = r"""
 struct pkt {
     u64 ts[NSTAGES];        // when each stage saw the packet, 0 = not seen
     u64 location;           // drop events: where the kernel freed it
-    u32 saddr, daddr;       // IPv4, host order
+    u64 dev;                // the net_device of the last device stage, and its role:
+    u32 saddr, daddr;       //   the next stage on the same device needs no lookup
     u32 vm_ifindex, phy_ifindex;
-    u32 pid;                // VM side: the process that wrote (tx) or read (rx) it
+    u32 pid, tid;           // VM side: the process that wrote (tx) or read (rx) it
     u32 reason;             // drop events: enum skb_drop_reason
     u16 sport, dport;       // TCP/UDP ports, or ICMP id and sequence
     u16 vlan;               // 802.1Q VLAN id + 1, 0 = untagged
+    u16 ip_id;
     u8  proto, dir, last, type;
     u8  icmp_type, upcalled;  // upcalled: a copy waits for ovs-vswitchd to return it
-    u16 ip_id;
-    char comm[16];
+    u8  dev_role, pad;
 };
 
 struct fate_key { u32 reason; u8 dir, last, pad[2]; };
-struct hist_key { u32 bucket; u8 slot, dir, seg, pad; };
 
 BPF_HASH(inflight, u64, struct pkt, MAX_INFLIGHT);
 BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
-BPF_HASH(devroles, u32, u8, 4096);
+// Role of each device by ifindex: an array (no hashing) for the usual small ifindex
+BPF_ARRAY(devroles, u8, DEVROLE_SLOTS);
+BPF_HASH(devroles_big, u32, u8, 1024);
 BPF_ARRAY(hostnet, u64, 1);
 BPF_PERCPU_ARRAY(stats, u64, NSTATS);
 BPF_HASH(fates, struct fate_key, u64, 4096);
@@ -834,8 +837,9 @@ BPF_HASH(upcalls, struct upcall_key, struct pkt, 4096);
 BPF_ARRAY(upcall_pending, s64, 1);
 #endif
 #if HISTOGRAM
-BPF_ARRAY(hslot, u32, 1);
-BPF_HASH(hist, struct hist_key, u64, 65536);
+// Cumulative counts per direction, segment and bucket, added to atomically; user
+// space reads the whole array each interval and reports what changed.
+BPF_ARRAY(hist, u64, HIST_SLOTS);
 #endif
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -854,17 +858,22 @@ static __always_inline void stat_add(u32 idx)
 
 // Is this device one of ours, and in the host's network namespace? A namespace's
 // eth0 can share an ifindex with a host device, so the ifindex alone is not enough.
-static __always_inline u32 skb_dev_role(void *skb, u32 *ifindex)
+static __always_inline void *skb_dev(void *skb)
 {
     void *dev = 0;
     bpf_probe_read_kernel(&dev, sizeof(dev), (u8 *)skb + SKB_DEV);
+    return dev;
+}
+
+static __always_inline u32 dev_role(void *dev, u32 *ifindex)
+{
     if (!dev)
         return 0;
     u32 idx = 0;
     u64 net = 0;
     read_dev(dev, &idx, &net);
-    u8 *role = devroles.lookup(&idx);
-    if (!role)
+    u8 *role = idx < DEVROLE_SLOTS ? devroles.lookup(&idx) : devroles_big.lookup(&idx);
+    if (!role || !*role)
         return 0;
 #if CHECK_NETNS
     u32 zero = 0;
@@ -1033,7 +1042,7 @@ static __always_inline void upcall_forget(struct pkt *p)
 #if HISTOGRAM
 // 16 linear sub-buckets per power of two of v = ns * 1.024 (units of 1/1024 us,
 // so the power-of-two rows are whole microseconds). u64: minutes do not wrap.
-static __always_inline void hist_add(u32 slot, u8 dir, u8 seg, u64 ns)
+static __always_inline void hist_add(u32 seg, u64 ns)
 {
     u64 v = ns + ns * 3 / 125;
     u32 bucket = v;
@@ -1041,34 +1050,16 @@ static __always_inline void hist_add(u32 slot, u8 dir, u8 seg, u64 ns)
         u32 lg = bpf_log2l(v) - 1;      // bcc's bpf_log2l() is floor(log2(v)) + 1
         bucket = ((lg - HIST_SUB_BITS + 1) << HIST_SUB_BITS) +
                  ((v >> (lg - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1));
+        if (bucket >= HIST_BUCKETS)
+            bucket = HIST_BUCKETS - 1;
     }
-    struct hist_key k = {.bucket = bucket, .slot = slot, .dir = dir, .seg = seg};
-    hist.atomic_increment(k);
+    u32 idx = seg * HIST_BUCKETS + bucket;
+    u64 *count = hist.lookup(&idx);
+    if (count)
+        __sync_fetch_and_add(count, 1);
 }
 
-// Consecutive stages the packet was seen at, in path order.
-#define HIST_STEP(S)                                                    \
-    if (p->ts[S]) {                                                     \
-        if (prev_ts)                                                    \
-            hist_add(slot, p->dir, prev * 16 + S, p->ts[S] - prev_ts);  \
-        prev_ts = p->ts[S];                                             \
-        prev = S;                                                       \
-    }
-
-static __always_inline void hist_packet(struct pkt *p, u64 total)
-{
-    u32 zero = 0;
-    u32 *slotp = hslot.lookup(&zero);
-    u32 slot = slotp ? *slotp : 0;
-    u64 prev_ts = 0;
-    u32 prev = 0;
-    if (p->dir == DIR_TX) {
-        HIST_STEPS_TX
-    } else {
-        HIST_STEPS_RX
-    }
-    hist_add(slot, p->dir, SEG_TOTAL, total);
-}
+/*SEGMENTS*/
 #endif
 
 static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
@@ -1084,7 +1075,7 @@ static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
         stat_add(STAT_below_threshold);
     } else {
 #if HISTOGRAM
-        hist_packet(p, total);
+        hist_packet(p);
 #else
         p->type = EV_PACKET;
         emit(ctx, p);
@@ -1107,7 +1098,8 @@ static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
 static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int phy_stage)
 {
     u32 ifindex = 0;
-    u32 role = skb_dev_role(skb, &ifindex);
+    void *dev = skb_dev(skb);
+    u32 role = dev_role(dev, &ifindex);
     u8 dir;
     u32 stage;
     if (role == ROLE_VM && vm_stage >= 0) {
@@ -1130,10 +1122,13 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
     p->dir = dir;
     p->ts[stage] = now;
     p->last = stage;
+    p->dev = (u64)dev;
+    p->dev_role = role;
     if (dir == DIR_TX) {
         p->vm_ifindex = ifindex;
-        p->pid = bpf_get_current_pid_tgid() >> 32;   // the VM's writer: QEMU or vhost
-        bpf_get_current_comm(p->comm, sizeof(p->comm));
+        u64 id = bpf_get_current_pid_tgid();      // the VM's writer: QEMU or vhost
+        p->pid = id >> 32;
+        p->tid = id;
     } else {
         p->phy_ifindex = ifindex;
     }
@@ -1158,8 +1153,16 @@ static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy
     struct pkt *p = inflight.lookup(&key);
     if (!p)
         return 0;
-    u32 ifindex = 0;
-    u32 role = skb_dev_role(skb, &ifindex);
+    u32 ifindex = 0, role;
+    void *dev = skb_dev(skb);
+    if ((u64)dev == p->dev) {     // the same device as the last stage: known already
+        role = p->dev_role;
+        ifindex = role == ROLE_VM ? p->vm_ifindex : p->phy_ifindex;
+    } else {
+        role = dev_role(dev, &ifindex);
+        p->dev = (u64)dev;
+        p->dev_role = role;
+    }
     u64 now = bpf_ktime_get_ns();
     if (role == ROLE_VM && vm_stage >= 0 && p->dir == DIR_RX) {
         stamp(p, vm_stage, now);
@@ -1256,8 +1259,9 @@ static __always_inline int on_vm_read(void *ctx, void *skb, u32 stage)
         return 0;
     u64 now = bpf_ktime_get_ns();
     stamp(p, stage, now);
-    p->pid = bpf_get_current_pid_tgid() >> 32;
-    bpf_get_current_comm(p->comm, sizeof(p->comm));
+    u64 id = bpf_get_current_pid_tgid();
+    p->pid = id >> 32;
+    p->tid = id;
     complete(ctx, key, p, now);
     return 0;
 }
@@ -1456,10 +1460,51 @@ def final_stage(plans, direction):
     return -1
 
 
-def _hist_steps(plans, direction):
+def histogram_segments(plans):
+    """[(direction, segment name)] by index in the kernel's histogram array.
+
+    Per direction: every pair of traced stages in path order (a packet may skip a
+    stage, e.g. ovs_upcall), then the total. Pair (i, j) of n stages is at
+    i*n - i*(i+1)/2 + j - i - 1, which the C below computes the same way."""
     traced = set(p.stage.name for p in plans if p.method)
-    return " ".join("HIST_STEP(%d)" % STAGE_BY_NAME[n].sid
-                    for n in PATH_ORDER[direction] if n in traced)
+    out = []
+    for direction in DIRECTIONS:
+        names = [n for n in PATH_ORDER[direction] if n in traced]
+        out += [(direction, "%s->%s" % (a, b)) for i, a in enumerate(names)
+                for b in names[i + 1:]]
+        out.append((direction, "total"))
+    return out
+
+
+def _hist_c(plans):
+    """hist_packet(): one histogram increment per segment the packet passed, and total."""
+    traced = set(p.stage.name for p in plans if p.method)
+    lines = ["#define PAIR(i, j, n) ((i) * (n) - (i) * ((i) + 1) / 2 + (j) - (i) - 1)",
+             "static __always_inline void hist_packet(struct pkt *p)", "{",
+             "    u64 prev_ts = 0, first_ts = 0;",
+             "    u32 prev = 0;      // position of the last stage seen, in path order"]
+    base = 0
+    for d, direction in enumerate(DIRECTIONS):
+        names = [n for n in PATH_ORDER[direction] if n in traced]
+        n = len(names)
+        lines.append("    %sif (p->dir == %d) {" % ("} else " if d else "", d))
+        for pos, name in enumerate(names):
+            sid = STAGE_BY_NAME[name].sid
+            lines += [
+                "        if (p->ts[%d]) {     // %s" % (sid, name),
+                "            if (prev_ts)",
+                "                hist_add(%d + PAIR(prev, %d, %d), p->ts[%d] - prev_ts);"
+                % (base, pos, n, sid),
+                "            else",
+                "                first_ts = p->ts[%d];" % sid,
+                "            prev_ts = p->ts[%d];" % sid,
+                "            prev = %d;" % pos,
+                "        }"]
+        lines.append("        hist_add(%d, prev_ts - first_ts);   // total"
+                     % (base + n * (n - 1) // 2))
+        base += n * (n - 1) // 2 + 1
+    lines += ["    }", "}"]
+    return "\n".join(lines)
 
 
 def ip_to_int(text):
@@ -1481,10 +1526,11 @@ def generate_program(args, plans, layout, caps):
         ("CHECK_NETNS", int(layout.netns)), ("HOST_NETNS_INUM", "%dU" % caps["netns_inum"]),
         ("KFREE_SKB_HAS_REASON", int(layout.kfree_skb_reason)),
         ("FATE_LEFT", "0x%xU" % FATE_LEFT), ("EV_PACKET", EV_PACKET), ("EV_DROP", EV_DROP),
-        ("HIST_SUB_BITS", HIST_SUB_BITS), ("SEG_TOTAL", SEG_TOTAL),
+        ("HIST_SUB_BITS", HIST_SUB_BITS), ("HIST_BUCKETS", HIST_BUCKETS),
+        ("HIST_SLOTS", hist_slots(histogram_segments(plans))),
+        ("DEVROLE_SLOTS", DEVROLE_SLOTS),
         ("TRACE_UPCALLS", int(traces_upcalls(plans))),
         ("FINAL_TX", final_stage(plans, "tx")), ("FINAL_RX_VM", final_stage(plans, "rx")),
-        ("HIST_STEPS_TX", _hist_steps(plans, "tx")), ("HIST_STEPS_RX", _hist_steps(plans, "rx")),
     ]
     defines += [("STAGE_" + s.name, s.sid) for s in STAGES]
     defines += [("STAT_" + n, i) for n, i in sorted(STAT.items(), key=lambda x: x[1])]
@@ -1497,6 +1543,7 @@ def generate_program(args, plans, layout, caps):
     upcalls = traces_upcalls(plans)
     wrappers = "\n\n".join(_wrapper(a, upcalls) for a in group_attachments(plans))
     return (C_PROGRAM.replace("/*CONFIG*/", config)
+            .replace("/*SEGMENTS*/", _hist_c(plans))
             .replace("/*READERS*/", generate_readers(layout))
             .replace("/*WRAPPERS*/", wrappers))
 
@@ -1608,11 +1655,10 @@ class Tracer(object):
 # ============================================================================
 
 # struct pkt, as laid out by the C compiler (see C_PROGRAM)
-PKT = struct.Struct("<%dQQ6I3H4B2BH16s2x" % NSTAGES)
-P_LOCATION, P_SADDR, P_DADDR, P_VM_IF, P_PHY_IF, P_PID, P_REASON = range(NSTAGES, NSTAGES + 7)
-P_SPORT, P_DPORT, P_VLAN, P_PROTO, P_DIR, P_LAST, P_TYPE, P_ICMP_TYPE = \
-    range(NSTAGES + 7, NSTAGES + 15)
-P_COMM = NSTAGES + 17
+PKT = struct.Struct("<%dQ2Q7I4H8B4x" % NSTAGES)
+(P_LOCATION, P_DEV, P_SADDR, P_DADDR, P_VM_IF, P_PHY_IF, P_PID, P_TID, P_REASON,
+ P_SPORT, P_DPORT, P_VLAN, P_IP_ID, P_PROTO, P_DIR, P_LAST, P_TYPE, P_ICMP_TYPE) = \
+    range(NSTAGES, NSTAGES + 18)
 
 
 _IP_CACHE = {}
@@ -1631,7 +1677,7 @@ def int_to_ip(value):
 _PATH_FIELDS = dict((d, [(n, STAGE_BY_NAME[n].sid) for n in PATH_ORDER[d]]) for d in DIRECTIONS)
 
 
-def packet_record(fields, names, process_name, wall_offset):
+def packet_record(fields, names, process_name, thread_name, wall_offset):
     """A decoded packet (or drop) event, as the dict the JSON output prints.
 
     Runs once per event in detailed mode: keep it plain."""
@@ -1642,7 +1688,7 @@ def packet_record(fields, names, process_name, wall_offset):
     proto = fields[P_PROTO]
     is_icmp = proto == 1
     pid = fields[P_PID]
-    thread = fields[P_COMM].split(b"\0", 1)[0].decode("utf-8", "replace")
+    thread = thread_name(pid, fields[P_TID]) if pid else None
     end_ns = seen[-1][1] if seen else 0
     vm_if, phy_if = fields[P_VM_IF], fields[P_PHY_IF]
     rec = {
@@ -1660,8 +1706,8 @@ def packet_record(fields, names, process_name, wall_offset):
         "vm_dev": names.get(vm_if) if vm_if else None,
         "phy_dev": names.get(phy_if) if phy_if else None,
         "pid": pid or None,
-        "comm": process_name(pid, thread) if pid else None,
-        "thread": thread or None,
+        "comm": process_name(pid) if pid else None,
+        "thread": thread,
         "stages": [name for name, _ in seen],
         "segments": segments,
         "total_us": round((end_ns - seen[0][1]) / 1000.0, 3) if seen else 0.0,
@@ -1673,8 +1719,12 @@ def packet_record(fields, names, process_name, wall_offset):
 
 # --- histogram buckets: v = ns * 1.024, 16 sub-buckets per power of two ---
 
+def hist_slots(segments):
+    return max(1, len(segments)) * HIST_BUCKETS
+
+
 def bucket_bounds(bucket):
-    """[lo, hi) of a bucket, in microseconds."""
+    """[lo, hi) of a bucket, in microseconds; the last one is open-ended (38 hours+)."""
     sub = 1 << HIST_SUB_BITS
     if bucket < 2 * sub:
         lo, hi = bucket, bucket + 1
@@ -1682,7 +1732,7 @@ def bucket_bounds(bucket):
         lg = (bucket >> HIST_SUB_BITS) + HIST_SUB_BITS - 1
         step = 1 << (lg - HIST_SUB_BITS)
         lo = (1 << lg) + (bucket & (sub - 1)) * step
-        hi = lo + step
+        hi = lo + step if bucket < HIST_BUCKETS - 1 else float("inf")
     return lo / 1024.0, hi / 1024.0
 
 
@@ -1692,8 +1742,9 @@ def bucket_of_ns(ns):
     if v < (1 << (HIST_SUB_BITS + 1)):
         return v
     lg = v.bit_length() - 1
-    return ((lg - HIST_SUB_BITS + 1) << HIST_SUB_BITS) + \
+    bucket = ((lg - HIST_SUB_BITS + 1) << HIST_SUB_BITS) + \
         ((v >> (lg - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1))
+    return min(bucket, HIST_BUCKETS - 1)
 
 
 def percentile(buckets, fraction):
@@ -1707,6 +1758,8 @@ def percentile(buckets, fraction):
         count = buckets[b]
         if seen + count >= rank:
             lo, hi = bucket_bounds(b)
+            if hi == float("inf"):
+                return lo
             inside = (rank - seen) / float(count)
             return lo + (hi - lo) * inside
         seen += count
@@ -1935,21 +1988,32 @@ class Session(object):
         self.perf_lost = 0
         self.proc_names = {}
         self.wall_offset = time.time() - time.monotonic()
-        self.slot = 0
         self.output_broken = False
         self.args_upcalls = traces_upcalls(tracer.plans)
+        self.segments = histogram_segments(tracer.plans)
+        self.hist_prev = [0] * hist_slots(self.segments)
+        self.thread_names = {}
+        self.roles = {}
 
-    def process_name(self, pid, thread):
-        name = self.proc_names.get(pid)
+    def process_name(self, pid):
+        return self._comm(self.proc_names, pid, "/proc/%d/comm" % pid)
+
+    def thread_name(self, pid, tid):
+        return self._comm(self.thread_names, tid, "/proc/%d/task/%d/comm" % (pid, tid))
+
+    @staticmethod
+    def _comm(cache, key, path):
+        """A process's or thread's name, read once (the kernel side only keeps the ids)."""
+        name = cache.get(key)
         if name is None:
             try:
-                with open("/proc/%d/comm" % pid) as f:
+                with open(path) as f:
                     name = f.read().strip()
             except (IOError, OSError):
-                name = thread
-            if len(self.proc_names) > 4096:
-                self.proc_names.clear()
-            self.proc_names[pid] = name
+                name = "?"    # gone already
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = name
         return name
 
     def on_event(self, data, size=None):
@@ -1957,7 +2021,8 @@ class Session(object):
         if self.output_broken:
             return
         fields = PKT.unpack(ctypes.string_at(data, PKT.size))
-        rec = packet_record(fields, self.names, self.process_name, self.wall_offset)
+        rec = packet_record(fields, self.names, self.process_name, self.thread_name,
+                            self.wall_offset)
         if rec["type"] == "drop":
             rec["reason"] = self.reason_name(fields[P_REASON])
             rec["location"] = self.location(fields[P_LOCATION])
@@ -1983,52 +2048,51 @@ class Session(object):
         except Exception:
             return "0x%x" % addr
 
+    def set_roles(self, roles):
+        """Tell the kernel which devices are VM ports and which the physical side."""
+        small, big = self.bpf["devroles"], self.bpf["devroles_big"]
+        for idx in set(self.roles) - set(roles):
+            if idx < DEVROLE_SLOTS:
+                small[small.Key(idx)] = small.Leaf(0)
+            else:
+                del big[big.Key(idx)]
+        for idx, role in roles.items():
+            table = small if idx < DEVROLE_SLOTS else big
+            table[table.Key(idx)] = table.Leaf(role)
+        self.roles = dict(roles)
+
     def refresh_devices(self):
         """New VMs start and stop: keep the device map in step with the host."""
         roles, names, _taps, _phys = resolve_roles(self.args)
-        table = self.bpf["devroles"]
-        current = dict((k.value, v.value) for k, v in table.items())
-        if current == roles:
+        if roles == self.roles:
             return
-        for idx in set(current) - set(roles):
-            try:
-                del table[table.Key(idx)]
-            except KeyError:
-                pass
-        for idx, role in roles.items():
-            table[table.Key(idx)] = table.Leaf(role)
+        self.set_roles(roles)
         self.names.update(names)
         if self.args.verbose:
             log("devices now: %s" % ", ".join("%s=%s" % (names[i], "vm" if r == ROLE_VM
                                                          else "phy")
                                                for i, r in sorted(roles.items())))
 
-    def flip_histograms(self):
-        """Read the interval's histograms while the kernel writes the other slot."""
-        old = self.slot
-        self.slot ^= 1
-        slot_table = self.bpf["hslot"]
-        slot_table[slot_table.Key(0)] = slot_table.Leaf(self.slot)
-        time.sleep(0.005)    # let handlers that already read the old slot finish
-        return self.drain_histogram_slot(old)
+    def read_histograms(self):
+        """This interval's tables: what the kernel's cumulative counts added since last read.
 
-    def drain_histogram_slot(self, slot):
-        hist = self.bpf["hist"]
+        A packet completing during the read may have its segments in one interval and
+        its total in the next; over the run every count is exact."""
+        table = self.bpf["hist"]
+        now = [0] * len(self.hist_prev)
+        try:
+            for k, v in table.items_lookup_batch():
+                now[k.value] = v.value
+        except Exception:     # kernels before 5.6 have no batch lookups
+            now = [v.value for v in table.values()]
         tables = {}
-        done = []
-        for k, v in hist.items():
-            if k.slot != slot:
-                continue
-            done.append(k)
-            seg = "total" if k.seg == SEG_TOTAL else "%s->%s" % (
-                STAGE_NAMES[k.seg // 16], STAGE_NAMES[k.seg % 16])
-            tables.setdefault((k.dir, seg), {})
-            tables[(k.dir, seg)][k.bucket] = v.value
-        for k in done:
-            try:
-                del hist[k]
-            except KeyError:
-                pass
+        prev = self.hist_prev
+        for idx, count in enumerate(now):
+            if count != prev[idx]:
+                direction, segment = self.segments[idx // HIST_BUCKETS]
+                tables.setdefault((DIRECTIONS.index(direction), segment), {})[
+                    idx % HIST_BUCKETS] = count - prev[idx]
+        self.hist_prev = now
         return self.order_tables(tables)
 
     @staticmethod
@@ -2037,7 +2101,7 @@ class Session(object):
         for d, direction in enumerate(DIRECTIONS):
             order = PATH_ORDER[direction]
             segs = [s for (dd, s) in tables if dd == d and s != "total"]
-            segs.sort(key=lambda s: order.index(s.split("->")[0]))
+            segs.sort(key=lambda s: [order.index(x) for x in s.split("->")])
             for s in segs + (["total"] if (d, "total") in tables else []):
                 out.append((direction, s, tables[(d, s)]))
         return out
@@ -2182,9 +2246,7 @@ def trace(args, tracer, reporter, roles, names, layout):
 
 def attach_and_report(args, tracer, session, roles, stop, hist_counts):
     reporter = session.reporter
-    table = tracer.bpf["devroles"]
-    for idx, role in roles.items():
-        table[table.Key(idx)] = table.Leaf(role)
+    session.set_roles(roles)
     if args.mode == "detailed" or args.drops:
         open_events(tracer, session)
     try:
@@ -2193,7 +2255,7 @@ def attach_and_report(args, tracer, session, roles, stop, hist_counts):
         raise Fatal("attaching failed: %s" % e)
     log("Tracing VM network latency (%s mode, %s)... Hit Ctrl-C to end."
         % (args.mode, ", ".join("%s=%s" % (p.stage.name, p.method)
-                                for a in tracer.attachments for p in a.stages)))
+                                for p in tracer.plans if p.method)))
     started = time.monotonic()
     next_interval = started + args.interval
     next_refresh = started + 1.0
@@ -2208,7 +2270,7 @@ def attach_and_report(args, tracer, session, roles, stop, hist_counts):
         now = time.monotonic()
         if args.mode == "histogram" and now >= next_interval:
             next_interval += args.interval
-            tables = session.flip_histograms()
+            tables = session.read_histograms()
             count_totals(hist_counts, tables)
             reporter.histograms(time.time(), tables)
             reporter.flush()
@@ -2226,7 +2288,7 @@ def final_report(args, tracer, session, hist_counts):
         if args.mode == "detailed" or args.drops:
             poll_events(tracer, session, 0)
         if args.mode == "histogram":
-            tables = session.drain_histogram_slot(session.slot)
+            tables = session.read_histograms()
             count_totals(hist_counts, tables)
             if tables and not session.output_broken:
                 reporter.histograms(time.time(), tables)
