@@ -791,6 +791,7 @@ EV_PACKET, EV_DROP = 1, 2
 HIST_SUB_BITS = 4          # 16 sub-buckets per power of two: percentiles within ~3%
 HIST_BUCKETS = 720         # up to 2^47 / 1024 us (about 38 hours); longer ones share the last
 DEVROLE_SLOTS = 65536      # ifindexes below this are looked up in an array, above in a hash
+HINT_SLOTS = 16384         # counters telling cheaply that an sk_buff is not tracked
 
 C_PROGRAM = r"""
 #include <uapi/linux/ptrace.h>
@@ -822,6 +823,9 @@ struct pkt {
 struct fate_key { u32 reason; u8 dir, last, pad[2]; };
 
 BPF_HASH(inflight, u64, struct pkt, MAX_INFLIGHT);
+// Counters by a hash of the sk_buff address: most sk_buffs on a host are not tracked,
+// and one array read (no hashing, no locking) says so before the hash lookup.
+BPF_ARRAY(hint, u32, HINT_SLOTS);
 BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
 // Role of each device by ifindex: an array (no hashing) for the usual small ifindex
 BPF_ARRAY(devroles, u8, DEVROLE_SLOTS);
@@ -854,6 +858,44 @@ static __always_inline void stat_add(u32 idx)
         (*v)++;
 }
 
+static __always_inline u32 *hint_of(u64 key)
+{
+    u32 slot = ((key >> 8) ^ (key >> 22)) & (HINT_SLOTS - 1);
+    return hint.lookup(&slot);
+}
+
+// The packet record of this sk_buff, if it is being tracked.
+static __always_inline struct pkt *tracked(u64 key)
+{
+    u32 *n = hint_of(key);
+    if (!n || !*n)
+        return 0;
+    return inflight.lookup(&key);
+}
+
+// Start tracking; 0 on success, -EEXIST if a record was there (and is replaced).
+static __always_inline int track(u64 key, struct pkt *p)
+{
+    int err = inflight.insert(&key, p);
+    if (err == 0) {
+        u32 *n = hint_of(key);
+        if (n)
+            __sync_fetch_and_add(n, 1);
+    } else if (err == -17 && inflight.update(&key, p) == 0) {
+        return -17;
+    }
+    return err;
+}
+
+static __always_inline void untrack(u64 key)
+{
+    if (inflight.delete(&key) == 0) {
+        u32 *n = hint_of(key);
+        if (n)
+            __sync_fetch_and_add(n, -1);
+    }
+}
+
 /*READERS*/
 
 // Is this device one of ours, and in the host's network namespace? A namespace's
@@ -870,12 +912,13 @@ static __always_inline u32 dev_role(void *dev, u32 *ifindex)
     if (!dev)
         return 0;
     u32 idx = 0;
-    u64 net = 0;
-    read_dev(dev, &idx, &net);
+    bpf_probe_read_kernel(&idx, sizeof(idx), (u8 *)dev + DEV_IFINDEX);
     u8 *role = idx < DEVROLE_SLOTS ? devroles.lookup(&idx) : devroles_big.lookup(&idx);
     if (!role || !*role)
         return 0;
 #if CHECK_NETNS
+    u64 net = 0;
+    bpf_probe_read_kernel(&net, sizeof(net), (u8 *)dev + DEV_ND_NET);
     u32 zero = 0;
     u64 *host = hostnet.lookup(&zero);
     if (!host)
@@ -1081,7 +1124,7 @@ static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
         emit(ctx, p);
 #endif
     }
-    inflight.delete(&key);
+    untrack(key);
 }
 
 static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
@@ -1133,10 +1176,10 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
         p->phy_ifindex = ifindex;
     }
     u64 key = (u64)skb;
-    int err = inflight.insert(&key, p);
+    int err = track(key, p);
     if (err == -17) {   // EEXIST: the packet that had this sk_buff vanished untraced
         stat_add(STAT_vanished);
-        err = inflight.update(&key, p);
+        err = 0;
     }
     if (err) {
         stat_add(STAT_not_tracked);
@@ -1150,7 +1193,7 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
 static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy_stage)
 {
     u64 key = (u64)skb;
-    struct pkt *p = inflight.lookup(&key);
+    struct pkt *p = tracked(key);
     if (!p)
         return 0;
     u32 ifindex = 0, role;
@@ -1182,7 +1225,7 @@ static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy
 static __always_inline int on_switch(void *ctx, void *skb, u32 stage)
 {
     u64 key = (u64)skb;
-    struct pkt *p = inflight.lookup(&key);
+    struct pkt *p = tracked(key);
     if (p)
         stamp(p, stage, bpf_ktime_get_ns());
     return 0;
@@ -1194,7 +1237,7 @@ static __always_inline int on_switch(void *ctx, void *skb, u32 stage)
 static __always_inline int on_upcall(void *ctx, void *skb, u32 stage)
 {
     u64 key = (u64)skb;
-    struct pkt *p = inflight.lookup(&key);
+    struct pkt *p = tracked(key);
     if (!p)
         return 0;
     stamp(p, stage, bpf_ktime_get_ns());
@@ -1218,7 +1261,7 @@ static __always_inline int on_upcall(void *ctx, void *skb, u32 stage)
 static __always_inline int on_ovs_execute(void *ctx, void *skb, u32 stage)
 {
     u64 key = (u64)skb;
-    struct pkt *p = inflight.lookup(&key);
+    struct pkt *p = tracked(key);
     if (p) {
         stamp(p, stage, bpf_ktime_get_ns());
         return 0;
@@ -1240,7 +1283,8 @@ static __always_inline int on_ovs_execute(void *ctx, void *skb, u32 stage)
         return 0;
     rec->upcalled = 0;
     stamp(rec, stage, bpf_ktime_get_ns());
-    if (inflight.insert(&key, rec))
+    int err = track(key, rec);
+    if (err && err != -17)
         stat_add(STAT_not_tracked);
     upcalls.delete(&k);
     upcall_pending_add(-1);
@@ -1254,7 +1298,7 @@ static __always_inline int on_ovs_execute(void *ctx, void *skb, u32 stage)
 static __always_inline int on_vm_read(void *ctx, void *skb, u32 stage)
 {
     u64 key = (u64)skb;
-    struct pkt *p = inflight.lookup(&key);
+    struct pkt *p = tracked(key);
     if (!p || p->dir != DIR_RX || !(p->ts[STAGE_tap_xmit] | p->ts[STAGE_tap_queue]))
         return 0;
     u64 now = bpf_ktime_get_ns();
@@ -1270,7 +1314,7 @@ static __always_inline int on_vm_read(void *ctx, void *skb, u32 stage)
 static __always_inline int on_host_rcv(void *ctx, void *skb, u32 stage)
 {
     u64 key = (u64)skb;
-    struct pkt *p = inflight.lookup(&key);
+    struct pkt *p = tracked(key);
     if (!p || p->dir != DIR_RX || (p->ts[STAGE_tap_xmit] | p->ts[STAGE_tap_queue]))
         return 0;
     u64 now = bpf_ktime_get_ns();
@@ -1283,13 +1327,13 @@ static __always_inline int on_host_rcv(void *ctx, void *skb, u32 stage)
 static __always_inline int on_free(void *ctx, void *skb, u32 reason, u64 location)
 {
     u64 key = (u64)skb;
-    struct pkt *p = inflight.lookup(&key);
+    struct pkt *p = tracked(key);
     if (!p)
         return 0;
 #if TRACE_UPCALLS
     if (p->upcalled) {
         if (reason == FATE_LEFT) {  // freed after its upcall: the copy carries on
-            inflight.delete(&key);
+            untrack(key);
             return 0;
         }
         upcall_forget(p);           // the upcall failed (ovs-dpctl show: lost)
@@ -1306,7 +1350,7 @@ static __always_inline int on_free(void *ctx, void *skb, u32 reason, u64 locatio
         emit(ctx, p);
     }
 #endif
-    inflight.delete(&key);
+    untrack(key);
     return 0;
 }
 
@@ -1366,25 +1410,20 @@ def _int_or_none(v):
 
 
 def generate_readers(layout):
+    """C that reads the sk_buff fields a packet's parsing needs, in as few reads as can be."""
     o, s = layout.offsets, layout.sizes
-    dev_fields = [("ifindex", "u32", "DEV_IFINDEX", _int_or_none(o["DEV_IFINDEX"]), 4)]
-    if layout.netns:
-        dev_fields.append(("net", "u64", "DEV_ND_NET", _int_or_none(o["DEV_ND_NET"]), 8))
-        read_dev = _c_reader("read_dev", "dev", dev_fields)
-    else:
-        read_dev = _c_reader("read_dev_ifindex", "dev", dev_fields) + (
-            "\nstatic __always_inline void read_dev(void *dev, u32 *ifindex, u64 *net)"
-            "\n{\n    read_dev_ifindex(dev, ifindex);\n}")
     skb_fields = [
         ("len", "u32", "SKB_LEN", _int_or_none(o["SKB_LEN"]), 4),
         ("data_len", "u32", "SKB_DATA_LEN", _int_or_none(o["SKB_DATA_LEN"]), 4),
         ("mac", "u16", "SKB_MAC_HEADER", _int_or_none(o["SKB_MAC_HEADER"]), 2),
         ("head", "u8 *", "SKB_HEAD", _int_or_none(o["SKB_HEAD"]), 8),
     ]
-    for _n, _t, macro, _o, size in skb_fields + dev_fields:
+    expected = dict((macro, size) for _n, _t, macro, _o, size in skb_fields)
+    expected.update({"SKB_DEV": 8, "DEV_IFINDEX": 4, "DEV_ND_NET": 8})
+    for macro, size in expected.items():
         if isinstance(s.get(macro), int) and s[macro] != size:
             raise Fatal("unexpected size %d of %s in this kernel" % (s[macro], macro))
-    return read_dev + "\n\n" + _c_reader("read_skb", "skb", skb_fields)
+    return _c_reader("read_skb", "skb", skb_fields)
 
 
 Attachment = namedtuple("Attachment", "method probe arg fn_name stages")
@@ -1523,12 +1562,12 @@ def generate_program(args, plans, layout, caps):
         ("FILTER_SADDR", "0x%08xU" % ip_to_int(args.src_ip)),
         ("FILTER_DADDR", "0x%08xU" % ip_to_int(args.dst_ip)),
         ("FILTER_SPORT", args.src_port or 0), ("FILTER_DPORT", args.dst_port or 0),
-        ("CHECK_NETNS", int(layout.netns)), ("HOST_NETNS_INUM", "%dU" % caps["netns_inum"]),
+        ("HOST_NETNS_INUM", "%dU" % caps["netns_inum"]),
         ("KFREE_SKB_HAS_REASON", int(layout.kfree_skb_reason)),
         ("FATE_LEFT", "0x%xU" % FATE_LEFT), ("EV_PACKET", EV_PACKET), ("EV_DROP", EV_DROP),
         ("HIST_SUB_BITS", HIST_SUB_BITS), ("HIST_BUCKETS", HIST_BUCKETS),
         ("HIST_SLOTS", hist_slots(histogram_segments(plans))),
-        ("DEVROLE_SLOTS", DEVROLE_SLOTS),
+        ("DEVROLE_SLOTS", DEVROLE_SLOTS), ("HINT_SLOTS", HINT_SLOTS),
         ("TRACE_UPCALLS", int(traces_upcalls(plans))),
         ("FINAL_TX", final_stage(plans, "tx")), ("FINAL_RX_VM", final_stage(plans, "rx")),
     ]
@@ -1538,8 +1577,18 @@ def generate_program(args, plans, layout, caps):
     if not caps["probe_read_kernel"]:
         defines.append(("bpf_probe_read_kernel", "bpf_probe_read"))
     config = "\n".join("#define %s %s" % (k, v) for k, v in defines)
-    if not isinstance(next(iter(layout.offsets.values())), int):
-        config = ("#include <linux/skbuff.h>\n#include <linux/netdevice.h>\n" + config)
+    if isinstance(layout.offsets["SKB_DEV"], int):
+        config += "\n#define CHECK_NETNS %d" % int(layout.netns)
+    else:   # the running kernel's own headers (checked): they know the namespace fields
+        config = ("#include <linux/skbuff.h>\n#include <linux/netdevice.h>\n"
+                  "#include <net/net_namespace.h>\n" + config + """
+#ifdef CONFIG_NET_NS
+#define CHECK_NETNS 1
+#define DEV_ND_NET offsetof(struct net_device, nd_net)
+#define NET_NS_INUM offsetof(struct net, ns.inum)
+#else
+#define CHECK_NETNS 0
+#endif""")
     upcalls = traces_upcalls(plans)
     wrappers = "\n\n".join(_wrapper(a, upcalls) for a in group_attachments(plans))
     return (C_PROGRAM.replace("/*CONFIG*/", config)
@@ -1923,6 +1972,12 @@ class Reporter(object):
                 "dropped (%s)" % f["reason"]
             self.write("  %s %s after %s: %d\n" % (f["direction"].upper(), what,
                                                    f["last_stage"], f["count"]))
+        for p in s["in_flight_examples"]:
+            ends = "%s -> %s" % (p["src_ip"], p["dst_ip"]) if p["src_port"] is None else \
+                "%s:%d -> %s:%d" % (p["src_ip"], p["src_port"], p["dst_ip"], p["dst_port"])
+            self.write("  still in flight: %s %s %s, after %s for %s\n" % (
+                p["direction"].upper(), p["protocol"].upper(), ends, p["last_stage"],
+                self.fmt_us(p["waiting_us"])))
 
 
 def _round(v):
@@ -2078,13 +2133,7 @@ class Session(object):
 
         A packet completing during the read may have its segments in one interval and
         its total in the next; over the run every count is exact."""
-        table = self.bpf["hist"]
-        now = [0] * len(self.hist_prev)
-        try:
-            for k, v in table.items_lookup_batch():
-                now[k.value] = v.value
-        except Exception:     # kernels before 5.6 have no batch lookups
-            now = [v.value for v in table.values()]
+        now = read_u64_array(self.bpf["hist"], len(self.hist_prev))
         tables = {}
         prev = self.hist_prev
         for idx, count in enumerate(now):
@@ -2110,9 +2159,22 @@ class Session(object):
         """(in flight, of which waiting for ovs-vswitchd): each packet counted once."""
         upcalled = 0
         count = 0
+        now = time.monotonic()
+        self.stuck = []
         for v in self.bpf["inflight"].values():
             count += 1
             upcalled += v.upcalled
+            if len(self.stuck) < 10:    # the first few, to say where they are waiting
+                fields = PKT.unpack(ctypes.string_at(ctypes.addressof(v), PKT.size))
+                rec = packet_record(fields, self.names, self.process_name, self.thread_name,
+                                    self.wall_offset)
+                last = STAGE_NAMES[fields[P_LAST]]
+                self.stuck.append({
+                    "direction": rec["direction"], "protocol": rec["protocol"],
+                    "src_ip": rec["src_ip"], "dst_ip": rec["dst_ip"],
+                    "src_port": rec["src_port"], "dst_port": rec["dst_port"],
+                    "icmp_seq": rec["icmp_seq"], "last_stage": last,
+                    "waiting_us": round((now - fields[STAGE_BY_NAME[last].sid] / 1e9) * 1e6, 1)})
         if not self.args_upcalls:
             return count, 0
         waiting = sum(1 for _ in self.bpf["upcalls"].keys())
@@ -2148,6 +2210,7 @@ class Session(object):
             "left_path": st["left_path"], "in_flight": in_flight,
             "not_tracked": st["not_tracked"], "lost": st["lost"] + self.perf_lost,
             "vanished": st["vanished"], "in_upcall": in_upcall, "fates": fates,
+            "in_flight_examples": self.stuck,
         }
 
 
@@ -2298,6 +2361,27 @@ def final_report(args, tracer, session, hist_counts):
             reporter.flush()
     except (IOError, OSError):
         pass
+
+
+def read_u64_array(table, size):
+    """All values of a BPF array of u64, in one batch syscall where the kernel has it (5.6+).
+
+    (BCC's own items_lookup_batch() shares one variable for the batch position and
+    the count, so it can stop short; this reads the array whole.)"""
+    from bcc.libbcc import lib
+    keys = (ctypes.c_uint32 * size)()
+    values = (ctypes.c_uint64 * size)()
+    count = ctypes.c_uint32(size)
+    out_batch = ctypes.c_uint32(0)
+    res = lib.bpf_lookup_batch(table.map_fd, None, ctypes.byref(out_batch),
+                               ctypes.cast(keys, ctypes.c_void_p),
+                               ctypes.cast(values, ctypes.c_void_p), ctypes.byref(count))
+    if (res == 0 or ctypes.get_errno() == errno.ENOENT) and count.value == size:
+        out = [0] * size
+        for i in range(size):
+            out[keys[i]] = values[i]
+        return out
+    return [v.value for v in table.values()]     # one syscall per entry
 
 
 def count_totals(counts, tables):

@@ -225,10 +225,10 @@ def test_histogram_counts_and_percentiles_match_exact_values(lab, traces):
         assert h["direction"] == "tx"
         by_segment[h["segment"]].append(h)
     assert set(by_segment) == {"tap_rx->phy_queue", "phy_queue->phy_xmit", "total"}
+    assert per_second.summary()["reported"] == 300, per_second.summary()
     for segment, rows in by_segment.items():
         assert sum(h["count"] for h in rows) == 300, segment
         assert sum(b["count"] for h in rows for b in h["buckets"]) == 300
-    assert per_second.summary()["reported"] == 300
     # the same packets, measured exactly by the detailed instance beside it
     values = [r["total_us"] for r in exact.packets()]
     assert len(values) == 300 and max(values) > 50000
