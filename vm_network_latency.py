@@ -898,8 +898,7 @@ static __always_inline void untrack(u64 key)
 
 /*READERS*/
 
-// Is this device one of ours, and in the host's network namespace? A namespace's
-// eth0 can share an ifindex with a host device, so the ifindex alone is not enough.
+// Is this device one of ours, by ifindex? (Which namespace it is in: below.)
 static __always_inline void *skb_dev(void *skb)
 {
     void *dev = 0;
@@ -916,6 +915,13 @@ static __always_inline u32 dev_role(void *dev, u32 *ifindex)
     u8 *role = idx < DEVROLE_SLOTS ? devroles.lookup(&idx) : devroles_big.lookup(&idx);
     if (!role || !*role)
         return 0;
+    *ifindex = idx;
+    return *role;
+}
+
+// Our devices are the host's: a namespace's device with the same ifindex is not.
+static __always_inline int in_host_netns(void *dev)
+{
 #if CHECK_NETNS
     u64 net = 0;
     bpf_probe_read_kernel(&net, sizeof(net), (u8 *)dev + DEV_ND_NET);
@@ -933,8 +939,7 @@ static __always_inline u32 dev_role(void *dev, u32 *ifindex)
         *host = net;
     }
 #endif
-    *ifindex = idx;
-    return *role;
+    return 1;
 }
 
 static __always_inline u32 be16(const u8 *p) { return ((u32)p[0] << 8) | p[1]; }
@@ -1008,12 +1013,9 @@ static __always_inline int parse_ipv4(const u8 *b, const int L3, const u8 *head,
 }
 
 // Read the frame from its MAC header and fill p. Up to two VLAN tags in the frame.
-static __always_inline int parse_frame(void *skb, struct pkt *p)
+static __always_inline int parse_frame(u32 len, u32 data_len, u16 mac, u8 *head,
+                                       struct pkt *p)
 {
-    u32 len = 0, data_len = 0;
-    u16 mac = 0;
-    u8 *head = 0;
-    read_skb(skb, &len, &data_len, &mac, &head);
     if (mac == 0xffff || !head || data_len > len)
         return 0;
     u32 headlen = len - data_len;     // skb->data is past the Ethernet header here
@@ -1140,8 +1142,13 @@ static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
 // netif_receive_skb: a frame from a tap starts TX, one from a physical NIC starts RX.
 static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int phy_stage)
 {
+    // the sk_buff fields are read in one go: its device and where its frame is
+    void *dev = 0;
+    u32 len = 0, data_len = 0;
+    u16 mac = 0;
+    u8 *head = 0;
+    read_skb(skb, &dev, &len, &data_len, &mac, &head);
     u32 ifindex = 0;
-    void *dev = skb_dev(skb);
     u32 role = dev_role(dev, &ifindex);
     u8 dir;
     u32 stage;
@@ -1159,7 +1166,8 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
     if (!p)
         return 0;
     __builtin_memset(p, 0, sizeof(*p));
-    if (!parse_frame(skb, p))
+    // filters first: the namespace is only checked for packets that pass them
+    if (!parse_frame(len, data_len, mac, head, p) || !in_host_netns(dev))
         return 0;
     u64 now = bpf_ktime_get_ns();
     p->dir = dir;
@@ -1203,6 +1211,8 @@ static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy
         ifindex = role == ROLE_VM ? p->vm_ifindex : p->phy_ifindex;
     } else {
         role = dev_role(dev, &ifindex);
+        if (role && !in_host_netns(dev))
+            role = 0;
         p->dev = (u64)dev;
         p->dev_role = role;
     }
@@ -1274,7 +1284,12 @@ static __always_inline int on_ovs_execute(void *ctx, void *skb, u32 stage)
     if (!q)
         return 0;
     __builtin_memset(q, 0, sizeof(*q));
-    if (!parse_frame(skb, q))
+    void *dev = 0;
+    u32 len = 0, data_len = 0;
+    u16 mac = 0;
+    u8 *head = 0;
+    read_skb(skb, &dev, &len, &data_len, &mac, &head);
+    if (!parse_frame(len, data_len, mac, head, q))
         return 0;
     struct upcall_key k = {};
     upcall_key_of(q, &k);
@@ -1391,7 +1406,7 @@ def _c_reader(fn_name, base, fields, max_span=96):
             start = group[0][3]
             span = group[-1][3] + group[-1][4] - start
             words = (span + 7) // 8
-            lines.append("    u64 s%d[%d] = {};" % (i, words))
+            lines.append("    u64 s%d[%d];      // filled by the read (zeroed if it faults)" % (i, words))
             lines.append("    bpf_probe_read_kernel(s%d, %d, (u8 *)%s + %d);"
                          % (i, span, base, start))
             for name, _ctype, _macro, off, size in group:
@@ -1413,6 +1428,7 @@ def generate_readers(layout):
     """C that reads the sk_buff fields a packet's parsing needs, in as few reads as can be."""
     o, s = layout.offsets, layout.sizes
     skb_fields = [
+        ("dev", "void *", "SKB_DEV", _int_or_none(o["SKB_DEV"]), 8),
         ("len", "u32", "SKB_LEN", _int_or_none(o["SKB_LEN"]), 4),
         ("data_len", "u32", "SKB_DATA_LEN", _int_or_none(o["SKB_DATA_LEN"]), 4),
         ("mac", "u16", "SKB_MAC_HEADER", _int_or_none(o["SKB_MAC_HEADER"]), 2),
@@ -1423,7 +1439,7 @@ def generate_readers(layout):
     for macro, size in expected.items():
         if isinstance(s.get(macro), int) and s[macro] != size:
             raise Fatal("unexpected size %d of %s in this kernel" % (s[macro], macro))
-    return _c_reader("read_skb", "skb", skb_fields)
+    return _c_reader("read_skb", "skb", skb_fields, max_span=256)
 
 
 Attachment = namedtuple("Attachment", "method probe arg fn_name stages")

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import load_tool
 from lab import Lab
 from tapwriter import TapWriter, ether, icmp, ipv4, udp
-from tracing import Trace
+from tracing import Trace, wait_qdisc_empty
 
 TAP, PHY, BRIDGE = Lab.TAP, Lab.PHY, Lab.BRIDGE
 VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
@@ -214,12 +214,13 @@ def test_qdisc_limit_conservation(lab, traces, qdisc):
     before = rx_packets(TAP)
     out = lab.guest("vnl-traffic udp %s 9201 1000 40201" % REMOTE, timeout=120)[1]
     assert out.strip() == "sent 1000"
-    time.sleep(1.0)      # let the queue empty at 1 mbit/s
+    time.sleep(0.5)
+    waiting = wait_qdisc_empty(PHY)         # the queue empties at 1 mbit/s
     entered = rx_packets(TAP) - before      # frames the host took from the VM
     t.stop()
     s = t.summary()
     assert s["started"] == entered and accounted(s) == entered
-    assert s["dropped"] > 0 and s["in_flight"] == 0
+    assert s["dropped"] > 0 and s["in_flight"] == waiting == 0, (waiting, s)
     assert {(f["reason"], f["last_stage"]) for f in s["fates"]} == {("QDISC_DROP", "phy_queue")}
 
 

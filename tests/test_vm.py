@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lab import Lab
-from tracing import Capture, Trace, exact_percentile
+from tracing import Capture, Trace, exact_percentile, wait_qdisc_empty
 
 TAP, PHY = Lab.TAP, Lab.PHY
 VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
@@ -212,6 +212,7 @@ def test_histogram_counts_and_percentiles_match_exact_values(lab, traces):
         guest_ok(lab, "vnl-traffic udp %s 9002 100 40005 0 1208" % REMOTE)
         guest_ok(lab, "vnl-traffic udp %s 9002 100 40005 500 1208" % REMOTE)
         assert sink.wait_count(300) == 300
+        assert wait_qdisc_empty(PHY) == 0
         time.sleep(1.5)   # at least one interval boundary after the traffic
         for t in (per_second, one_table, exact):
             t.stop(settle=0)

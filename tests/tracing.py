@@ -6,6 +6,7 @@ Capture    tcpdump on a device: what really crossed it, to compare counts agains
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -183,3 +184,21 @@ def kill_quietly(sig, proc):
         os.killpg(proc.pid, sig)
     except OSError:
         pass
+
+
+def qdisc_backlog(dev):
+    """Packets waiting in the root qdisc of dev, as tc reports them."""
+    out = subprocess.run(["tc", "-s", "qdisc", "show", "dev", dev, "root"],
+                         stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    m = re.search(r"backlog \S+ (\d+)p", out)
+    return int(m.group(1)) if m else 0
+
+
+def wait_qdisc_empty(dev, timeout=10):
+    """Wait until dev's qdisc has sent or dropped everything; returns what is left."""
+    deadline = time.monotonic() + timeout
+    left = qdisc_backlog(dev)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = qdisc_backlog(dev)
+    return left

@@ -1,0 +1,747 @@
+"""The kguest lane: the real tool in a QEMU guest whose kernel has kprobes and the Open
+vSwitch kernel datapath, which this machine's own kernel lacks.
+
+tests/kguest/run_lane.sh runs once for this module (about 4 minutes, plus about one to
+build the cached guest image the first time). In the guest, every traced run starts two
+instances of the tool side by side on the same traffic, ``--attach kprobe`` and
+``--attach tracepoint``, both ``--output json --vm-dev vnltap0 --phy-dev vnlphy0
+--verbose``, with tcpdump --immediate-mode on the devices. The guest only records; the
+tests here decide, comparing what the tool reported with oracles that do not come from
+the tool: tcpdump's captures (parsed here), the traffic generators' own counts,
+ovs-dpctl's lookup counters, bpftool's list of loaded programs, tracefs' kprobe_events.
+
+Topologies: A = Open vSwitch bridge ovsbr0 (kernel datapath), B = Linux bridge vnlbr0;
+both with the tap vnltap0 (held by vmstub, a stand-in for the VM's QEMU, whose "guest" is
+namespace vm, 10.77.0.2) and the veth vnlphy0 (the "NIC"; its peer is namespace remote,
+10.77.0.3). Runs per topology, in results/runs/<A|B>-<run>/:
+  mix    VM <-> remote: 5 pings, 10 UDP datagrams echoed back, one TCP connection with
+         3 echoed messages; on A the datapath flows are deleted before each protocol
+  netem  8 pings with `tc qdisc add dev vnlphy0 root netem delay 20ms`
+  host   remote -> the host's own address 10.77.0.1 on the switch: 5 pings, 10 UDP, TCP
+and after A, an --attach kprobe instance killed with SIGKILL (results/sigkill/).
+
+KGUEST_RESULTS=DIR checks the results of an earlier `run_lane.sh --results DIR` instead of
+running the lane (the same checks; nothing is skipped).
+"""
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LANE_SCRIPT = os.path.join(HERE, "kguest", "run_lane.sh")
+TAP, PHY = "vnltap0", "vnlphy0"
+VM, REMOTE, HOST = "10.77.0.2", "10.77.0.3", "10.77.0.1"
+METHODS = ("kprobe", "tracepoint")
+TOPOS = ("A", "B")
+PROTOCOLS = ("icmp", "udp", "tcp")
+LOSS_COUNTERS = ("dropped", "left_path", "in_flight", "not_tracked", "lost", "vanished",
+                 "in_upcall")
+
+# --- kprobe against tracepoint (point 2) -------------------------------------------
+# The two instances see each packet at the same or adjacent kernel points: their totals
+# differ by (gap at the end) - (gap at the start), where a gap is the time between the
+# two instances' handlers on that packet. Measured in this guest (TCG, ~20-100x slower
+# than native): at the start 15-70 us (one handler: parse, map insert), at the end
+# 3-270 us (at phy_xmit one handler completes the packet, writes the ring buffer and
+# wakes its reader); so a packet nothing interrupted differs by at most ~2 x 300 us.
+# Anything that runs between the two handlers adds its whole duration: TCG translating
+# code run for the first time (the first packets after attaching: 300-700 us), an
+# interrupt with its softirq (the ring buffer wake-up IPI among them), or the host
+# descheduling the vCPU thread (2 host cores shared by 2 vCPUs, QEMU's I/O thread and
+# whatever else runs here: up to a CFS slice, ~4 ms). Measured over 4 lanes (248
+# packets): |difference| median 90 us, 91% within 600 us, max 2.5 ms.
+# Hence two bounds, each max(relative, absolute) as the totals reach 25 ms:
+#   every packet:            |kprobe - tracepoint| <= max(10%, 5 ms)   (one stall at most)
+#   most packets (>= 75%):   |kprobe - tracepoint| <= max(10%, 600 us) (no stall)
+#   and the median |difference| of a run <= 300 us (what a handler costs here).
+# What they catch: a stage attached at another point of the path (a systematic shift
+# of every packet), records paired with the wrong packet of a flow (its packets are 50
+# to 200 ms apart), an upcall round trip counted by one method and not the other.
+AGREE_REL = 0.10
+AGREE_STALL_US = 5000.0
+AGREE_QUIET_US = 600.0
+AGREE_QUIET_SHARE = 0.75
+AGREE_MEDIAN_US = 300.0
+
+# --- netem (point 6) ------------------------------------------------------------------
+# netem holds each packet 20 ms between enqueue (phy_queue: __dev_queue_xmit / the
+# net_dev_queue tracepoint) and its dequeue for the driver (phy_xmit: net_dev_start_xmit).
+# Nothing releases it early, so every TX record must show at least 90% of the delay in
+# phy_queue->phy_xmit. Measured here: 20.3-20.7 ms (the qdisc's timer fires a few hundred
+# us late under TCG). An emulator stall (see AGREE_STALL_US) between those two points adds
+# to one packet, in both methods alike (seen: 22.3 and 25.1 ms, while tcpdump stamped the
+# frame on vnlphy0 20.6 ms after vnltap0: the stall came after tcpdump's copy, before the
+# driver). So: the median of each method within 10% of 20 ms; every packet within 10%,
+# plus at most one stall above.
+# The other TX segments stay small: each under a quarter of the delay, for every packet
+# (measured 0.03-3 ms; an ICMP echo takes 0.1-4.5 ms from tap to switch under TCG): no
+# part of the 20 ms may show up there.
+NETEM_US = 20000.0
+NETEM_REL = 0.10
+NETEM_OTHER_MAX_US = 0.25 * NETEM_US
+
+# --- time (point 8) -------------------------------------------------------------------
+LANE_BUDGET_S = 15 * 60
+COLD_BUILD_ALLOWANCE_S = 180    # a cold image build measured 59 s; 3x that, as margin
+LANE_PROCESS_TIMEOUT_S = 1500   # run_lane.sh's guest timeout is 720 s; plus the image
+
+
+# =========================================================================== results
+
+def read_pcap(path):
+    """[(timestamp, frame bytes)] of a classic pcap file (either byte order, us or ns)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic = data[:4]
+    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+        endian = "<"
+    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+        endian = ">"
+    else:
+        raise AssertionError("%s is not a pcap file (magic %r)" % (path, magic))
+    nanos = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+    linktype = struct.unpack(endian + "I", data[20:24])[0]
+    assert linktype == 1, "%s: link type %d, not Ethernet" % (path, linktype)
+    frames, off = [], 24
+    while off + 16 <= len(data):
+        sec, frac, incl, _orig = struct.unpack(endian + "IIII", data[off:off + 16])
+        frames.append((sec + frac / (1e9 if nanos else 1e6), data[off + 16:off + 16 + incl]))
+        off += 16 + incl
+    return frames
+
+
+def parse_frame(frame):
+    """The fields the tool reports for an IPv4 TCP/UDP/ICMP frame, or None."""
+    eth, l3 = struct.unpack("!H", frame[12:14])[0], 14
+    while eth in (0x8100, 0x88a8):
+        eth, l3 = struct.unpack("!H", frame[l3 + 2:l3 + 4])[0], l3 + 4
+    if eth != 0x0800 or len(frame) < l3 + 20:
+        return None
+    ihl = (frame[l3] & 15) * 4
+    proto = frame[l3 + 9]
+    if struct.unpack("!H", frame[l3 + 6:l3 + 8])[0] & 0x1fff:
+        return None                      # a non-first fragment: the tool skips them too
+    rec = {"protocol": {1: "icmp", 6: "tcp", 17: "udp"}.get(proto),
+           "src_ip": socket.inet_ntoa(frame[l3 + 12:l3 + 16]),
+           "dst_ip": socket.inet_ntoa(frame[l3 + 16:l3 + 20]),
+           "src_port": None, "dst_port": None,
+           "icmp_type": None, "icmp_id": None, "icmp_seq": None}
+    if rec["protocol"] is None:
+        return None
+    l4 = frame[l3 + ihl:l3 + ihl + 8]
+    if proto == 1:
+        rec["icmp_type"] = l4[0]
+        if l4[0] in (0, 8):
+            rec["icmp_id"], rec["icmp_seq"] = struct.unpack("!HH", l4[4:8])
+    else:
+        rec["src_port"], rec["dst_port"] = struct.unpack("!HH", l4[0:4])
+    return rec
+
+
+def flow_key(r):
+    """What identifies a packet's flow; ICMP echoes are one packet each (id, seq)."""
+    if r["protocol"] == "icmp":
+        return (r["direction"], "icmp", r["src_ip"], r["dst_ip"], r["icmp_type"],
+                r["icmp_id"], r["icmp_seq"])
+    return (r["direction"], r["protocol"], r["src_ip"], r["dst_ip"], r["src_port"],
+            r["dst_port"])
+
+
+def fmt_key(k):
+    return " ".join(str(x) for x in k)
+
+
+def counter_diff(got, want):
+    lines = []
+    for k in sorted(set(got) | set(want), key=str):
+        if got.get(k, 0) != want.get(k, 0):
+            lines.append("  %s: tool %d, oracle %d" % (k if isinstance(k, str) else
+                                                       fmt_key(k), got.get(k, 0), want.get(k, 0)))
+    return "\n".join(lines)
+
+
+class ToolOutput(object):
+    """One instance's stdout (JSON lines), stderr and exit status."""
+
+    def __init__(self, run, method):
+        self.method = method
+        self.label = "%s --attach %s" % (run.name, method)
+        self.stdout = run.read(method + ".jsonl")
+        self.stderr = run.read(method + ".stderr")
+        self.rc = int(run.read(method + ".rc").strip() or -1)
+        self.records = []
+        for i, line in enumerate(self.stdout.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                self.records.append(json.loads(line))
+            except ValueError:
+                raise AssertionError("%s: stdout line %d is not JSON: %r" % (self.label, i, line[:200]))
+        self.packets = [r for r in self.records if r.get("type") == "packet"]
+        sums = [r for r in self.records if r.get("type") == "summary"]
+        assert len(sums) == 1, "%s: %d summary records (want 1); rc %s; stderr:\n%s" % (
+            self.label, len(sums), self.rc, self.stderr[-2000:])
+        self.summary = sums[0]
+
+
+class Run(object):
+    """One traced run of the lane: both instances' outputs and the oracles."""
+
+    def __init__(self, lane, name):
+        self.name = name
+        self.topo = name.split("-")[0]
+        self.dir = lane.path("runs", name)
+        assert os.path.isdir(self.dir), (
+            "no results for run %s: the guest did not get that far (see %s)"
+            % (name, lane.path("lane.log")))
+        self.meta = json.loads(self.read("meta.json"))
+        self.oracle = [json.loads(l) for l in self.read("oracle.jsonl").splitlines() if l.strip()]
+        self.out = dict((m, ToolOutput(self, m)) for m in METHODS)
+        self._captures = {}
+
+    def read(self, name):
+        path = os.path.join(self.dir, name)
+        assert os.path.exists(path), "the guest wrote no %s" % path
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def capture(self, dev):
+        """Packets tcpdump saw on dev, with the direction the tool would give them."""
+        if dev not in self._captures:
+            stats = self.read(dev + ".tcpdump.stderr")
+            m = re.search(r"(\d+) packets? dropped by kernel", stats)
+            assert m and m.group(1) == "0", "%s: tcpdump on %s dropped packets or did not " \
+                "finish: %s" % (self.name, dev, stats.strip())
+            pkts = []
+            for ts, frame in read_pcap(os.path.join(self.dir, dev + ".pcap")):
+                p = parse_frame(frame)
+                if p is None:
+                    continue
+                if p["src_ip"] == VM:
+                    p["direction"] = "tx"
+                elif p["dst_ip"] in (VM, HOST):
+                    p["direction"] = "rx"
+                else:
+                    p["direction"] = "other"
+                p["ts"] = ts
+                pkts.append(p)
+            self._captures[dev] = pkts
+        return self._captures[dev]
+
+    def oracle_of(self, kind):
+        return [o for o in self.oracle if o.get("kind") == kind or kind in o]
+
+
+class Lane(object):
+    def __init__(self, root, output, rc):
+        self.root, self.output, self.rc = root, output, rc
+        self._runs = {}
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def read(self, *parts):
+        path = self.path(*parts)
+        assert os.path.exists(path), "the guest wrote no %s" % path
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def run(self, name):
+        if name not in self._runs:
+            self._runs[name] = Run(self, name)
+        return self._runs[name]
+
+
+def _run_lane(results):
+    """run_lane.sh in its own session; on a timeout or Ctrl-C it gets SIGTERM, on which
+    it kills its QEMU (never leave one behind), then SIGKILL if it does not go."""
+    proc = subprocess.Popen([LANE_SCRIPT, "--results", results], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=LANE_PROCESS_TIMEOUT_S)
+    except BaseException:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        with open(os.path.join(results, "lane-output.txt"), "w") as f:
+            f.write(out or "")
+        raise
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def lane(tmp_path_factory):
+    reuse = os.environ.get("KGUEST_RESULTS")
+    if reuse:
+        results, rc = reuse, None
+        out_file = os.path.join(reuse, "lane-output.txt")
+        output = open(out_file).read() if os.path.exists(out_file) else ""
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("KGUEST LANE NOT RUN (this is a skip, not a pass): run_lane.sh "
+                        "needs root (QEMU, mmdebstrap, network namespaces)")
+        results = str(tmp_path_factory.mktemp("kguest"))
+        rc, output = _run_lane(results)
+        os.makedirs(results, exist_ok=True)
+        with open(os.path.join(results, "lane-output.txt"), "w") as f:
+            f.write(output)
+        print("kguest lane: exit %s, results in %s" % (rc, results))
+        if rc != 0 and not shutil.which("qemu-system-x86_64"):
+            pytest.skip("KGUEST LANE NOT RUN (this is a skip, not a pass): QEMU cannot run "
+                        "here, no qemu-system-x86_64 even after the lane's own install step "
+                        "(build_image.sh installs qemu-system-x86). Lane output:\n%s"
+                        % output[-3000:])
+    if not os.path.exists(os.path.join(results, "steps.tsv")):
+        pytest.fail("the guest gave no results (run_lane.sh exit %s); its last lines:\n%s"
+                    % (rc, output[-4000:]))
+    return Lane(results, output, rc)
+
+
+# =========================================================================== checks
+
+def expected_stages(topo, method, direction, upcall=False, host=False):
+    """The stages a packet passes here, from the README's table: bridge is a kprobe
+    (br_forward, no tracepoint) and only when the bridge forwards (not for the host's own
+    traffic); ovs_dp in both methods on OVS, ovs_upcall before it when the packet went up
+    to ovs-vswitchd; host_rcv (kprobes) ends the host's own traffic."""
+    stages = ["tap_rx" if direction == "tx" else "phy_rx"]
+    if topo == "B" and method == "kprobe" and not host:
+        stages.append("bridge")
+    if topo == "A":
+        stages += (["ovs_upcall"] if upcall else []) + ["ovs_dp"]
+    if host:
+        stages.append("host_rcv")
+    elif direction == "tx":
+        stages += ["phy_queue", "phy_xmit"]
+    else:
+        stages += ["tap_queue", "tap_xmit", "vm_read"]
+    return stages
+
+
+def shape_problems(rec, topo, method, vmstub_pid=None, host=False):
+    """What is wrong with one packet record (empty list: nothing)."""
+    out = []
+    stages = rec.get("stages") or []
+    if "ovs_upcall" in stages and topo != "A":
+        out.append("ovs_upcall without OVS")
+    want = expected_stages(topo, method, rec.get("direction"), "ovs_upcall" in stages, host)
+    if stages != want:
+        out.append("stages %s, want %s" % (stages, want))
+    segs = rec.get("segments") or []
+    if [(s["from"], s["to"]) for s in segs] != list(zip(stages, stages[1:])):
+        out.append("segments %s do not follow the stages" % [(s["from"], s["to"]) for s in segs])
+    if any(s["us"] < 0 for s in segs):
+        out.append("negative segment")
+    if abs(sum(s["us"] for s in segs) - rec.get("total_us", -1)) > 0.002 * len(segs) + 0.01:
+        out.append("segments add up to %.3f, total_us %.3f" % (
+            sum(s["us"] for s in segs), rec.get("total_us", -1)))
+    if rec.get("phy_dev") != PHY:
+        out.append("phy_dev %r" % rec.get("phy_dev"))
+    if host:
+        if (rec.get("direction"), rec.get("src_ip"), rec.get("dst_ip")) != ("rx", REMOTE, HOST):
+            out.append("not remote -> host rx")
+    else:
+        if rec.get("vm_dev") != TAP:
+            out.append("vm_dev %r" % rec.get("vm_dev"))
+        # the process on the VM's side of the tap wrote (tx) or read (rx) the frame
+        if vmstub_pid and (rec.get("pid"), rec.get("comm")) != (vmstub_pid, "vmstub"):
+            out.append("pid/comm %s/%s, want %s/vmstub" % (rec.get("pid"), rec.get("comm"), vmstub_pid))
+    return out
+
+
+def assert_shapes(out, topo, vmstub_pid=None, host=False):
+    bad = []
+    for rec in out.packets:
+        p = shape_problems(rec, topo, out.method, vmstub_pid, host)
+        if p:
+            bad.append("%s: %s" % (fmt_key(flow_key(rec)), "; ".join(p)))
+    assert not bad, "%s: %d of %d records malformed:\n  %s" % (
+        out.label, len(bad), len(out.packets), "\n  ".join(bad[:12]))
+
+
+def assert_everything_accounted(out, n):
+    s = out.summary
+    problems = ["%s=%s" % (k, s.get(k)) for k in LOSS_COUNTERS if s.get(k) != 0]
+    if not (s.get("reported") == s.get("started") == s.get("completed") == n == len(out.packets)):
+        problems.append("reported=%s started=%s completed=%s records=%d oracle=%d" % (
+            s.get("reported"), s.get("started"), s.get("completed"), len(out.packets), n))
+    assert not problems and not s.get("fates"), "%s: summary does not account for every " \
+        "packet as reported: %s; fates %s" % (out.label, ", ".join(problems), s.get("fates"))
+    assert out.rc == 0, "%s: exit status %s; stderr:\n%s" % (out.label, out.rc, out.stderr[-2000:])
+
+
+def one(items, what):
+    assert len(items) == 1, "oracle: want one %s entry, have %s" % (what, items)
+    return items[0]
+
+
+def check_generators_against_capture(run, wire):
+    """The oracle itself: tcpdump saw what the generators say they sent and received."""
+    by = collections.Counter((p["protocol"], p["direction"]) for p in wire)
+    ping = one(run.oracle_of("ping"), "ping")
+    problems = []
+    if (by[("icmp", "tx")], by[("icmp", "rx")]) != (ping["transmitted"], ping["received"]):
+        problems.append("ICMP on the tap tx/rx %d/%d, ping transmitted/received %s/%s" % (
+            by[("icmp", "tx")], by[("icmp", "rx")], ping["transmitted"], ping["received"]))
+    if ping["transmitted"] != ping["received"] or not ping["transmitted"]:
+        problems.append("ping lost packets: %s" % ping)
+    if run.name.endswith("-mix"):
+        burst = one(run.oracle_of("udp_burst"), "udp_burst")["udp_burst"]
+        echoed = one(run.oracle_of("udp_server"), "udp_server")["udp_server"]["echoed"]
+        if (by[("udp", "tx")], by[("udp", "rx")]) != (burst["sent"], burst["replies"]) or \
+                echoed != burst["sent"]:
+            problems.append("UDP on the tap tx/rx %d/%d, sent/echoed/replies %d/%d/%d" % (
+                by[("udp", "tx")], by[("udp", "rx")], burst["sent"], echoed, burst["replies"]))
+        tcp = one(run.oracle_of("tcp_client"), "tcp_client")["tcp_client"]
+        if tcp["echoed_ok"] != tcp["messages"]:
+            problems.append("TCP echoes %s" % tcp)
+        # handshake + each message and its echo + close: at least messages + 2 each way
+        if by[("tcp", "tx")] < tcp["messages"] + 2 or by[("tcp", "rx")] < tcp["messages"] + 2:
+            problems.append("TCP on the tap tx/rx %d/%d for %d messages" % (
+                by[("tcp", "tx")], by[("tcp", "rx")], tcp["messages"]))
+    others = [p for p in wire if p["direction"] == "other"]
+    if others:
+        problems.append("foreign IPv4 on the tap: %s" % others[:3])
+    assert not problems, "%s: the oracle is not sound:\n  %s" % (run.name, "\n  ".join(problems))
+
+
+# ====================================================================== the tests
+
+def test_every_lane_step_passed(lane):
+    """The guest's own steps: modules, OVS, topologies, connectivity, each run finished."""
+    steps = [l.split("\t") for l in lane.read("steps.tsv").splitlines() if l.strip()]
+    failed = ["%s: %s" % (s[0], s[2][:300] if len(s) > 2 else "") for s in steps if s[1] != "PASS"]
+    names = [s[0] for s in steps]
+    missing = [n for n in ("run.A-mix", "run.A-netem", "run.A-host", "sigkill", "run.B-mix",
+                           "run.B-netem", "run.B-host") if n not in names]
+    assert not failed and not missing, "guest steps failed: %s; never reached: %s" % (
+        failed, missing)
+
+
+@pytest.mark.parametrize("run_kind", ["mix", "netem"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("topo", TOPOS)
+def test_record_counts_match_the_wire(lane, topo, method, run_kind):
+    """Point 1: per (protocol, direction) exactly the packets tcpdump saw on vnltap0, the
+    same packets (addresses, ports, ICMP id/seq), all accounted for in the summary."""
+    run = lane.run("%s-%s" % (topo, run_kind))
+    out = run.out[method]
+    wire = run.capture(TAP)
+    check_generators_against_capture(run, wire)
+    # what crossed the tap also crossed the NIC: the switch passed every frame both ways
+    phy = [p for p in run.capture(PHY) if p["direction"] != "other"]
+    assert collections.Counter(map(flow_key, phy)) == collections.Counter(map(flow_key, wire)), \
+        "%s: the capture on %s differs from the one on %s:\n%s" % (
+            run.name, PHY, TAP, counter_diff(collections.Counter(map(flow_key, phy)),
+                                             collections.Counter(map(flow_key, wire))))
+    want = collections.Counter("%s %s" % (p["protocol"], p["direction"]) for p in wire)
+    got = collections.Counter("%s %s" % (r["protocol"], r["direction"]) for r in out.packets)
+    kinds = [("%s %s" % (p, d)) for p in (PROTOCOLS if run_kind == "mix" else ("icmp",))
+             for d in ("tx", "rx")]
+    assert all(want[k] > 0 for k in kinds), "%s: no traffic of some kind on the tap: %s" % (
+        run.name, dict(want))
+    assert got == want, "%s: records per (protocol, direction) differ from tcpdump on %s:\n%s" \
+        % (out.label, TAP, counter_diff(got, want))
+    got_k = collections.Counter(map(flow_key, out.packets))
+    want_k = collections.Counter(map(flow_key, wire))
+    assert got_k == want_k, "%s: records are not the packets on the wire:\n%s" % (
+        out.label, counter_diff(got_k, want_k))
+    assert_everything_accounted(out, len(wire))
+    assert_shapes(out, topo, run.meta.get("vmstub_pid"))
+
+
+def _pairs(run):
+    """kprobe and tracepoint records of one packet, paired by flow and order in the flow."""
+    flows = {}
+    for m in METHODS:
+        g = collections.OrderedDict()
+        for r in run.out[m].packets:
+            g.setdefault(flow_key(r), []).append(r)
+        flows[m] = g
+    k, t = flows["kprobe"], flows["tracepoint"]
+    assert set(k) == set(t), "%s: flows only one method saw: kprobe %s, tracepoint %s" % (
+        run.name, [fmt_key(x) for x in set(k) - set(t)], [fmt_key(x) for x in set(t) - set(k)])
+    pairs = []
+    for key in k:
+        assert len(k[key]) == len(t[key]), "%s: flow %s has %d kprobe and %d tracepoint " \
+            "records" % (run.name, fmt_key(key), len(k[key]), len(t[key]))
+        pairs += [(key, i, a, b) for i, (a, b) in enumerate(zip(k[key], t[key]))]
+    return pairs
+
+
+@pytest.mark.parametrize("run_name", ["A-mix", "A-netem", "B-mix", "B-netem"])
+def test_kprobe_and_tracepoint_agree_per_packet(lane, run_name):
+    """Point 2: both instances ran side by side on the same packets; paired by direction,
+    protocol, addresses, ports or ICMP id/seq and order within the flow, their totals
+    agree within the bounds explained at AGREE_* above."""
+    run = lane.run(run_name)
+    pairs = _pairs(run)
+    assert pairs, "%s: no packets" % run_name
+    bad, quiet, diffs = [], 0, []
+    for key, i, a, b in pairs:
+        d = a["total_us"] - b["total_us"]
+        end_gap = (a["timestamp"] - b["timestamp"]) * 1e6
+        diffs.append(abs(d))
+        rel = AGREE_REL * max(a["total_us"], b["total_us"])
+        what = "%s #%d: kprobe %.1f us, tracepoint %.1f us" % (fmt_key(key), i, a["total_us"], b["total_us"])
+        if abs(d) > max(rel, AGREE_STALL_US):
+            bad.append("%s: differ by %.1f us > max(10%%, %.0f us)" % (what, d, AGREE_STALL_US))
+        if abs(end_gap) > AGREE_STALL_US:
+            bad.append("%s: finished %.1f us apart: not the same packet" % (what, end_gap))
+        if ("ovs_upcall" in a["stages"]) != ("ovs_upcall" in b["stages"]):
+            bad.append("%s: upcall seen by one method only: %s / %s" % (what, a["stages"], b["stages"]))
+        if abs(d) <= max(rel, AGREE_QUIET_US):
+            quiet += 1
+    spread = "median |diff| %.1f us, %d of %d within max(10%%, %.0f us), max %.1f us" % (
+        statistics.median(diffs), quiet, len(pairs), AGREE_QUIET_US, max(diffs))
+    print("%s kprobe vs tracepoint: %s" % (run_name, spread))
+    assert not bad, "%s (%s):\n  %s" % (run_name, spread, "\n  ".join(bad))
+    assert quiet >= AGREE_QUIET_SHARE * len(pairs), "%s: fewer than %d%% of the packets agree " \
+        "within max(10%%, %.0f us): %s" % (run_name, 100 * AGREE_QUIET_SHARE, AGREE_QUIET_US, spread)
+    assert statistics.median(diffs) <= AGREE_MEDIAN_US, "%s: %s" % (run_name, spread)
+
+
+def test_ovs_dp_stage_on_every_record_of_topology_a(lane):
+    """Point 3: on OVS every record of every run passed ovs_dp, in both methods, and each
+    instance said where it attached ovs_dp."""
+    problems = []
+    n = 0
+    for name in ("A-mix", "A-netem", "A-host"):
+        run = lane.run(name)
+        for m in METHODS:
+            for r in run.out[m].packets:
+                n += 1
+                if "ovs_dp" not in r["stages"]:
+                    problems.append("%s %s: %s stages %s" % (name, m, fmt_key(flow_key(r)), r["stages"]))
+        want = {"kprobe": "attached kprobe ovs_dp_process_packet -> ovs_dp",
+                "tracepoint": "attached tracepoint openvswitch:ovs_do_execute_action -> ovs_dp"}
+        for m, line in want.items():
+            if line not in run.out[m].stderr.splitlines():
+                problems.append("%s --attach %s: no line %r in stderr" % (name, m, line))
+    assert n > 0
+    assert not problems, "\n".join(problems[:20])
+    for name in ("B-mix", "B-netem", "B-host"):
+        for m in METHODS:
+            seen = set(s for r in lane.run(name).out[m].packets for s in r["stages"])
+            assert not seen & {"ovs_dp", "ovs_upcall"}, "%s %s: OVS stages on the Linux bridge" % (name, m)
+
+
+def test_ovs_upcalls_are_followed(lane):
+    """Point 4: with the datapath flows deleted before each protocol, the first packet of
+    each flow went up to ovs-vswitchd and back: reported with ovs_upcall then ovs_dp, by
+    both methods when the kernel has the openvswitch:ovs_dp_upcall tracepoint; as many
+    such records as the datapath counted misses (ovs-dpctl show: lookups missed); every
+    packet reported, none left the path or still waiting for vswitchd."""
+    run = lane.run("A-mix")
+    assert len(run.oracle_of("del_flows")) == 3, "the flows were not deleted before each protocol"
+    lk = dict((o["when"], o) for o in run.oracle_of("ovs_lookups"))
+    misses = lk["after"]["missed"] - lk["before"]["missed"]
+    assert lk["after"]["lost"] == lk["before"]["lost"], "upcalls lost: %s" % lk
+    assert misses >= 6, "ovs-dpctl counted %d misses; each protocol's first packet each way " \
+        "should have missed" % misses
+    tracepoints = lane.read("ovs-tracepoints.txt").split()
+    has_tp = "ovs_dp_upcall" in tracepoints
+    traced = ["kprobe", "tracepoint"] if has_tp else ["kprobe"]
+    k_err, t_err = run.out["kprobe"].stderr.splitlines(), run.out["tracepoint"].stderr.splitlines()
+    assert "attached kprobe ovs_dp_upcall -> ovs_upcall" in k_err, "kprobe stderr:\n" + "\n".join(k_err)
+    if has_tp:
+        assert "attached tracepoint openvswitch:ovs_dp_upcall -> ovs_upcall" in t_err, \
+            "the kernel has openvswitch:ovs_dp_upcall; tracepoint stderr:\n" + "\n".join(t_err)
+    else:
+        assert any(l.startswith("note: stage ovs_upcall not traced") for l in t_err), \
+            "no openvswitch:ovs_dp_upcall here, yet no note; stderr:\n" + "\n".join(t_err)
+        assert not any("ovs_upcall" in r["stages"] for r in run.out["tracepoint"].packets)
+    for m in traced:
+        out = run.out[m]
+        up = [r for r in out.packets if "ovs_upcall" in r["stages"]]
+        for r in up:
+            st = r["stages"]
+            assert st[st.index("ovs_upcall") + 1] == "ovs_dp", "%s: %s" % (out.label, st)
+        assert len(up) == misses, "%s: %d records with ovs_upcall, the datapath missed %d " \
+            "times (ovs-dpctl show)" % (out.label, len(up), misses)
+        firsts = collections.OrderedDict()
+        for r in out.packets:
+            firsts.setdefault((r["protocol"], r["direction"]), r)
+        assert len(firsts) == 6, "%s: %s" % (out.label, list(firsts))
+        not_up = ["%s %s: %s" % (p, d, r["stages"]) for (p, d), r in firsts.items()
+                  if "ovs_upcall" not in r["stages"]]
+        assert not not_up, "%s: first packet after del-flows not reported as an upcall:\n  %s" % (
+            out.label, "\n  ".join(not_up))
+        s = out.summary
+        assert s["left_path"] == 0 and s["in_upcall"] == 0 and s["reported"] == s["started"], \
+            "%s: %s" % (out.label, s)
+        print("%s: %d upcalls: %s" % (out.label, len(up), ", ".join(
+            "%s %s %.0f us" % (r["protocol"], r["direction"], next(
+                g["us"] for g in r["segments"] if g["from"] == "ovs_upcall")) for r in up)))
+
+
+@pytest.mark.parametrize("topo", TOPOS)
+def test_host_local_delivery_ends_in_host_rcv(lane, topo):
+    """Point 5: remote -> the host's own address on the switch (ICMP, UDP, TCP): the kprobe
+    instance reports every such packet, exactly those tcpdump saw arrive on vnlphy0, RX,
+    from phy_rx to host_rcv."""
+    run = lane.run("%s-host" % topo)
+    arrived = [p for p in run.capture(PHY) if p["dst_ip"] == HOST]
+    assert [p for p in run.capture(TAP)] == [], "%s: IPv4 on the tap during host-local " \
+        "traffic" % run.name
+    ping = one(run.oracle_of("ping"), "ping")
+    burst = one(run.oracle_of("udp_burst"), "udp_burst")["udp_burst"]
+    echoed = one(run.oracle_of("udp_server"), "udp_server")["udp_server"]["echoed"]
+    by = collections.Counter(p["protocol"] for p in arrived)
+    assert by["icmp"] == ping["transmitted"] == ping["received"] > 0, (by, ping)
+    assert by["udp"] == burst["sent"] == echoed == burst["replies"] > 0, (by, burst, echoed)
+    assert by["tcp"] >= 3 + 2, by
+    out = run.out["kprobe"]
+    got = collections.Counter(r["protocol"] for r in out.packets)
+    assert got == by, "%s: host-local records per protocol differ from tcpdump on %s:\n%s" % (
+        out.label, PHY, counter_diff(got, by))
+    got_k = collections.Counter(map(flow_key, out.packets))
+    want_k = collections.Counter(map(flow_key, arrived))
+    assert got_k == want_k, "%s:\n%s" % (out.label, counter_diff(got_k, want_k))
+    assert all(r["stages"][0] == "phy_rx" and r["stages"][-1] == "host_rcv"
+               for r in out.packets), [r["stages"] for r in out.packets]
+    assert_shapes(out, topo, host=True)
+    assert_everything_accounted(out, len(arrived))
+    assert "attached kprobe icmp_rcv -> host_rcv" in out.stderr.splitlines()
+    # --attach tracepoint cannot see host_rcv (no tracepoint there): it says so, reports
+    # none of these packets, and still counts each one that entered the path somewhere
+    # in its summary. (Not all as "left the traced path", as the README says: the host's
+    # TCP frees some with kfree_skb ("dropped"), and some with __kfree_skb, which has no
+    # tracepoint: those stay "in flight" or, once the sk_buff is reused, "vanished".)
+    tp = run.out["tracepoint"]
+    assert "note: stage host_rcv not traced: no tracepoint at this point (needs --attach " \
+        "kprobe or auto)" in tp.stderr.splitlines(), tp.stderr
+    assert tp.packets == [], "%s reported %d records" % (tp.label, len(tp.packets))
+    s = tp.summary
+    fates = dict((k, s[k]) for k in ("left_path", "dropped", "in_flight", "vanished"))
+    assert s["started"] == len(arrived) == sum(fates.values()) and s["reported"] == 0 and \
+        s["not_tracked"] == 0 and s["lost"] == 0, "%s: %d host-local packets; summary %s" % (
+            tp.label, len(arrived), s)
+    print("%s: %d host-local packets, all host_rcv with --attach kprobe; --attach tracepoint: %s"
+          % (run.name, len(arrived), fates))
+
+
+@pytest.mark.parametrize("topo", TOPOS)
+def test_netem_delay_lands_in_phy_queue_to_phy_xmit(lane, topo):
+    """Point 6: netem delay 20ms on vnlphy0, both methods at once: the TX records put the
+    delay in phy_queue->phy_xmit (within 10%, see NETEM_* above), the other segments stay
+    small."""
+    run = lane.run("%s-netem" % topo)
+    netem = one(run.oracle_of("netem"), "netem")
+    assert (netem["dev"], netem["delay_ms"]) == (PHY, NETEM_US / 1000)
+    ping = one(run.oracle_of("ping"), "ping")
+    lo, hi = (1 - NETEM_REL) * NETEM_US, (1 + NETEM_REL) * NETEM_US
+    problems, report = [], []
+    for m in METHODS:
+        out = run.out[m]
+        tx = [r for r in out.packets if r["direction"] == "tx"]
+        assert len(tx) == ping["transmitted"] > 0, "%s: %d TX records, %d pings" % (
+            out.label, len(tx), ping["transmitted"])
+        qx, others = [], []
+        for r in tx:
+            seg = dict(("%s->%s" % (s["from"], s["to"]), s["us"]) for s in r["segments"])
+            v = seg.pop("phy_queue->phy_xmit", None)
+            if v is None:
+                problems.append("%s: no phy_queue->phy_xmit in %s" % (out.label, r["stages"]))
+                continue
+            qx.append(v)
+            others += seg.values()
+            if not lo <= v <= hi + AGREE_STALL_US:
+                problems.append("%s seq %s: phy_queue->phy_xmit %.1f us, outside [%.0f, %.0f + "
+                                "one stall %.0f]" % (out.label, r["icmp_seq"], v, lo, hi, AGREE_STALL_US))
+            big = dict((k, u) for k, u in seg.items() if u >= NETEM_OTHER_MAX_US)
+            if big:
+                problems.append("%s seq %s: the delay shows elsewhere: %s" % (out.label, r["icmp_seq"], big))
+        if qx and not lo <= statistics.median(qx) <= hi:
+            problems.append("%s: median phy_queue->phy_xmit %.1f us, not within 10%% of %.0f" % (
+                out.label, statistics.median(qx), NETEM_US))
+        report.append("%s phy_queue->phy_xmit us: %s (median %.0f), other TX segments max %.0f"
+                      % (m, " ".join("%.0f" % v for v in qx), statistics.median(qx) if qx else -1,
+                         max(others) if others else -1))
+    print("%s: %s" % (run.name, "; ".join(report)))
+    assert not problems, "%s:\n  %s" % ("; ".join(report), "\n  ".join(problems))
+
+
+def _bcc_events(text, pid):
+    return [l for l in text.splitlines() if re.search(r"_bcc_%d\s" % pid, l + " ")]
+
+
+def test_sigkill_leaves_nothing_registered(lane):
+    """Point 7: a kprobe instance killed with SIGKILL leaves no BPF program loaded (its
+    program ids, read from /proc/PID/fdinfo before the kill, are gone from bpftool prog)
+    and no kprobe event of its own in kprobe_events; events it would have left must be
+    removed by the next run."""
+    meta = json.loads(lane.read("sigkill", "meta.json"))
+    pid = meta["pid"]
+    assert int(lane.read("sigkill", "kprobe.rc").strip()) == 128 + signal.SIGKILL
+    ids = [int(x) for x in lane.read("sigkill", "prog_ids.txt").split()]
+    assert len(ids) >= 10, "only %d program ids in /proc/%d/fdinfo" % (len(ids), pid)
+    running = set(p["id"] for p in json.loads(lane.read("sigkill", "bpftool-prog.running.json")))
+    after = set(p["id"] for p in json.loads(lane.read("sigkill", "bpftool-prog.after_kill.json")))
+    assert set(ids) <= running, "ids %s not in bpftool prog while it ran" % sorted(set(ids) - running)
+    assert not set(ids) & after, "programs of the killed instance still loaded: %s" % sorted(
+        set(ids) & after)
+    left = _bcc_events(lane.read("sigkill", "kprobe_events.after_kill"), pid)
+    if not left:
+        # what applies on this kernel: BCC attached every kprobe through the kprobe PMU
+        # (perf_event_open), which goes with the process; nothing was in kprobe_events
+        assert "kprobes: available (kprobe PMU)" in lane.read("sigkill", "kprobe.stderr")
+        assert _bcc_events(lane.read("sigkill", "kprobe_events.running"), pid) == []
+        print("SIGKILL: %d programs gone %.2f s after the kill; no kprobe_events entry, while "
+              "running or after (kprobe PMU)" % (len(ids), meta["programs_gone_after_s"]))
+    else:
+        # the legacy interface: its events stay; the next run (B-mix) must remove them
+        nxt = lane.run("B-mix")
+        still = _bcc_events(lane.read("runs", "B-mix", "kprobe_events.attached"), pid)
+        assert not still, "the next run left the killed instance's events: %s" % still
+        logs = nxt.out["kprobe"].stderr + nxt.out["tracepoint"].stderr
+        for line in left:
+            name = line.split()[0].split("/")[-1]
+            assert "removed stale kprobe event %s" % name in logs, name
+
+
+@pytest.mark.xfail(strict=True, reason="vm_network_latency.py bug: clear_stale_kprobe_events() "
+                   "opens kprobe_events with open(path, 'a'); Python then seeks to the end, "
+                   "which tracefs refuses (EINVAL), and the error is swallowed: no stale event "
+                   "is ever removed (see sigkill/remove_diag.json)")
+def test_next_run_removes_stale_kprobe_events(lane):
+    """Point 7, the legacy case made to happen: after the kill the lane wrote the event BCC
+    writes where there is no kprobe PMU (p:kprobes/p_tun_net_xmit_bcc_<dead pid>); the next
+    run of the tool (B-mix, --verbose) must remove it and say so."""
+    planted = lane.read("sigkill", "planted_event.txt").strip()
+    assert planted in lane.read("sigkill", "kprobe_events.planted")
+    diag = json.loads(lane.read("sigkill", "remove_diag.json"))
+    assert diag["present_before"] and not diag["present_after_os_open"], (
+        "removing an event with os.open(O_WRONLY|O_APPEND) did not work here: %s" % diag)
+    nxt = lane.run("B-mix")
+    after = lane.read("runs", "B-mix", "kprobe_events.attached")
+    logs = nxt.out["kprobe"].stderr + nxt.out["tracepoint"].stderr
+    assert planted not in after and "removed stale kprobe event %s" % planted in logs, (
+        "the next run left %s in kprobe_events (%s); removing it with open(path, 'a'): %s"
+        % (planted, after.strip(), diag["python_open_a"]))
+
+
+def test_lane_time_within_budget(lane):
+    """Point 8: the lane prints its total time; all of it, a cold image build included,
+    stays well within 15 minutes."""
+    t = json.loads(lane.read("times.json"))
+    if lane.output:
+        assert re.search(r"times: image .* total [0-9.]+s", lane.output), lane.output[-1000:]
+    budget = LANE_BUDGET_S if t["image_built"] else LANE_BUDGET_S - COLD_BUILD_ALLOWANCE_S
+    print("lane: image %.1f s (%s), guest %.1f s, total %.1f s" % (
+        t["image_s"], "built" if t["image_built"] else "cached", t["guest_s"], t["total_s"]))
+    assert not t["timed_out"] and t["total_s"] <= budget, "lane took %.1f s (budget %d s, " \
+        "image %s): %s" % (t["total_s"], budget, "built" if t["image_built"] else "cached", t)
