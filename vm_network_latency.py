@@ -1847,15 +1847,6 @@ def log2_rows(buckets):
     return out
 
 
-def exact_percentile(values, fraction):
-    """Nearest-rank percentile of exact values (the tests compare against it)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = max(0, int(-(-fraction * len(ordered) // 1)) - 1)
-    return ordered[min(k, len(ordered) - 1)]
-
-
 # ============================================================================
 # Reporting
 # ============================================================================
@@ -2018,10 +2009,6 @@ def summary_line(s):
 # Main
 # ============================================================================
 
-class Stop(Exception):
-    pass
-
-
 def list_stages_report(plans, layout, out_json, reporter):
     if out_json:
         for p in plans:
@@ -2065,6 +2052,7 @@ class Session(object):
         self.hist_prev = [0] * hist_slots(self.segments)
         self.thread_names = {}
         self.roles = {}
+        self.stuck = []
 
     def process_name(self, pid):
         return self._comm(self.proc_names, pid, "/proc/%d/comm" % pid)

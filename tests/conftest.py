@@ -2,7 +2,6 @@
 import importlib.util
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -27,3 +26,21 @@ def run_tool(*args, timeout=120, python=PYTHON, pre=()):
     """Run the real tool to completion; returns CompletedProcess with text output."""
     return subprocess.run(list(pre) + [python, TOOL] + list(args), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+
+
+@pytest.fixture
+def traces():
+    """Start the real tool (tracing.Trace); every one is closed after the test, and
+    every BPF program it had loaded must be gone from the kernel."""
+    from tracing import Trace
+    started = []
+
+    def start(*args, **kw):
+        t = Trace(*args, **kw)
+        started.append(t)
+        return t
+    yield start
+    for t in started:
+        t.close()
+    for t in started:
+        assert t.leftover_programs() == [], "BPF programs left loaded after the tool exited"

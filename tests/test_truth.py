@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import load_tool
 from lab import Lab
 from tapwriter import TapWriter, ether, icmp, ipv4, udp
-from tracing import Trace, wait_qdisc_empty
+from tracing import wait_qdisc_empty
 
 TAP, PHY, BRIDGE = Lab.TAP, Lab.PHY, Lab.BRIDGE
 VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
@@ -31,21 +31,6 @@ def lab():
         subprocess.run(["bridge", "fdb", "replace", Lab.REMOTE_MAC, "dev", PHY, "master",
                         "static"], check=True)
         yield lab
-
-
-@pytest.fixture
-def traces():
-    started = []
-
-    def start(*args, **kw):
-        t = Trace(*args, **kw)
-        started.append(t)
-        return t
-    yield start
-    for t in started:
-        t.close()
-    for t in started:
-        assert t.leftover_programs() == [], "BPF programs left loaded after the tool exited"
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lab import Lab
-from tracing import Capture, Trace, exact_percentile, wait_qdisc_empty
+from tracing import Capture, exact_percentile, wait_qdisc_empty
 
 TAP, PHY = Lab.TAP, Lab.PHY
 VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
@@ -24,21 +24,6 @@ RX_STAGES = ["phy_rx", "tap_queue", "tap_xmit", "vm_read"]
 def lab():
     with Lab() as lab:
         yield lab
-
-
-@pytest.fixture
-def traces():
-    started = []
-
-    def start(*args, **kw):
-        t = Trace(*args, **kw)
-        started.append(t)
-        return t
-    yield start
-    for t in started:
-        t.close()
-    for t in started:
-        assert t.leftover_programs() == [], "BPF programs left loaded after the tool exited"
 
 
 def guest_ok(lab, cmd, timeout=120):
