@@ -70,9 +70,17 @@ class Trace(object):
         self.returncode = self.proc.wait(timeout)
         return self
 
-    def leftover_programs(self):
-        """Programs this tool loaded that are still in the kernel (must be none after exit)."""
-        return sorted(set(self.prog_ids) & set(loaded_program_ids()))
+    def leftover_programs(self, grace=5.0):
+        """Programs this tool loaded that are still in the kernel (must be none after exit).
+
+        The kernel frees a program when its last link goes, partly after an RCU grace
+        period: give it a few seconds."""
+        deadline = time.monotonic() + grace
+        while True:
+            left = sorted(set(self.prog_ids) & set(loaded_program_ids()))
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.1)
 
     def kill(self):
         if self.proc.poll() is None:
