@@ -240,11 +240,13 @@ def test_output_overrun_is_counted_not_hidden(lab, traces):
             vm.write(frame)
         entered = vm.rx_packets() - before
         time.sleep(1)
+        peak_kb = tool_memory_kb(t.proc.pid)
         t.stop(settle=0)
         quiet.stop(settle=0)
     s = t.summary()
     assert accounted(s) == entered
     assert s["lost"] > 0          # this flood is faster than any terminal
+    assert peak_kb < 150 * 1024   # losses are counted, nothing piles up in memory
     q = quiet.summary()
     assert accounted(q) == entered and q["lost"] == 0 and q["below_threshold"] == entered
 
