@@ -1,6 +1,6 @@
 #!/bin/bash
 # run_lane.sh [--keep-log] [--cases A,B,tool] [--timeout SECONDS] [--results DIR] [--cache DIR]
-#             [--guest-env NAME=VALUE]...   (e.g. --guest-env TOOL_TIMEOUT=30)
+#             [--guest-env NAME=VALUE]...   (e.g. --guest-env TOOL_ATTACH_WAIT=600)
 #
 # The kguest lane: runs vm_network_latency.py for real inside a QEMU guest (software
 # emulation) whose Debian cloud kernel has kprobes and the OVS kernel datapath, which

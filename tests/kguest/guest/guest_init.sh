@@ -28,7 +28,7 @@ cases=all
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     kguest.cases=*) cases=${arg#kguest.cases=} ;;
-    kguest.env=*) export "${arg#kguest.env=}" ;;   # e.g. kguest.env=TOOL_TIMEOUT=20
+    kguest.env=*) export "${arg#kguest.env=}" ;;   # e.g. kguest.env=TOOL_ATTACH_WAIT=600
     esac
 done
 
