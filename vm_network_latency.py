@@ -1643,16 +1643,21 @@ def clear_stale_kprobe_events(verbose):
     except (IOError, OSError):
         return
     for line in lines:
-        m = re.match(r"^[pr]:(?:\S+/)?(\S+_bcc_(\d+))\s", line)
-        if not m or os.path.exists("/proc/%s" % m.group(2)):
+        m = re.match(r"^[pr]:((?:\S+/)?(\S+_bcc_(\d+)))\s", line)
+        if not m or os.path.exists("/proc/%s" % m.group(3)):
             continue
         try:
-            with open(path, "a") as f:
-                f.write("-:%s\n" % m.group(1))
+            # O_APPEND without a seek: Python's open(path, "a") seeks to the end, which
+            # tracefs refuses; "w" would truncate, deleting every kprobe event there is
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, ("-:%s\n" % m.group(1)).encode())
+            finally:
+                os.close(fd)
             if verbose:
-                log("removed stale kprobe event %s" % m.group(1))
-        except (IOError, OSError):
-            pass
+                log("removed stale kprobe event %s" % m.group(2))
+        except (IOError, OSError) as e:
+            log("warning: cannot remove stale kprobe event %s: %s" % (m.group(1), e))
 
 
 class Tracer(object):

@@ -58,6 +58,9 @@ TAIL_PID=
 BUILD_PID=
 cleanup() {
     local sig=${1:-}
+    # whoever reads our output may be gone (pytest killed): a write must not kill us
+    # (SIGPIPE) before QEMU is
+    trap '' PIPE
     if [ -n "$BUILD_PID" ]; then
         kill -TERM "$BUILD_PID" 2>/dev/null; wait "$BUILD_PID" 2>/dev/null; BUILD_PID=
     fi
