@@ -80,14 +80,21 @@ class UsageError(Exception):
     """A problem with what the user asked for: one line on stderr, exit 2."""
 
 
-def _port(text):
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a port number" % text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError("port %d is outside 1-65535" % value)
-    return value
+def _int_in(lo, hi, what):
+    """An argparse type: a whole number from lo to hi."""
+    def parse(text):
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a %s" % (text, what))
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError("%s %d is outside %d-%d" % (what, value, lo, hi))
+        return value
+    return parse
+
+
+_port = _int_in(1, 65535, "port number")
+_table_size = _int_in(16, 4194304, "table size")
 
 
 def _ipv4(text):
@@ -115,16 +122,6 @@ def _non_negative_float(text):
         raise argparse.ArgumentTypeError("%r is not a number" % text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("%r must be zero or a positive number" % text)
-    return value
-
-
-def _table_size(text):
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
-    if not 16 <= value <= 4194304:
-        raise argparse.ArgumentTypeError("%d is outside 16-4194304" % value)
     return value
 
 
@@ -2246,14 +2243,7 @@ def run(args):
     if args.list_stages:
         list_stages_report(plans, layout, args.output == "json", reporter)
         return 0
-    for direction in ("tx", "rx"):
-        if args.direction not in (direction, "both"):
-            continue
-        start = "tap_rx" if direction == "tx" else "phy_rx"
-        start_plan = next(p for p in plans if p.stage.name == start)
-        if not start_plan.method or final_stage(plans, direction) < 0:
-            raise Fatal("cannot trace %s: %s" % (direction.upper(), start_plan.reason or
-                                                  "no stage can see the end of the path"))
+    require_path_ends(args, plans)
     version = kernel_version(release)
     # 2 MB of ring buffer: ~14,000 events, a quarter second at 50,000 packets/s; user
     # space maps it twice (for wrap-around), so it counts double in resident memory
@@ -2266,6 +2256,31 @@ def run(args):
         return 0
     bcc = import_bcc()
     roles, names, taps, phys = resolve_roles(args)
+    announce(args, layout, plans, kprobes_ok, kprobe_why, taps, phys)
+    clear_stale_kprobe_events(args.verbose)
+    try:
+        tracer = Tracer(bcc, text, plans, args.verbose)
+    except Exception as e:
+        raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
+    if args.dry_run:
+        return verify_only(args, tracer)
+    return trace(args, tracer, reporter, roles, names, layout)
+
+
+def require_path_ends(args, plans):
+    """Each direction traced needs the stage where packets enter and one where they end."""
+    for direction in ("tx", "rx"):
+        if args.direction not in (direction, "both"):
+            continue
+        start = "tap_rx" if direction == "tx" else "phy_rx"
+        start_plan = next(p for p in plans if p.stage.name == start)
+        if not start_plan.method or final_stage(plans, direction) < 0:
+            raise Fatal("cannot trace %s: %s" % (direction.upper(), start_plan.reason or
+                                                  "no stage can see the end of the path"))
+
+
+def announce(args, layout, plans, kprobes_ok, kprobe_why, taps, phys):
+    """What the user should know before tracing starts (more with --verbose)."""
     if args.verbose:
         log("struct layouts from %s: %s" % (layout.source, ", ".join(
             "%s=%s" % kv for kv in sorted(layout.offsets.items()))))
@@ -2277,22 +2292,19 @@ def run(args):
             log("note: stage %s not traced: %s" % (p.stage.name, p.reason))
     if not phys:
         log("warning: no physical device found; name it with --phy-dev")
-    clear_stale_kprobe_events(args.verbose)
+
+
+def verify_only(args, tracer):
+    """--dry-run: every program through the verifier, nothing attached."""
     try:
-        tracer = Tracer(bcc, text, plans, args.verbose)
+        count = tracer.load_only()
     except Exception as e:
-        raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
-    if args.dry_run:
-        try:
-            count = tracer.load_only()
-        except Exception as e:
-            tracer.close()
-            raise Fatal("the kernel verifier rejected the program: %s" % e)
+        raise Fatal("the kernel verifier rejected the program: %s" % e)
+    finally:
         tracer.close()
-        log("%d BPF programs (%s) passed the kernel verifier; nothing was attached"
-            % (count, args.attach))
-        return 0
-    return trace(args, tracer, reporter, roles, names, layout)
+    log("%d BPF programs (%s) passed the kernel verifier; nothing was attached"
+        % (count, args.attach))
+    return 0
 
 
 def trace(args, tracer, reporter, roles, names, layout):

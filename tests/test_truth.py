@@ -99,14 +99,33 @@ def stand_in(lab):
                        stderr=subprocess.DEVNULL)
 
 
+ONE_SHOT_SENDER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 40100))
+print("ready", flush=True)
+for _ in sys.stdin:
+    s.sendto(b"held by the VM", (sys.argv[2], 9100))
+    print("sent", flush=True)
+"""
+
+
 @pytest.mark.parametrize("hold", [0.070, 5.0])
 def test_vm_not_reading_is_the_tap_to_vm_segment(lab, stand_in, traces, hold):
+    # a sender already running in the remote namespace: one line in, one datagram out,
+    # so the moment of sending is known to within a pipe round trip
+    sender = lab.remote("/usr/bin/python3", "-c", ONE_SHOT_SENDER, REMOTE, STAND_IN_IP,
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert sender.stdout.readline().strip() == b"ready"
     t = traces("--vm-dev", STAND_IN, "--phy-dev", PHY, "--direction", "rx",
                "--protocol", "udp", "--dst-port", "9100")
     before_send = time.monotonic()
-    r = lab.remote_run(lab.host_traffic, "udp", STAND_IN_IP, 9100, 1, 40100, check=True)
+    sender.stdin.write(b"go\n")
+    sender.stdin.flush()
+    assert sender.stdout.readline().strip() == b"sent"
     after_send = time.monotonic()
-    assert r.stdout.strip() == "sent 1"
+    sender.stdin.close()
+    sender.wait(10)
     time.sleep(max(0.0, hold - (time.monotonic() - after_send)))
     before_read = time.monotonic()
     assert stand_in.drain() == 1
