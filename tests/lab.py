@@ -30,7 +30,7 @@ fails half-way), on SIGINT/SIGTERM/SIGHUP (turned into KeyboardInterrupt so
 servers get PR_SET_PDEATHSIG=SIGKILL, so they die with the Python process even
 on SIGKILL; devices left by a SIGKILLed run are removed by the next ``Lab``
 (``__enter__`` cleans stale leftovers first) or by ``lab.py cleanup``.
-A lock file (/run/vnl-lab.lock) keeps two labs from running at once.
+A lock on the guest cache directory keeps two labs from running at once.
 """
 
 import atexit
@@ -55,7 +55,6 @@ BUILD_SCRIPT = os.path.join(HERE, "guest", "build_guest.sh")
 DEFAULT_CACHE_DIR = "/var/cache/vm-network-latency/guest"
 READY_MARKER = "__VNL_GUEST_READY__"
 DONE_MARKER = "__VNL_DONE__"
-LOCK_PATH = "/run/vnl-lab.lock"
 GUEST_TRAFFIC = "/bin/vnl-traffic"   # the helper's path inside the guest
 
 _DONE_RE = re.compile(rb"(?:^|\n)" + DONE_MARKER.encode() + rb" (-?\d+)\r?\n")
@@ -492,7 +491,9 @@ class Lab:
         self._old_handlers = {}
 
     def _take_lock(self):
-        fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
+        # the lock is the guest cache directory itself: no lock file is left behind
+        os.makedirs(self.cache_dir, exist_ok=True)
+        fd = os.open(self.cache_dir, os.O_RDONLY)
         deadline = time.monotonic() + self.lock_timeout
         while True:
             try:
@@ -504,10 +505,8 @@ class Lab:
                     raise
                 if time.monotonic() > deadline:
                     os.close(fd)
-                    raise LabError("another lab holds %s" % LOCK_PATH)
+                    raise LabError("another lab holds the lock on %s" % self.cache_dir)
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, b"%d\n" % os.getpid())
         self._lock_fd = fd
 
     def _release_lock(self):
