@@ -224,7 +224,11 @@ def test_qdisc_limit_conservation(lab, traces, qdisc):
     t.stop()
     s = t.summary()
     assert s["started"] == entered and accounted(s) == entered
-    assert s["dropped"] > 0 and s["in_flight"] == waiting == 0, (waiting, s)
+    assert waiting == 0 and s["dropped"] > 0, (waiting, s)
+    # the queue is empty: what the tool still holds is only what the kernel did not show
+    # it leaving (see test_vm's histogram test): at most a few, all after phy_queue
+    assert s["in_flight"] <= 3 and all(p["last_stage"] == "phy_queue"
+                                       for p in s["in_flight_examples"]), s
     assert {(f["reason"], f["last_stage"]) for f in s["fates"]} == {("QDISC_DROP", "phy_queue")}
 
 
