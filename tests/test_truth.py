@@ -79,6 +79,18 @@ def remote_send(lab, count, dport, sport, gap_us=0):
     assert r.stdout.strip() == "sent %d" % count
 
 
+def burst_into_stopped_vm(lab, count, dport, sport, gap_us, stopped, settle):
+    """The remote sends a burst while QEMU is stopped (the tap's ring fills), then the VM
+    runs again; returns how many frames the host received on its NIC meanwhile."""
+    before = rx_packets(PHY)
+    lab.pause_vm()
+    remote_send(lab, count, dport, sport, gap_us)
+    time.sleep(stopped)
+    lab.resume_vm()
+    time.sleep(settle)
+    return rx_packets(PHY) - before
+
+
 # ---------------------------------------------------------------------------
 # Ground truth: known delays, in the right segment
 # ---------------------------------------------------------------------------
@@ -186,13 +198,7 @@ def test_full_tap_queue_conservation_and_drop_reports(paused, traces):
     args = DEVS + ("--direction", "rx", "--protocol", "udp", "--dst-port", "9200")
     as_json = traces(*(args + ("--drops",)))
     as_text = traces(*args, output="text")
-    before = rx_packets(PHY)
-    lab.pause_vm()
-    remote_send(lab, 3000, 9200, 40200, 20)
-    time.sleep(0.5)
-    lab.resume_vm()
-    time.sleep(2)
-    entered = rx_packets(PHY) - before      # what the host received on its NIC
+    entered = burst_into_stopped_vm(lab, 3000, 9200, 40200, 20, stopped=0.5, settle=2)
     for t in (as_json, as_text):
         t.stop(settle=0)
     s = as_json.summary()
@@ -236,13 +242,7 @@ def test_full_tracking_table_is_counted(paused, traces):
     lab = paused
     t = traces(*(DEVS + ("--direction", "rx", "--protocol", "udp", "--dst-port", "9202",
                          "--max-inflight", "100")))
-    before = rx_packets(PHY)
-    lab.pause_vm()
-    remote_send(lab, 500, 9202, 40202, 50)
-    time.sleep(0.3)
-    lab.resume_vm()
-    time.sleep(1.5)
-    entered = rx_packets(PHY) - before
+    entered = burst_into_stopped_vm(lab, 500, 9202, 40202, 50, stopped=0.3, settle=1.5)
     t.stop()
     s = t.summary()
     assert s["not_tracked"] >= entered - 100 - 16   # per-CPU free lists may keep a few
