@@ -45,6 +45,7 @@ import time
 from collections import namedtuple
 
 VERSION = "1.0"
+DEFAULT_BTF = "/sys/kernel/btf/vmlinux"   # the running kernel's own BTF
 
 # ============================================================================
 # Command line
@@ -194,12 +195,14 @@ def build_parser():
                         help="packets tracked at once (kernel memory is fixed at about "
                              "250 bytes each; beyond it packets are counted as not "
                              "tracked; default: 65536)")
-    parser.add_argument("--btf", metavar="FILE", default="/sys/kernel/btf/vmlinux",
+    parser.add_argument("--btf", metavar="FILE", default=DEFAULT_BTF,
                         help="kernel BTF to take struct layouts from ('none': use the "
                              "kernel headers, only if they match the running kernel)")
     parser.add_argument("--verbose", action="store_true",
                         help="say what was attached where and how layouts were found")
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    # tests: the perf-buffer path of kernels without a BPF ring buffer (before 5.8)
+    parser.add_argument("--perf-buffer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     return parser
 
@@ -509,7 +512,7 @@ def layout_from_headers(release):
     if found is None:
         raise Fatal("no BTF (%s) and no kernel headers at %s: install the headers of "
                     "the running kernel (linux-headers-%s / kernel-devel-%s)"
-                    % ("/sys/kernel/btf/vmlinux", build, release, release))
+                    % (DEFAULT_BTF, build, release, release))
     if found != release:
         raise Fatal("no BTF, and the kernel headers at %s are for %s, not the running "
                     "kernel %s: struct layouts from them would be wrong; install the "
@@ -517,12 +520,32 @@ def layout_from_headers(release):
                     % (build, found, release, release))
     offsets = dict((c, "offsetof(struct %s, %s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
     sizes = dict((c, "sizeof(((struct %s *)0)->%s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
-    return Layout("kernel headers " + found, offsets, sizes, False, {}, False,
+    reasons = drop_reasons_from_tracefs()
+    return Layout("kernel headers " + found, offsets, sizes, False, reasons or {},
+                  reasons is not None,
                   {"netif_receive_skb", "net_dev_queue", "net_dev_start_xmit",
                    "skb_copy_datagram_iovec", "kfree_skb", "consume_skb"})
 
 
+def drop_reasons_from_tracefs():
+    """{code: SKB_DROP_REASON_name} from the kfree_skb tracepoint's format, or None
+    when the tracepoint has no reason field (kernels before drop reasons, 5.17)."""
+    tfs = tracefs_dir()
+    try:
+        with open(os.path.join(tfs or "", "events/skb/kfree_skb/format")) as f:
+            fmt = f.read()
+    except (IOError, OSError):
+        return None
+    if not re.search(r"field:enum skb_drop_reason reason;|field:\S+ reason;", fmt):
+        return None
+    return dict((int(code), "SKB_DROP_REASON_" + name) for code, name in
+                re.findall(r'\{\s*(\d+),\s*"([A-Z0-9_]+)"\s*\}', fmt))
+
+
 def find_layout(btf_path, release):
+    if btf_path not in ("none", DEFAULT_BTF) and not os.path.exists(btf_path):
+        raise UsageError("--btf %s: no such file (the running kernel's BTF is %s; "
+                         "'--btf none' uses the kernel headers)" % (btf_path, DEFAULT_BTF))
     if btf_path != "none" and os.path.exists(btf_path):
         try:
             return layout_from_btf(BTF.from_file(btf_path))
@@ -584,9 +607,98 @@ def tracepoint_exists(layout, category, name):
     return bool(tfs) and os.path.isdir(os.path.join(tfs, "events", category, name))
 
 
-def kernel_version(release):
-    m = re.match(r"(\d+)\.(\d+)", release)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+# --- what this kernel's BPF can do: asked by trial, never read off the version ---
+# Distribution kernels backport (RHEL 8's 4.18 has the ring buffer and
+# bpf_probe_read_kernel), so each feature is tried: a map created, a tiny program
+# loaded, then closed again at once. Nothing stays behind.
+
+BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "ppc64": 361,
+               "s390x": 351, "riscv64": 280}
+BPF_MAP_CREATE, BPF_PROG_LOAD = 0, 5
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+BPF_FUNC_probe_read, BPF_FUNC_probe_read_kernel = 4, 113
+
+Capabilities = namedtuple("Capabilities", "ringbuf probe_read_kernel how")
+
+
+def _bpf_syscall(cmd, attr):
+    """bpf(cmd, attr): a new fd (closed here) or -errno; None if the arch is unknown."""
+    nr = BPF_SYSCALL.get(os.uname()[4])
+    if nr is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
+    if fd < 0:
+        return -ctypes.get_errno()
+    os.close(fd)
+    return fd
+
+
+def _insn(code, dst=0, src=0, off=0, imm=0):
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def _try_raw_tracepoint_program(helper=None):
+    """Load (never attach) a raw tracepoint program; with a helper, one that calls it
+    as bpf_probe_read*(stack, 8, NULL) would. Returns the fd (closed) or -errno."""
+    code = b""
+    if helper is not None:
+        code += (_insn(0xbf, dst=1, src=10) +          # r1 = r10 (frame pointer)
+                 _insn(0x07, dst=1, imm=-8) +          # r1 += -8
+                 _insn(0xb7, dst=2, imm=8) +           # r2 = 8
+                 _insn(0xb7, dst=3, imm=0) +           # r3 = 0
+                 _insn(0x85, imm=helper))              # call helper
+    code += _insn(0xb7, dst=0, imm=0) + _insn(0x95)     # r0 = 0; exit
+    insns = ctypes.create_string_buffer(code, len(code))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = struct.pack("<IIQQIIQII16s", BPF_PROG_TYPE_RAW_TRACEPOINT, len(code) // 8,
+                       ctypes.addressof(insns), ctypes.addressof(license), 0, 0, 0, 0, 0,
+                       b"vnl_probe")
+    return _bpf_syscall(BPF_PROG_LOAD, attr)
+
+
+def _try_ringbuf_map():
+    return _bpf_syscall(BPF_MAP_CREATE, struct.pack("<IIIII", BPF_MAP_TYPE_RINGBUF, 0, 0,
+                                                    4096, 0))
+
+
+def lockdown_mode():
+    try:
+        with open("/sys/kernel/security/lockdown") as f:
+            m = re.search(r"\[(\w+)\]", f.read())
+            return m.group(1) if m else None
+    except (IOError, OSError):
+        return None
+
+
+def probe_capabilities(force_perf_buffer=False):
+    """What this kernel lets BPF do, by trying it; Fatal when the tool cannot run."""
+    base = _try_raw_tracepoint_program()
+    if base is None:   # an architecture this table does not know: let BCC find out
+        return Capabilities(not force_perf_buffer, True, "not probed on %s" % os.uname()[4])
+    if base in (-errno.EPERM, -errno.EACCES):
+        raise Fatal("the kernel refuses to load BPF programs for this process (%s): run as "
+                    "root with CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), outside a "
+                    "container that drops them" % os.strerror(-base))
+    if base < 0:
+        raise Fatal("this kernel cannot load raw tracepoint programs (%s), which every "
+                    "stage needs: it lacks BPF_PROG_TYPE_RAW_TRACEPOINT (Linux 4.17) or "
+                    "has BPF turned off (CONFIG_BPF_SYSCALL)" % os.strerror(-base))
+    prk = _try_raw_tracepoint_program(BPF_FUNC_probe_read_kernel) >= 0
+    if not prk and _try_raw_tracepoint_program(BPF_FUNC_probe_read) < 0:
+        mode = lockdown_mode()
+        raise Fatal("BPF programs may not read kernel memory here%s: the tool needs "
+                    "bpf_probe_read_kernel or bpf_probe_read" % (
+                        " (kernel lockdown=%s; boot with lockdown=integrity or none)" % mode
+                        if mode == "confidentiality" else ""))
+    ringbuf = not force_perf_buffer and _try_ringbuf_map() >= 0
+    how = "%s; %s" % ("BPF ring buffer" if ringbuf else "perf buffer (%s)" % (
+        "forced" if force_perf_buffer else "no BPF_MAP_TYPE_RINGBUF"),
+        "bpf_probe_read_kernel" if prk else "bpf_probe_read (no bpf_probe_read_kernel)")
+    return Capabilities(ringbuf, prk, how)
 
 
 # --- the stages of the path ---
@@ -692,10 +804,14 @@ def why_not(st, args, kprobes_ok, kprobe_why, symbols):
     if st.name in ("ovs_dp", "ovs_upcall"):
         if not os.path.isdir("/sys/module/openvswitch"):
             return "the openvswitch module is not loaded (no OVS kernel datapath)"
+        if args.attach == "tracepoint":
+            return "this kernel has no %s:%s tracepoint (--attach kprobe or auto use " \
+                   "the %s kprobe instead)" % (st.tracepoint[0], st.tracepoint[1],
+                                               st.kprobes[0][0])
         if args.attach != "kprobe":
-            return "no %s tracepoint (kernel too old) and %s" % (
-                st.tracepoint[1], kprobe_why if not kprobes_ok else "no %s symbol" %
-                st.kprobes[0][0])
+            return "this kernel has no %s:%s tracepoint, and %s" % (
+                st.tracepoint[0], st.tracepoint[1], kprobe_why if not kprobes_ok else
+                "no %s symbol" % st.kprobes[0][0])
     if st.name == "bridge" and "br_forward" not in symbols and kprobes_ok:
         return "the bridge module is not loaded (no Linux bridge)"
     if args.attach == "kprobe" and not st.kprobes:
@@ -1355,7 +1471,12 @@ static __always_inline int on_free(void *ctx, void *skb, u32 reason, u64 locatio
 #endif
     stat_add(reason == FATE_LEFT ? STAT_left_path : STAT_dropped);
     struct fate_key fk = {.reason = reason, .dir = p->dir, .last = p->last};
-    fates.atomic_increment(fk);
+    // lookup_or_try_init + an atomic add, not fates.atomic_increment(): that one
+    // arrived in BCC 0.21, and Ubuntu 22.04 and Debian 11 ship BCC 0.18
+    u64 zero64 = 0;
+    u64 *count = fates.lookup_or_try_init(&fk, &zero64);
+    if (count)
+        __sync_fetch_and_add(count, 1);
 #if EMIT_DROPS
     if (reason != FATE_LEFT) {
         p->type = EV_DROP;
@@ -1661,7 +1782,9 @@ class Tracer(object):
     """The loaded program and what is attached; detach() undoes everything."""
 
     def __init__(self, bcc, text, plans, verbose):
-        self.bpf = bcc.BPF(text=text)
+        # -Wno-macro-redefined: BCC 0.18 with 5.10's headers warns about its own
+        # __HAVE_BUILTIN_BSWAP*__ definitions on every start (harmless, and noisy)
+        self.bpf = bcc.BPF(text=text, cflags=["-Wno-macro-redefined"])
         self.plans = plans
         attachments = group_attachments(plans)
         self.bcc = bcc
@@ -2244,19 +2367,19 @@ def run(args):
         list_stages_report(plans, layout, args.output == "json", reporter)
         return 0
     require_path_ends(args, plans)
-    version = kernel_version(release)
+    features = probe_capabilities(args.perf_buffer)
     # 2 MB of ring buffer: ~14,000 events, a quarter second at 50,000 packets/s; user
     # space maps it twice (for wrap-around), so it counts double in resident memory
-    caps = {"ringbuf": version >= (5, 8), "ringbuf_pages": 512,
-            "probe_read_kernel": version >= (5, 5), "max_inflight": args.max_inflight,
-            "netns_inum": host_netns_inum()}
+    caps = {"ringbuf": features.ringbuf, "ringbuf_pages": 512,
+            "probe_read_kernel": features.probe_read_kernel,
+            "max_inflight": args.max_inflight, "netns_inum": host_netns_inum()}
     text = generate_program(args, plans, layout, caps)
     if args.ebpf:
         print(text)
         return 0
     bcc = import_bcc()
     roles, names, taps, phys = resolve_roles(args)
-    announce(args, layout, plans, kprobes_ok, kprobe_why, taps, phys)
+    announce(args, layout, plans, kprobes_ok, kprobe_why, taps, phys, features)
     clear_stale_kprobe_events(args.verbose)
     try:
         tracer = Tracer(bcc, text, plans, args.verbose)
@@ -2279,11 +2402,15 @@ def require_path_ends(args, plans):
                                                   "no stage can see the end of the path"))
 
 
-def announce(args, layout, plans, kprobes_ok, kprobe_why, taps, phys):
+def announce(args, layout, plans, kprobes_ok, kprobe_why, taps, phys, features):
     """What the user should know before tracing starts (more with --verbose)."""
     if args.verbose:
         log("struct layouts from %s: %s" % (layout.source, ", ".join(
             "%s=%s" % kv for kv in sorted(layout.offsets.items()))))
+        log("events: %s" % features.how)
+        log("drop reasons: %s" % ("yes (%d known)" % len(layout.drop_reasons)
+                                  if layout.kfree_skb_reason else
+                                  "no (kfree_skb has no reason argument in this kernel)"))
         log("kprobes: %s" % (kprobe_why if not kprobes_ok else "available (%s)" % kprobe_why))
         log("VM devices: %s; physical devices: %s" % (", ".join(taps) or "none yet",
                                                       ", ".join(phys) or "none"))
@@ -2394,6 +2521,8 @@ def read_u64_array(table, size):
     (BCC's own items_lookup_batch() shares one variable for the batch position and
     the count, so it can stop short; this reads the array whole.)"""
     from bcc.libbcc import lib
+    if not hasattr(lib, "bpf_lookup_batch"):     # BCC before 0.20 (Debian 11: 0.18)
+        return [v.value for v in table.values()]
     keys = (ctypes.c_uint32 * size)()
     values = (ctypes.c_uint64 * size)()
     count = ctypes.c_uint32(size)

@@ -250,10 +250,13 @@ def test_full_tracking_table_is_counted(paused, traces):
     assert accounted(s) == entered
 
 
-def test_output_overrun_is_counted_not_hidden(lab, traces):
-    """More events than the ring buffer and Python can take: losses are counted."""
+@pytest.mark.parametrize("buffer", ["ring", "perf"])
+def test_output_overrun_is_counted_not_hidden(lab, traces, buffer):
+    """More events than the ring buffer (or, on kernels before 5.8, the perf buffer)
+    and Python can take: losses are counted."""
     with TapWriter(STAND_IN, BRIDGE) as vm:
-        t = traces("--vm-dev", STAND_IN, "--phy-dev", PHY, "--direction", "tx")
+        t = traces("--vm-dev", STAND_IN, "--phy-dev", PHY, "--direction", "tx",
+                   *(["--perf-buffer"] if buffer == "perf" else []))
         quiet = traces("--vm-dev", STAND_IN, "--phy-dev", PHY, "--direction", "tx",
                        "--latency-threshold", "10000000")
         before = vm.rx_packets()

@@ -1,5 +1,6 @@
 """Tests of the parts that need no traffic: BTF layouts, the command line, bucket math,
 program generation and the kernel verifier."""
+import errno
 import json
 import os
 import random
@@ -127,6 +128,7 @@ BAD_INPUT = [
     (["--phy-dev", "bad/name"], "not a valid network device name"),
     (["--vm-dev", "lo", "--phy-dev", "lo"], "both --vm-dev and --phy-dev"),
     (["--bogus"], "unrecognized arguments"),
+    (["--btf", "/no/such/vmlinux"], "--btf /no/such/vmlinux: no such file"),
 ]
 
 
@@ -155,6 +157,34 @@ def test_not_root_exits_2():
         shutil.rmtree(workdir)
     assert r.returncode == 2
     assert "must run as root" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bpf_refused_to_the_process_exits_2():
+    # root, but without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (as in a container that
+    # drops them): the kernel says EPERM to the first trial load, and the tool says why
+    r = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-bpf,-sys_admin,-perfmon",
+                        PYTHON, TOOL, "--timeout", "1"], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "refuses to load BPF programs" in r.stderr and "CAP_BPF" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_kernel_features_are_asked_of_the_kernel(tool):
+    # this kernel (6.18) has both; an unknown helper id is refused by the same trial
+    caps = tool.probe_capabilities()
+    assert caps.ringbuf and caps.probe_read_kernel
+    assert tool._try_raw_tracepoint_program(0x7fff) == -errno.EINVAL
+    assert tool._try_raw_tracepoint_program(tool.BPF_FUNC_probe_read_kernel) >= 0
+    assert not tool.probe_capabilities(force_perf_buffer=True).ringbuf
+
+
+def test_drop_reasons_from_tracefs_match_btf(tool, btf):
+    # the no-BTF path reads drop reasons from the tracepoint's format: same table
+    from_tracefs = tool.drop_reasons_from_tracefs()
+    from_btf = btf.enum_values("skb_drop_reason")
+    assert from_tracefs and len(from_tracefs) > 50
+    assert all(from_btf[code] == name for code, name in from_tracefs.items())
 
 
 def test_without_bcc_exits_2():
