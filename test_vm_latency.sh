@@ -1,10 +1,13 @@
 #!/bin/bash
 # test_vm_latency.sh: install what the tests need, then run them, or run a live demo.
 #
-#   sudo ./test_vm_latency.sh            every test: unit, VM lab, kernel-guest lane
+#   sudo ./test_vm_latency.sh            every test: unit, VM lab, the kernel matrix
 #   sudo ./test_vm_latency.sh unit       only the tests that need no VM
 #   sudo ./test_vm_latency.sh vm         unit + the QEMU VM lab on this kernel
-#   sudo ./test_vm_latency.sh kguest     only the kprobe/OVS lane in a guest kernel
+#   sudo ./test_vm_latency.sh kguest [SUITE[,SUITE]]
+#                                        only the kernel matrix: the kprobe/OVS lane in
+#                                        guest kernels of Debian bullseye (5.10, BCC
+#                                        0.18), bookworm (6.1) and trixie (6.12), or some
 #   sudo ./test_vm_latency.sh demo [TOOL ARGS...]
 #                                        build the lab, start the tracer on it, keep the
 #                                        VM pinging until Ctrl-C (default: detailed text)
@@ -117,6 +120,7 @@ vm)
     exec "${PYTEST[@]}" test_unit.py test_vm.py test_truth.py "${EXTRA[@]}" ;;
 kguest)
     install_deps
+    [ $# -gt 0 ] && export KGUEST_SUITES=$1
     exec "${PYTEST[@]}" test_kguest.py "${EXTRA[@]}" ;;
 all)
     install_deps
@@ -125,6 +129,6 @@ demo)
     install_deps
     exec /usr/bin/python3 demo.py "$@" ;;
 *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2 ;;
 esac

@@ -1,10 +1,16 @@
 #!/bin/bash
-# build_image.sh [CACHE_DIR] - build (or reuse) the cached Debian bookworm guest image
-# for the kguest test lane: a QEMU guest whose Debian cloud kernel has kprobes, BTF,
-# openvswitch, tun, veth, bridge and sch_netem, so vm_network_latency.py can be
-# exercised there on an OVS kernel datapath and a Linux bridge.
+# build_image.sh [CACHE_DIR] - build (or reuse) the cached Debian guest image of one
+# release for the kguest test lane: a QEMU guest whose Debian cloud kernel has kprobes,
+# BTF, openvswitch, tun, veth, bridge and sch_netem, so vm_network_latency.py can be
+# exercised there, with that release's BCC and Python, on an OVS kernel datapath and a
+# Linux bridge.
 #
-# Produces in CACHE_DIR (default /var/cache/vm-network-latency/kguest):
+# KGUEST_SUITE picks the release (default bookworm):
+#   bullseye  Linux 5.10, BCC 0.18, Python 3.9  (the BCC of Ubuntu 22.04 too)
+#   bookworm  Linux 6.1,  BCC 0.26, Python 3.11
+#   trixie    Linux 6.12, BCC 0.31, Python 3.13
+#
+# Produces in CACHE_DIR (default /var/cache/vm-network-latency/kguest/$KGUEST_SUITE):
 #   root.img            ext4 image of the Debian root (used by QEMU with snapshot=on)
 #   vmlinuz             the guest kernel
 #   initramfs-base.cpio busybox initramfs (/init loads virtio + ext4 modules, mounts
@@ -12,34 +18,68 @@
 #   kernel-version      the guest kernel's version string (uname -r in the guest)
 #   root.stamp / initramfs.stamp   cache keys
 #
+# Mirrors: the machine's own apt sources (the URIs it uses for its Debian release and
+# for its security suite), or KGUEST_MIRROR / KGUEST_SECURITY_MIRROR.
+#
 # Idempotent: a rerun with an unchanged recipe returns in well under a second and
 # downloads nothing. Set KGUEST_REBUILD=1 to force a fresh root (e.g. to pick up a
 # newer Debian kernel).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CACHE_DIR=${1:-/var/cache/vm-network-latency/kguest}
-MIRROR=${KGUEST_MIRROR:-http://deb.debian.org/debian}
-SECURITY_MIRROR=${KGUEST_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+SUITE=${KGUEST_SUITE:-bookworm}
+CACHE_DIR=${1:-/var/cache/vm-network-latency/kguest/$SUITE}
 IMG_SIZE=${KGUEST_IMG_SIZE:-2G}
+
+log() { printf '[build_image %s %s] %s\n' "$SUITE" "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# The URIs of the host's own apt sources: the first Debian archive (a suite without
+# a dash) and the first security archive (a suite ending in -security). Both formats:
+# deb822 .sources files and one-line sources.list entries.
+apt_source_uri() { # apt_source_uri main|security
+    local want=$1
+    {
+        cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '
+            /^URIs:/ {u=$2} /^Suites:/ {for (i = 2; i <= NF; i++) print u, $i}
+            /^$/ {u=""}'
+        grep -hE '^deb[[:space:]]' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+            sed -E 's/\[[^]]*\]//' | awk '{print $2, $3}' || true
+    } | awk -v want="$want" '
+        want == "security" && $2 ~ /-security$/ {print $1; exit}
+        want == "main" && $2 !~ /-/ && $1 !~ /security/ {print $1; exit}'
+}
+MIRROR=${KGUEST_MIRROR:-$(apt_source_uri main)}
+SECURITY_MIRROR=${KGUEST_SECURITY_MIRROR:-$(apt_source_uri security)}
+[ -n "$MIRROR" ] || die "no Debian archive in this machine's apt sources: set KGUEST_MIRROR"
+[ -n "$SECURITY_MIRROR" ] || die "no security archive in this machine's apt sources: set KGUEST_SECURITY_MIRROR"
+
+# The kernel (and bpftool, built from the kernel's source) of each release.
+# bullseye's security suite lists the metapackage linux-image-cloud-amd64 and its
+# newest bpftool but serves neither (404): the concrete kernel and headers packages
+# are pinned, and bpftool to the version of bullseye's main suite.
+case "$SUITE" in
+bullseye) SUITE_PACKAGES=(linux-image-5.10.0-46-cloud-amd64 linux-headers-5.10.0-46-cloud-amd64
+                          bpftool=5.10.223-1) ;;
+bookworm|trixie) SUITE_PACKAGES=(linux-image-cloud-amd64 linux-headers-cloud-amd64 bpftool) ;;
+*) die "unknown suite $SUITE (bullseye, bookworm or trixie)" ;;
+esac
 
 # Everything that changes the root image's content belongs in this recipe: its hash
 # is the cache key. The kernel metapackages pull kernel and headers of one version.
-ROOT_RECIPE_VERSION=3
+ROOT_RECIPE_VERSION=4
 # tcpdump: the lane's packet oracle on vnltap0/vnlphy0; bpftool: which BPF programs are
 # still loaded after a SIGKILLed tool instance.
 ROOT_PACKAGES=(
-    linux-image-cloud-amd64 linux-headers-cloud-amd64
+    "${SUITE_PACKAGES[@]}"
     python3 python3-bpfcc openvswitch-switch
-    iproute2 iputils-ping kmod procps ethtool tcpdump bpftool
+    iproute2 iputils-ping kmod procps ethtool tcpdump
 )
-HOST_PACKAGES=(mmdebstrap e2fsprogs cpio busybox-static qemu-system-x86 gcc libc6-dev)
+HOST_PACKAGES=(mmdebstrap e2fsprogs cpio busybox-static qemu-system-x86 gcc libc6-dev xz-utils zstd)
 # Modules the initramfs loads, in this order (dependencies are resolved with modprobe).
 INITRD_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
                 virtio_blk crc32c_generic ext4)
 
-log() { printf '[build_image %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
 
 # On SIGINT/SIGTERM stop the running child (mmdebstrap cleans up after itself) and
 # let the EXIT traps remove the half-built work directory.
@@ -73,7 +113,7 @@ install_host_deps() {
 
 hash_of() { sha256sum | cut -c1-16; }
 
-ROOT_KEY=$(printf '%s\n' "v$ROOT_RECIPE_VERSION" "$IMG_SIZE" "$MIRROR" "$SECURITY_MIRROR" \
+ROOT_KEY=$(printf '%s\n' "v$ROOT_RECIPE_VERSION" "$SUITE" "$IMG_SIZE" "$MIRROR" "$SECURITY_MIRROR" \
            "${ROOT_PACKAGES[@]}" "${INITRD_MODULES[@]}" | hash_of)
 INITRD_KEY=$( { cat "$HERE/initramfs_init.sh"; printf '%s\n' "${INITRD_MODULES[@]}" "$ROOT_KEY"; } | hash_of)
 
@@ -107,7 +147,7 @@ build_root() {
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" EXIT
     root="$work/root"
-    log "mmdebstrap bookworm (+updates, +security) into $root"
+    log "mmdebstrap $SUITE (+updates, +security) from $MIRROR, $SECURITY_MIRROR into $root"
     local include
     include=$(IFS=,; echo "${ROOT_PACKAGES[*]}")
     # setsid: its own process group, so a signal reaches apt and dpkg too, not only
@@ -121,10 +161,10 @@ build_root() {
         --customize-hook='echo kguest > "$1/etc/hostname"' \
         --customize-hook='mkdir -p "$1/lane"' \
         --customize-hook='rm -f "$1"/boot/initrd.img-*' \
-        bookworm "$root" \
-        "deb $MIRROR bookworm main" \
-        "deb $MIRROR bookworm-updates main" \
-        "deb $SECURITY_MIRROR bookworm-security main" >&2 &
+        "$SUITE" "$root" \
+        "deb $MIRROR $SUITE main" \
+        "deb $MIRROR $SUITE-updates main" \
+        "deb $SECURITY_MIRROR $SUITE-security main" >&2 &
     CHILD=$!
     wait "$CHILD" || die "mmdebstrap failed"
     CHILD=

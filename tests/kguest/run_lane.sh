@@ -1,11 +1,14 @@
 #!/bin/bash
-# run_lane.sh [--keep-log] [--cases A,B,tool] [--timeout SECONDS] [--results DIR] [--cache DIR]
+# run_lane.sh [--suite bullseye|bookworm|trixie] [--keep-log] [--cases A,B,tool]
+#             [--timeout SECONDS] [--results DIR] [--cache DIR]
 #             [--guest-env NAME=VALUE]...   (e.g. --guest-env TOOL_ATTACH_WAIT=600)
 #
 # The kguest lane: runs vm_network_latency.py for real inside a QEMU guest (software
 # emulation) whose Debian cloud kernel has kprobes and the OVS kernel datapath, which
-# the CI machine's own kernel lacks.
-#   1. build_image.sh builds or reuses the cached guest image (root.img, vmlinuz, initramfs)
+# the CI machine's own kernel lacks; one Debian release (--suite, default bookworm)
+# with its own kernel, BCC and Python.
+#   1. build_image.sh builds or reuses the release's cached guest image (root.img,
+#      vmlinuz, initramfs)
 #   2. a fresh payload (guest scripts, a static vmstub, busybox, the tool itself) is
 #      appended to the initramfs as a second cpio archive
 #   3. QEMU boots (-accel tcg -smp 2 -m 2048 -nic none -no-reboot), root.img snapshot=on,
@@ -24,7 +27,8 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-CACHE_DIR=${KGUEST_CACHE:-/var/cache/vm-network-latency/kguest}
+SUITE=${KGUEST_SUITE:-bookworm}
+CACHE_DIR=${KGUEST_CACHE:-}
 TIMEOUT=${KGUEST_TIMEOUT:-720}
 CASES=${KGUEST_CASES:-all}
 TOOL=${KGUEST_TOOL:-$REPO/vm_network_latency.py}
@@ -32,10 +36,11 @@ RESULTS=${KGUEST_RESULTS:-/var/tmp/vnl-kguest/last}
 KEEP_LOG=0
 GUEST_ENV=()
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
     --keep-log) KEEP_LOG=1 ;;
+    --suite) SUITE=$2; shift ;;
     --cases) CASES=$2; shift ;;
     --guest-env) GUEST_ENV+=("$2"); shift ;;
     --timeout) TIMEOUT=$2; shift ;;
@@ -47,6 +52,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+CACHE_DIR=${CACHE_DIR:-/var/cache/vm-network-latency/kguest/$SUITE}
+export KGUEST_SUITE=$SUITE
 T_START=$(date +%s.%N)
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b - a}'; }
@@ -99,7 +106,7 @@ BUILD_PID=
 T_IMAGE=$(secs "$T0" "$(now)")
 IMAGE_BUILT=false
 [ "$STAMPS_BEFORE" = "$(stamps)" ] || IMAGE_BUILT=true
-log "image ready in $T_IMAGE s (kernel $(cat "$CACHE_DIR/kernel-version"))"
+log "image ready in $T_IMAGE s ($SUITE, kernel $(cat "$CACHE_DIR/kernel-version"))"
 
 # ------------------------------------------------------------ 2. payload
 WORK=$(mktemp -d /var/tmp/vnl-kguest.XXXXXX)
@@ -185,8 +192,8 @@ fi
 log "results in $RESULTS"
 log "guest marker: ${marker:-none}"
 T_TOTAL=$(secs "$T_START" "$(now)")
-printf '{"image_s": %s, "image_built": %s, "boot_to_lane_s": %s, "guest_s": %s, "total_s": %s, "guest_timeout_s": %s, "timed_out": %s, "rc": %s}\n' \
-    "$T_IMAGE" "$IMAGE_BUILT" "${boot_up:-null}" "$T_GUEST" "$T_TOTAL" "$TIMEOUT" \
+printf '{"suite": "%s", "image_s": %s, "image_built": %s, "boot_to_lane_s": %s, "guest_s": %s, "total_s": %s, "guest_timeout_s": %s, "timed_out": %s, "rc": %s}\n' \
+    "$SUITE" "$T_IMAGE" "$IMAGE_BUILT" "${boot_up:-null}" "$T_GUEST" "$T_TOTAL" "$TIMEOUT" \
     "$([ $timed_out = 1 ] && echo true || echo false)" "$rc" > "$RESULTS/times.json"
 log "times: image ${T_IMAGE}s ($([ $IMAGE_BUILT = true ] && echo built || echo cached)), boot to lane ${boot_up:-?}s (guest uptime), guest run ${T_GUEST}s, total ${T_TOTAL}s"
 exit "$rc"

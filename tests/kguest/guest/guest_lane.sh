@@ -72,11 +72,15 @@ prepare_kernel() {
         echo "headers: $(readlink -f /lib/modules/$(uname -r)/build)"
         echo "ovs symbols: $(grep -c ' ovs_' /proc/kallsyms)"
         echo "python3-bpfcc: $(dpkg-query -W -f='${Version}' python3-bpfcc 2>/dev/null)"
+        echo "python3: $(python3 -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+        echo "debian: $(cat /etc/debian_version)"
         echo "openvswitch-switch: $(dpkg-query -W -f='${Version}' openvswitch-switch 2>/dev/null)"
     } | tee "$OUT/guest-env.txt"
     # which OVS tracepoints this kernel has (openvswitch:ovs_dp_upcall decides whether
     # the tracepoint instance can see upcalls)
-    ls /sys/kernel/tracing/events/openvswitch/ > "$OUT/ovs-tracepoints.txt" 2>&1
+    ls /sys/kernel/tracing/events/openvswitch/ > "$OUT/ovs-tracepoints.txt" 2>/dev/null
+    # whether kfree_skb carries a drop reason here (5.17+): the oracle for the drop run
+    cat /sys/kernel/tracing/events/skb/kfree_skb/format > "$OUT/kfree_skb.format" 2>&1
     echo "openvswitch tracepoints: $(tr '\n' ' ' < "$OUT/ovs-tracepoints.txt")"
 }
 
@@ -271,7 +275,9 @@ basic_traffic_checks() { # basic_traffic_checks TOPO
 # Each run leaves runs/NAME/: {kprobe,tracepoint}.{jsonl,stderr,rc,pid}, DEV.pcap,
 # DEV.tcpdump.stderr, oracle.jsonl (one JSON object a line), traffic.log, meta.json,
 # kprobe_events.attached. tests/test_kguest.py (on the host) decides pass/fail from them.
-METHODS="kprobe tracepoint"
+METHODS="kprobe tracepoint"   # every run; the mix run adds auto as a third instance
+ALL_METHODS="kprobe tracepoint auto"
+TOOL_EXTRA=()                 # extra tool arguments of the current run (the drop run: --drops)
 TOOL_MAX_RUN=${TOOL_MAX_RUN:-300}   # the tools' own --timeout: a safety net; the lane stops
                                     # them with SIGINT one second after the traffic
 TFS=/sys/kernel/tracing
@@ -283,7 +289,7 @@ oracle() { printf '%s\n' "$1" >> "$ORACLE"; }
 tool_start() { # tool_start DIR METHOD: the tool in the background; TOOL_PID is python's pid
     local d=$1 m=$2
     "$PY" "$TOOL" --attach "$m" --output json --vm-dev "$TAP" --phy-dev "$PHY" --verbose \
-        --timeout "$TOOL_MAX_RUN" > "$d/$m.jsonl" 2> "$d/$m.stderr" &
+        --timeout "$TOOL_MAX_RUN" "${TOOL_EXTRA[@]}" > "$d/$m.jsonl" 2> "$d/$m.stderr" &
     TOOL_PID=$!
     echo "$TOOL_PID" > "$d/$m.pid"
 }
@@ -382,6 +388,15 @@ traffic_netem() { # VM -> remote pings through netem delay 20ms on the "NIC" (se
     return $rc
 }
 
+traffic_drop() { # VM -> remote pings into netem loss 100% on the "NIC": every one dropped
+    local out
+    tc qdisc show dev "$PHY" | grep -q "loss 100%" || return 1
+    oracle '{"kind": "netem_loss", "dev": "'"$PHY"'", "loss_percent": 100}'
+    out=$(do_ping 5 0.2)        # exits 1: no replies, as intended
+    echo "$out"; ping_oracle vm "$REMOTE_IP" "$out"
+    return 0
+}
+
 traffic_host() { # remote -> the host's own address on the switch: ICMP, UDP, TCP
     local rc=0 out spid i
     out=$(in_remote ping -n -c 5 -i 0.2 -W 3 "$HOST_IP") || rc=1
@@ -409,13 +424,13 @@ traffic_host() { # remote -> the host's own address on the switch: ICMP, UDP, TC
     return $rc
 }
 
-run_pair() { # run_pair NAME TRAFFIC_FN CAPTURE_DEV...: kprobe + tracepoint on the same traffic
-    local name=$1 traffic=$2
+run_pair() { # run_pair NAME TRAFFIC_FN CAPTURE_DEV...: the instances of $RUN_METHODS
+    local name=$1 traffic=$2 METHODS=${RUN_METHODS:-$METHODS}
     shift 2
     local d="$OUT/runs/$name" m t0=$SECONDS t_att t_traffic trc=0 dev
     mkdir -p "$d"
     ORACLE="$d/oracle.jsonl"; : > "$ORACLE"
-    say "run $name: --attach kprobe and --attach tracepoint side by side (waiting for 'Tracing')"
+    say "run $name: --attach ${METHODS// / and --attach } side by side (waiting for 'Tracing')"
     for m in $METHODS; do tool_start "$d" "$m"; done
     if ! wait_tracing "$d" $METHODS; then
         tool_stop "$d" $METHODS
@@ -435,8 +450,8 @@ run_pair() { # run_pair NAME TRAFFIC_FN CAPTURE_DEV...: kprobe + tracepoint on t
     ovs_lookups after
     capture_stop
     tool_stop "$d" $METHODS
-    printf '{"name": "%s", "topology": "%s", "traffic": "%s", "attach_s": %s, "traffic_s": %s, "total_s": %s, "traffic_rc": %s, "vmstub_pid": %s, "capture_devs": "%s"}\n' \
-        "$name" "$TOPO" "$traffic" "$t_att" "$t_traffic" "$((SECONDS - t0))" "$trc" "${VMSTUB_PID:-null}" "$*" > "$d/meta.json"
+    printf '{"name": "%s", "topology": "%s", "traffic": "%s", "attach_s": %s, "traffic_s": %s, "total_s": %s, "traffic_rc": %s, "vmstub_pid": %s, "capture_devs": "%s", "methods": "%s", "extra": "%s"}\n' \
+        "$name" "$TOPO" "$traffic" "$t_att" "$t_traffic" "$((SECONDS - t0))" "$trc" "${VMSTUB_PID:-null}" "$*" "$METHODS" "${TOOL_EXTRA[*]}" > "$d/meta.json"
     local verdict vrc=0 line
     for m in $METHODS; do
         line=$("$PY" "$LANE_DIR/check_tool_output.py" --samples 0 --case "$TOPO-$m-${name#*-}" \
@@ -550,7 +565,7 @@ tool_cases() { # tool_cases TOPO
         ovs-vsctl set bridge "$OVSBR" other_config:mac-aging-time=3600
     fi
     warm_up
-    run_pair "$t-mix" traffic_mix "$TAP" "$PHY"
+    RUN_METHODS=$ALL_METHODS run_pair "$t-mix" traffic_mix "$TAP" "$PHY"
     warm_up
     # netem in place before the tracers start, and warmed up untraced: under emulation
     # the first packets through code never run before (netem's timer and dequeue) were
@@ -558,6 +573,12 @@ tool_cases() { # tool_cases TOPO
     netem_on 20ms
     in_vm ping -n -c 3 -i 0.2 -W 3 "$REMOTE_IP" > /dev/null 2>&1
     run_pair "$t-netem" traffic_netem "$TAP" "$PHY"
+    netem_off
+    # drops with reasons: netem loses every packet at the "NIC"'s qdisc (phy_queue)
+    tc qdisc add dev "$PHY" root netem loss 100%
+    TOOL_EXTRA=(--drops)
+    run_pair "$t-drop" traffic_drop "$TAP"
+    TOOL_EXTRA=()
     netem_off
     host_addr add
     in_remote ping -n -c 2 -i 0.2 -W 3 "$HOST_IP" > /dev/null 2>&1   # ARP, MAC learning
@@ -585,6 +606,12 @@ lane_main() {
                 step tool.list_stages FAIL "$(tail -n 3 "$OUT/list-stages.txt" | tr '\n' ' ')"
             fi
             cat "$OUT/list-stages.txt"
+            # what each method traces on this kernel: the tests' expected stages
+            for m in $ALL_METHODS; do
+                "$PY" "$TOOL" --list-stages --output json --attach "$m" \
+                    > "$OUT/list-stages-$m.json" 2>&1 ||
+                    step "tool.list_stages_$m" FAIL "$(tail -n 3 "$OUT/list-stages-$m.json" | tr '\n' ' ')"
+            done
         else
             step tool SKIP "no $TOOL in the payload"
             want_tool=0
