@@ -73,8 +73,8 @@ EXAMPLES = """examples:
   sudo ./vm_network_latency.py --drops --dst-ip 192.168.1.20
 """
 
-PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1}
-PROTO_NAMES = {6: "tcp", 17: "udp", 1: "icmp"}
+PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1}     # IP protocol numbers (PROTO_* in C)
+PROTO_NAMES = dict((v, k) for k, v in PROTOCOLS.items())
 
 
 class UsageError(Exception):
@@ -485,11 +485,7 @@ def layout_from_btf(btf):
         netns = False  # a kernel without network namespaces: every device is in init_net
     params = btf.tracepoint_params("kfree_skb") or []
     has_reason = len(params) >= 3 and params[2] == "enum skb_drop_reason"
-    tracepoints = set()
-    for tp in ("netif_receive_skb", "net_dev_queue", "net_dev_start_xmit",
-               "skb_copy_datagram_iovec", "kfree_skb", "consume_skb"):
-        if btf.tracepoint_params(tp) is not None:
-            tracepoints.add(tp)
+    tracepoints = set(tp for tp in TRACEPOINTS_USED if btf.tracepoint_params(tp) is not None)
     return Layout("BTF", offsets, sizes, netns,
                   btf.enum_values("skb_drop_reason") if has_reason else {},
                   has_reason, tracepoints)
@@ -521,10 +517,9 @@ def layout_from_headers(release):
     offsets = dict((c, "offsetof(struct %s, %s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
     sizes = dict((c, "sizeof(((struct %s *)0)->%s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
     reasons = drop_reasons_from_tracefs()
+    # no BTF to list the tracepoints: tracefs says which exist (tracepoint_exists)
     return Layout("kernel headers " + found, offsets, sizes, False, reasons or {},
-                  reasons is not None,
-                  {"netif_receive_skb", "net_dev_queue", "net_dev_start_xmit",
-                   "skb_copy_datagram_iovec", "kfree_skb", "consume_skb"})
+                  reasons is not None, set())
 
 
 def drop_reasons_from_tracefs():
@@ -703,60 +698,81 @@ def probe_capabilities(force_perf_buffer=False):
 
 # --- the stages of the path ---
 
-# A stage is one point of the path. `hook` says what the stage's C does:
-#   start    the packet enters the path here: parse, filter, start tracking
-#   dev      stamp only on a device of this stage's role (tap or physical)
-#   plain    stamp any tracked packet that passes (the bridge)
-#   ovs      the OVS datapath; with upcalls traced it also recognises returned packets
-#   upcall   OVS sends the packet to ovs-vswitchd, which returns a copy
-#   vm_read  the VM's backend reads the frame from the tap: RX ends here
-#   host_rcv the host's own stack takes the packet: RX ends here
-# kprobes: [(function, argument number of the skb)]; tracepoint: (category, name, arg).
-Stage = namedtuple("Stage", "name sid direction hook role kprobes tracepoint meaning")
+# A stage is one point of the path; the table below owns the path. Its order is the
+# path order of each direction (a stage of "both" directions is on both), a stage's
+# position is its sid (its slot in the record's ts[]), and everything else is derived
+# from it: the path order, the start and the end of each direction, the tracepoints to
+# look for, the C handler each attach point calls.
+#   hook      what the stage's C does (HOOK_HANDLERS):
+#     start    the packet enters the path here: parse, filter, start tracking
+#     dev      stamp only on a device of this stage's role (tap or physical)
+#     plain    stamp any tracked packet that passes (the bridge)
+#     ovs      the OVS datapath; with upcalls traced it also recognises returned packets
+#     upcall   OVS sends the packet to ovs-vswitchd, which returns a copy
+#     vm_read  the VM's backend reads the frame from the tap: RX ends here
+#     host_rcv the host's own stack takes the packet: RX ends here
+#   role      the device role a start/dev stage stamps on ("vm": tap, "phy": physical)
+#   end       where a direction's path ends: 1 first choice, 2, 3 if that is not traced
+#   module    the kernel module without which the stage does not exist
+#   kprobes   [(function, argument number of the skb)]: each one found is attached
+#   tracepoint (category, name, argument number of the skb)
+Stage = namedtuple("Stage", "name sid direction hook role end module kprobes tracepoint "
+                            "meaning")
 
-STAGES = [
-    Stage("tap_rx", 0, "tx", "start", "vm", [("__netif_receive_skb", 1)],
-          ("net", "netif_receive_skb", 0),
-          "the host receives the VM's frame from its tap (tun_get_user -> netif_receive_skb)"),
-    Stage("phy_rx", 1, "rx", "start", "phy", [("__netif_receive_skb", 1)],
-          ("net", "netif_receive_skb", 0),
-          "the host receives the frame from the physical NIC"),
-    Stage("bridge", 2, "both", "plain", None, [("br_forward", 2)], None,
-          "the Linux bridge forwards the frame to its output port"),
-    Stage("ovs_upcall", 3, "both", "upcall", None,
-          [("ovs_dp_upcall", 2), ("ovs_execute_actions", 2)],
-          ("openvswitch", "ovs_dp_upcall", 1),
-          "OVS had no flow for it: sent to ovs-vswitchd (first packet of a flow)"),
-    Stage("ovs_dp", 4, "both", "ovs", None, [("ovs_dp_process_packet", 1)],
-          ("openvswitch", "ovs_do_execute_action", 1),
-          "the Open vSwitch kernel datapath processes the frame"),
-    Stage("phy_queue", 5, "tx", "dev", "phy", [("__dev_queue_xmit", 1)],
-          ("net", "net_dev_queue", 0),
-          "queued for the physical NIC (__dev_queue_xmit: qdisc)"),
-    Stage("phy_xmit", 6, "tx", "dev", "phy", [], ("net", "net_dev_start_xmit", 0),
-          "handed to the physical NIC's driver"),
-    Stage("tap_queue", 7, "rx", "dev", "vm", [("__dev_queue_xmit", 1)],
-          ("net", "net_dev_queue", 0),
-          "queued for the VM's tap (__dev_queue_xmit: qdisc)"),
-    Stage("tap_xmit", 8, "rx", "dev", "vm", [("tun_net_xmit", 1)],
-          ("net", "net_dev_start_xmit", 0),
-          "put in the tap's ring for the VM (tun_net_xmit)"),
-    Stage("vm_read", 9, "rx", "vm_read", None, [("skb_copy_datagram_iter", 1)],
-          ("skb", "skb_copy_datagram_iovec", 0),
-          "the VM's backend (QEMU or vhost) reads the frame (tun_put_user)"),
-    Stage("host_rcv", 10, "rx", "host_rcv", None,
-          [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1)], None,
-          "delivered to the host's own TCP/UDP/ICMP stack (traffic ending on the host)"),
-]
+
+def _stages(*rows):
+    return [Stage(row[0], sid, *row[1:]) for sid, row in enumerate(rows)]
+
+
+STAGES = _stages(
+    ("tap_rx", "tx", "start", "vm", None, None, [("__netif_receive_skb", 1)],
+     ("net", "netif_receive_skb", 0),
+     "the host receives the VM's frame from its tap (tun_get_user -> netif_receive_skb)"),
+    ("phy_rx", "rx", "start", "phy", None, None, [("__netif_receive_skb", 1)],
+     ("net", "netif_receive_skb", 0),
+     "the host receives the frame from the physical NIC"),
+    ("bridge", "both", "plain", None, None, "bridge", [("br_forward", 2)], None,
+     "the Linux bridge forwards the frame to its output port"),
+    ("ovs_upcall", "both", "upcall", None, None, "openvswitch",
+     [("ovs_dp_upcall", 2), ("ovs_execute_actions", 2)],
+     ("openvswitch", "ovs_dp_upcall", 1),
+     "OVS had no flow for it: sent to ovs-vswitchd (first packet of a flow)"),
+    ("ovs_dp", "both", "ovs", None, None, "openvswitch", [("ovs_dp_process_packet", 1)],
+     ("openvswitch", "ovs_do_execute_action", 1),
+     "the Open vSwitch kernel datapath processes the frame"),
+    ("phy_queue", "tx", "dev", "phy", 2, None, [("__dev_queue_xmit", 1)],
+     ("net", "net_dev_queue", 0),
+     "queued for the physical NIC (__dev_queue_xmit: qdisc)"),
+    ("phy_xmit", "tx", "dev", "phy", 1, None, [], ("net", "net_dev_start_xmit", 0),
+     "handed to the physical NIC's driver"),
+    ("tap_queue", "rx", "dev", "vm", 3, None, [("__dev_queue_xmit", 1)],
+     ("net", "net_dev_queue", 0),
+     "queued for the VM's tap (__dev_queue_xmit: qdisc)"),
+    ("tap_xmit", "rx", "dev", "vm", 2, None, [("tun_net_xmit", 1)],
+     ("net", "net_dev_start_xmit", 0),
+     "put in the tap's ring for the VM (tun_net_xmit)"),
+    ("vm_read", "rx", "vm_read", None, 1, None, [("skb_copy_datagram_iter", 1)],
+     ("skb", "skb_copy_datagram_iovec", 0),
+     "the VM's backend (QEMU or vhost) reads the frame (tun_put_user)"),
+    ("host_rcv", "rx", "host_rcv", None, None, None,
+     [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1)], None,
+     "delivered to the host's own TCP/UDP/ICMP stack (traffic ending on the host)"),
+)
 STAGE_BY_NAME = dict((s.name, s) for s in STAGES)
 STAGE_NAMES = [s.name for s in STAGES]
 NSTAGES = len(STAGES)
 DIRECTIONS = ("tx", "rx")
-PATH_ORDER = {
-    "tx": ["tap_rx", "bridge", "ovs_upcall", "ovs_dp", "phy_queue", "phy_xmit"],
-    "rx": ["phy_rx", "bridge", "ovs_upcall", "ovs_dp", "tap_queue", "tap_xmit", "vm_read",
-           "host_rcv"],
-}
+PATH_ORDER = dict((d, [s.name for s in STAGES if s.direction in (d, "both")])
+                  for d in DIRECTIONS)
+START_STAGE = dict((s.direction, s.name) for s in STAGES if s.hook == "start")
+# the ends of each direction's path, most wanted first (final_stage picks the first traced)
+END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
+                       if s.end and s.direction == d]) for d in DIRECTIONS)
+# packets freed before their path's end: how each one's fate is learnt
+FREE_TRACEPOINTS = [("skb", "kfree_skb", "packet dropped (with the kernel's reason)"),
+                    ("skb", "consume_skb", "packet freed normally: it left the path")]
+TRACEPOINTS_USED = set(s.tracepoint[1] for s in STAGES if s.tracepoint) | \
+    set(name for _cat, name, _what in FREE_TRACEPOINTS)
 
 # method None: not traced (reason says why); probes: [(kprobe symbol or "cat:tracepoint", arg)]
 Plan = namedtuple("Plan", "stage method probes reason")
@@ -775,8 +791,9 @@ def plan_stages(args, layout, kprobes_ok, kprobe_why, symbols):
             tp = Plan(st, "tracepoint", [("%s:%s" % st.tracepoint[:2], st.tracepoint[2])], "")
         kp = None
         syms = [(symbols[f], a) for f, a in st.kprobes if f in symbols]
-        # a stage whose kprobes work together (ovs_upcall) needs all of them
-        complete = len(syms) == len(st.kprobes) or st.hook == "host_rcv"
+        # the upcall stage's kprobes work together: it needs all of them; elsewhere
+        # each is a way to the same point (host_rcv: any of TCP, UDP, ICMP)
+        complete = len(syms) == len(st.kprobes) or st.hook != "upcall"
         if kprobes_ok and syms and complete:
             kp = Plan(st, "kprobe", syms, "")
         # auto prefers the tracepoint: it sits at the same point, costs less, is a
@@ -801,7 +818,7 @@ def plan_stages(args, layout, kprobes_ok, kprobe_why, symbols):
 def why_not(st, args, kprobes_ok, kprobe_why, symbols):
     if args.attach == "tracepoint" and not st.tracepoint:
         return "no tracepoint at this point (needs --attach kprobe or auto)"
-    if st.name in ("ovs_dp", "ovs_upcall"):
+    if st.module == "openvswitch":
         if not os.path.isdir("/sys/module/openvswitch"):
             return "the openvswitch module is not loaded (no OVS kernel datapath)"
         if args.attach == "tracepoint":
@@ -812,7 +829,7 @@ def why_not(st, args, kprobes_ok, kprobe_why, symbols):
             return "this kernel has no %s:%s tracepoint, and %s" % (
                 st.tracepoint[0], st.tracepoint[1], kprobe_why if not kprobes_ok else
                 "no %s symbol" % st.kprobes[0][0])
-    if st.name == "bridge" and "br_forward" not in symbols and kprobes_ok:
+    if st.module == "bridge" and not any(f in symbols for f, _a in st.kprobes) and kprobes_ok:
         return "the bridge module is not loaded (no Linux bridge)"
     if args.attach == "kprobe" and not st.kprobes:
         return "no kprobe at this point"
@@ -823,7 +840,6 @@ def why_not(st, args, kprobes_ok, kprobe_why, symbols):
 
 # --- which devices are the VM side and which the physical side ---
 
-ROLE_VM, ROLE_PHY = 1, 2
 SYS_NET = "/sys/class/net"
 
 
@@ -898,6 +914,75 @@ def check_devices_exist(args):
 # Program generation
 # ============================================================================
 
+# The per-packet record, declared once: the C struct (one per packet in flight, also
+# the event sent to user space) and the Python decoder are both generated from it.
+# (name, C type, count, what it holds). Largest types first: no padding inside.
+RECORD_FIELDS = [
+    ("ts", "u64", NSTAGES, "when each stage saw the packet, 0 = not seen"),
+    ("location", "u64", 1, "drop events: where the kernel freed it"),
+    ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
+    ("saddr", "u32", 1, "IPv4 source address"),
+    ("daddr", "u32", 1, "IPv4 destination address"),
+    ("vm_ifindex", "u32", 1, "the tap"),
+    ("phy_ifindex", "u32", 1, "the physical device"),
+    ("pid", "u32", 1, "VM side: the process that wrote (tx) or read (rx) it"),
+    ("tid", "u32", 1, "and its thread"),
+    ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
+    ("sport", "u16", 1, "TCP/UDP source port, or ICMP echo id"),
+    ("dport", "u16", 1, "TCP/UDP destination port, or ICMP echo sequence"),
+    ("vlan", "u16", 1, "802.1Q VLAN id + 1, 0 = untagged"),
+    ("ip_id", "u16", 1, "IPv4 identification"),
+    ("proto", "u8", 1, "IP protocol"),
+    ("dir", "u8", 1, "DIR_TX or DIR_RX"),
+    ("last", "u8", 1, "the last stage that saw it"),
+    ("type", "u8", 1, "EV_PACKET or EV_DROP"),
+    ("icmp_type", "u8", 1, "ICMP type"),
+    ("upcalled", "u8", 1, "a copy waits for ovs-vswitchd to return it"),
+    ("dev_role", "u8", 1, "ROLE_VM or ROLE_PHY of dev"),
+]
+_C_SIZES = {"u64": 8, "u32": 4, "u16": 2, "u8": 1}
+_STRUCT_CODES = {"u64": "Q", "u32": "I", "u16": "H", "u8": "B"}
+
+
+def record_c_struct(name="pkt", fields=RECORD_FIELDS):
+    """The C declaration of the record, padded to 8 bytes as the compiler would."""
+    lines = ["struct %s {" % name]
+    size = 0
+    for fname, ctype, count, what in fields:
+        decl = "%s %s%s;" % (ctype, fname, "[%d]" % count if count > 1 else "")
+        lines.append("    %-24s // %s" % (decl, what))
+        size += _C_SIZES[ctype] * count
+    if size % 8:
+        lines.append("    u8 _pad[%d];" % (8 - size % 8))
+    lines.append("};")
+    return "\n".join(lines)
+
+
+def record_struct(fields=RECORD_FIELDS):
+    """struct.Struct of the record and {field: index of its first value}."""
+    fmt, index, i, size = "<", {}, 0, 0
+    for fname, ctype, count, _what in fields:
+        fmt += "%d%s" % (count, _STRUCT_CODES[ctype]) if count > 1 else _STRUCT_CODES[ctype]
+        index[fname] = i
+        i += count
+        size += _C_SIZES[ctype] * count
+    if size % 8:
+        fmt += "%dx" % (8 - size % 8)
+    return struct.Struct(fmt), index
+
+
+PKT, PKT_INDEX = record_struct()
+
+# Constants C and Python share, each declared once (they reach C as #defines).
+ROLE_VM, ROLE_PHY = 1, 2
+DIR_TX, DIR_RX = 0, 1
+PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
+SHARED_CONSTANTS = [
+    ("ROLE_VM", ROLE_VM), ("ROLE_PHY", ROLE_PHY), ("DIR_TX", DIR_TX), ("DIR_RX", DIR_RX),
+    ("PROTO_ICMP", PROTO_ICMP), ("PROTO_TCP", PROTO_TCP), ("PROTO_UDP", PROTO_UDP),
+    ("ERR_EEXIST", errno.EEXIST),
+]
+
 STAT_NAMES = ["started_tx", "started_rx", "completed_tx", "completed_rx", "below_threshold",
               "lost", "dropped", "left_path", "not_tracked", "vanished"]
 STAT = dict((n, i) for i, n in enumerate(STAT_NAMES))
@@ -913,27 +998,7 @@ C_PROGRAM = r"""
 
 /*CONFIG*/
 
-#define ROLE_VM  1
-#define ROLE_PHY 2
-#define DIR_TX   0
-#define DIR_RX   1
-
-// One record per packet in flight; also the event sent to user space.
-struct pkt {
-    u64 ts[NSTAGES];        // when each stage saw the packet, 0 = not seen
-    u64 location;           // drop events: where the kernel freed it
-    u64 dev;                // the net_device of the last device stage, and its role:
-    u32 saddr, daddr;       //   the next stage on the same device needs no lookup
-    u32 vm_ifindex, phy_ifindex;
-    u32 pid, tid;           // VM side: the process that wrote (tx) or read (rx) it
-    u32 reason;             // drop events: enum skb_drop_reason
-    u16 sport, dport;       // TCP/UDP ports, or ICMP id and sequence
-    u16 vlan;               // 802.1Q VLAN id + 1, 0 = untagged
-    u16 ip_id;
-    u8  proto, dir, last, type;
-    u8  icmp_type, upcalled;  // upcalled: a copy waits for ovs-vswitchd to return it
-    u8  dev_role, pad;
-};
+/*RECORD*/
 
 struct fate_key { u32 reason; u8 dir, last, pad[2]; };
 
@@ -996,8 +1061,8 @@ static __always_inline int track(u64 key, struct pkt *p)
         u32 *n = hint_of(key);
         if (n)
             __sync_fetch_and_add(n, 1);
-    } else if (err == -17 && inflight.update(&key, p) == 0) {
-        return -17;
+    } else if (err == -ERR_EEXIST && inflight.update(&key, p) == 0) {
+        return -ERR_EEXIST;
     }
     return err;
 }
@@ -1087,7 +1152,7 @@ static __always_inline int parse_ipv4(const u8 *b, const int L3, const u8 *head,
     if (p->proto != FILTER_PROTO)
         return 0;
 #else
-    if (p->proto != 6 && p->proto != 17 && p->proto != 1)
+    if (p->proto != PROTO_TCP && p->proto != PROTO_UDP && p->proto != PROTO_ICMP)
         return 0;
 #endif
 #if FILTER_SADDR
@@ -1106,7 +1171,7 @@ static __always_inline int parse_ipv4(const u8 *b, const int L3, const u8 *head,
     }
     // values first, then choose: lets clang select values, never pointers
     u32 w0 = be16(l4), w1 = be16(l4 + 2), w2 = be16(l4 + 4), w3 = be16(l4 + 6);
-    if (p->proto == 1) {
+    if (p->proto == PROTO_ICMP) {
         p->icmp_type = l4[0];
         if (l4[0] == 0 || l4[0] == 8) {     // echo reply / request carry id and seq
             p->sport = w2;
@@ -1117,11 +1182,11 @@ static __always_inline int parse_ipv4(const u8 *b, const int L3, const u8 *head,
         p->dport = w1;
     }
 #if FILTER_SPORT
-    if (p->proto == 1 || p->sport != FILTER_SPORT)
+    if (p->proto == PROTO_ICMP || p->sport != FILTER_SPORT)
         return 0;
 #endif
 #if FILTER_DPORT
-    if (p->proto == 1 || p->dport != FILTER_DPORT)
+    if (p->proto == PROTO_ICMP || p->dport != FILTER_DPORT)
         return 0;
 #endif
     return 1;
@@ -1224,7 +1289,7 @@ static __always_inline void hist_add(u32 seg, u64 ns)
 
 static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
 {
-    u64 first = p->dir == DIR_TX ? p->ts[STAGE_tap_rx] : p->ts[STAGE_phy_rx];
+    u64 first = p->dir == DIR_TX ? p->ts[START_TX] : p->ts[START_RX];
     u64 total = now - first;
     stat_add(p->dir == DIR_TX ? STAT_completed_tx : STAT_completed_rx);
 #if TRACE_UPCALLS
@@ -1300,7 +1365,7 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
     }
     u64 key = (u64)skb;
     int err = track(key, p);
-    if (err == -17) {   // EEXIST: the packet that had this sk_buff vanished untraced
+    if (err == -ERR_EEXIST) {   // the packet that had this sk_buff vanished untraced
         stat_add(STAT_vanished);
         err = 0;
     }
@@ -1371,7 +1436,7 @@ static __always_inline int on_upcall(void *ctx, void *skb, u32 stage)
     if (!copy)
         return 0;
     __builtin_memcpy(copy, p, sizeof(*copy));
-    copy->ts[STAGE_ovs_dp] = 0;     // stamped again when the actions run on the copy
+    copy->ts[STAGE_OVS_EXECUTE] = 0;   // stamped again when the actions run on the copy
     struct upcall_key k = {};
     upcall_key_of(p, &k);
     if (upcalls.insert(&k, copy) == 0) {
@@ -1414,7 +1479,7 @@ static __always_inline int on_ovs_execute(void *ctx, void *skb, u32 stage)
     rec->upcalled = 0;
     stamp(rec, stage, bpf_ktime_get_ns());
     int err = track(key, rec);
-    if (err && err != -17)
+    if (err && err != -ERR_EEXIST)
         stat_add(STAT_not_tracked);
     upcalls.delete(&k);
     upcall_pending_add(-1);
@@ -1429,7 +1494,7 @@ static __always_inline int on_vm_read(void *ctx, void *skb, u32 stage)
 {
     u64 key = (u64)skb;
     struct pkt *p = tracked(key);
-    if (!p || p->dir != DIR_RX || !(p->ts[STAGE_tap_xmit] | p->ts[STAGE_tap_queue]))
+    if (!p || p->dir != DIR_RX || !ON_TAP(p))
         return 0;
     u64 now = bpf_ktime_get_ns();
     stamp(p, stage, now);
@@ -1445,7 +1510,7 @@ static __always_inline int on_host_rcv(void *ctx, void *skb, u32 stage)
 {
     u64 key = (u64)skb;
     struct pkt *p = tracked(key);
-    if (!p || p->dir != DIR_RX || (p->ts[STAGE_tap_xmit] | p->ts[STAGE_tap_queue]))
+    if (!p || p->dir != DIR_RX || ON_TAP(p))
         return 0;
     u64 now = bpf_ktime_get_ns();
     stamp(p, stage, now);
@@ -1585,32 +1650,38 @@ def group_attachments(plans):
 
 
 def traces_upcalls(plans):
-    return any(p.method for p in plans if p.stage.name == "ovs_upcall")
+    return any(p.method for p in plans if p.stage.hook == "upcall")
+
+
+# The C handler of each hook. Stages of the same role-split hook ("start", "dev") may
+# share an attach point: the handler gets the sid of each role's stage there (-1: none).
+HOOK_HANDLERS = {"start": "on_receive", "dev": "on_device", "plain": "on_switch",
+                 "ovs": "on_switch", "upcall": "on_upcall", "vm_read": "on_vm_read",
+                 "host_rcv": "on_host_rcv"}
+ROLE_SPLIT_HOOKS = ("start", "dev")
+OVS_EXECUTE = "on_ovs_execute"   # also recognises a packet ovs-vswitchd sends back
 
 
 def _handler_call(att, upcalls):
     """The C call that handles this attach point's stages."""
     plan = att.stages[0]
     hooks = set(p.stage.hook for p in att.stages)
-    by_role = dict((p.stage.role, p.stage.sid) for p in att.stages)
-    if hooks == {"start"}:
-        return "on_receive(ctx, skb, %d, %d)" % (by_role.get("vm", -1), by_role.get("phy", -1))
-    if hooks == {"dev"}:
-        return "on_device(ctx, skb, %d, %d)" % (by_role.get("vm", -1), by_role.get("phy", -1))
+    if len(hooks) == 1 and plan.stage.hook in ROLE_SPLIT_HOOKS:
+        by_role = dict((p.stage.role, p.stage.sid) for p in att.stages)
+        return "%s(ctx, skb, %d, %d)" % (HOOK_HANDLERS[plan.stage.hook],
+                                         by_role.get("vm", -1), by_role.get("phy", -1))
     if len(att.stages) != 1:
         raise AssertionError("stages %s share %s" % ([p.stage.name for p in att.stages],
                                                      att.probe))
-    sid = plan.stage.sid
-    if plan.stage.hook == "upcall" and att.probe.startswith("ovs_execute_actions"):
+    hook, sid = plan.stage.hook, plan.stage.sid
+    ovs_sid = next(s.sid for s in STAGES if s.hook == "ovs")
+    if hook == "upcall" and att.probe.startswith("ovs_execute_actions"):
         # the kprobe way to see a packet ovs-vswitchd returns (no ovs_dp_process_packet)
-        return "on_ovs_execute(ctx, skb, %d)" % STAGE_BY_NAME["ovs_dp"].sid
-    if plan.stage.hook == "ovs":
+        return "%s(ctx, skb, %d)" % (OVS_EXECUTE, ovs_sid)
+    if hook == "ovs" and upcalls and att.method == "tracepoint":
         # the ovs_do_execute_action tracepoint also sees packets returned by upcalls
-        use = "on_ovs_execute" if upcalls and att.method == "tracepoint" else "on_switch"
-        return "%s(ctx, skb, %d)" % (use, sid)
-    handler = {"plain": "on_switch", "upcall": "on_upcall", "vm_read": "on_vm_read",
-               "host_rcv": "on_host_rcv"}[plan.stage.hook]
-    return "%s(ctx, skb, %d)" % (handler, sid)
+        return "%s(ctx, skb, %d)" % (OVS_EXECUTE, sid)
+    return "%s(ctx, skb, %d)" % (HOOK_HANDLERS[hook], sid)
 
 
 def _wrapper(att, upcalls):
@@ -1627,9 +1698,7 @@ def _wrapper(att, upcalls):
 def final_stage(plans, direction):
     """The last stage of a direction's path that this run can see."""
     traced = set(p.stage.name for p in plans if p.method)
-    candidates = {"tx": ["phy_xmit", "phy_queue"],
-                  "rx": ["vm_read", "tap_xmit", "tap_queue"]}[direction]
-    for name in candidates:
+    for name in END_STAGES[direction]:
         if name in traced:
             return STAGE_BY_NAME[name].sid
     return -1
@@ -1707,7 +1776,13 @@ def generate_program(args, plans, layout, caps):
         ("TRACE_UPCALLS", int(traces_upcalls(plans))),
         ("FINAL_TX", final_stage(plans, "tx")), ("FINAL_RX_VM", final_stage(plans, "rx")),
     ]
-    defines += [("STAGE_" + s.name, s.sid) for s in STAGES]
+    defines += SHARED_CONSTANTS
+    defines += [("START_TX", STAGE_BY_NAME[START_STAGE["tx"]].sid),
+                ("START_RX", STAGE_BY_NAME[START_STAGE["rx"]].sid),
+                ("STAGE_OVS_EXECUTE", next(s.sid for s in STAGES if s.hook == "ovs")),
+                # an RX packet was put on a tap: a VM-role stage of RX saw it
+                ("ON_TAP(p)", "(%s)" % " | ".join("(p)->ts[%d]" % s.sid for s in STAGES
+                                                  if s.direction == "rx" and s.role == "vm"))]
     defines += [("STAT_" + n, i) for n, i in sorted(STAT.items(), key=lambda x: x[1])]
     defines += sorted(layout.offsets.items())
     if not caps["probe_read_kernel"]:
@@ -1728,6 +1803,7 @@ def generate_program(args, plans, layout, caps):
     upcalls = traces_upcalls(plans)
     wrappers = "\n\n".join(_wrapper(a, upcalls) for a in group_attachments(plans))
     return (C_PROGRAM.replace("/*CONFIG*/", config)
+            .replace("/*RECORD*/", record_c_struct())
             .replace("/*SEGMENTS*/", _hist_c(plans))
             .replace("/*READERS*/", generate_readers(layout))
             .replace("/*WRAPPERS*/", wrappers))
@@ -1800,8 +1876,8 @@ class Tracer(object):
             kind = BPF.KPROBE if att.method == "kprobe" else BPF.RAW_TRACEPOINT
             self.bpf.load_func(att.fn_name, kind)
             count += 1
-        for fn in ("rtp_kfree_skb", "rtp_consume_skb"):
-            self.bpf.load_func(fn, BPF.RAW_TRACEPOINT)
+        for _cat, tp, _what in FREE_TRACEPOINTS:
+            self.bpf.load_func("rtp_" + tp, BPF.RAW_TRACEPOINT)
             count += 1
         return count
 
@@ -1817,11 +1893,11 @@ class Tracer(object):
             if self.verbose:
                 log("attached %s %s -> %s" % (att.method, att.probe,
                                               ", ".join(p.stage.name for p in att.stages)))
-        for tp in ("kfree_skb", "consume_skb"):
+        for cat, tp, what in FREE_TRACEPOINTS:
             self.bpf.attach_raw_tracepoint(tp=tp, fn_name="rtp_" + tp)
             self.attached.append(("raw_tracepoint", tp))
             if self.verbose:
-                log("attached tracepoint skb:%s -> packet fates" % tp)
+                log("attached tracepoint %s:%s -> %s" % (cat, tp, what))
 
     def detach(self):
         while self.attached:
@@ -1846,11 +1922,13 @@ class Tracer(object):
 # Event decoding
 # ============================================================================
 
-# struct pkt, as laid out by the C compiler (see C_PROGRAM)
-PKT = struct.Struct("<%dQ2Q7I4H8B4x" % NSTAGES)
-(P_LOCATION, P_DEV, P_SADDR, P_DADDR, P_VM_IF, P_PHY_IF, P_PID, P_TID, P_REASON,
- P_SPORT, P_DPORT, P_VLAN, P_IP_ID, P_PROTO, P_DIR, P_LAST, P_TYPE, P_ICMP_TYPE) = \
-    range(NSTAGES, NSTAGES + 18)
+# Where each field of the record is in a decoded event (PKT.unpack), from RECORD_FIELDS
+P_LOCATION, P_SADDR, P_DADDR = PKT_INDEX["location"], PKT_INDEX["saddr"], PKT_INDEX["daddr"]
+P_VM_IF, P_PHY_IF = PKT_INDEX["vm_ifindex"], PKT_INDEX["phy_ifindex"]
+P_PID, P_TID, P_REASON = PKT_INDEX["pid"], PKT_INDEX["tid"], PKT_INDEX["reason"]
+P_SPORT, P_DPORT, P_VLAN = PKT_INDEX["sport"], PKT_INDEX["dport"], PKT_INDEX["vlan"]
+P_PROTO, P_DIR, P_LAST = PKT_INDEX["proto"], PKT_INDEX["dir"], PKT_INDEX["last"]
+P_TYPE, P_ICMP_TYPE, P_UPCALLED = PKT_INDEX["type"], PKT_INDEX["icmp_type"], PKT_INDEX["upcalled"]
 
 
 _IP_CACHE = {}
@@ -1878,7 +1956,7 @@ def packet_record(fields, names, process_name, thread_name, wall_offset):
     segments = [{"from": a[0], "to": b[0], "us": round((b[1] - a[1]) / 1000.0, 3)}
                 for a, b in zip(seen, seen[1:])]
     proto = fields[P_PROTO]
-    is_icmp = proto == 1
+    is_icmp = proto == PROTO_ICMP
     pid = fields[P_PID]
     thread = thread_name(pid, fields[P_TID]) if pid else None
     end_ns = seen[-1][1] if seen else 0
@@ -2293,10 +2371,10 @@ class Session(object):
         now = time.monotonic()
         self.stuck = []
         for v in self.bpf["inflight"].values():
+            fields = PKT.unpack(ctypes.string_at(ctypes.addressof(v), PKT.size))
             count += 1
-            upcalled += v.upcalled
+            upcalled += fields[P_UPCALLED]
             if len(self.stuck) < 10:    # the first few, to say where they are waiting
-                fields = PKT.unpack(ctypes.string_at(ctypes.addressof(v), PKT.size))
                 rec = packet_record(fields, self.names, self.process_name, self.thread_name,
                                     self.wall_offset)
                 last = STAGE_NAMES[fields[P_LAST]]
@@ -2395,8 +2473,7 @@ def require_path_ends(args, plans):
     for direction in ("tx", "rx"):
         if args.direction not in (direction, "both"):
             continue
-        start = "tap_rx" if direction == "tx" else "phy_rx"
-        start_plan = next(p for p in plans if p.stage.name == start)
+        start_plan = next(p for p in plans if p.stage.name == START_STAGE[direction])
         if not start_plan.method or final_stage(plans, direction) < 0:
             raise Fatal("cannot trace %s: %s" % (direction.upper(), start_plan.reason or
                                                   "no stage can see the end of the path"))
