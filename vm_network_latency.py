@@ -31,6 +31,7 @@
 from __future__ import print_function
 
 import argparse
+import binascii
 import ctypes
 import errno
 import ipaddress
@@ -40,6 +41,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import namedtuple
@@ -201,6 +203,12 @@ def build_parser():
     parser.add_argument("--verbose", action="store_true",
                         help="say what was attached where and how layouts were found")
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--write-events", metavar="FILE",
+                        help="also save the run's raw events and final counters to FILE, "
+                             "for --read-events")
+    parser.add_argument("--read-events", metavar="FILE",
+                        help="report a run saved with --write-events again (its records, "
+                             "histograms and summary), offline: no root, no BPF")
     # tests: the perf-buffer path of kernels without a BPF ring buffer (before 5.8)
     parser.add_argument("--perf-buffer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
@@ -211,6 +219,12 @@ def parse_args(argv):
     """Parse and validate the command line; everything checked here needs no kernel."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.read_events:
+        given = sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
+                       if k not in ("read_events", "output") and v != parser.get_default(k))
+        if given:
+            parser.error("--read-events replays a recording: only --output goes with it "
+                         "(not %s)" % ", ".join(given))
     if args.protocol == "icmp" and (args.src_port or args.dst_port):
         parser.error("ports cannot be used with --protocol icmp (ICMP has no ports)")
     return args
@@ -554,16 +568,19 @@ def find_layout(btf_path, release):
 TRACEFS_PATHS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 
-def tracefs_dir(mount=True):
+def tracefs_dir():
     for path in TRACEFS_PATHS:
         if os.path.isdir(os.path.join(path, "events")):
             return path
-    if mount and os.path.isdir(TRACEFS_PATHS[0]):
-        # BCC's legacy kprobe interface and tracepoint lookups need tracefs
-        os.system("mount -t tracefs tracefs %s >/dev/null 2>&1" % TRACEFS_PATHS[0])
-        if os.path.isdir(os.path.join(TRACEFS_PATHS[0], "events")):
-            return TRACEFS_PATHS[0]
     return None
+
+
+def mount_tracefs():
+    """Mount tracefs if nobody has (BCC's legacy kprobe interface needs it): the one
+    change to the system before tracing; the queries above only look."""
+    if tracefs_dir() is None and os.path.isdir(TRACEFS_PATHS[0]):
+        subprocess.call(["mount", "-t", "tracefs", "tracefs", TRACEFS_PATHS[0]],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def kprobes_available():
@@ -595,7 +612,9 @@ def kernel_symbols(wanted):
     return found
 
 
-def tracepoint_exists(layout, category, name):
+def tracepoint_exists(layout, view, category, name):
+    if view.tracepoints is not None:     # --dry-run: as if every one existed
+        return name in view.tracepoints
     if name in layout.tracepoints:
         return True
     tfs = tracefs_dir()
@@ -617,18 +636,23 @@ BPF_FUNC_probe_read, BPF_FUNC_probe_read_kernel = 4, 113
 Capabilities = namedtuple("Capabilities", "ringbuf probe_read_kernel how")
 
 
-def _bpf_syscall(cmd, attr):
-    """bpf(cmd, attr): a new fd (closed here) or -errno; None if the arch is unknown."""
+def bpf_call(cmd, attr):
+    """bpf(cmd, attr) with attr's bytes: the result or -errno; None if the arch is unknown."""
     nr = BPF_SYSCALL.get(os.uname()[4])
     if nr is None:
         return None
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     buf = ctypes.create_string_buffer(attr, len(attr))
-    fd = libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
-    if fd < 0:
-        return -ctypes.get_errno()
-    os.close(fd)
+    res = libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
+    return -ctypes.get_errno() if res < 0 else res
+
+
+def _bpf_syscall(cmd, attr):
+    """A bpf() command that makes an fd: the fd (closed at once) or -errno."""
+    fd = bpf_call(cmd, attr)
+    if fd is not None and fd >= 0:
+        os.close(fd)
     return fd
 
 
@@ -778,8 +802,9 @@ TRACEPOINTS_USED = set(s.tracepoint[1] for s in STAGES if s.tracepoint) | \
 Plan = namedtuple("Plan", "stage method probes reason")
 
 
-def plan_stages(args, layout, kprobes_ok, kprobe_why, symbols):
+def plan_stages(args, layout, view):
     """Choose, per stage, how it attaches on this kernel (or why it cannot)."""
+    kprobes_ok, symbols = view.kprobes_ok, view.symbols
     wanted_dirs = DIRECTIONS if args.direction == "both" else (args.direction,)
     plans = []
     for st in STAGES:
@@ -787,7 +812,7 @@ def plan_stages(args, layout, kprobes_ok, kprobe_why, symbols):
             plans.append(Plan(st, None, [], "not traced: --direction %s" % args.direction))
             continue
         tp = None
-        if st.tracepoint and tracepoint_exists(layout, st.tracepoint[0], st.tracepoint[1]):
+        if st.tracepoint and tracepoint_exists(layout, view, st.tracepoint[0], st.tracepoint[1]):
             tp = Plan(st, "tracepoint", [("%s:%s" % st.tracepoint[:2], st.tracepoint[2])], "")
         kp = None
         syms = [(symbols[f], a) for f, a in st.kprobes if f in symbols]
@@ -811,11 +836,12 @@ def plan_stages(args, layout, kprobes_ok, kprobe_why, symbols):
         if chosen:
             plans.append(chosen)
             continue
-        plans.append(Plan(st, None, [], why_not(st, args, kprobes_ok, kprobe_why, symbols)))
+        plans.append(Plan(st, None, [], why_not(st, args, view)))
     return plans
 
 
-def why_not(st, args, kprobes_ok, kprobe_why, symbols):
+def why_not(st, args, view):
+    kprobes_ok, kprobe_why, symbols = view.kprobes_ok, view.kprobe_why, view.symbols
     if args.attach == "tracepoint" and not st.tracepoint:
         return "no tracepoint at this point (needs --attach kprobe or auto)"
     if st.module == "openvswitch":
@@ -992,6 +1018,29 @@ HIST_SUB_BITS = 4          # 16 sub-buckets per power of two: percentiles within
 HIST_BUCKETS = 720         # up to 2^47 / 1024 us (about 38 hours); longer ones share the last
 DEVROLE_SLOTS = 65536      # ifindexes below this are looked up in an array, above in a hash
 HINT_SLOTS = 16384         # counters telling cheaply that an sk_buff is not tracked
+
+# The kernel's histogram bucketing (bucket_bounds() below says what a bucket holds;
+# the unit tests run this C in the kernel, through BPF_PROG_TEST_RUN, against it).
+HIST_ADD_C = r"""
+// 16 linear sub-buckets per power of two of v = ns * 1.024 (units of 1/1024 us,
+// so the power-of-two rows are whole microseconds). u64: minutes do not wrap.
+static __always_inline void hist_add(u32 seg, u64 ns)
+{
+    u64 v = ns + ns * 3 / 125;
+    u32 bucket = v;
+    if (v >= (1 << (HIST_SUB_BITS + 1))) {
+        u32 lg = bpf_log2l(v) - 1;      // bcc's bpf_log2l() is floor(log2(v)) + 1
+        bucket = ((lg - HIST_SUB_BITS + 1) << HIST_SUB_BITS) +
+                 ((v >> (lg - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1));
+        if (bucket >= HIST_BUCKETS)
+            bucket = HIST_BUCKETS - 1;
+    }
+    u32 idx = seg * HIST_BUCKETS + bucket;
+    u64 *count = hist.lookup(&idx);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+}
+"""
 
 C_PROGRAM = r"""
 #include <uapi/linux/ptrace.h>
@@ -1265,24 +1314,7 @@ static __always_inline void upcall_forget(struct pkt *p)
 #endif
 
 #if HISTOGRAM
-// 16 linear sub-buckets per power of two of v = ns * 1.024 (units of 1/1024 us,
-// so the power-of-two rows are whole microseconds). u64: minutes do not wrap.
-static __always_inline void hist_add(u32 seg, u64 ns)
-{
-    u64 v = ns + ns * 3 / 125;
-    u32 bucket = v;
-    if (v >= (1 << (HIST_SUB_BITS + 1))) {
-        u32 lg = bpf_log2l(v) - 1;      // bcc's bpf_log2l() is floor(log2(v)) + 1
-        bucket = ((lg - HIST_SUB_BITS + 1) << HIST_SUB_BITS) +
-                 ((v >> (lg - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1));
-        if (bucket >= HIST_BUCKETS)
-            bucket = HIST_BUCKETS - 1;
-    }
-    u32 idx = seg * HIST_BUCKETS + bucket;
-    u64 *count = hist.lookup(&idx);
-    if (count)
-        __sync_fetch_and_add(count, 1);
-}
+/*HIST_ADD*/
 
 /*SEGMENTS*/
 #endif
@@ -1755,19 +1787,19 @@ def ip_to_int(text):
     return struct.unpack("!I", socket.inet_aton(text))[0] if text else 0
 
 
-def generate_program(args, plans, layout, caps):
+def generate_program(args, plans, layout, config):
     defines = [
         ("NSTAGES", NSTAGES), ("NSTATS", len(STAT_NAMES)),
-        ("MAX_INFLIGHT", caps["max_inflight"]),
+        ("MAX_INFLIGHT", config.max_inflight),
         ("HISTOGRAM", int(args.mode == "histogram")),
-        ("USE_RINGBUF", int(caps["ringbuf"])), ("RINGBUF_PAGES", caps["ringbuf_pages"]),
+        ("USE_RINGBUF", int(config.ringbuf)), ("RINGBUF_PAGES", config.ringbuf_pages),
         ("EMIT_DROPS", int(args.drops)),
         ("THRESHOLD_NS", "%dULL" % int(round(args.latency_threshold * 1000))),
         ("FILTER_PROTO", PROTOCOLS.get(args.protocol, 0)),
         ("FILTER_SADDR", "0x%08xU" % ip_to_int(args.src_ip)),
         ("FILTER_DADDR", "0x%08xU" % ip_to_int(args.dst_ip)),
         ("FILTER_SPORT", args.src_port or 0), ("FILTER_DPORT", args.dst_port or 0),
-        ("HOST_NETNS_INUM", "%dU" % caps["netns_inum"]),
+        ("HOST_NETNS_INUM", "%dU" % config.netns_inum),
         ("KFREE_SKB_HAS_REASON", int(layout.kfree_skb_reason)),
         ("FATE_LEFT", "0x%xU" % FATE_LEFT), ("EV_PACKET", EV_PACKET), ("EV_DROP", EV_DROP),
         ("HIST_SUB_BITS", HIST_SUB_BITS), ("HIST_BUCKETS", HIST_BUCKETS),
@@ -1785,7 +1817,7 @@ def generate_program(args, plans, layout, caps):
                                                   if s.direction == "rx" and s.role == "vm"))]
     defines += [("STAT_" + n, i) for n, i in sorted(STAT.items(), key=lambda x: x[1])]
     defines += sorted(layout.offsets.items())
-    if not caps["probe_read_kernel"]:
+    if not config.probe_read_kernel:
         defines.append(("bpf_probe_read_kernel", "bpf_probe_read"))
     config = "\n".join("#define %s %s" % (k, v) for k, v in defines)
     if isinstance(layout.offsets["SKB_DEV"], int):
@@ -1804,6 +1836,7 @@ def generate_program(args, plans, layout, caps):
     wrappers = "\n\n".join(_wrapper(a, upcalls) for a in group_attachments(plans))
     return (C_PROGRAM.replace("/*CONFIG*/", config)
             .replace("/*RECORD*/", record_c_struct())
+            .replace("/*HIST_ADD*/", HIST_ADD_C)
             .replace("/*SEGMENTS*/", _hist_c(plans))
             .replace("/*READERS*/", generate_readers(layout))
             .replace("/*WRAPPERS*/", wrappers))
@@ -1827,7 +1860,7 @@ def clear_stale_kprobe_events(verbose):
     """Remove kprobe events a killed (SIGKILL) BCC tool left in tracefs.
 
     BCC names them ..._bcc_<pid>; those whose process is gone are dead weight."""
-    tfs = tracefs_dir(mount=False)
+    tfs = tracefs_dir()
     if not tfs:
         return
     path = os.path.join(tfs, "kprobe_events")
@@ -2006,17 +2039,6 @@ def bucket_bounds(bucket):
     return lo / 1024.0, hi / 1024.0
 
 
-def bucket_of_ns(ns):
-    """Python mirror of hist_add() in the kernel."""
-    v = ns + ns * 3 // 125
-    if v < (1 << (HIST_SUB_BITS + 1)):
-        return v
-    lg = v.bit_length() - 1
-    bucket = ((lg - HIST_SUB_BITS + 1) << HIST_SUB_BITS) + \
-        ((v >> (lg - HIST_SUB_BITS)) & ((1 << HIST_SUB_BITS) - 1))
-    return min(bucket, HIST_BUCKETS - 1)
-
-
 def percentile(buckets, fraction):
     """Percentile (us) from {bucket: count}, interpolated inside its bucket."""
     total = sum(buckets.values())
@@ -2070,14 +2092,15 @@ def can_encode(stream, text):
 
 
 class Reporter(object):
-    def __init__(self, args, out=None):
-        self.args = args
+    """Records, histograms and the summary, as text for people or JSON lines."""
+
+    def __init__(self, output, protocol, out=None):
         self.out = out or sys.stdout
         fancy = can_encode(self.out, u"\u03bc\u2588")   # over SSH with LANG=C: plain ASCII
         self.us = u"\u03bcs" if fancy else "us"
         self.bar = u"\u2588" if fancy else "#"
-        self.json = args.output == "json"
-        self.proto_title = args.protocol.upper() if args.protocol != "all" else "ALL"
+        self.json = output == "json"
+        self.proto_title = protocol.upper() if protocol != "all" else "ALL"
         self._second, self._hms = None, ""
         self._json = json.JSONEncoder(check_circular=False)
 
@@ -2237,54 +2260,161 @@ def host_netns_inum():
     return os.stat("/proc/self/ns/net").st_ino
 
 
-class Session(object):
-    """One tracing run: maps to read, names to refresh, counters to report."""
+# --- where a run's counters come from: the kernel's maps, or a recording of them ---
 
-    def __init__(self, args, tracer, reporter, names, layout):
-        self.args = args
-        self.tracer = tracer
+class KernelCounters(object):
+    """The loaded program's maps, read when asked."""
+
+    def __init__(self, tracer):
         self.bpf = tracer.bpf
+        self.upcalls = traces_upcalls(tracer.plans)
+        leaf = ctypes.sizeof(self.bpf["inflight"].Leaf)
+        if leaf != PKT.size:    # the declaration and the compiled struct must agree
+            raise Fatal("internal error: struct pkt is %d bytes in C, %d in Python"
+                        % (leaf, PKT.size))
+
+    def hist(self, size):
+        return read_u64_array(self.bpf["hist"], size)
+
+    def stats(self):
+        values = [0] * len(STAT_NAMES)
+        for k, v in self.bpf["stats"].items():
+            if k.value < len(values):
+                values[k.value] = sum(v)
+        return values
+
+    def fates(self):
+        """[(reason, direction index, last stage, count)], in the map's order."""
+        return [(k.reason, k.dir, k.last, v.value) for k, v in self.bpf["fates"].items()]
+
+    def inflight(self):
+        """The raw records of the packets still being tracked."""
+        return [ctypes.string_at(ctypes.addressof(v), PKT.size)
+                for v in self.bpf["inflight"].values()]
+
+    def upcalls_waiting(self):
+        return sum(1 for _ in self.bpf["upcalls"].keys()) if self.upcalls else 0
+
+
+class RecordedCounters(object):
+    """The counters a recording ended with (its "final" line)."""
+
+    def __init__(self, final):
+        self.final = final
+
+    def stats(self):
+        return self.final["stats"]
+
+    def fates(self):
+        return [tuple(f) for f in self.final["fates"]]
+
+    def inflight(self):
+        return [bytes(bytearray.fromhex(h)) for h in self.final["inflight"]]
+
+    def upcalls_waiting(self):
+        return self.final["upcalls_waiting"]
+
+
+class Recorder(object):
+    """--write-events: the run's raw events and what is needed to read them again.
+
+    One JSON object a line: "meta" first; "names" (ifindex -> device), "comm",
+    "thread", "reason" and "location" the first time each is resolved; "event" (the
+    raw record, hex) as each arrives; "hist" (the kernel's cumulative counts) at each
+    interval; "final" (counters, in-flight records) last. --read-events replays it."""
+
+    def __init__(self, path):
+        try:
+            self.f = open(path, "w")
+        except (IOError, OSError) as e:
+            raise UsageError("--write-events %s: %s" % (path, e.strerror or e))
+        self._json = json.JSONEncoder(check_circular=False, sort_keys=True)
+
+    def write(self, obj):
+        self.f.write(self._json.encode(obj) + "\n")
+
+    def event(self, raw):
+        self.f.write('{"kind": "event", "raw": "%s"}\n' % binascii.hexlify(raw).decode())
+
+    def close(self):
+        self.f.close()
+
+
+class Run(object):
+    """One run: its devices and names, what was reported, how it stopped, and every
+    counter its summary accounts with. Fed by the kernel while tracing, or by a
+    recording (--read-events); the output is the same either way."""
+
+    def __init__(self, args, reporter, names, segments, kfree_skb_reason, drop_reasons,
+                 wall_offset, recorder=None, ksym=None):
+        self.args = args
         self.reporter = reporter
-        self.names = names
-        self.layout = layout
+        self.names = names              # {ifindex: device name}
+        self.segments = segments        # [(direction, segment)] of the hist array
+        self.kfree_skb_reason = kfree_skb_reason
+        self.drop_reasons = drop_reasons
+        self.wall_offset = wall_offset
+        self.recorder = recorder
+        self.ksym = ksym                # BCC's BPF.ksym, None when replaying
+        self.counters = None            # KernelCounters or RecordedCounters
         self.reported = {"tx": 0, "rx": 0}
+        self.hist_totals = {"tx": 0, "rx": 0}
+        self.hist_prev = [0] * hist_slots(segments)
         self.perf_lost = 0
-        self.proc_names = {}
-        self.wall_offset = time.time() - time.monotonic()
+        self.stop_reason = None         # the signal that stopped it, or None
         self.output_broken = False
-        self.args_upcalls = traces_upcalls(tracer.plans)
-        self.segments = histogram_segments(tracer.plans)
-        self.hist_prev = [0] * hist_slots(self.segments)
-        self.thread_names = {}
         self.roles = {}
-        self.stuck = []
+        self.known = {"comm": {}, "thread": {}, "reason": {}, "location": {}}
+        self.events = None              # EventSource while tracing detailed or drops
 
-    def process_name(self, pid):
-        return self._comm(self.proc_names, pid, "/proc/%d/comm" % pid)
-
-    def thread_name(self, pid, tid):
-        return self._comm(self.thread_names, tid, "/proc/%d/task/%d/comm" % (pid, tid))
-
-    @staticmethod
-    def _comm(cache, key, path):
-        """A process's or thread's name, read once (the kernel side only keeps the ids)."""
+    # -- names, resolved once each (and recorded, so that a replay has them) --
+    def _resolve(self, kind, key, lookup):
+        cache = self.known[kind]
         name = cache.get(key)
         if name is None:
-            try:
-                with open(path) as f:
-                    name = f.read().strip()
-            except (IOError, OSError):
-                name = "?"    # gone already
+            name = lookup()
             if len(cache) > 4096:
                 cache.clear()
             cache[key] = name
+            if self.recorder:
+                self.recorder.write({"kind": kind, "key": key, "name": name})
         return name
 
+    def process_name(self, pid):
+        return self._resolve("comm", pid, lambda: read_comm("/proc/%d/comm" % pid))
+
+    def thread_name(self, pid, tid):
+        return self._resolve("thread", tid,
+                             lambda: read_comm("/proc/%d/task/%d/comm" % (pid, tid)))
+
+    def reason_name(self, code):
+        if not self.kfree_skb_reason:
+            return "unknown (kernel has no drop reasons)"
+        name = self.drop_reasons.get(code)
+        return name[len("SKB_DROP_REASON_"):] if name and name.startswith(
+            "SKB_DROP_REASON_") else (name or str(code))
+
+    def location(self, addr):
+        if not addr:
+            return "?"
+        return self._resolve("location", addr, lambda: ksym_name(self.ksym, addr))
+
+    def set_names(self, names):
+        self.names.update(names)
+        if self.recorder:
+            self.recorder.write({"kind": "names", "names": dict(
+                (str(k), v) for k, v in sorted(self.names.items()))})
+
+    # -- what happens during a run --
     def on_event(self, data, size=None):
+        """One event from the kernel (a ctypes pointer) or from a recording (bytes)."""
         # called from BCC through ctypes: an exception here would only be printed
         if self.output_broken:
             return
-        fields = PKT.unpack(ctypes.string_at(data, PKT.size))
+        raw = data if isinstance(data, bytes) else ctypes.string_at(data, PKT.size)
+        if self.recorder:
+            self.recorder.event(raw)
+        fields = PKT.unpack(raw)
         rec = packet_record(fields, self.names, self.process_name, self.thread_name,
                             self.wall_offset)
         if rec["type"] == "drop":
@@ -2297,119 +2427,48 @@ class Session(object):
         except (IOError, OSError):
             self.output_broken = True   # the terminal or pipe went away (SIGHUP, EPIPE)
 
-    def reason_name(self, code):
-        if not self.layout.kfree_skb_reason:
-            return "unknown (kernel has no drop reasons)"
-        name = self.layout.drop_reasons.get(code)
-        return name[len("SKB_DROP_REASON_"):] if name and name.startswith(
-            "SKB_DROP_REASON_") else (name or str(code))
+    def on_perf_lost(self, count):
+        # Every sample the perf buffer loses was a perf_submit() that failed, which the
+        # program already counted as lost: this is the kernel's own tally of the same
+        # losses (kept for --verbose), never added to them.
+        self.perf_lost += count
 
-    def location(self, addr):
-        if not addr:
-            return "?"
-        try:
-            return self.tracer.bcc.BPF.ksym(addr, show_offset=True).decode("utf-8", "replace")
-        except Exception:
-            return "0x%x" % addr
-
-    def set_roles(self, roles):
-        """Tell the kernel which devices are VM ports and which the physical side."""
-        small, big = self.bpf["devroles"], self.bpf["devroles_big"]
-        for idx in set(self.roles) - set(roles):
-            if idx < DEVROLE_SLOTS:
-                small[small.Key(idx)] = small.Leaf(0)
-            else:
-                del big[big.Key(idx)]
-        for idx, role in roles.items():
-            table = small if idx < DEVROLE_SLOTS else big
-            table[table.Key(idx)] = table.Leaf(role)
-        self.roles = dict(roles)
-
-    def refresh_devices(self):
-        """New VMs start and stop: keep the device map in step with the host."""
-        roles, names, _taps, _phys = resolve_roles(self.args)
-        if roles == self.roles:
-            return
-        self.set_roles(roles)
-        self.names.update(names)
-        if self.args.verbose:
-            log("devices now: %s" % ", ".join("%s=%s" % (names[i], "vm" if r == ROLE_VM
-                                                         else "phy")
-                                               for i, r in sorted(roles.items())))
-
-    def read_histograms(self):
-        """This interval's tables: what the kernel's cumulative counts added since last read.
+    def histograms(self, when, counts, last=False):
+        """The kernel's cumulative counts at `when`: the tables of what this interval
+        added (last: the read after detaching, reported only when it added anything).
 
         A packet completing during the read may have its segments in one interval and
         its total in the next; over the run every count is exact."""
-        now = read_u64_array(self.bpf["hist"], len(self.hist_prev))
+        if self.recorder:
+            self.recorder.write({"kind": "hist", "when": when, "last": last, "counts": dict(
+                (str(i), c) for i, c in enumerate(counts) if c)})
         tables = {}
         prev = self.hist_prev
-        for idx, count in enumerate(now):
+        for idx, count in enumerate(counts):
             if count != prev[idx]:
                 direction, segment = self.segments[idx // HIST_BUCKETS]
                 tables.setdefault((DIRECTIONS.index(direction), segment), {})[
                     idx % HIST_BUCKETS] = count - prev[idx]
-        self.hist_prev = now
-        return self.order_tables(tables)
+        self.hist_prev = list(counts)
+        tables = order_tables(tables)
+        for direction, segment, buckets in tables:
+            if segment == "total":
+                self.hist_totals[direction] += sum(buckets.values())
+        return tables
 
-    @staticmethod
-    def order_tables(tables):
-        out = []
-        for d, direction in enumerate(DIRECTIONS):
-            order = PATH_ORDER[direction]
-            segs = [s for (dd, s) in tables if dd == d and s != "total"]
-            segs.sort(key=lambda s: [order.index(x) for x in s.split("->")])
-            for s in segs + (["total"] if (d, "total") in tables else []):
-                out.append((direction, s, tables[(d, s)]))
-        return out
-
-    def packets_in_flight(self):
-        """(in flight, of which waiting for ovs-vswitchd): each packet counted once."""
-        upcalled = 0
-        count = 0
-        now = time.monotonic()
-        self.stuck = []
-        for v in self.bpf["inflight"].values():
-            fields = PKT.unpack(ctypes.string_at(ctypes.addressof(v), PKT.size))
-            count += 1
-            upcalled += fields[P_UPCALLED]
-            if len(self.stuck) < 10:    # the first few, to say where they are waiting
-                rec = packet_record(fields, self.names, self.process_name, self.thread_name,
-                                    self.wall_offset)
-                last = STAGE_NAMES[fields[P_LAST]]
-                self.stuck.append({
-                    "direction": rec["direction"], "protocol": rec["protocol"],
-                    "src_ip": rec["src_ip"], "dst_ip": rec["dst_ip"],
-                    "src_port": rec["src_port"], "dst_port": rec["dst_port"],
-                    "icmp_seq": rec["icmp_seq"], "last_stage": last,
-                    "waiting_us": round((now - fields[STAGE_BY_NAME[last].sid] / 1e9) * 1e6, 1)})
-        if not self.args_upcalls:
-            return count, 0
-        waiting = sum(1 for _ in self.bpf["upcalls"].keys())
-        return count - upcalled + waiting, waiting
-
-    def stats(self):
-        values = [0] * len(STAT_NAMES)
-        for k, v in self.bpf["stats"].items():
-            if k.value < len(values):
-                values[k.value] = sum(v)
-        return dict(zip(STAT_NAMES, values))
-
-    def summary(self, hist_counts):
-        st = self.stats()
-        in_flight, in_upcall = self.packets_in_flight()
-        if self.args.mode == "histogram":
-            rep_tx, rep_rx = hist_counts.get("tx", 0), hist_counts.get("rx", 0)
-        else:
-            rep_tx, rep_rx = self.reported["tx"], self.reported["rx"]
+    def summary(self, now):
+        """Every packet accounted for; `now` (monotonic) dates the in-flight ones."""
+        st = dict(zip(STAT_NAMES, self.counters.stats()))
+        in_flight, in_upcall, stuck = self.packets_in_flight(now)
+        totals = self.hist_totals if self.args.mode == "histogram" else self.reported
+        rep_tx, rep_rx = totals["tx"], totals["rx"]
         fates = []
-        for k, v in self.bpf["fates"].items():
-            fates.append({"direction": DIRECTIONS[k.dir],
-                          "fate": "left_path" if k.reason == FATE_LEFT else "dropped",
-                          "reason": None if k.reason == FATE_LEFT else
-                          self.reason_name(k.reason),
-                          "last_stage": STAGE_NAMES[k.last], "count": v.value})
+        for reason, direction, last, count in self.counters.fates():
+            fates.append({"direction": DIRECTIONS[direction],
+                          "fate": "left_path" if reason == FATE_LEFT else "dropped",
+                          "reason": None if reason == FATE_LEFT else
+                          self.reason_name(reason),
+                          "last_stage": STAGE_NAMES[last], "count": count})
         fates.sort(key=lambda f: -f["count"])
         return {
             "reported": rep_tx + rep_rx, "reported_tx": rep_tx, "reported_rx": rep_rx,
@@ -2417,47 +2476,125 @@ class Session(object):
             "completed": st["completed_tx"] + st["completed_rx"],
             "below_threshold": st["below_threshold"], "dropped": st["dropped"],
             "left_path": st["left_path"], "in_flight": in_flight,
-            "not_tracked": st["not_tracked"], "lost": st["lost"] + self.perf_lost,
+            "not_tracked": st["not_tracked"], "lost": st["lost"],
             "vanished": st["vanished"], "in_upcall": in_upcall, "fates": fates,
-            "in_flight_examples": self.stuck,
+            "in_flight_examples": stuck,
         }
+
+    def packets_in_flight(self, now):
+        """(in flight, of which waiting for ovs-vswitchd, the first few): each packet
+        counted once (an upcalled one is counted by its copy, not by the original)."""
+        upcalled, count, stuck = 0, 0, []
+        for raw in self.counters.inflight():
+            fields = PKT.unpack(raw)
+            count += 1
+            upcalled += fields[P_UPCALLED]
+            if len(stuck) < 10:    # the first few, to say where they are waiting
+                rec = packet_record(fields, self.names, self.process_name, self.thread_name,
+                                    self.wall_offset)
+                last = STAGE_NAMES[fields[P_LAST]]
+                stuck.append({
+                    "direction": rec["direction"], "protocol": rec["protocol"],
+                    "src_ip": rec["src_ip"], "dst_ip": rec["dst_ip"],
+                    "src_port": rec["src_port"], "dst_port": rec["dst_port"],
+                    "icmp_seq": rec["icmp_seq"], "last_stage": last,
+                    "waiting_us": round((now - fields[STAGE_BY_NAME[last].sid] / 1e9) * 1e6, 1)})
+        waiting = self.counters.upcalls_waiting()
+        return count - upcalled + waiting, waiting, stuck
+
+    def record_final(self, now):
+        if self.recorder:
+            c = self.counters
+            self.recorder.write({
+                "kind": "final", "now": now, "stats": c.stats(),
+                "fates": [list(f) for f in c.fates()],
+                "inflight": [binascii.hexlify(r).decode() for r in c.inflight()],
+                "upcalls_waiting": c.upcalls_waiting(), "perf_lost": self.perf_lost})
+
+
+def read_comm(path):
+    """A process's or thread's name (the kernel side only keeps the ids)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (IOError, OSError):
+        return "?"    # gone already
+
+
+def ksym_name(ksym, addr):
+    if ksym is None:
+        return "0x%x" % addr
+    try:
+        return ksym(addr, show_offset=True).decode("utf-8", "replace")
+    except Exception:
+        return "0x%x" % addr
+
+
+def order_tables(tables):
+    """{(direction index, segment): buckets} as [(direction, segment, buckets)] in path
+    order, each direction's total last."""
+    out = []
+    for d, direction in enumerate(DIRECTIONS):
+        order = PATH_ORDER[direction]
+        segs = [s for (dd, s) in tables if dd == d and s != "total"]
+        segs.sort(key=lambda s: [order.index(x) for x in s.split("->")])
+        for s in segs + (["total"] if (d, "total") in tables else []):
+            out.append((direction, s, tables[(d, s)]))
+    return out
+
+
+# ============================================================================
+# Main
+# ============================================================================
+
+# A kernel's probe points as the planner sees them. --dry-run plans with every one of
+# them present, so that the verifier checks every stage's program.
+KernelView = namedtuple("KernelView", "kprobes_ok kprobe_why symbols tracepoints")
+ProgramConfig = namedtuple("ProgramConfig", "ringbuf ringbuf_pages probe_read_kernel "
+                                            "max_inflight netns_inum")
+# 2 MB of ring buffer: ~14,000 events, a quarter second at 50,000 packets/s; user space
+# maps it twice (for wrap-around), so it counts double in resident memory
+RINGBUF_PAGES = 512
+PERF_BUFFER_PAGES = 256
+
+
+def kernel_view(args, layout):
+    kprobes_ok, kprobe_why = kprobes_available()
+    wanted = set(f for st in STAGES for f, _a in st.kprobes)
+    if args.dry_run:
+        return KernelView(True, "assumed for --dry-run", dict((f, f) for f in wanted),
+                          TRACEPOINTS_USED)
+    symbols = kernel_symbols(wanted) if (kprobes_ok or args.list_stages) else {}
+    return KernelView(kprobes_ok, kprobe_why, symbols, None)
 
 
 def run(args):
+    if args.read_events:
+        return replay(args)
     check_devices_exist(args)
     if os.geteuid() != 0:
         raise Fatal("must run as root (BPF programs need CAP_BPF and CAP_PERFMON): "
                     "sudo %s" % " ".join([sys.argv[0]] + sys.argv[1:]))
     release = os.uname()[2]
     layout = find_layout(args.btf, release)
-    kprobes_ok, kprobe_why = kprobes_available()
-    wanted = set(f for st in STAGES for f, _a in st.kprobes)
-    symbols = kernel_symbols(wanted) if (kprobes_ok or args.list_stages) else {}
-    if args.dry_run:
-        # the verifier checks programs without attaching them: check every stage's,
-        # as if this kernel had every probe point (kprobes, OVS, its tracepoints)
-        kprobes_ok, symbols = True, dict((f, f) for f in wanted)
-        layout = layout._replace(tracepoints=set(layout.tracepoints) | set(
-            st.tracepoint[1] for st in STAGES if st.tracepoint))
-    plans = plan_stages(args, layout, kprobes_ok, kprobe_why, symbols)
-    reporter = Reporter(args)
+    view = kernel_view(args, layout)
+    plans = plan_stages(args, layout, view)
+    reporter = Reporter(args.output, args.protocol)
     if args.list_stages:
         list_stages_report(plans, layout, args.output == "json", reporter)
         return 0
     require_path_ends(args, plans)
     features = probe_capabilities(args.perf_buffer)
-    # 2 MB of ring buffer: ~14,000 events, a quarter second at 50,000 packets/s; user
-    # space maps it twice (for wrap-around), so it counts double in resident memory
-    caps = {"ringbuf": features.ringbuf, "ringbuf_pages": 512,
-            "probe_read_kernel": features.probe_read_kernel,
-            "max_inflight": args.max_inflight, "netns_inum": host_netns_inum()}
-    text = generate_program(args, plans, layout, caps)
+    config = ProgramConfig(features.ringbuf, RINGBUF_PAGES, features.probe_read_kernel,
+                           args.max_inflight, host_netns_inum())
+    text = generate_program(args, plans, layout, config)
     if args.ebpf:
         print(text)
         return 0
     bcc = import_bcc()
+    mount_tracefs()     # BCC's legacy kprobe interface needs it
     roles, names, taps, phys = resolve_roles(args)
-    announce(args, layout, plans, kprobes_ok, kprobe_why, taps, phys, features)
+    announce(args, layout, plans, view, taps, phys, features)
     clear_stale_kprobe_events(args.verbose)
     try:
         tracer = Tracer(bcc, text, plans, args.verbose)
@@ -2465,7 +2602,25 @@ def run(args):
         raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
     if args.dry_run:
         return verify_only(args, tracer)
-    return trace(args, tracer, reporter, roles, names, layout)
+    recorder = Recorder(args.write_events) if args.write_events else None
+    segments = histogram_segments(plans)
+    this = Run(args, reporter, {}, segments, layout.kfree_skb_reason, layout.drop_reasons,
+               time.time() - time.monotonic(), recorder, bcc.BPF.ksym)
+    if recorder:
+        recorder.write(recording_meta(args, plans, segments, layout, this.wall_offset))
+    this.set_names(names)
+    return trace(args, tracer, this, roles)
+
+
+def recording_meta(args, plans, segments, layout, wall_offset):
+    return {"kind": "meta", "tool": "vm_network_latency", "version": VERSION,
+            "record": PKT.format, "record_fields": [[n, t, c] for n, t, c, _w in RECORD_FIELDS],
+            "stages": STAGE_NAMES, "plans": dict((p.stage.name, p.method) for p in plans),
+            "segments": [list(x) for x in segments], "mode": args.mode,
+            "protocol": args.protocol, "drops": args.drops,
+            "kfree_skb_reason": layout.kfree_skb_reason,
+            "drop_reasons": dict((str(k), v) for k, v in layout.drop_reasons.items()),
+            "wall_offset": wall_offset}
 
 
 def require_path_ends(args, plans):
@@ -2479,7 +2634,7 @@ def require_path_ends(args, plans):
                                                   "no stage can see the end of the path"))
 
 
-def announce(args, layout, plans, kprobes_ok, kprobe_why, taps, phys, features):
+def announce(args, layout, plans, view, taps, phys, features):
     """What the user should know before tracing starts (more with --verbose)."""
     if args.verbose:
         log("struct layouts from %s: %s" % (layout.source, ", ".join(
@@ -2488,7 +2643,8 @@ def announce(args, layout, plans, kprobes_ok, kprobe_why, taps, phys, features):
         log("drop reasons: %s" % ("yes (%d known)" % len(layout.drop_reasons)
                                   if layout.kfree_skb_reason else
                                   "no (kfree_skb has no reason argument in this kernel)"))
-        log("kprobes: %s" % (kprobe_why if not kprobes_ok else "available (%s)" % kprobe_why))
+        log("kprobes: %s" % (view.kprobe_why if not view.kprobes_ok else
+                             "available (%s)" % view.kprobe_why))
         log("VM devices: %s; physical devices: %s" % (", ".join(taps) or "none yet",
                                                       ", ".join(phys) or "none"))
     for p in plans:
@@ -2511,36 +2667,63 @@ def verify_only(args, tracer):
     return 0
 
 
-def trace(args, tracer, reporter, roles, names, layout):
+def trace(args, tracer, this, roles):
     """Attach, report until a stop, detach, account for every packet. Always cleans up."""
-    session = Session(args, tracer, reporter, names, layout)
-    stop = {"why": None}
-
     def on_signal(signum, _frame):
-        stop["why"] = signum
+        this.stop_reason = signum
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    hist_counts = {}
     try:
+        this.counters = KernelCounters(tracer)
         try:
-            attach_and_report(args, tracer, session, roles, stop, hist_counts)
+            attach_and_report(args, tracer, this, roles)
         except (IOError, OSError) as e:
             if getattr(e, "errno", None) not in (errno.EPIPE, errno.EIO):
                 raise
-            session.output_broken = True     # the terminal went away (SIGHUP, closed pipe)
+            this.output_broken = True     # the terminal went away (SIGHUP, closed pipe)
         finally:
             tracer.detach()
-        final_report(args, tracer, session, hist_counts)
+        final_report(args, tracer, this)
     finally:
         tracer.close()
+        if this.recorder:
+            this.recorder.close()
     return 0
 
 
-def attach_and_report(args, tracer, session, roles, stop, hist_counts):
-    reporter = session.reporter
-    session.set_roles(roles)
+def set_device_roles(bpf, old, roles):
+    """Tell the kernel which devices are VM ports and which the physical side."""
+    small, big = bpf["devroles"], bpf["devroles_big"]
+    for idx in set(old) - set(roles):
+        if idx < DEVROLE_SLOTS:
+            small[small.Key(idx)] = small.Leaf(0)
+        else:
+            del big[big.Key(idx)]
+    for idx, role in roles.items():
+        table = small if idx < DEVROLE_SLOTS else big
+        table[table.Key(idx)] = table.Leaf(role)
+
+
+def refresh_devices(args, tracer, this):
+    """New VMs start and stop: keep the device map in step with the host."""
+    roles, names, _taps, _phys = resolve_roles(args)
+    if roles == this.roles:
+        return
+    set_device_roles(tracer.bpf, this.roles, roles)
+    this.roles = roles
+    this.set_names(names)
+    if args.verbose:
+        log("devices now: %s" % ", ".join("%s=%s" % (names[i], "vm" if r == ROLE_VM
+                                                     else "phy")
+                                           for i, r in sorted(roles.items())))
+
+
+def attach_and_report(args, tracer, this, roles):
+    reporter = this.reporter
+    set_device_roles(tracer.bpf, {}, roles)
+    this.roles = roles
     if args.mode == "detailed" or args.drops:
-        open_events(tracer, session)
+        this.events = open_events(tracer, this)
     try:
         tracer.attach()
     except Exception as e:
@@ -2551,41 +2734,45 @@ def attach_and_report(args, tracer, session, roles, stop, hist_counts):
     started = time.monotonic()
     next_interval = started + args.interval
     next_refresh = started + 1.0
-    while stop["why"] is None and not session.output_broken:
+    hist_size = len(this.hist_prev)
+    while this.stop_reason is None and not this.output_broken:
         now = time.monotonic()
         if args.timeout and now - started >= args.timeout:
             break
         wait = 0.1
         if args.timeout:
             wait = min(wait, max(0.0, args.timeout - (now - started)))
-        poll_events(tracer, session, wait)
+        poll_events(this.events, wait)
         now = time.monotonic()
         if args.mode == "histogram" and now >= next_interval:
             next_interval += args.interval
-            tables = session.read_histograms()
-            count_totals(hist_counts, tables)
-            reporter.histograms(time.time(), tables)
+            when = time.time()
+            reporter.histograms(when, this.histograms(when, this.counters.hist(hist_size)))
             reporter.flush()
         if not args.vm_dev and now >= next_refresh:
             next_refresh = now + 1.0
-            session.refresh_devices()
+            refresh_devices(args, tracer, this)
         if args.mode == "detailed":
             reporter.flush()
 
 
-def final_report(args, tracer, session, hist_counts):
+def final_report(args, tracer, this):
     """Nothing is attached any more: drain what is left, then the summary."""
-    reporter = session.reporter
+    reporter = this.reporter
     try:
-        if args.mode == "detailed" or args.drops:
-            poll_events(tracer, session, 0)
+        poll_events(this.events, 0)
         if args.mode == "histogram":
-            tables = session.read_histograms()
-            count_totals(hist_counts, tables)
-            if tables and not session.output_broken:
-                reporter.histograms(time.time(), tables)
-        summary = session.summary(hist_counts)
-        if not session.output_broken:
+            when = time.time()
+            tables = this.histograms(when, this.counters.hist(len(this.hist_prev)), last=True)
+            if tables and not this.output_broken:
+                reporter.histograms(when, tables)
+        now = time.monotonic()
+        this.record_final(now)
+        summary = this.summary(now)
+        if args.verbose and this.perf_lost:
+            log("perf buffer: the kernel lost %d samples (in the summary's 'lost')"
+                % this.perf_lost)
+        if not this.output_broken:
             reporter.summary(summary)
             reporter.flush()
     except (IOError, OSError):
@@ -2615,31 +2802,82 @@ def read_u64_array(table, size):
     return [v.value for v in table.values()]     # one syscall per entry
 
 
-def count_totals(counts, tables):
-    for direction, segment, buckets in tables:
-        if segment == "total":
-            counts[direction] = counts.get(direction, 0) + sum(buckets.values())
+# Events reach user space through the ring buffer, or the perf buffer before 5.8.
+EventSource = namedtuple("EventSource", "poll")
 
 
-def open_events(tracer, session):
+def open_events(tracer, this):
     table = tracer.bpf["events"]
     if hasattr(table, "open_ring_buffer") and type(table).__name__ == "RingBuf":
-        table.open_ring_buffer(lambda _ctx, data, size: session.on_event(data, size))
-        session.poll = lambda ms: tracer.bpf.ring_buffer_poll(ms)
-    else:
-        def lost(count):
-            session.perf_lost += count
-        table.open_perf_buffer(lambda _cpu, data, size: session.on_event(data, size),
-                               page_cnt=256, lost_cb=lost)
-        session.poll = lambda ms: tracer.bpf.perf_buffer_poll(ms)
+        table.open_ring_buffer(lambda _ctx, data, size: this.on_event(data, size))
+        return EventSource(lambda ms: tracer.bpf.ring_buffer_poll(ms))
+    table.open_perf_buffer(lambda _cpu, data, size: this.on_event(data, size),
+                           page_cnt=PERF_BUFFER_PAGES, lost_cb=this.on_perf_lost)
+    return EventSource(lambda ms: tracer.bpf.perf_buffer_poll(ms))
 
 
-def poll_events(tracer, session, seconds):
-    poll = getattr(session, "poll", None)
-    if poll is None:
+def poll_events(events, seconds):
+    """Deliver the events that are there (waiting up to `seconds` for the first)."""
+    if events is None:
         time.sleep(seconds)
         return
-    poll(int(seconds * 1000))
+    events.poll(int(seconds * 1000))
+
+
+# --- --read-events: a recorded run, reported again without root or BPF ---
+
+def read_recording(path):
+    try:
+        with open(path) as f:
+            first = f.readline()
+            meta = json.loads(first) if first.strip() else None
+            if not isinstance(meta, dict) or meta.get("kind") != "meta" or \
+                    meta.get("tool") != "vm_network_latency":
+                raise UsageError("--read-events %s: not a recording of this tool" % path)
+            if meta["record"] != PKT.format or meta["stages"] != STAGE_NAMES:
+                raise UsageError("--read-events %s: recorded by version %s, whose record "
+                                 "or stages differ from this version's" % (path, meta["version"]))
+            for line in f:
+                if line.strip():
+                    yield meta, json.loads(line)
+    except (IOError, OSError) as e:
+        raise UsageError("--read-events %s: %s" % (path, e.strerror or e))
+    except (ValueError, KeyError) as e:
+        raise UsageError("--read-events %s: not a recording of this tool (%s)" % (path, e))
+
+
+def replay(args):
+    """Produce the recorded run's output again, from its raw events."""
+    this = None
+    for meta, obj in read_recording(args.read_events):
+        if this is None:
+            args.mode = meta["mode"]
+            this = Run(args, Reporter(args.output, meta["protocol"]), {},
+                       [tuple(x) for x in meta["segments"]], meta["kfree_skb_reason"],
+                       dict((int(k), v) for k, v in meta["drop_reasons"].items()),
+                       meta["wall_offset"])
+        kind = obj["kind"]
+        if kind == "event":
+            this.on_event(bytes(bytearray.fromhex(obj["raw"])))
+        elif kind == "names":
+            this.names.update((int(k), v) for k, v in obj["names"].items())
+        elif kind in this.known:
+            this.known[kind][obj["key"]] = obj["name"]
+        elif kind == "hist":
+            counts = [0] * len(this.hist_prev)
+            for idx, c in obj["counts"].items():
+                counts[int(idx)] = c
+            tables = this.histograms(obj["when"], counts)
+            if tables or not obj["last"]:
+                this.reporter.histograms(obj["when"], tables)
+        elif kind == "final":
+            this.counters = RecordedCounters(obj)
+            this.perf_lost = obj["perf_lost"]
+            this.reporter.summary(this.summary(obj["now"]))
+            this.reporter.flush()
+            return 0
+    raise UsageError("--read-events %s: the recording ends before the run did (no "
+                     "final counters)" % args.read_events)
 
 
 def main(argv=None):

@@ -4,12 +4,15 @@ Every count is checked against an independent oracle: what the traffic generator
 sent, what the remote sink received, or what tcpdump saw crossing the tap.
 """
 import collections
+import json
+import os
 import signal
 import subprocess
 import time
 
 import pytest
 
+from conftest import TOOL
 from lab import Lab
 from tracing import Capture, exact_percentile, wait_qdisc_empty
 
@@ -18,12 +21,6 @@ VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
 DEVS = ("--vm-dev", TAP, "--phy-dev", PHY)
 TX_STAGES = ["tap_rx", "phy_queue", "phy_xmit"]
 RX_STAGES = ["phy_rx", "tap_queue", "tap_xmit", "vm_read"]
-
-
-@pytest.fixture(scope="module")
-def lab():
-    with Lab() as lab:
-        yield lab
 
 
 def guest_ok(lab, cmd, timeout=120):
@@ -288,3 +285,43 @@ def test_verbose_says_what_is_attached_and_where_layouts_come_from(lab, traces):
     assert "VM devices: %s; physical devices: %s" % (TAP, PHY) in err
     # host_rcv needs kprobes: attached where the kernel has them, else said why not
     assert "note: stage host_rcv not traced" in err or "-> host_rcv" in err
+
+
+# ---------------------------------------------------------------------------
+# Record and replay: --write-events while tracing, --read-events offline
+# ---------------------------------------------------------------------------
+
+def _as_nobody(*argv):
+    """The tool as an unprivileged user: the replay needs neither root nor BPF."""
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "/usr/bin/python3", TOOL] + list(argv), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+
+@pytest.mark.parametrize("mode,output", [("detailed", "json"), ("detailed", "text"),
+                                         ("histogram", "text"), ("histogram", "json")])
+def test_read_events_reproduces_the_run_exactly(lab, traces, recording_dir, mode, output):
+    rec = os.path.join(recording_dir, "run.vnl")
+    sink = lab.start_udp_sink(9100)
+    t = traces(*(DEVS + ("--mode", mode, "--interval", "1", "--write-events", rec, "--drops")),
+               output=output)
+    guest_ok(lab, "ping -c 4 -i 0.2 -W 2 %s" % REMOTE)
+    guest_ok(lab, "vnl-traffic udp %s 9100 50 40011" % REMOTE)
+    assert sink.wait_count(50) == 50
+    time.sleep(1.2)       # at least one histogram interval with packets in it
+    t.stop()
+    sink.stop()
+    assert t.returncode == 0, t.stderr
+    live = t.stdout
+    assert "Summary" in live or '"type": "summary"' in live
+    os.chmod(rec, 0o644)
+    replay = _as_nobody("--read-events", rec, "--output", output)
+    assert replay.returncode == 0 and replay.stderr == "", replay.stderr
+    assert replay.stdout == live
+    # and in the other output format, the same run
+    other = "json" if output == "text" else "text"
+    again = _as_nobody("--read-events", rec, "--output", other)
+    assert again.returncode == 0, again.stderr
+    if other == "json":
+        s = [json.loads(l) for l in again.stdout.splitlines() if l.strip()][-1]
+        assert s["type"] == "summary" and s["reported"] == 4 * 2 + 50

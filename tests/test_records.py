@@ -1,0 +1,249 @@
+"""Decoding, reporting and the summary, without a kernel: synthetic records built from
+the tool's own record declaration, fed to the same code the live tool runs, and
+recordings replayed with --read-events as an unprivileged process."""
+import io
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, TOOL
+
+# fixed wall clock: the monotonic stamps below are seconds 100.000..., the wall offset
+# puts them at 2026-12-01 10:00:00 UTC
+WALL = 1796119200.0 - 100.0
+
+
+def raw(tool, **values):
+    """A record as the kernel would send it: every field from RECORD_FIELDS, packed."""
+    flat = [0] * len(tool.PKT.unpack(b"\0" * tool.PKT.size))
+    ts = values.pop("ts", {})
+    for stage, ns in ts.items():
+        flat[tool.PKT_INDEX["ts"] + tool.STAGE_BY_NAME[stage].sid] = ns
+    for name, v in values.items():
+        flat[tool.PKT_INDEX[name]] = v
+    return tool.PKT.pack(*flat)
+
+
+def ip(text):
+    a, b, c, d = (int(x) for x in text.split("."))
+    return (a << 24) | (b << 16) | (c << 8) | d
+
+
+def udp_tx(tool, **over):
+    v = dict(ts={"tap_rx": 100000000000, "phy_queue": 100000012500,
+                 "phy_xmit": 100000015500},
+             saddr=ip("10.0.0.1"), daddr=ip("10.0.0.2"), sport=40001, dport=9000,
+             proto=17, dir=tool.DIR_TX, last=tool.STAGE_BY_NAME["phy_xmit"].sid,
+             type=tool.EV_PACKET, vm_ifindex=7, phy_ifindex=3, pid=4242, tid=4243)
+    v.update(over)
+    return raw(tool, **v)
+
+
+def icmp_rx(tool, **over):
+    v = dict(ts={"phy_rx": 200000000000, "tap_queue": 200000001000,
+                 "tap_xmit": 200000002000, "vm_read": 200000052000},
+             saddr=ip("10.0.0.2"), daddr=ip("10.0.0.1"), sport=77, dport=3, icmp_type=0,
+             proto=1, dir=tool.DIR_RX, last=tool.STAGE_BY_NAME["vm_read"].sid,
+             type=tool.EV_PACKET, vm_ifindex=7, phy_ifindex=3, pid=4242, tid=4244)
+    v.update(over)
+    return raw(tool, **v)
+
+
+NAMES = {7: "vnet0", 3: "eth1"}
+
+
+def new_run(tool, output="json", mode="detailed", drop_reasons=None, out=None):
+    class Args(object):
+        pass
+    args = Args()
+    args.mode = mode
+    reporter = tool.Reporter(output, "all", out=out or io.StringIO())
+    segments = tool.histogram_segments([])
+    run = tool.Run(args, reporter, dict(NAMES), segments, drop_reasons is not None,
+                   drop_reasons or {}, WALL)
+    run.known["comm"][4242] = "qemu-system-x86"
+    run.known["thread"][4243] = "CPU 0/KVM"
+    run.known["thread"][4244] = "worker"
+    return run
+
+
+def test_record_declaration_matches_the_c_struct(tool):
+    text = tool.record_c_struct()
+    size = sum({"u64": 8, "u32": 4, "u16": 2, "u8": 1}[t] * n for _f, t, n, _w in tool.RECORD_FIELDS)
+    assert tool.PKT.size == (size + 7) // 8 * 8
+    for name, ctype, count, _what in tool.RECORD_FIELDS:
+        assert "%s %s%s;" % (ctype, name, "[%d]" % count if count > 1 else "") in text
+    # every field decodes from its own slot
+    values = dict((n, i + 1) for i, (n, t, c, _w) in enumerate(tool.RECORD_FIELDS) if c == 1)
+    fields = tool.PKT.unpack(raw(tool, **values))
+    assert all(fields[tool.PKT_INDEX[n]] == v for n, v in values.items())
+
+
+def test_a_udp_tx_record(tool):
+    rec = tool.packet_record(tool.PKT.unpack(udp_tx(tool)), NAMES, lambda pid: "qemu",
+                             lambda pid, tid: "t%d" % tid, WALL)
+    assert rec["type"] == "packet" and rec["direction"] == "tx" and rec["protocol"] == "udp"
+    assert (rec["src_ip"], rec["src_port"], rec["dst_ip"], rec["dst_port"]) == \
+        ("10.0.0.1", 40001, "10.0.0.2", 9000)
+    assert rec["stages"] == ["tap_rx", "phy_queue", "phy_xmit"]
+    assert rec["segments"] == [{"from": "tap_rx", "to": "phy_queue", "us": 12.5},
+                               {"from": "phy_queue", "to": "phy_xmit", "us": 3.0}]
+    assert rec["total_us"] == 15.5
+    assert (rec["vm_dev"], rec["phy_dev"], rec["pid"], rec["comm"], rec["thread"]) == \
+        ("vnet0", "eth1", 4242, "qemu", "t4243")
+    assert rec["icmp_type"] is None and rec["icmp_id"] is None and rec["vlan"] is None
+    assert rec["timestamp"] == round(WALL + 100.0000155, 6)
+
+
+def test_an_icmp_echo_reply_record_with_a_vlan(tool):
+    rec = tool.packet_record(tool.PKT.unpack(icmp_rx(tool, vlan=101)), NAMES,
+                             lambda pid: "qemu", lambda pid, tid: "t", WALL)
+    assert rec["direction"] == "rx" and rec["protocol"] == "icmp"
+    assert (rec["icmp_type"], rec["icmp_id"], rec["icmp_seq"]) == (0, 77, 3)
+    assert rec["src_port"] is None and rec["dst_port"] is None and rec["vlan"] == 100
+    assert rec["stages"] == ["phy_rx", "tap_queue", "tap_xmit", "vm_read"]
+    assert rec["total_us"] == 52.0
+
+
+def test_text_output_of_a_packet(tool):
+    out = io.StringIO()
+    run = new_run(tool, output="text", out=out)
+    run.on_event(udp_tx(tool))
+    when = run.reporter.clock(WALL + 100.0000155)
+    assert out.getvalue() == (
+        "[%s] UDP 10.0.0.1:40001 -> 10.0.0.2:9000 TX vnet0 -> eth1\n"
+        "  tap_rx->phy_queue: 12.50us | phy_queue->phy_xmit: 3.00us\n"
+        "  Total Latency: 15.50us | PID: 4242 (qemu-system-x86)\n" % when)
+    out.truncate(0)
+    out.seek(0)
+    run.on_event(icmp_rx(tool))
+    assert out.getvalue().splitlines()[0].endswith(
+        "ICMP 10.0.0.2 -> 10.0.0.1 id=77 seq=3 RX eth1 -> vnet0")
+
+
+def test_a_drop_record_names_reason_stage_and_place(tool):
+    out = io.StringIO()
+    run = new_run(tool, output="json", out=out, drop_reasons={64: "SKB_DROP_REASON_QDISC_DROP"})
+    run.known["location"][0xffff1234] = "__dev_queue_xmit+0x5a"
+    run.on_event(udp_tx(tool, type=tool.EV_DROP, reason=64, location=0xffff1234,
+                        last=tool.STAGE_BY_NAME["phy_queue"].sid,
+                        ts={"tap_rx": 100000000000, "phy_queue": 100000012500}))
+    rec = json.loads(out.getvalue())
+    assert (rec["type"], rec["last_stage"], rec["reason"], rec["location"]) == \
+        ("drop", "phy_queue", "QDISC_DROP", "__dev_queue_xmit+0x5a")
+    assert run.reported == {"tx": 0, "rx": 0}      # a drop is not a reported packet
+
+
+def test_summary_accounts_for_every_packet(tool):
+    run = new_run(tool)
+    run.on_event(udp_tx(tool))
+    run.on_event(icmp_rx(tool))
+    stats = dict.fromkeys(tool.STAT_NAMES, 0)
+    stats.update(started_tx=4, started_rx=3, completed_tx=1, completed_rx=1, dropped=1,
+                 left_path=1, lost=2)
+    waiting = udp_tx(tool, ts={"tap_rx": 299000000000}, last=0)
+    upcalled = udp_tx(tool, ts={"tap_rx": 299500000000}, last=0, upcalled=1)
+    run.counters = tool.RecordedCounters({
+        "stats": [stats[n] for n in tool.STAT_NAMES],
+        "fates": [[tool.FATE_LEFT, tool.DIR_RX, tool.STAGE_BY_NAME["phy_rx"].sid, 1],
+                  [64, tool.DIR_TX, tool.STAGE_BY_NAME["phy_queue"].sid, 1]],
+        "inflight": [waiting.hex(), upcalled.hex()], "upcalls_waiting": 1})
+    run.perf_lost = 2     # the perf buffer's own tally of the same 2 losses: not added
+    s = run.summary(300.0)
+    assert (s["reported"], s["reported_tx"], s["reported_rx"]) == (2, 1, 1)
+    assert (s["started"], s["completed"], s["dropped"], s["left_path"]) == (7, 2, 1, 1)
+    # the upcalled original is counted by its copy waiting for ovs-vswitchd: once
+    assert (s["in_flight"], s["in_upcall"], s["lost"]) == (2, 1, 2)
+    assert [(f["fate"], f["direction"], f["last_stage"]) for f in s["fates"]] == \
+        [("left_path", "rx", "phy_rx"), ("dropped", "tx", "phy_queue")]
+    assert s["fates"][1]["reason"] == "unknown (kernel has no drop reasons)"
+    ex = s["in_flight_examples"][0]
+    assert (ex["last_stage"], ex["waiting_us"]) == ("tap_rx", 1000000.0)
+    line = tool.summary_line(s)
+    assert line.startswith("Summary: 2 packets reported (tx 1, rx 1); 0 below the latency "
+                           "threshold; 1 dropped by the kernel; 1 left the traced path")
+
+
+def test_histogram_intervals_report_what_each_added(tool):
+    plans = [tool.Plan(st, "tracepoint", [("x", 0)], "") for st in tool.STAGES
+             if st.name in ("tap_rx", "phy_queue", "phy_xmit")]
+    segments = tool.histogram_segments(plans)
+    assert segments[:3] == [("tx", "tap_rx->phy_queue"), ("tx", "tap_rx->phy_xmit"),
+                            ("tx", "phy_queue->phy_xmit")]
+    run = new_run(tool, mode="histogram")
+    run.segments = segments
+    run.hist_prev = [0] * tool.hist_slots(segments)
+    total = segments.index(("tx", "total")) * tool.HIST_BUCKETS
+    counts = list(run.hist_prev)
+    counts[total + 40] = 3
+    t1 = run.histograms(1.0, counts)
+    counts[total + 40] = 5
+    counts[total + 41] = 1
+    t2 = run.histograms(2.0, counts)
+    assert t1 == [("tx", "total", {40: 3})] and t2 == [("tx", "total", {40: 2, 41: 1})]
+    assert run.hist_totals == {"tx": 6, "rx": 0}
+
+
+# --- --read-events as a process, as nobody ---
+
+def write_recording(tool, path, lines, final=True):
+    meta = {"kind": "meta", "tool": "vm_network_latency", "version": tool.VERSION,
+            "record": tool.PKT.format, "stages": tool.STAGE_NAMES, "plans": {},
+            "segments": [], "mode": "detailed", "protocol": "all", "drops": False,
+            "kfree_skb_reason": False, "drop_reasons": {}, "wall_offset": WALL}
+    stats = dict.fromkeys(tool.STAT_NAMES, 0)
+    stats.update(started_tx=1, completed_tx=1)
+    with open(path, "w") as f:
+        for obj in [meta] + lines + ([{"kind": "final", "now": 200.0, "perf_lost": 0,
+                                       "stats": [stats[n] for n in tool.STAT_NAMES],
+                                       "fates": [], "inflight": [],
+                                       "upcalls_waiting": 0}] if final else []):
+            f.write(json.dumps(obj) + "\n")
+    os.chmod(path, 0o644)
+
+
+def as_nobody(*argv):
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           PYTHON, TOOL] + list(argv), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+
+def test_read_events_replays_a_recording_without_root(tool, recording_dir):
+    path = os.path.join(recording_dir, "run.vnl")
+    write_recording(tool, path, [
+        {"kind": "names", "names": {"7": "vnet0", "3": "eth1"}},
+        {"kind": "comm", "key": 4242, "name": "qemu-system-x86"},
+        {"kind": "thread", "key": 4243, "name": "CPU 0/KVM"},
+        {"kind": "event", "raw": udp_tx(tool).hex()}])
+    r = as_nobody("--read-events", path, "--output", "json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    objs = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [o["type"] for o in objs] == ["packet", "summary"]
+    assert (objs[0]["vm_dev"], objs[0]["comm"], objs[0]["thread"], objs[0]["total_us"]) == \
+        ("vnet0", "qemu-system-x86", "CPU 0/KVM", 15.5)
+    assert objs[1]["reported"] == objs[1]["started"] == 1
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "not a recording of this tool"),
+    ('{"kind": "meta", "tool": "other"}\n', "not a recording of this tool"),
+    ("garbage\n", "not a recording of this tool"),
+])
+def test_read_events_refuses_what_is_not_a_recording(recording_dir, content, message):
+    path = os.path.join(recording_dir, "bad.vnl")
+    with open(path, "w") as f:
+        f.write(content)
+    os.chmod(path, 0o644)
+    r = as_nobody("--read-events", path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+
+
+def test_read_events_says_when_a_recording_is_cut_short(tool, recording_dir):
+    path = os.path.join(recording_dir, "cut.vnl")
+    write_recording(tool, path, [{"kind": "event", "raw": udp_tx(tool).hex()}], final=False)
+    r = as_nobody("--read-events", path, "--output", "json")
+    assert r.returncode == 2 and "ends before the run did" in r.stderr
+    assert "Traceback" not in r.stderr
