@@ -1,7 +1,9 @@
 """Shared fixtures: the tool as a module, and how to run it as a subprocess."""
 import importlib.util
 import os
+import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -26,6 +28,26 @@ def run_tool(*args, timeout=120, python=PYTHON, pre=()):
     """Run the real tool to completion; returns CompletedProcess with text output."""
     return subprocess.run(list(pre) + [python, TOOL] + list(args), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+
+
+@pytest.fixture
+def recording_dir():
+    """A directory an unprivileged replay (--read-events as nobody) can read."""
+    d = tempfile.mkdtemp(prefix="vnl-rec-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The QEMU VM lab (tests/lab.py), booted once for every test of the session."""
+    from lab import Lab
+    with Lab() as lab:
+        # the remote's MAC stays on the physical port: no flooding towards the taps
+        subprocess.run(["bridge", "fdb", "replace", Lab.REMOTE_MAC, "dev", Lab.PHY,
+                        "master", "static"], check=True)
+        yield lab
 
 
 @pytest.fixture

@@ -24,15 +24,6 @@ ACCOUNTED = ("reported", "below_threshold", "dropped", "left_path", "in_flight",
              "not_tracked", "lost", "vanished")
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with Lab() as lab:
-        # the remote's MAC stays on the physical port: no flooding towards the taps
-        subprocess.run(["bridge", "fdb", "replace", Lab.REMOTE_MAC, "dev", PHY, "master",
-                        "static"], check=True)
-        yield lab
-
-
 @pytest.fixture
 def qdisc():
     added = []

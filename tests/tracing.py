@@ -8,12 +8,12 @@ import math
 import os
 import re
 import signal
-import struct
 import subprocess
 import tempfile
 import time
 
 from conftest import PYTHON, TOOL
+from pcap import parse_frame, read_pcap
 
 
 class Trace(object):
@@ -156,27 +156,18 @@ class Capture(object):
     def packets(self, vm_mac):
         """[(direction, proto, src, dst, sport/icmp id, dport/icmp seq, icmp type)]"""
         vm = bytes.fromhex(vm_mac.replace(":", ""))
-        with open(self.path, "rb") as f:
-            data = f.read()
+        frames = read_pcap(self.path)
         os.unlink(self.path)
-        magic = struct.unpack_from("<I", data, 0)[0]
-        endian = "<" if magic in (0xa1b2c3d4, 0xa1b23c4d) else ">"
-        pos, out = 24, []
-        while pos + 16 <= len(data):
-            _s, _us, incl, _orig = struct.unpack_from(endian + "IIII", data, pos)
-            frame = data[pos + 16: pos + 16 + incl]
-            pos += 16 + incl
-            if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+        out = []
+        for _ts, frame in frames:
+            p = parse_frame(frame)
+            if p is None:
                 continue
             direction = "tx" if frame[6:12] == vm else "rx" if frame[0:6] == vm else "?"
-            ihl = (frame[14] & 15) * 4
-            proto = frame[23]
-            src = ".".join(str(b) for b in frame[26:30])
-            dst = ".".join(str(b) for b in frame[30:34])
-            l4 = frame[14 + ihl: 14 + ihl + 8]
-            a, b = struct.unpack("!HH", l4[0:4]) if proto != 1 else struct.unpack("!HH", l4[4:8])
-            out.append((direction, {1: "icmp", 6: "tcp", 17: "udp"}.get(proto, str(proto)),
-                        src, dst, a, b, l4[0] if proto == 1 else None))
+            icmp = p["protocol"] == "icmp"
+            out.append((direction, p["protocol"], p["src_ip"], p["dst_ip"],
+                        p["icmp_id"] if icmp else p["src_port"],
+                        p["icmp_seq"] if icmp else p["dst_port"], p["icmp_type"]))
         return out
 
 
