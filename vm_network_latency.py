@@ -43,6 +43,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import namedtuple
 
@@ -128,6 +129,26 @@ def _non_negative_float(text):
     return value
 
 
+def _listen_address(text):
+    """[ADDR:]PORT (an IPv6 address in brackets: [::1]:9100) -> (address, port)."""
+    addr, sep, port = text.rpartition(":")
+    if not sep:
+        addr = ""
+    addr = addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr
+    port = _int_in(1, 65535, "port number")(port)
+    try:
+        addr = str(ipaddress.ip_address(addr)) if addr else "127.0.0.1"
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an IP address to listen on" % addr)
+    return addr, port
+
+
+def _vm_name(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a VM name cannot be empty")
+    return text
+
+
 def _device(text):
     if not text or len(text) > 15 or "/" in text or text in (".", "..") \
             or any(c.isspace() for c in text):
@@ -145,7 +166,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(
-        prog="vm_network_latency.py",
+        prog="vm_network_latency.py", allow_abbrev=False,   # --vm is not --vm-dev
         description="Per-packet latency of KVM guest traffic between the VM's tap "
                     "device, the virtual switch and the physical NIC.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -166,6 +187,9 @@ def build_parser():
                         help="tx: VM -> network, rx: network -> VM (default: both)")
     parser.add_argument("--vm-dev", type=_device, action="append", metavar="DEV",
                         help="VM tap device (repeatable; default: every tun/tap device)")
+    parser.add_argument("--vm", type=_vm_name, action="append", metavar="NAME",
+                        help="only this VM's taps, also those it gains later (repeatable; "
+                             "the name QEMU was started with, -name; with --vm-dev: both)")
     parser.add_argument("--phy-dev", type=_device, action="append", metavar="DEV",
                         help="physical device (repeatable; default: the non-tap ports "
                              "of the switches the taps are on)")
@@ -173,6 +197,18 @@ def build_parser():
                         type=str.lower, help="output mode (default: detailed)")
     parser.add_argument("--interval", type=_positive_float, default=5.0, metavar="SECONDS",
                         help="histogram update interval (default: 5)")
+    parser.add_argument("--per-vm", action="store_true",
+                        help="histogram mode: one set of tables per VM each interval")
+    parser.add_argument("--prometheus", type=_listen_address, metavar="[ADDR:]PORT",
+                        help="histogram mode: serve the distributions and counters as "
+                             "Prometheus metrics on http://ADDR:PORT/metrics (default "
+                             "address 127.0.0.1; needs python3-prometheus-client)")
+    parser.add_argument("--prometheus-textfile", metavar="PATH",
+                        help="histogram mode: write the same metrics to PATH every interval "
+                             "(atomically), for node_exporter's textfile collector")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no output each interval (the metrics and the exit summary "
+                             "remain)")
     parser.add_argument("--latency-threshold", type=_non_negative_float, default=0.0,
                         metavar="US",
                         help="only packets whose total latency is at least this many "
@@ -187,6 +223,9 @@ def build_parser():
     parser.add_argument("--drops", action="store_true",
                         help="also report each tracked packet the kernel dropped, "
                              "with its drop reason and the last stage it reached")
+    parser.add_argument("--list-vms", action="store_true",
+                        help="print the VMs found, their taps and the switch each tap is "
+                             "on, then exit without tracing")
     parser.add_argument("--list-stages", action="store_true",
                         help="print each stage and how it would attach on this kernel, "
                              "then exit without tracing")
@@ -219,12 +258,27 @@ def parse_args(argv):
     """Parse and validate the command line; everything checked here needs no kernel."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.read_events:
-        given = sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
-                       if k not in ("read_events", "output") and v != parser.get_default(k))
-        if given:
-            parser.error("--read-events replays a recording: only --output goes with it "
-                         "(not %s)" % ", ".join(given))
+
+    def given_besides(*allowed):
+        return sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
+                      if k not in allowed and v != parser.get_default(k))
+    if args.read_events and given_besides("read_events", "output"):
+        parser.error("--read-events replays a recording: only --output goes with it "
+                     "(not %s)" % ", ".join(given_besides("read_events", "output")))
+    if args.list_vms and given_besides("list_vms", "output"):
+        parser.error("--list-vms only lists the VMs: only --output goes with it (not %s)"
+                     % ", ".join(given_besides("list_vms", "output")))
+    if args.per_vm and args.mode != "histogram":
+        parser.error("--per-vm splits the histograms by VM: it needs --mode histogram")
+    for opt in ("prometheus", "prometheus_textfile"):
+        if getattr(args, opt) and args.mode != "histogram":
+            parser.error("--%s exports the histograms: it needs --mode histogram"
+                         % opt.replace("_", "-"))
+    if args.prometheus_textfile:
+        where = os.path.dirname(os.path.abspath(args.prometheus_textfile))
+        if not os.path.isdir(where):
+            parser.error("--prometheus-textfile %s: no directory %s"
+                         % (args.prometheus_textfile, where))
     if args.protocol == "icmp" and (args.src_port or args.dst_port):
         parser.error("ports cannot be used with --protocol icmp (ICMP has no ports)")
     return args
@@ -482,8 +536,25 @@ NETNS_FIELDS = [
     ("NET_NS_INUM", "net", "ns.inum"),
 ]
 
+# prog_info: {field: offset} of struct bpf_prog_info's run-time statistics (5.1+;
+# recursion_misses 5.12+), for the metrics of the tool's own cost; None without BTF
 Layout = namedtuple("Layout", "source offsets sizes netns drop_reasons kfree_skb_reason "
-                              "tracepoints")
+                              "tracepoints prog_info")
+PROG_INFO_FIELDS = ("run_time_ns", "run_cnt", "recursion_misses")
+
+
+def prog_info_layout(btf):
+    out = {}
+    for field in PROG_INFO_FIELDS:
+        try:
+            out[field] = btf.offset("bpf_prog_info", field)[0]
+        except BTFError:
+            pass
+    try:
+        out["size"] = btf.size(btf.struct_id("bpf_prog_info"))
+    except BTFError:
+        return None
+    return out
 
 
 def layout_from_btf(btf):
@@ -502,7 +573,7 @@ def layout_from_btf(btf):
     tracepoints = set(tp for tp in TRACEPOINTS_USED if btf.tracepoint_params(tp) is not None)
     return Layout("BTF", offsets, sizes, netns,
                   btf.enum_values("skb_drop_reason") if has_reason else {},
-                  has_reason, tracepoints)
+                  has_reason, tracepoints, prog_info_layout(btf))
 
 
 def headers_release(build_dir):
@@ -533,7 +604,7 @@ def layout_from_headers(release):
     reasons = drop_reasons_from_tracefs()
     # no BTF to list the tracepoints: tracefs says which exist (tracepoint_exists)
     return Layout("kernel headers " + found, offsets, sizes, False, reasons or {},
-                  reasons is not None, set())
+                  reasons is not None, set(), None)
 
 
 def drop_reasons_from_tracefs():
@@ -909,10 +980,18 @@ def default_phy_devices(taps, devices):
     return phys
 
 
-def resolve_roles(args):
-    """{ifindex: role} and {ifindex: name}, for the devices given or found."""
+def resolve_roles(args, owners=None):
+    """{ifindex: role} and {ifindex: name}, for the devices given or found.
+
+    owners ({tap: VmInfo}, from find_vms()) picks the taps of the VMs named by --vm."""
     devices = list_devices()
-    taps = args.vm_dev or [d for d in devices if is_tap(d)]
+    if args.vm_dev or args.vm:
+        taps = list(args.vm_dev or [])
+        wanted = set(args.vm or [])
+        taps += sorted(t for t, vm in (owners or {}).items()
+                       if vm.name in wanted and t not in taps and t in devices)
+    else:
+        taps = [d for d in devices if is_tap(d)]
     phys = args.phy_dev or default_phy_devices(taps, devices)
     roles, names = {}, {}
     for role, devs in ((ROLE_VM, taps), (ROLE_PHY, phys)):
@@ -924,6 +1003,145 @@ def resolve_roles(args):
             roles[idx] = role
             names[idx] = dev
     return roles, names, taps, phys
+
+
+# --- which VM owns a tap: the process holding its /dev/net/tun descriptor ---
+# The tun driver names the device of each descriptor in /proc/PID/fdinfo/FD
+# ("iff:\tvnet3"); the VM's name is the -name QEMU was started with (libvirt, nova,
+# Proxmox all pass one: "-name guest=web-03,debug-threads=on"), its UUID -uuid. No
+# libvirt needed: /proc is enough, for any VMM that holds a tap.
+
+VmInfo = namedtuple("VmInfo", "name uuid pid comm")
+
+
+def qemu_opts(text):
+    """QEMU's "a=b,c=d" option syntax, where ",," is a literal comma: [(key, value)];
+    a first item without "=" is the option's implied value (key None)."""
+    items, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            items.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    items.append(cur)
+    out = []
+    for n, item in enumerate(items):
+        key, eq, value = item.partition("=")
+        out.append((key, value) if eq else (None, item) if n == 0 else (item, ""))
+    return out
+
+
+def vm_identity(argv):
+    """(name, uuid) from a VMM's command line: QEMU's -name and -uuid, or None."""
+    name = uuid = None
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-name", "--name"):
+            for key, value in qemu_opts(argv[i + 1]):
+                if key in (None, "guest"):
+                    name = value
+        elif arg in ("-uuid", "--uuid"):
+            uuid = argv[i + 1]
+    return name or None, uuid
+
+
+def _read_proc(pid, what):
+    try:
+        with open("/proc/%d/%s" % (pid, what), "rb") as f:
+            return f.read()
+    except (IOError, OSError):
+        return None
+
+
+def tun_fds(pid):
+    """The tap names of the /dev/net/tun descriptors a process holds."""
+    fddir = "/proc/%d/fd" % pid
+    out = []
+    try:
+        fds = os.listdir(fddir)
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            if os.readlink(os.path.join(fddir, fd)) != "/dev/net/tun":
+                continue
+            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                for line in f:
+                    if line.startswith("iff:"):
+                        out.append(line.split(None, 1)[1].strip())
+        except (IOError, OSError, IndexError):
+            continue
+    return out
+
+
+def find_vms():
+    """{tap: VmInfo} for every tap some process holds. Where several hold one (a
+    management daemon passing the descriptor on), a named VM wins, then the lowest pid."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        taps = tun_fds(pid)
+        if not taps:
+            continue
+        argv = (_read_proc(pid, "cmdline") or b"").split(b"\0")
+        argv = [a.decode("utf-8", "replace") for a in argv if a]
+        name, uuid = vm_identity(argv)
+        comm = (_read_proc(pid, "comm") or b"?").decode("utf-8", "replace").strip()
+        info = VmInfo(name, uuid, pid, comm)
+        for tap in taps:
+            old = found.get(tap)
+            if old is None or (info.name and not old.name) or \
+                    (bool(info.name) == bool(old.name) and pid < old.pid):
+                found[tap] = info
+    return found
+
+
+def vm_label(info, tap):
+    """How a VM is named in tables and metrics: its name, else its process, else the tap."""
+    if info and info.name:
+        return info.name
+    if info:
+        return "%s[%d]" % (info.comm, info.pid)
+    return tap
+
+
+def check_vms_exist(args, owners):
+    names = set(vm.name for vm in owners.values() if vm.name)
+    missing = [n for n in args.vm or [] if n not in names]
+    if missing:
+        raise UsageError("no running VM is named %s (running: %s)" % (
+            ", ".join(repr(n) for n in missing), ", ".join(sorted(names)) or "none"))
+
+
+def switch_of(dev):
+    """The bridge a device is a port of ("ovs-system" means an OVS datapath port)."""
+    return device_master(dev) or "-"
+
+
+def list_vms_report(owners, out_json, reporter):
+    rows = sorted(owners.items(), key=lambda kv: (vm_label(kv[1], kv[0]), kv[0]))
+    if out_json:
+        by_vm = {}
+        for tap, vm in rows:
+            by_vm.setdefault(vm, []).append({"dev": tap, "switch": switch_of(tap)})
+        for vm, taps in sorted(by_vm.items(), key=lambda kv: vm_label(kv[0], kv[1][0]["dev"])):
+            reporter.emit_json({"type": "vm", "name": vm.name, "uuid": vm.uuid,
+                                "pid": vm.pid, "comm": vm.comm, "taps": taps})
+        return
+    reporter.write("%-24s %-36s %-8s %-16s %-12s %s\n" % ("VM", "UUID", "PID", "PROCESS",
+                                                         "TAP", "SWITCH"))
+    for tap, vm in rows:
+        reporter.write("%-24s %-36s %-8d %-16s %-12s %s\n" % (
+            vm.name or "-", vm.uuid or "-", vm.pid, vm.comm, tap, switch_of(tap)))
+    if not rows:
+        reporter.write("(no process holds a tap device)\n")
 
 
 def check_devices_exist(args):
@@ -1009,13 +1227,16 @@ SHARED_CONSTANTS = [
     ("ERR_EEXIST", errno.EEXIST),
 ]
 
-STAT_NAMES = ["started_tx", "started_rx", "completed_tx", "completed_rx", "below_threshold",
-              "lost", "dropped", "left_path", "not_tracked", "vanished"]
+# What happened to packets, counted per direction in the kernel (slot 2 * STAT_x + dir)
+STAT_NAMES = ["started", "completed", "below_threshold", "lost", "dropped", "left_path",
+              "not_tracked", "vanished", "vm_hist_full"]
 STAT = dict((n, i) for i, n in enumerate(STAT_NAMES))
 FATE_LEFT = 0xffffffff     # reason code in the fates map: freed normally, not dropped
 EV_PACKET, EV_DROP = 1, 2
 HIST_SUB_BITS = 4          # 16 sub-buckets per power of two: percentiles within ~3%
 HIST_BUCKETS = 720         # up to 2^47 / 1024 us (about 38 hours); longer ones share the last
+VM_HIST_ENTRIES = 131072   # --per-vm: (tap, segment, bucket) counters in use, ~9 MB
+VM_HIST_ROW = HIST_BUCKETS + 1   # per tap and segment: the buckets, then the sum of ns
 DEVROLE_SLOTS = 65536      # ifindexes below this are looked up in an array, above in a hash
 HINT_SLOTS = 16384         # counters telling cheaply that an sk_buff is not tracked
 
@@ -1024,7 +1245,7 @@ HINT_SLOTS = 16384         # counters telling cheaply that an sk_buff is not tra
 HIST_ADD_C = r"""
 // 16 linear sub-buckets per power of two of v = ns * 1.024 (units of 1/1024 us,
 // so the power-of-two rows are whole microseconds). u64: minutes do not wrap.
-static __always_inline void hist_add(u32 seg, u64 ns)
+static __always_inline u32 hist_bucket(u64 ns)
 {
     u64 v = ns + ns * 3 / 125;
     u32 bucket = v;
@@ -1035,7 +1256,12 @@ static __always_inline void hist_add(u32 seg, u64 ns)
         if (bucket >= HIST_BUCKETS)
             bucket = HIST_BUCKETS - 1;
     }
-    u32 idx = seg * HIST_BUCKETS + bucket;
+    return bucket;
+}
+
+static __always_inline void hist_add(u32 seg, u64 ns)
+{
+    u32 idx = seg * HIST_BUCKETS + hist_bucket(ns);
     u64 *count = hist.lookup(&idx);
     if (count)
         __sync_fetch_and_add(count, 1);
@@ -1074,14 +1300,20 @@ BPF_ARRAY(upcall_pending, s64, 1);
 // space reads the whole array each interval and reports what changed.
 BPF_ARRAY(hist, u64, HIST_SLOTS);
 #endif
+#if PER_VM
+// --per-vm: the same counts per tap (the VM's), only for the buckets that are used
+struct vm_hist_key { u32 vm_ifindex; u32 slot; };
+BPF_HASH(vm_hist, struct vm_hist_key, u64, VM_HIST_ENTRIES);
+#endif
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #else
 BPF_PERF_OUTPUT(events);
 #endif
 
-static __always_inline void stat_add(u32 idx)
+static __always_inline void stat_add(u32 stat, u32 dir)
 {
+    u32 idx = stat * 2 + dir;
     u64 *v = stats.lookup(&idx);
     if (v)
         (*v)++;
@@ -1273,14 +1505,14 @@ static __always_inline void emit(void *ctx, struct pkt *p)
 #if USE_RINGBUF
     struct pkt *ev = events.ringbuf_reserve(sizeof(struct pkt));
     if (!ev) {
-        stat_add(STAT_lost);
+        stat_add(STAT_lost, p->dir);
         return;
     }
     __builtin_memcpy(ev, p, sizeof(struct pkt));
     events.ringbuf_submit(ev, 0);
 #else
     if (events.perf_submit(ctx, p, sizeof(struct pkt)))
-        stat_add(STAT_lost);
+        stat_add(STAT_lost, p->dir);
 #endif
 }
 
@@ -1316,6 +1548,30 @@ static __always_inline void upcall_forget(struct pkt *p)
 #if HISTOGRAM
 /*HIST_ADD*/
 
+#if PER_VM
+static __always_inline void hist_add_vm(u32 vm_ifindex, u32 dir, u32 seg, u64 ns)
+{
+    struct vm_hist_key k = {.vm_ifindex = vm_ifindex,
+                            .slot = seg * VM_HIST_ROW + hist_bucket(ns)};
+    u64 zero = 0;
+    u64 *count = vm_hist.lookup_or_try_init(&k, &zero);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    else
+        stat_add(STAT_vm_hist_full, dir);
+#if HIST_SUMS
+    // Prometheus histograms carry the sum of what they count: one more counter
+    k.slot = seg * VM_HIST_ROW + HIST_BUCKETS;
+    u64 *sum = vm_hist.lookup_or_try_init(&k, &zero);
+    if (sum)
+        __sync_fetch_and_add(sum, ns);
+#endif
+}
+#define HIST_ADD(p, seg, ns) hist_add_vm((p)->vm_ifindex, (p)->dir, seg, ns)
+#else
+#define HIST_ADD(p, seg, ns) hist_add(seg, ns)
+#endif
+
 /*SEGMENTS*/
 #endif
 
@@ -1323,13 +1579,13 @@ static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
 {
     u64 first = p->dir == DIR_TX ? p->ts[START_TX] : p->ts[START_RX];
     u64 total = now - first;
-    stat_add(p->dir == DIR_TX ? STAT_completed_tx : STAT_completed_rx);
+    stat_add(STAT_completed, p->dir);
 #if TRACE_UPCALLS
     if (p->upcalled)        // a userspace action took a copy; this one went on
         upcall_forget(p);
 #endif
     if (total < THRESHOLD_NS) {
-        stat_add(STAT_below_threshold);
+        stat_add(STAT_below_threshold, p->dir);
     } else {
 #if HISTOGRAM
         hist_packet(p);
@@ -1398,14 +1654,14 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
     u64 key = (u64)skb;
     int err = track(key, p);
     if (err == -ERR_EEXIST) {   // the packet that had this sk_buff vanished untraced
-        stat_add(STAT_vanished);
+        stat_add(STAT_vanished, dir);
         err = 0;
     }
     if (err) {
-        stat_add(STAT_not_tracked);
+        stat_add(STAT_not_tracked, dir);
         return 0;
     }
-    stat_add(dir == DIR_TX ? STAT_started_tx : STAT_started_rx);
+    stat_add(STAT_started, dir);
     return 0;
 }
 
@@ -1512,7 +1768,7 @@ static __always_inline int on_ovs_execute(void *ctx, void *skb, u32 stage)
     stamp(rec, stage, bpf_ktime_get_ns());
     int err = track(key, rec);
     if (err && err != -ERR_EEXIST)
-        stat_add(STAT_not_tracked);
+        stat_add(STAT_not_tracked, rec->dir);
     upcalls.delete(&k);
     upcall_pending_add(-1);
     return 0;
@@ -1566,7 +1822,7 @@ static __always_inline int on_free(void *ctx, void *skb, u32 reason, u64 locatio
         upcall_forget(p);           // the upcall failed (ovs-dpctl show: lost)
     }
 #endif
-    stat_add(reason == FATE_LEFT ? STAT_left_path : STAT_dropped);
+    stat_add(reason == FATE_LEFT ? STAT_left_path : STAT_dropped, p->dir);
     struct fate_key fk = {.reason = reason, .dir = p->dir, .last = p->last};
     // lookup_or_try_init + an atomic add, not fates.atomic_increment(): that one
     // arrived in BCC 0.21, and Ubuntu 22.04 and Debian 11 ship BCC 0.18
@@ -1769,18 +2025,23 @@ def _hist_c(plans):
             lines += [
                 "        if (p->ts[%d]) {     // %s" % (sid, name),
                 "            if (prev_ts)",
-                "                hist_add(%d + PAIR(prev, %d, %d), p->ts[%d] - prev_ts);"
+                "                HIST_ADD(p, %d + PAIR(prev, %d, %d), p->ts[%d] - prev_ts);"
                 % (base, pos, n, sid),
                 "            else",
                 "                first_ts = p->ts[%d];" % sid,
                 "            prev_ts = p->ts[%d];" % sid,
                 "            prev = %d;" % pos,
                 "        }"]
-        lines.append("        hist_add(%d, prev_ts - first_ts);   // total"
+        lines.append("        HIST_ADD(p, %d, prev_ts - first_ts);   // total"
                      % (base + n * (n - 1) // 2))
         base += n * (n - 1) // 2 + 1
     lines += ["    }", "}"]
     return "\n".join(lines)
+
+
+def per_vm_kernel(args):
+    """Histograms kept per VM in the kernel: for --per-vm and for the metrics (vm label)."""
+    return bool(args.per_vm or args.prometheus or args.prometheus_textfile)
 
 
 def ip_to_int(text):
@@ -1789,9 +2050,12 @@ def ip_to_int(text):
 
 def generate_program(args, plans, layout, config):
     defines = [
-        ("NSTAGES", NSTAGES), ("NSTATS", len(STAT_NAMES)),
+        ("NSTAGES", NSTAGES), ("NSTATS", 2 * len(STAT_NAMES)),
         ("MAX_INFLIGHT", config.max_inflight),
         ("HISTOGRAM", int(args.mode == "histogram")),
+        ("PER_VM", int(per_vm_kernel(args))), ("VM_HIST_ENTRIES", VM_HIST_ENTRIES),
+        ("VM_HIST_ROW", VM_HIST_ROW), ("HIST_SUMS", int(bool(args.prometheus or
+                                                            args.prometheus_textfile))),
         ("USE_RINGBUF", int(config.ringbuf)), ("RINGBUF_PAGES", config.ringbuf_pages),
         ("EMIT_DROPS", int(args.drops)),
         ("THRESHOLD_NS", "%dULL" % int(round(args.latency_threshold * 1000))),
@@ -1980,7 +2244,10 @@ def int_to_ip(value):
 _PATH_FIELDS = dict((d, [(n, STAGE_BY_NAME[n].sid) for n in PATH_ORDER[d]]) for d in DIRECTIONS)
 
 
-def packet_record(fields, names, process_name, thread_name, wall_offset):
+NO_VM = VmInfo(None, None, None, None)
+
+
+def packet_record(fields, names, process_name, thread_name, wall_offset, vms=None):
     """A decoded packet (or drop) event, as the dict the JSON output prints.
 
     Runs once per event in detailed mode: keep it plain."""
@@ -1994,6 +2261,7 @@ def packet_record(fields, names, process_name, thread_name, wall_offset):
     thread = thread_name(pid, fields[P_TID]) if pid else None
     end_ns = seen[-1][1] if seen else 0
     vm_if, phy_if = fields[P_VM_IF], fields[P_PHY_IF]
+    vm = vms.get(vm_if, NO_VM) if vms and vm_if else NO_VM
     rec = {
         "type": "packet" if fields[P_TYPE] == EV_PACKET else "drop",
         "timestamp": round(wall_offset + end_ns / 1e9, 6),
@@ -2007,6 +2275,7 @@ def packet_record(fields, names, process_name, thread_name, wall_offset):
         "icmp_seq": fields[P_DPORT] if is_icmp else None,
         "vlan": fields[P_VLAN] - 1 if fields[P_VLAN] else None,
         "vm_dev": names.get(vm_if) if vm_if else None,
+        "vm": vm.name, "vm_uuid": vm.uuid, "vm_pid": vm.pid,
         "phy_dev": names.get(phy_if) if phy_if else None,
         "pid": pid or None,
         "comm": process_name(pid) if pid else None,
@@ -2142,6 +2411,8 @@ class Reporter(object):
         ends = (rec["vm_dev"], rec["phy_dev"]) if rec["direction"] == "tx" else \
             (rec["phy_dev"], rec["vm_dev"])
         path = " -> ".join(d for d in ends if d)
+        if rec["vm"]:
+            path = "%s %s" % (rec["vm"], path)
         vlan = " vlan=%d" % rec["vlan"] if rec["vlan"] is not None else ""
         if rec["type"] == "drop":
             self.write("[%s] DROP %s %s%s %s %s after %s: %s at %s\n" % (
@@ -2155,14 +2426,17 @@ class Reporter(object):
             when, proto, what, vlan, rec["direction"].upper(), path, segs or "-",
             self.fmt_us(rec["total_us"]), who))
 
-    def histograms(self, when, tables):
-        """tables: [(direction, segment, {bucket: count})], segment 'total' last."""
+    def histograms(self, when, tables, vm=None):
+        """tables: [(direction, segment, {bucket: count})], segment 'total' last.
+        vm: (label, name or None, [taps]) of --per-vm tables."""
         stamp = time.strftime("%H:%M:%S", time.localtime(when))
         if self.json:
             for direction, segment, buckets in tables:
                 count = sum(buckets.values())
-                self.emit_json({
-                    "type": "histogram", "timestamp": round(when, 3),
+                obj = {"type": "histogram", "timestamp": round(when, 3)}
+                if vm:
+                    obj.update({"vm": vm[1], "vm_label": vm[0], "vm_dev": vm[2]})
+                obj.update({
                     "direction": direction, "segment": segment, "count": count,
                     "p50_us": _round(percentile(buckets, 0.50)),
                     "p90_us": _round(percentile(buckets, 0.90)),
@@ -2170,9 +2444,12 @@ class Reporter(object):
                     "buckets": [{"lo_us": lo, "hi_us": hi, "count": c}
                                 for lo, hi, c in log2_rows(buckets) if c],
                 })
+                self.emit_json(obj)
             return
+        who = "VM %s (%s): " % (vm[0], ", ".join(vm[2])) if vm else ""
         if not tables:
-            self.write("[%s] no packets completed the path in this interval\n\n" % stamp)
+            self.write("[%s] %sno packets completed the path in this interval\n\n"
+                       % (stamp, who))
             return
         current = None
         for direction, segment, buckets in tables:
@@ -2180,8 +2457,8 @@ class Reporter(object):
                 current = direction
                 total = sum(b for d, s, bk in tables if d == direction and s == "total"
                             for b in bk.values())
-                self.write("[%s] Latency Distribution (%s) - %s %s Path: %d packets\n" % (
-                    stamp, self.us, self.proto_title, direction.upper(), total))
+                self.write("[%s] %sLatency Distribution (%s) - %s %s Path: %d packets\n" % (
+                    stamp, who, self.us, self.proto_title, direction.upper(), total))
             title = "Total" if segment == "total" else "Stage: %s" % segment.replace(
                 "->", " -> ")
             self.write(title + "\n")
@@ -2207,6 +2484,12 @@ class Reporter(object):
                 "dropped (%s)" % f["reason"]
             self.write("  %s %s after %s: %d\n" % (f["direction"].upper(), what,
                                                    f["last_stage"], f["count"]))
+        for v in s["vms"]:
+            self.write("  VM %s (%s): %d packets reported\n" % (v["label"], ", ".join(v["vm_dev"]),
+                                                            v["reported"]))
+        if s["vm_hist_full"]:
+            self.write("  %d histogram counts not kept: the --per-vm table was full\n"
+                       % s["vm_hist_full"])
         for p in s["in_flight_examples"]:
             ends = "%s -> %s" % (p["src_ip"], p["dst_ip"]) if p["src_port"] is None else \
                 "%s:%d -> %s:%d" % (p["src_ip"], p["src_port"], p["dst_ip"], p["dst_port"])
@@ -2231,6 +2514,187 @@ def summary_line(s):
             % (s["reported"], s["reported_tx"], s["reported_rx"], s["below_threshold"],
                s["dropped"], s["left_path"], s["in_flight"], s["not_tracked"], s["lost"],
                s["vanished"]))
+
+
+# ============================================================================
+# Metrics: the same counts for Prometheus (--prometheus, --prometheus-textfile)
+# ============================================================================
+
+# Classic cumulative buckets on powers of two, 1 us to 2^26 us (67 s), then +Inf. Each
+# bound is an edge of the kernel's own buckets: the counts are exact, never re-sampled
+# (a latency of exactly 2^k us, to the nanosecond, is counted in the next bucket).
+PROM_BUCKETS_US = [float(2 ** k) for k in range(27)]
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+
+def import_prometheus():
+    """prometheus_client, the ecosystem's own library: needed only by the metrics."""
+    try:
+        import prometheus_client
+        from prometheus_client import core
+    except ImportError:
+        raise Fatal("--prometheus and --prometheus-textfile need the Python package "
+                    "prometheus_client: install python3-prometheus-client (Debian/Ubuntu) "
+                    "or python3-prometheus_client (RHEL/Fedora)")
+    return prometheus_client, core
+
+
+def _prom_bucket_index():
+    """For each kernel bucket, the first Prometheus bucket (index) that holds it."""
+    out = []
+    for b in range(HIST_BUCKETS):
+        hi = bucket_bounds(b)[1]
+        out.append(next((i for i, le in enumerate(PROM_BUCKETS_US) if hi <= le),
+                        len(PROM_BUCKETS_US)))
+    return out
+
+
+def bpf_prog_stats(fd, prog_info):
+    """{run_time_ns, run_cnt, recursion_misses} of a loaded program, from the kernel."""
+    info = ctypes.create_string_buffer(prog_info["size"])
+    attr = struct.pack("<IIQ", fd, prog_info["size"], ctypes.addressof(info))
+    if bpf_call(BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
+        return None
+    return dict((f, struct.unpack_from("<Q", info.raw, prog_info[f])[0])
+                for f in PROG_INFO_FIELDS if f in prog_info)
+
+
+class Metrics(object):
+    """A prometheus_client collector: at each scrape (or text-file write) it reads the
+    kernel's cumulative counters. Counters are since the tool started."""
+
+    def __init__(self, args, release):
+        self.prom, self.core = import_prometheus()
+        self.args, self.release = args, release
+        self.registry = self.prom.CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self.run = self.plans = self.tracer = self.prog_info = None
+        self.lock = threading.Lock()        # the main loop reads the same maps
+        self.bucket_index = _prom_bucket_index()
+
+    def serve(self, addr, port):
+        """Bind now, before any BPF is compiled: a port in use is bad input."""
+        try:
+            self.prom.start_http_server(port, addr, self.registry)
+        except OSError as e:
+            why = "not an address of this host" if e.errno == errno.EADDRNOTAVAIL else \
+                e.strerror or str(e)
+            raise UsageError("--prometheus %s:%d: %s" % (addr, port, why))
+
+    def attach(self, run, tracer, plans, layout):
+        self.run, self.tracer, self.plans, self.prog_info = run, tracer, plans, layout.prog_info
+
+    def write_textfile(self):
+        """The metrics to the text file, atomically (a temporary file, then renamed)."""
+        if self.args.prometheus_textfile:
+            self.prom.write_to_textfile(self.args.prometheus_textfile, self.registry)
+
+    def collect(self):
+        core = self.core
+        info = core.GaugeMetricFamily("vm_network_latency_info", "The tool and the kernel",
+                                      labels=["version", "kernel"])
+        info.add_metric([VERSION, self.release], 1)
+        yield info
+        if self.run is None or self.run.counters is None:
+            return
+        stage = core.GaugeMetricFamily("vm_network_latency_stage_info",
+                                       "How each traced stage is attached",
+                                       labels=["stage", "direction", "method", "probe"])
+        for p in self.plans:
+            if p.method:
+                stage.add_metric([p.stage.name, p.stage.direction, p.method,
+                                  ",".join(n for n, _a in p.probes)], 1)
+        yield stage
+        with self.lock:
+            counts = self.run.counters.vm_hist()
+            stats = stats_by_direction(self.run.counters.stats())
+            fates = self.run.counters.fates() if self.args.drops else []
+        for family in self.histograms(counts):
+            yield family
+        for family in self.packet_counters(stats, fates):
+            yield family
+        for family in self.own_cost():
+            yield family
+
+    def histograms(self, counts):
+        names, vms = dict(self.run.names), dict(self.run.vms)
+        rows = {}       # (vm, direction, segment) -> [per Prometheus bucket], sum ns
+        for (vm_if, slot), count in counts.items():
+            seg, bucket = divmod(slot, VM_HIST_ROW)
+            direction, segment = self.run.segments[seg]
+            vm = vms.get(vm_if)
+            label = (vm.name if vm and vm.name else names.get(vm_if, str(vm_if))) \
+                if vm_if else ""
+            row = rows.setdefault((label, direction, segment),
+                                  [[0] * (len(PROM_BUCKETS_US) + 1), 0])
+            if bucket == HIST_BUCKETS:
+                row[1] += count
+            else:
+                row[0][self.bucket_index[bucket]] += count
+        fam = self.core.HistogramMetricFamily(
+            "vm_network_latency_seconds", "Time between stages of the path, per packet",
+            labels=["direction", "segment", "vm"])
+        for (label, direction, segment), (per, sum_ns) in sorted(rows.items()):
+            cum, buckets = 0, []
+            for le, n in zip(PROM_BUCKETS_US, per):
+                cum += n
+                buckets.append(("%g" % (le / 1e6), cum))
+            buckets.append(("+Inf", cum + per[-1]))
+            fam.add_metric([direction, segment, label], buckets, sum_ns / 1e9)
+        yield fam
+
+    def packet_counters(self, stats, fates):
+        core = self.core
+        total = core.CounterMetricFamily(
+            "vm_network_latency_packets", "What happened to each packet that entered a "
+            "path", labels=["fate", "direction"])
+        flight = core.GaugeMetricFamily("vm_network_latency_packets_in_flight",
+                                        "Packets on their way now", labels=["direction"])
+        for d, direction in enumerate(DIRECTIONS):
+            v = dict((k, vals[d]) for k, vals in stats.items())
+            fate = {"reported": v["completed"] - v["below_threshold"],
+                    "below_threshold": v["below_threshold"], "dropped": v["dropped"],
+                    "left_path": v["left_path"], "not_tracked": v["not_tracked"],
+                    "lost": v["lost"], "vanished": v["vanished"]}
+            for name in sorted(fate):
+                total.add_metric([name, direction], fate[name])
+            flight.add_metric([direction], max(0, v["started"] - v["completed"] - v["dropped"]
+                                               - v["left_path"] - v["vanished"]))
+        yield total
+        yield flight
+        if self.args.drops:
+            drops = core.CounterMetricFamily("vm_network_latency_drops",
+                                             "Packets the kernel dropped",
+                                             labels=["reason", "last_stage", "direction"])
+            for reason, direction, last, count in fates:
+                if reason != FATE_LEFT:
+                    drops.add_metric([self.run.reason_name(reason), STAGE_NAMES[last],
+                                      DIRECTIONS[direction]], count)
+            yield drops
+
+    def own_cost(self):
+        """BPF run time and runs per program, when kernel.bpf_stats_enabled is on."""
+        try:
+            with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+                enabled = f.read().strip() == "1"
+        except (IOError, OSError):
+            enabled = False
+        if not enabled or not self.prog_info or "run_cnt" not in self.prog_info:
+            return
+        secs = self.core.CounterMetricFamily("vm_network_latency_bpf_run_seconds",
+                                             "CPU time of the tool's BPF programs",
+                                             labels=["program"])
+        runs = self.core.CounterMetricFamily("vm_network_latency_bpf_runs",
+                                             "Runs of the tool's BPF programs",
+                                             labels=["program"])
+        for name, fn in sorted(self.tracer.bpf.funcs.items()):
+            st = bpf_prog_stats(fn.fd, self.prog_info)
+            if st:
+                label = name.decode() if isinstance(name, bytes) else name
+                secs.add_metric([label], st["run_time_ns"] / 1e9)
+                runs.add_metric([label], st["run_cnt"])
+        yield secs
+        yield runs
 
 
 # ============================================================================
@@ -2276,8 +2740,12 @@ class KernelCounters(object):
     def hist(self, size):
         return read_u64_array(self.bpf["hist"], size)
 
+    def vm_hist(self):
+        """--per-vm: {(tap ifindex, slot): cumulative count}."""
+        return dict(((k.vm_ifindex, k.slot), v.value) for k, v in self.bpf["vm_hist"].items())
+
     def stats(self):
-        values = [0] * len(STAT_NAMES)
+        values = [0] * (2 * len(STAT_NAMES))
         for k, v in self.bpf["stats"].items():
             if k.value < len(values):
                 values[k.value] = sum(v)
@@ -2350,6 +2818,8 @@ class Run(object):
         self.args = args
         self.reporter = reporter
         self.names = names              # {ifindex: device name}
+        self.vms = {}                   # {tap ifindex: VmInfo}
+        self.per_vm_reported = {}       # {tap ifindex: packets reported}
         self.segments = segments        # [(direction, segment)] of the hist array
         self.kfree_skb_reason = kfree_skb_reason
         self.drop_reasons = drop_reasons
@@ -2359,6 +2829,8 @@ class Run(object):
         self.counters = None            # KernelCounters or RecordedCounters
         self.reported = {"tx": 0, "rx": 0}
         self.hist_totals = {"tx": 0, "rx": 0}
+        self.vm_hist_prev = {}          # --per-vm: {(tap ifindex, slot): cumulative count}
+        self.vm_hist_totals = {}        # --per-vm: {tap ifindex: packets in its totals}
         self.hist_prev = [0] * hist_slots(segments)
         self.perf_lost = 0
         self.stop_reason = None         # the signal that stopped it, or None
@@ -2366,6 +2838,9 @@ class Run(object):
         self.roles = {}
         self.known = {"comm": {}, "thread": {}, "reason": {}, "location": {}}
         self.events = None              # EventSource while tracing detailed or drops
+        self.owners = {}                # {tap name: VmInfo}, from find_vms()
+        self.taps_seen = set()          # the taps when owners were last looked for
+        self.owners_at = 0.0            # and when (monotonic)
 
     # -- names, resolved once each (and recorded, so that a replay has them) --
     def _resolve(self, kind, key, lookup):
@@ -2405,6 +2880,19 @@ class Run(object):
             self.recorder.write({"kind": "names", "names": dict(
                 (str(k), v) for k, v in sorted(self.names.items()))})
 
+    def set_vms(self, owners):
+        """The VM of each tap ({tap name: VmInfo}), as ifindex -> VmInfo. A VM that
+        stopped keeps its name: its packets were counted under it, and stay so."""
+        by_name = dict((v, k) for k, v in self.names.items())   # newest ifindex wins
+        vms = dict(self.vms)
+        vms.update((by_name[t], vm) for t, vm in owners.items() if t in by_name)
+        if vms == self.vms:
+            return
+        self.vms = vms
+        if self.recorder:
+            self.recorder.write({"kind": "vms", "vms": dict(
+                (str(k), list(v)) for k, v in sorted(vms.items()))})
+
     # -- what happens during a run --
     def on_event(self, data, size=None):
         """One event from the kernel (a ctypes pointer) or from a recording (bytes)."""
@@ -2416,12 +2904,14 @@ class Run(object):
             self.recorder.event(raw)
         fields = PKT.unpack(raw)
         rec = packet_record(fields, self.names, self.process_name, self.thread_name,
-                            self.wall_offset)
+                            self.wall_offset, self.vms)
         if rec["type"] == "drop":
             rec["reason"] = self.reason_name(fields[P_REASON])
             rec["location"] = self.location(fields[P_LOCATION])
         else:
             self.reported[rec["direction"]] += 1
+            vm_if = fields[P_VM_IF]
+            self.per_vm_reported[vm_if] = self.per_vm_reported.get(vm_if, 0) + 1
         try:
             self.reporter.packet(rec)
         except (IOError, OSError):
@@ -2456,9 +2946,39 @@ class Run(object):
                 self.hist_totals[direction] += sum(buckets.values())
         return tables
 
+    def vm_histograms(self, when, counts, last=False):
+        """--per-vm: [((label, name, [taps]), tables)] of what each VM's taps added
+        since the last read, VMs in the order of their labels."""
+        if self.recorder:
+            self.recorder.write({"kind": "vmhist", "when": when, "last": last, "counts": dict(
+                ("%d:%d" % k, c) for k, c in sorted(counts.items()))})
+        per = {}
+        prev = self.vm_hist_prev
+        for (vm_if, slot), count in counts.items():
+            added = count - prev.get((vm_if, slot), 0)
+            if not added:
+                continue
+            vm = self.vms.get(vm_if)
+            dev = self.names.get(vm_if, "-") if vm_if else "host"
+            label = vm_label(vm, dev) if vm_if else "host"
+            entry = per.setdefault(label, ((label, vm.name if vm else None, []), {}))
+            if dev not in entry[0][2]:
+                entry[0][2].append(dev)
+            seg, bucket = divmod(slot, VM_HIST_ROW)
+            if bucket == HIST_BUCKETS:
+                continue                # the sum of ns (for the metrics)
+            direction, segment = self.segments[seg]
+            buckets = entry[1].setdefault((DIRECTIONS.index(direction), segment), {})
+            buckets[bucket] = buckets.get(bucket, 0) + added
+            if segment == "total":
+                self.hist_totals[direction] += added
+                self.vm_hist_totals[vm_if] = self.vm_hist_totals.get(vm_if, 0) + added
+        self.vm_hist_prev = dict(counts)
+        return [(who, order_tables(tables)) for _l, (who, tables) in sorted(per.items())]
+
     def summary(self, now):
         """Every packet accounted for; `now` (monotonic) dates the in-flight ones."""
-        st = dict(zip(STAT_NAMES, self.counters.stats()))
+        st = stats_by_direction(self.counters.stats())
         in_flight, in_upcall, stuck = self.packets_in_flight(now)
         totals = self.hist_totals if self.args.mode == "histogram" else self.reported
         rep_tx, rep_rx = totals["tx"], totals["rx"]
@@ -2472,14 +2992,31 @@ class Run(object):
         fates.sort(key=lambda f: -f["count"])
         return {
             "reported": rep_tx + rep_rx, "reported_tx": rep_tx, "reported_rx": rep_rx,
-            "started": st["started_tx"] + st["started_rx"],
-            "completed": st["completed_tx"] + st["completed_rx"],
-            "below_threshold": st["below_threshold"], "dropped": st["dropped"],
-            "left_path": st["left_path"], "in_flight": in_flight,
-            "not_tracked": st["not_tracked"], "lost": st["lost"],
-            "vanished": st["vanished"], "in_upcall": in_upcall, "fates": fates,
-            "in_flight_examples": stuck,
+            "started": sum(st["started"]), "completed": sum(st["completed"]),
+            "below_threshold": sum(st["below_threshold"]), "dropped": sum(st["dropped"]),
+            "left_path": sum(st["left_path"]), "in_flight": in_flight,
+            "not_tracked": sum(st["not_tracked"]), "lost": sum(st["lost"]),
+            "vanished": sum(st["vanished"]), "in_upcall": in_upcall, "fates": fates,
+            "in_flight_examples": stuck, "vms": self.vm_counts(),
+            "vm_hist_full": sum(st["vm_hist_full"]),
         }
+
+    def vm_counts(self):
+        """Packets reported per VM (its taps' packets), when more than one VM was seen."""
+        per = {}
+        counts = self.per_vm_reported if self.args.mode == "detailed" else self.vm_hist_totals
+        for vm_if, n in counts.items():
+            if not vm_if:
+                continue        # host-local traffic: no VM
+            vm = self.vms.get(vm_if)
+            dev = self.names.get(vm_if, str(vm_if))
+            key = vm_label(vm, dev)
+            entry = per.setdefault(key, {"vm": vm.name if vm else None, "label": key,
+                                         "vm_dev": [], "reported": 0})
+            if dev not in entry["vm_dev"]:
+                entry["vm_dev"].append(dev)
+            entry["reported"] += n
+        return sorted(per.values(), key=lambda e: e["label"]) if len(per) > 1 else []
 
     def packets_in_flight(self, now):
         """(in flight, of which waiting for ovs-vswitchd, the first few): each packet
@@ -2510,6 +3047,12 @@ class Run(object):
                 "fates": [list(f) for f in c.fates()],
                 "inflight": [binascii.hexlify(r).decode() for r in c.inflight()],
                 "upcalls_waiting": c.upcalls_waiting(), "perf_lost": self.perf_lost})
+
+
+def stats_by_direction(values):
+    """The kernel's stats array as {name: (tx, rx)}."""
+    return dict((name, (values[2 * i + DIR_TX], values[2 * i + DIR_RX]))
+                for i, name in enumerate(STAT_NAMES))
 
 
 def read_comm(path):
@@ -2572,10 +3115,18 @@ def run(args):
     if args.read_events:
         return replay(args)
     check_devices_exist(args)
+    if args.list_vms:
+        list_vms_report(find_vms(), args.output == "json", Reporter(args.output, "all"))
+        return 0
     if os.geteuid() != 0:
         raise Fatal("must run as root (BPF programs need CAP_BPF and CAP_PERFMON): "
                     "sudo %s" % " ".join([sys.argv[0]] + sys.argv[1:]))
     release = os.uname()[2]
+    metrics = None
+    if args.prometheus or args.prometheus_textfile:
+        metrics = Metrics(args, release)
+        if args.prometheus:
+            metrics.serve(*args.prometheus)     # bound before any BPF is compiled
     layout = find_layout(args.btf, release)
     view = kernel_view(args, layout)
     plans = plan_stages(args, layout, view)
@@ -2591,9 +3142,11 @@ def run(args):
     if args.ebpf:
         print(text)
         return 0
+    taps_seen, owners = all_taps(), find_vms()
+    check_vms_exist(args, owners)
     bcc = import_bcc()
     mount_tracefs()     # BCC's legacy kprobe interface needs it
-    roles, names, taps, phys = resolve_roles(args)
+    roles, names, taps, phys = resolve_roles(args, owners)
     announce(args, layout, plans, view, taps, phys, features)
     clear_stale_kprobe_events(args.verbose)
     try:
@@ -2606,10 +3159,14 @@ def run(args):
     segments = histogram_segments(plans)
     this = Run(args, reporter, {}, segments, layout.kfree_skb_reason, layout.drop_reasons,
                time.time() - time.monotonic(), recorder, bcc.BPF.ksym)
+    if metrics:
+        metrics.attach(this, tracer, plans, layout)
     if recorder:
         recorder.write(recording_meta(args, plans, segments, layout, this.wall_offset))
     this.set_names(names)
-    return trace(args, tracer, this, roles)
+    this.owners, this.taps_seen, this.owners_at = owners, taps_seen, time.monotonic()
+    this.set_vms(owners)
+    return trace(args, tracer, this, roles, metrics)
 
 
 def recording_meta(args, plans, segments, layout, wall_offset):
@@ -2617,7 +3174,8 @@ def recording_meta(args, plans, segments, layout, wall_offset):
             "record": PKT.format, "record_fields": [[n, t, c] for n, t, c, _w in RECORD_FIELDS],
             "stages": STAGE_NAMES, "plans": dict((p.stage.name, p.method) for p in plans),
             "segments": [list(x) for x in segments], "mode": args.mode,
-            "protocol": args.protocol, "drops": args.drops,
+            "protocol": args.protocol, "drops": args.drops, "per_vm": args.per_vm,
+            "per_vm_kernel": per_vm_kernel(args),
             "kfree_skb_reason": layout.kfree_skb_reason,
             "drop_reasons": dict((str(k), v) for k, v in layout.drop_reasons.items()),
             "wall_offset": wall_offset}
@@ -2667,7 +3225,7 @@ def verify_only(args, tracer):
     return 0
 
 
-def trace(args, tracer, this, roles):
+def trace(args, tracer, this, roles, metrics=None):
     """Attach, report until a stop, detach, account for every packet. Always cleans up."""
     def on_signal(signum, _frame):
         this.stop_reason = signum
@@ -2676,14 +3234,14 @@ def trace(args, tracer, this, roles):
     try:
         this.counters = KernelCounters(tracer)
         try:
-            attach_and_report(args, tracer, this, roles)
+            attach_and_report(args, tracer, this, roles, metrics)
         except (IOError, OSError) as e:
             if getattr(e, "errno", None) not in (errno.EPIPE, errno.EIO):
                 raise
             this.output_broken = True     # the terminal went away (SIGHUP, closed pipe)
         finally:
             tracer.detach()
-        final_report(args, tracer, this)
+        final_report(args, tracer, this, metrics)
     finally:
         tracer.close()
         if this.recorder:
@@ -2704,21 +3262,34 @@ def set_device_roles(bpf, old, roles):
         table[table.Key(idx)] = table.Leaf(role)
 
 
+def all_taps():
+    return set(d for d in list_devices() if is_tap(d))
+
+
+OWNER_RESCAN_S = 5.0   # how often taps without a named VM are looked at again
+
+
 def refresh_devices(args, tracer, this):
-    """New VMs start and stop: keep the device map in step with the host."""
-    roles, names, _taps, _phys = resolve_roles(args)
-    if roles == this.roles:
-        return
-    set_device_roles(tracer.bpf, this.roles, roles)
-    this.roles = roles
-    this.set_names(names)
-    if args.verbose:
-        log("devices now: %s" % ", ".join("%s=%s" % (names[i], "vm" if r == ROLE_VM
-                                                     else "phy")
-                                           for i, r in sorted(roles.items())))
+    """New VMs start and stop: keep the device map and the VM names in step with the
+    host. The /proc scan for tap owners runs when the set of taps changed, and every
+    few seconds while a tap has no named owner (a daemon may hand it to QEMU later)."""
+    taps, now = all_taps(), time.monotonic()
+    unnamed = any(not (this.owners.get(t) and this.owners[t].name) for t in taps)
+    if taps != this.taps_seen or (unnamed and now - this.owners_at >= OWNER_RESCAN_S):
+        this.taps_seen, this.owners, this.owners_at = taps, find_vms(), now
+    roles, names, _taps, _phys = resolve_roles(args, this.owners)
+    if roles != this.roles:
+        set_device_roles(tracer.bpf, this.roles, roles)
+        this.roles = roles
+        this.set_names(names)
+        if args.verbose:
+            log("devices now: %s" % ", ".join("%s=%s" % (names[i], "vm" if r == ROLE_VM
+                                                         else "phy")
+                                               for i, r in sorted(roles.items())))
+    this.set_vms(this.owners)
 
 
-def attach_and_report(args, tracer, this, roles):
+def attach_and_report(args, tracer, this, roles, metrics=None):
     reporter = this.reporter
     set_device_roles(tracer.bpf, {}, roles)
     this.roles = roles
@@ -2746,26 +3317,69 @@ def attach_and_report(args, tracer, this, roles):
         now = time.monotonic()
         if args.mode == "histogram" and now >= next_interval:
             next_interval += args.interval
-            when = time.time()
-            reporter.histograms(when, this.histograms(when, this.counters.hist(hist_size)))
+            report_interval(args, this, hist_size, metrics=metrics)
             reporter.flush()
-        if not args.vm_dev and now >= next_refresh:
+        if (args.vm or not args.vm_dev) and now >= next_refresh:
             next_refresh = now + 1.0
             refresh_devices(args, tracer, this)
         if args.mode == "detailed":
             reporter.flush()
 
 
-def final_report(args, tracer, this):
+def report_interval(args, this, hist_size, last=False, metrics=None):
+    """One interval's histograms (all of them, or one set per VM with --per-vm); the
+    last read, after detaching, is reported only where it added anything."""
+    when = time.time()
+    if per_vm_kernel(args):
+        with metrics.lock if metrics else NO_LOCK:
+            counts = this.counters.vm_hist()
+        report_vm_histograms(args, this, when, this.vm_histograms(when, counts, last), last)
+    else:
+        tables = this.histograms(when, this.counters.hist(hist_size), last)
+        if (tables or not last) and not args.quiet:
+            this.reporter.histograms(when, tables)
+    if metrics:
+        metrics.write_textfile()
+
+
+def report_vm_histograms(args, this, when, per_vm, last):
+    """--per-vm: one set of tables per VM; otherwise (metrics) all VMs' tables added up."""
+    if args.quiet:
+        return
+    if not args.per_vm:
+        merged = {}
+        for _who, tables in per_vm:
+            for direction, segment, buckets in tables:
+                into = merged.setdefault((DIRECTIONS.index(direction), segment), {})
+                for b, n in buckets.items():
+                    into[b] = into.get(b, 0) + n
+        if merged or not last:
+            this.reporter.histograms(when, order_tables(merged))
+        return
+    for who, tables in per_vm:
+        this.reporter.histograms(when, tables, who)
+    if not per_vm and not last:
+        this.reporter.histograms(when, [])
+
+
+class _NoLock(object):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+NO_LOCK = _NoLock()
+
+
+def final_report(args, tracer, this, metrics=None):
     """Nothing is attached any more: drain what is left, then the summary."""
     reporter = this.reporter
     try:
         poll_events(this.events, 0)
-        if args.mode == "histogram":
-            when = time.time()
-            tables = this.histograms(when, this.counters.hist(len(this.hist_prev)), last=True)
-            if tables and not this.output_broken:
-                reporter.histograms(when, tables)
+        if args.mode == "histogram" and not this.output_broken:
+            report_interval(args, this, len(this.hist_prev), last=True, metrics=metrics)
         now = time.monotonic()
         this.record_final(now)
         summary = this.summary(now)
@@ -2851,7 +3465,8 @@ def replay(args):
     this = None
     for meta, obj in read_recording(args.read_events):
         if this is None:
-            args.mode = meta["mode"]
+            args.mode, args.per_vm = meta["mode"], meta.get("per_vm", False)
+            args.quiet = False
             this = Run(args, Reporter(args.output, meta["protocol"]), {},
                        [tuple(x) for x in meta["segments"]], meta["kfree_skb_reason"],
                        dict((int(k), v) for k, v in meta["drop_reasons"].items()),
@@ -2861,6 +3476,13 @@ def replay(args):
             this.on_event(bytes(bytearray.fromhex(obj["raw"])))
         elif kind == "names":
             this.names.update((int(k), v) for k, v in obj["names"].items())
+        elif kind == "vms":
+            this.vms = dict((int(k), VmInfo(*v)) for k, v in obj["vms"].items())
+        elif kind == "vmhist":
+            counts = dict((tuple(int(x) for x in k.split(":")), c)
+                          for k, c in obj["counts"].items())
+            report_vm_histograms(args, this, obj["when"],
+                                 this.vm_histograms(obj["when"], counts), obj["last"])
         elif kind in this.known:
             this.known[kind][obj["key"]] = obj["name"]
         elif kind == "hist":

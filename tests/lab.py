@@ -69,6 +69,8 @@ class Lab:
     NS_DEV = "eth0"                       # the namespace's end of the veth
     GUEST_IP, REMOTE_IP = "10.77.0.2", "10.77.0.3"
     GUEST_MAC, REMOTE_MAC = "52:54:00:77:00:02", "52:54:00:77:00:03"
+    # the lab's guest is named and identified as libvirt starts QEMU
+    GUEST_NAME, GUEST_UUID = "vnl-guest", "7e57a000-0000-4000-8000-000000000002"
     PREFIX = 24
     GUEST_TRAFFIC = GUEST_TRAFFIC
     # every device a lab may create (a stand-in VM vnltap1, more guests vnltap2...)
@@ -144,7 +146,8 @@ class Lab:
             self._setup_network()
             self.timings["setup"] = time.monotonic() - t
             t = time.monotonic()
-            self.vm = self.new_guest(self.TAP, self.GUEST_MAC, self.workdir)
+            self.vm = self.new_guest(self.TAP, self.GUEST_MAC, self.workdir,
+                                     name=self.GUEST_NAME, uuid=self.GUEST_UUID)
             self.vm.start(self.boot_timeout)
             self.timings["boot"] = time.monotonic() - t
             self.timings["boot_to_marker"] = self.vm.boot_to_marker
@@ -311,6 +314,33 @@ class Lab:
         return QemuGuest(tap, mac, self.vmlinuz, self.initrd, workdir, name=name, uuid=uuid,
                          memory_mb=self.memory_mb, qemu=self.qemu_bin, log=self._log,
                          append=append)
+
+    def add_guest(self, index, name, uuid=None):
+        """Another guest on the bridge: tap vnltap<index>, 10.77.0.<index + 2>, MAC
+        52:54:00:77:00:<index + 2>, known to the remote; stopped at teardown (or by
+        remove_guest). Returns (QemuGuest, its IP)."""
+        tap, ip_addr = "vnltap%d" % index, "10.77.0.%d" % (index + 2)
+        mac = "52:54:00:77:00:%02x" % (index + 2)
+        assert tap in self.DEVICES and tap not in (self.TAP, "vnltap1")
+        topology.add_tap(tap, master=self.BRIDGE)
+        topology.up(tap)
+        topology.in_ns(self.NS, "ip", "neigh", "replace", ip_addr, "lladdr", mac, "dev",
+                       self.NS_DEV, "nud", "permanent")
+        workdir = os.path.join(self.workdir, tap)
+        os.mkdir(workdir)
+        vm = self.new_guest(tap, mac, workdir, name=name, uuid=uuid, append="vnl.ip=%s" % ip_addr)
+        self._guests.append(vm)
+        vm.start(self.boot_timeout)
+        return vm, ip_addr
+
+    def remove_guest(self, vm):
+        """Stop a guest of add_guest() and remove its tap (a VM shut down)."""
+        errors = []
+        vm.stop(errors)
+        self._guests.remove(vm)
+        topology.remove((vm.tap,))
+        if errors:
+            raise LabError("stopping %s: %s" % (vm.name, errors))
 
     # --- the guest, as the tests use it ---
     @property

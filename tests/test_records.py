@@ -140,13 +140,13 @@ def test_summary_accounts_for_every_packet(tool):
     run = new_run(tool)
     run.on_event(udp_tx(tool))
     run.on_event(icmp_rx(tool))
-    stats = dict.fromkeys(tool.STAT_NAMES, 0)
-    stats.update(started_tx=4, started_rx=3, completed_tx=1, completed_rx=1, dropped=1,
-                 left_path=1, lost=2)
+    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0))
+    stats.update(started=(4, 3), completed=(1, 1), dropped=(1, 0), left_path=(0, 1),
+                 lost=(2, 0))
     waiting = udp_tx(tool, ts={"tap_rx": 299000000000}, last=0)
     upcalled = udp_tx(tool, ts={"tap_rx": 299500000000}, last=0, upcalled=1)
     run.counters = tool.RecordedCounters({
-        "stats": [stats[n] for n in tool.STAT_NAMES],
+        "stats": [v for n in tool.STAT_NAMES for v in stats[n]],
         "fates": [[tool.FATE_LEFT, tool.DIR_RX, tool.STAGE_BY_NAME["phy_rx"].sid, 1],
                   [64, tool.DIR_TX, tool.STAGE_BY_NAME["phy_queue"].sid, 1]],
         "inflight": [waiting.hex(), upcalled.hex()], "upcalls_waiting": 1})
@@ -193,11 +193,12 @@ def write_recording(tool, path, lines, final=True):
             "record": tool.PKT.format, "stages": tool.STAGE_NAMES, "plans": {},
             "segments": [], "mode": "detailed", "protocol": "all", "drops": False,
             "kfree_skb_reason": False, "drop_reasons": {}, "wall_offset": WALL}
-    stats = dict.fromkeys(tool.STAT_NAMES, 0)
-    stats.update(started_tx=1, completed_tx=1)
+    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0))
+    stats.update(started=(1, 0), completed=(1, 0))
     with open(path, "w") as f:
         for obj in [meta] + lines + ([{"kind": "final", "now": 200.0, "perf_lost": 0,
-                                       "stats": [stats[n] for n in tool.STAT_NAMES],
+                                       "stats": [v for n in tool.STAT_NAMES
+                                                 for v in stats[n]],
                                        "fates": [], "inflight": [],
                                        "upcalls_waiting": 0}] if final else []):
             f.write(json.dumps(obj) + "\n")
@@ -247,3 +248,54 @@ def test_read_events_says_when_a_recording_is_cut_short(tool, recording_dir):
     r = as_nobody("--read-events", path, "--output", "json")
     assert r.returncode == 2 and "ends before the run did" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --- which VM owns a tap: the /proc parsing ---
+
+@pytest.mark.parametrize("text,want", [
+    ("guest=web-03,debug-threads=on", [("guest", "web-03"), ("debug-threads", "on")]),
+    ("web-03", [(None, "web-03")]),
+    ("web-03,process=qemu-web", [(None, "web-03"), ("process", "qemu-web")]),
+    ("guest=a,,b,debug-threads=on", [("guest", "a,b"), ("debug-threads", "on")]),
+    ("guest=x,,,,y", [("guest", "x,,y")]),
+])
+def test_qemu_option_syntax(tool, text, want):
+    assert tool.qemu_opts(text) == want
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["/usr/bin/qemu-system-x86_64", "-name", "guest=web-03,debug-threads=on", "-uuid",
+      "0c0ffee0-0000-4000-8000-000000000003", "-m", "512"],
+     ("web-03", "0c0ffee0-0000-4000-8000-000000000003")),
+    (["qemu-kvm", "-id", "101", "-name", "pve-vm,debug-threads=on"], ("pve-vm", None)),
+    (["qemu", "-name", "guest=tenant,,a,debug-threads=on"], ("tenant,a", None)),
+    (["qemu-system-x86_64", "-m", "512"], (None, None)),
+    (["qemu-system-x86_64", "-name"], (None, None)),        # a dangling option
+    (["firecracker", "--api-sock", "/run/fc.sock"], (None, None)),
+])
+def test_vm_identity_from_the_command_line(tool, argv, want):
+    assert tool.vm_identity(argv) == want
+
+
+def test_records_and_text_carry_the_vm(tool):
+    web = tool.VmInfo("web-03", "0c0ffee0", 4242, "qemu-system-x86")
+    rec = tool.packet_record(tool.PKT.unpack(udp_tx(tool)), NAMES, lambda pid: "qemu",
+                             lambda pid, tid: "t", WALL, {7: web})
+    assert (rec["vm"], rec["vm_uuid"], rec["vm_pid"]) == ("web-03", "0c0ffee0", 4242)
+    out = io.StringIO()
+    run = new_run(tool, output="text", out=out)
+    run.vms = {7: web}
+    run.on_event(udp_tx(tool))
+    assert out.getvalue().splitlines()[0].endswith(
+        "UDP 10.0.0.1:40001 -> 10.0.0.2:9000 TX web-03 vnet0 -> eth1")
+    # a tap whose owner is unknown: no VM, and nothing in its place
+    rec = tool.packet_record(tool.PKT.unpack(udp_tx(tool)), NAMES, lambda pid: "qemu",
+                             lambda pid, tid: "t", WALL, {})
+    assert (rec["vm"], rec["vm_uuid"], rec["vm_pid"]) == (None, None, None)
+
+
+def test_vm_labels(tool):
+    assert tool.vm_label(tool.VmInfo("web-03", None, 1, "qemu"), "vnet0") == "web-03"
+    assert tool.vm_label(tool.VmInfo(None, None, 77, "firecracker"), "vnet0") == \
+        "firecracker[77]"
+    assert tool.vm_label(None, "vnet0") == "vnet0"

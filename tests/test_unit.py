@@ -165,6 +165,10 @@ BAD_INPUT = [
     (["--bogus"], "unrecognized arguments"),
     (["--btf", "/no/such/vmlinux"], "--btf /no/such/vmlinux: no such file"),
     (["--read-events", "x.vnl", "--protocol", "udp"], "only --output goes with it"),
+    (["--vm", ""], "a VM name cannot be empty"),
+    (["--per-vm"], "--per-vm splits the histograms by VM: it needs --mode histogram"),
+    (["--list-vms", "--protocol", "tcp"], "--list-vms only lists the VMs"),
+    (["--vm-d", "vnltap0"], "unrecognized arguments"),     # no abbreviations
 ]
 
 

@@ -176,8 +176,9 @@ def test_text_output_follows_the_readme(lab, traces):
     lines = t.stdout.splitlines()
     heads = [l for l in lines if l.startswith("[") and " ICMP " in l]
     assert len(heads) == 4
-    assert sum(1 for l in heads if l.endswith("TX %s -> %s" % (TAP, PHY))) == 2
-    assert sum(1 for l in heads if l.endswith("RX %s -> %s" % (PHY, TAP))) == 2
+    # the VM's name, then the devices, as the README shows
+    assert sum(1 for l in heads if l.endswith("TX %s %s -> %s" % (Lab.GUEST_NAME, TAP, PHY))) == 2
+    assert sum(1 for l in heads if l.endswith("RX %s %s -> %s" % (Lab.GUEST_NAME, PHY, TAP))) == 2
     totals = [l for l in lines if l.strip().startswith("Total Latency:")]
     assert len(totals) == 4
     assert all("PID: %d (qemu-system-x86)" % lab.qemu.pid in l for l in totals)

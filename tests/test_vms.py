@@ -1,0 +1,167 @@
+"""VMs by name: the lab's guest and a second one, started as libvirt starts QEMU
+(-name guest=NAME,debug-threads=on -uuid UUID) on two taps of the bridge, talking to the
+remote at the same time; a third started while tracing; a tap held by a process that is
+not QEMU. The names come from /proc, as the tool finds them; the oracles are the guests'
+own ping counts and which tap each guest is on."""
+import collections
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import run_tool
+from lab import Lab
+from tapwriter import TapWriter, ether, ipv4, udp
+
+TAP, PHY, BRIDGE = Lab.TAP, Lab.PHY, Lab.BRIDGE
+REMOTE = Lab.REMOTE_IP
+WEB, WEB_UUID = "web-03", "0c0ffee0-0000-4000-8000-000000000003"
+
+
+@pytest.fixture(scope="module")
+def web(lab):
+    """A second named guest, vnltap2 (10.77.0.4), for this module's tests."""
+    vm, ip = lab.add_guest(2, WEB, WEB_UUID)
+    yield vm, ip
+    lab.remove_guest(vm)
+
+
+def ping_from(vm, n, results, key):
+    rc, out = vm.guest("ping -c %d -i 0.2 -W 2 %s" % (n, REMOTE), timeout=60)
+    results[key] = (rc, out)
+
+
+def both_ping(lab, web, n):
+    """Both guests ping the remote at the same time; each must get every reply."""
+    results = {}
+    threads = [threading.Thread(target=ping_from, args=(lab.vm, n, results, "lab")),
+               threading.Thread(target=ping_from, args=(web[0], n, results, "web"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key, (rc, out) in results.items():
+        assert rc == 0 and "%d packets received" % n in out, (key, out)
+
+
+def test_list_vms_names_both_guests_and_their_switch(lab, web):
+    r = run_tool("--list-vms", "--output", "json")
+    assert r.returncode == 0, r.stderr
+    vms = dict((o["name"], o) for o in map(json.loads, r.stdout.splitlines()))
+    assert vms[Lab.GUEST_NAME]["uuid"] == Lab.GUEST_UUID
+    assert vms[Lab.GUEST_NAME]["pid"] == lab.qemu.pid
+    assert vms[Lab.GUEST_NAME]["taps"] == [{"dev": TAP, "switch": BRIDGE}]
+    assert (vms[WEB]["uuid"], vms[WEB]["pid"]) == (WEB_UUID, web[0].qemu.pid)
+    assert vms[WEB]["taps"] == [{"dev": "vnltap2", "switch": BRIDGE}]
+    text = run_tool("--list-vms")
+    assert text.returncode == 0
+    line = [l for l in text.stdout.splitlines() if l.startswith(WEB)][0].split()
+    assert line == [WEB, WEB_UUID, str(web[0].qemu.pid), "qemu-system-x86", "vnltap2", BRIDGE]
+
+
+def test_every_record_names_its_vm(lab, web, traces):
+    t = traces("--phy-dev", PHY, "--protocol", "icmp")
+    both_ping(lab, web, 5)
+    t.stop()
+    assert t.returncode == 0, t.stderr
+    by_vm = collections.Counter((r["vm"], r["vm_dev"], r["direction"]) for r in t.packets())
+    assert by_vm == {(Lab.GUEST_NAME, TAP, "tx"): 5, (Lab.GUEST_NAME, TAP, "rx"): 5,
+                     (WEB, "vnltap2", "tx"): 5, (WEB, "vnltap2", "rx"): 5}, by_vm
+    for r in t.packets():
+        want = (Lab.GUEST_UUID, lab.qemu.pid) if r["vm"] == Lab.GUEST_NAME else \
+            (WEB_UUID, web[0].qemu.pid)
+        assert (r["vm_uuid"], r["vm_pid"]) == want
+        assert r["pid"] == r["vm_pid"]         # QEMU's own I/O here, no vhost
+        ip = Lab.GUEST_IP if r["vm"] == Lab.GUEST_NAME else web[1]
+        assert ip in (r["src_ip"], r["dst_ip"])
+    s = t.summary()
+    assert sorted((v["label"], v["vm_dev"], v["reported"]) for v in s["vms"]) == \
+        [(Lab.GUEST_NAME, [TAP], 10), (WEB, ["vnltap2"], 10)]
+
+
+def test_text_output_names_the_vm(lab, web, traces):
+    t = traces("--phy-dev", PHY, "--protocol", "icmp", "--vm", WEB, output="text")
+    rc, out = web[0].guest("ping -c 2 -i 0.2 -W 2 %s" % REMOTE)
+    assert rc == 0, out
+    t.stop()
+    firsts = [l for l in t.stdout.splitlines() if l.startswith("[") and "ICMP" in l]
+    assert len(firsts) == 4
+    assert all(l.endswith("TX %s vnltap2 -> %s" % (WEB, PHY)) or
+               l.endswith("RX %s %s -> vnltap2" % (WEB, PHY)) for l in firsts), firsts
+    assert "  VM " not in t.stdout      # one VM seen: no per-VM lines in the summary
+
+
+def test_vm_selects_only_that_vms_taps(lab, web, traces):
+    t = traces("--vm", WEB, "--phy-dev", PHY, "--protocol", "icmp", "--verbose")
+    both_ping(lab, web, 4)
+    t.stop()
+    got = collections.Counter((r["vm"], r["direction"]) for r in t.packets())
+    assert got == {(WEB, "tx"): 4, (WEB, "rx"): 4}, got
+    assert "VM devices: vnltap2;" in t.stderr
+
+
+def test_per_vm_histograms_count_each_vms_packets_exactly(lab, web, traces):
+    t = traces("--phy-dev", PHY, "--protocol", "icmp", "--mode", "histogram",
+               "--per-vm", "--interval", "60")
+    both_ping(lab, web, 6)
+    rc, out = lab.guest("ping -c 3 -i 0.2 -W 2 %s" % REMOTE)   # 3 more from one VM
+    assert rc == 0, out
+    t.stop()
+    totals = collections.defaultdict(int)
+    for h in t.histograms():
+        assert h["vm_label"] in (Lab.GUEST_NAME, WEB)
+        assert h["vm"] == h["vm_label"] and h["vm_dev"] == ([TAP] if h["vm"] == Lab.GUEST_NAME
+                                                            else ["vnltap2"])
+        if h["segment"] == "total":
+            totals[(h["vm"], h["direction"])] += h["count"]
+            assert sum(b["count"] for b in h["buckets"]) == h["count"]
+    assert dict(totals) == {(Lab.GUEST_NAME, "tx"): 9, (Lab.GUEST_NAME, "rx"): 9,
+                            (WEB, "tx"): 6, (WEB, "rx"): 6}
+    s = t.summary()
+    assert s["reported"] == 30 and s["vm_hist_full"] == 0
+    assert sorted((v["label"], v["reported"]) for v in s["vms"]) == \
+        [(Lab.GUEST_NAME, 18), (WEB, 12)]
+
+
+def test_a_vm_started_while_tracing_is_picked_up_with_its_name(lab, traces):
+    t = traces("--phy-dev", PHY, "--protocol", "icmp")
+    vm, ip = lab.add_guest(3, "db-01")
+    try:
+        time.sleep(1.5)                         # the tool's device refresh (1 s)
+        rc, out = vm.guest("ping -c 3 -i 0.2 -W 2 %s" % REMOTE)
+        assert rc == 0, out
+        t.stop()
+    finally:
+        lab.remove_guest(vm)
+    mine = [r for r in t.packets() if ip in (r["src_ip"], r["dst_ip"])]
+    assert len(mine) == 6
+    assert all((r["vm"], r["vm_dev"], r["vm_uuid"]) == ("db-01", "vnltap3", None)
+               for r in mine), mine[:2]
+
+
+def test_unknown_vm_is_refused_naming_the_running_ones(lab, web):
+    r = run_tool("--vm", "no-such-vm", "--timeout", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "no running VM is named 'no-such-vm'" in line
+    assert Lab.GUEST_NAME in line and WEB in line
+
+
+def test_a_tap_held_by_another_process_has_no_vm_name(lab, traces):
+    stand_in, mac, ip = "vnltap1", "52:54:00:77:00:09", "10.77.0.9"
+    with TapWriter(stand_in, BRIDGE) as writer:
+        subprocess.run(["bridge", "fdb", "replace", mac, "dev", stand_in, "master",
+                        "static"], check=True)
+        t = traces("--vm-dev", stand_in, "--phy-dev", PHY, "--direction", "tx")
+        frame = ether(Lab.REMOTE_MAC, mac, 0x0800, ipv4(ip, REMOTE, 17, udp(40500, 9500, b"x")))
+        for _ in range(5):
+            writer.write(frame)
+        t.stop()
+    recs = t.packets()
+    assert len(recs) == 5
+    assert all((r["vm"], r["vm_uuid"], r["vm_pid"]) == (None, None, os.getpid())
+               for r in recs), recs[0]
+    assert "Traceback" not in t.stderr
