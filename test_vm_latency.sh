@@ -33,7 +33,7 @@ die() { echo "test_vm_latency: error: $*" >&2; exit 2; }
 # ----------------------------------------------------------------- dependencies
 DEB_PKGS=(python3-bpfcc bpftool dwarves qemu-system-x86 busybox-static cpio gcc libc6-dev
           xz-utils tcpdump iproute2 iputils-ping kmod python3-pytest python3-hypothesis
-          python3-venv mmdebstrap e2fsprogs)
+          python3-venv mmdebstrap e2fsprogs python3-prometheus-client prometheus)
 RPM_PKGS=(python3-bcc bcc-tools bpftool dwarves qemu-kvm cpio gcc glibc-static tcpdump
           iproute iputils kmod python3-pytest python3-hypothesis)
 
@@ -117,14 +117,14 @@ unit)
     exec "${PYTEST[@]}" test_unit.py test_records.py "${EXTRA[@]}" ;;
 vm)
     install_deps
-    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_truth.py "${EXTRA[@]}" ;;
+    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_vms.py test_metrics.py test_truth.py "${EXTRA[@]}" ;;
 kguest)
     install_deps
     [ $# -gt 0 ] && export KGUEST_SUITES=$1
     exec "${PYTEST[@]}" test_kguest.py "${EXTRA[@]}" ;;
 all)
     install_deps
-    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_truth.py test_kguest.py "${EXTRA[@]}" ;;
+    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_vms.py test_metrics.py test_truth.py test_kguest.py "${EXTRA[@]}" ;;
 demo)
     install_deps
     exec /usr/bin/python3 demo.py "$@" ;;

@@ -127,6 +127,7 @@ NETEM_OTHER_MEDIAN_US = 0.1 * NETEM_US
 LANE_BUDGET_S = 15 * 60
 COLD_BUILD_ALLOWANCE_S = 180    # a cold image build measured 59 s; 3x that, as margin
 LANE_PROCESS_TIMEOUT_S = 1500   # run_lane.sh's guest timeout is 720 s; plus the image
+GUEST_CRASH = "Kernel panic - not syncing"   # in the console tail run_lane.sh prints
 
 
 # =========================================================================== results
@@ -314,6 +315,14 @@ def lane(request, tmp_path_factory):
                         "needs root (QEMU, mmdebstrap, network namespaces)")
         results = str(tmp_path_factory.mktemp("kguest-" + suite))
         rc, output = _run_lane(suite, results)
+        if rc == 2 and GUEST_CRASH in output:
+            # The guest kernel itself died (seen once on 6.12: "Oops: int3" in a timer
+            # while the kernel patched its own code, which multi-threaded TCG can race
+            # on). Nothing of the tool ran to judge: the lane runs once more, and says so.
+            print("kguest lane %s: the guest kernel crashed under emulation; running the "
+                  "lane again. Its output:\n%s" % (suite, output[-3000:]))
+            shutil.rmtree(results, True)
+            rc, output = _run_lane(suite, results)
         os.makedirs(results, exist_ok=True)
         with open(os.path.join(results, "lane-output.txt"), "w") as f:
             f.write(output)
@@ -427,13 +436,14 @@ def check_generators_against_capture(run, wire):
             by[("icmp", "tx")], by[("icmp", "rx")], ping["transmitted"], ping["received"]))
     if ping["transmitted"] != ping["received"] or not ping["transmitted"]:
         problems.append("ping lost packets: %s" % ping)
-    if run.name.endswith("-mix"):
+    if run.name.endswith(("-mix", "-vhost")):
         burst = one(run.oracle_of("udp_burst"), "udp_burst")["udp_burst"]
         echoed = one(run.oracle_of("udp_server"), "udp_server")["udp_server"]["echoed"]
         if (by[("udp", "tx")], by[("udp", "rx")]) != (burst["sent"], burst["replies"]) or \
                 echoed != burst["sent"]:
             problems.append("UDP on the tap tx/rx %d/%d, sent/echoed/replies %d/%d/%d" % (
                 by[("udp", "tx")], by[("udp", "rx")], burst["sent"], echoed, burst["replies"]))
+    if run.name.endswith("-mix"):
         tcp = one(run.oracle_of("tcp_client"), "tcp_client")["tcp_client"]
         if tcp["echoed_ok"] != tcp["messages"]:
             problems.append("TCP echoes %s" % tcp)
@@ -455,7 +465,8 @@ def test_every_lane_step_passed(lane):
     failed = ["%s: %s" % (s[0], s[2][:300] if len(s) > 2 else "") for s in steps if s[1] != "PASS"]
     names = [s[0] for s in steps]
     missing = [n for n in ("run.A-mix", "run.A-netem", "run.A-drop", "run.A-host", "sigkill",
-                           "run.B-mix", "run.B-netem", "run.B-drop", "run.B-host")
+                           "run.B-mix", "run.B-netem", "run.B-drop", "run.B-host",
+                           "run.B-vhost")
                if n not in names]
     assert not failed and not missing, "guest steps failed: %s; never reached: %s" % (
         failed, missing)
@@ -815,6 +826,33 @@ def test_drops_are_reported_with_the_kernels_reason(lane, topo):
         assert any(l.startswith(said) for l in out.stderr.splitlines()), out.stderr
         assert out.rc == 0, out.stderr
     print("%s %s: 5 drops after phy_queue, reason %s" % (lane.suite, run.name, drops[0]["reason"]))
+
+
+def test_vhost_net_records_are_exact_and_name_the_vm(lane):
+    """vhost-net: the tap served by the kernel's vhost worker (vhoststub drives
+    /dev/vhost-net as QEMU does). Every packet tcpdump saw on the tap is reported once by
+    each method, with its VM found from the tap (vhoststub's -name) and the worker
+    thread (vhost-PID, a kernel thread before 6.4, a thread of the VMM after) as the
+    thread that wrote or read the frame."""
+    run = lane.run("B-vhost")
+    pid = run.meta["vmstub_pid"]
+    wire = run.capture(TAP)
+    check_generators_against_capture(run, wire)
+    want = collections.Counter(map(flow_key, wire))
+    assert want, "no traffic through vhost-net"
+    for m in run.methods:
+        out = run.out[m]
+        got = collections.Counter(map(flow_key, out.packets))
+        assert got == want, "%s:\n%s" % (out.label, counter_diff(got, want))
+        assert_everything_accounted(out, len(wire))
+        assert_shapes(lane, out, "B")
+        bad = [r for r in out.packets if (r["vm"], r["vm_pid"], r["thread"]) !=
+               ("vhost-vm", pid, "vhost-%d" % pid)]
+        assert not bad, "%s: %d records not named vhost-vm / written or read by " \
+            "vhost-%d: %s" % (out.label, len(bad), pid, bad[:2])
+    print("%s B-vhost: %d packets, pid/comm of the first: %s/%s" % (
+        lane.suite, len(wire), run.out["kprobe"].packets[0]["pid"],
+        run.out["kprobe"].packets[0]["comm"]))
 
 
 def test_the_release_ran_its_own_kernel_bcc_and_python(lane):
