@@ -115,6 +115,7 @@ mkdir -p "$P/lane/bin"
 cp "$HERE"/guest/*.sh "$HERE"/guest/*.py "$P/lane/"
 chmod 0755 "$P"/lane/*.sh "$P"/lane/*.py
 gcc -O2 -Wall -static -o "$P/lane/bin/vmstub" "$HERE/vmstub.c" || { log "building vmstub failed"; exit 1; }
+gcc -O2 -Wall -static -o "$P/lane/bin/vhoststub" "$HERE/vhoststub.c" || { log "building vhoststub failed"; exit 1; }
 cp /bin/busybox "$P/lane/bin/busybox"
 if [ -f "$TOOL" ]; then
     cp "$TOOL" "$P/lane/vm_network_latency.py"

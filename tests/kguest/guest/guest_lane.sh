@@ -397,6 +397,31 @@ traffic_drop() { # VM -> remote pings into netem loss 100% on the "NIC": every o
     return 0
 }
 
+traffic_vhost() { # VM <-> remote through vhost-net: ICMP and UDP
+    local rc=0 out
+    out=$(do_ping 5 0.2) || rc=1
+    echo "$out"; ping_oracle vm "$REMOTE_IP" "$out"
+    out=$(do_udp 10) || rc=1
+    echo "$out"; echo "$out" | grep '^{' | while read -r l; do oracle "$l"; done
+    return $rc
+}
+
+vhost_case() { # topology B again, the tap served by the kernel's vhost-net worker
+    modprobe vhost_net || { step B.vhost FAIL "modprobe vhost_net"; return 1; }
+    kill "$VMSTUB_PID" 2>/dev/null; wait "$VMSTUB_PID" 2>/dev/null   # its tap goes with it
+    rm -f /run/vmstub.ready
+    "$LANE_DIR/bin/vhoststub" "$TAP" "$VMLINK" /run/vmstub.ready \
+        -name guest=vhost-vm,debug-threads=on 2>"$OUT/vhoststub.log" &
+    VMSTUB_PID=$!
+    local i
+    for i in $(seq 1 100); do [ -s /run/vmstub.ready ] && break; sleep 0.1; done
+    [ -s /run/vmstub.ready ] || { step B.vhost FAIL "vhoststub: $(cat "$OUT/vhoststub.log")"; return 1; }
+    sysctl -qw "net.ipv6.conf.$TAP.disable_ipv6=1" 2>/dev/null
+    ip link set "$TAP" master "$LBR" || { step B.vhost FAIL "tap not on $LBR"; return 1; }
+    warm_up
+    run_pair "B-vhost" traffic_vhost "$TAP" "$PHY"
+}
+
 traffic_host() { # remote -> the host's own address on the switch: ICMP, UDP, TCP
     local rc=0 out spid i
     out=$(in_remote ping -n -c 5 -i 0.2 -W 3 "$HOST_IP") || rc=1
@@ -585,6 +610,7 @@ tool_cases() { # tool_cases TOPO
     run_pair "$t-host" traffic_host "$TAP" "$PHY"
     host_addr del
     [ "$t" = A ] && sigkill_case
+    [ "$t" = B ] && vhost_case
     TOPO=
 }
 
