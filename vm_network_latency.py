@@ -76,7 +76,8 @@ EXAMPLES = """examples:
   sudo ./vm_network_latency.py --drops --dst-ip 192.168.1.20
 """
 
-PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1}     # IP protocol numbers (PROTO_* in C)
+# IP protocol numbers (PROTO_* in C); names as tcpdump's: icmp is ICMPv4, icmp6 ICMPv6
+PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58}
 PROTO_NAMES = dict((v, k) for k, v in PROTOCOLS.items())
 
 
@@ -101,12 +102,11 @@ _port = _int_in(1, 65535, "port number")
 _table_size = _int_in(16, 4194304, "table size")
 
 
-def _ipv4(text):
+def _ip(text):
     try:
-        return str(ipaddress.IPv4Address(text))
+        return str(ipaddress.ip_address(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            "%r is not an IPv4 address (this tool traces IPv4 only)" % text)
+        raise argparse.ArgumentTypeError("%r is not an IPv4 or IPv6 address" % text)
 
 
 def _positive_float(text):
@@ -171,15 +171,15 @@ def build_parser():
                     "device, the virtual switch and the physical NIC.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES)
-    parser.add_argument("--src-ip", type=_ipv4, metavar="IP",
+    parser.add_argument("--src-ip", type=_ip, metavar="IP",
                         help="source IP filter (the packet's own source address)")
-    parser.add_argument("--dst-ip", type=_ipv4, metavar="IP",
+    parser.add_argument("--dst-ip", type=_ip, metavar="IP",
                         help="destination IP filter (the packet's own destination)")
     parser.add_argument("--src-port", type=_port, metavar="PORT",
                         help="source port filter (TCP/UDP)")
     parser.add_argument("--dst-port", type=_port, metavar="PORT",
                         help="destination port filter (TCP/UDP)")
-    parser.add_argument("--protocol", choices=["tcp", "udp", "icmp", "all"],
+    parser.add_argument("--protocol", choices=["tcp", "udp", "icmp", "icmp6", "all"],
                         default="all", type=str.lower,
                         help="protocol filter (default: all)")
     parser.add_argument("--direction", choices=["tx", "rx", "both"], default="both",
@@ -279,8 +279,17 @@ def parse_args(argv):
         if not os.path.isdir(where):
             parser.error("--prometheus-textfile %s: no directory %s"
                          % (args.prometheus_textfile, where))
-    if args.protocol == "icmp" and (args.src_port or args.dst_port):
-        parser.error("ports cannot be used with --protocol icmp (ICMP has no ports)")
+    if args.protocol in ("icmp", "icmp6") and (args.src_port or args.dst_port):
+        parser.error("ports cannot be used with --protocol %s (ICMP has no ports)"
+                     % args.protocol)
+    families = set(ipaddress.ip_address(a).version for a in (args.src_ip, args.dst_ip) if a)
+    if len(families) > 1:
+        parser.error("--src-ip and --dst-ip are of different families (IPv4 and IPv6): "
+                     "no packet has both")
+    if families and args.protocol in ("icmp", "icmp6") and \
+            families != {4 if args.protocol == "icmp" else 6}:
+        parser.error("--protocol %s is ICMP%s, but the address filter is IPv%d" % (
+            args.protocol, "v4" if args.protocol == "icmp" else "v6", families.pop()))
     return args
 
 
@@ -850,7 +859,8 @@ STAGES = _stages(
      ("skb", "skb_copy_datagram_iovec", 0),
      "the VM's backend (QEMU or vhost) reads the frame (tun_put_user)"),
     ("host_rcv", "rx", "host_rcv", None, None, None,
-     [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1)], None,
+     [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1), ("tcp_v6_rcv", 1),
+      ("udpv6_rcv", 1), ("icmpv6_rcv", 1)], None,
      "delivered to the host's own TCP/UDP/ICMP stack (traffic ending on the host)"),
 )
 STAGE_BY_NAME = dict((s.name, s) for s in STAGES)
@@ -1165,18 +1175,19 @@ RECORD_FIELDS = [
     ("ts", "u64", NSTAGES, "when each stage saw the packet, 0 = not seen"),
     ("location", "u64", 1, "drop events: where the kernel freed it"),
     ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
-    ("saddr", "u32", 1, "IPv4 source address"),
-    ("daddr", "u32", 1, "IPv4 destination address"),
     ("vm_ifindex", "u32", 1, "the tap"),
     ("phy_ifindex", "u32", 1, "the physical device"),
     ("pid", "u32", 1, "VM side: the process that wrote (tx) or read (rx) it"),
     ("tid", "u32", 1, "and its thread"),
     ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
+    ("saddr", "u8", 16, "source address, network order (IPv4: the first 4 bytes)"),
+    ("daddr", "u8", 16, "destination address, network order (IPv4: the first 4 bytes)"),
     ("sport", "u16", 1, "TCP/UDP source port, or ICMP echo id"),
     ("dport", "u16", 1, "TCP/UDP destination port, or ICMP echo sequence"),
     ("vlan", "u16", 1, "802.1Q VLAN id + 1, 0 = untagged"),
     ("ip_id", "u16", 1, "IPv4 identification"),
-    ("proto", "u8", 1, "IP protocol"),
+    ("proto", "u8", 1, "IP protocol (the L4 header's, after IPv6 extension headers)"),
+    ("ip_version", "u8", 1, "4 or 6"),
     ("dir", "u8", 1, "DIR_TX or DIR_RX"),
     ("last", "u8", 1, "the last stage that saw it"),
     ("type", "u8", 1, "EV_PACKET or EV_DROP"),
@@ -1206,9 +1217,13 @@ def record_struct(fields=RECORD_FIELDS):
     """struct.Struct of the record and {field: index of its first value}."""
     fmt, index, i, size = "<", {}, 0, 0
     for fname, ctype, count, _what in fields:
-        fmt += "%d%s" % (count, _STRUCT_CODES[ctype]) if count > 1 else _STRUCT_CODES[ctype]
         index[fname] = i
-        i += count
+        if ctype == "u8" and count > 1:       # bytes (an address): one value
+            fmt += "%ds" % count
+            i += 1
+        else:
+            fmt += "%d%s" % (count, _STRUCT_CODES[ctype]) if count > 1 else _STRUCT_CODES[ctype]
+            i += count
         size += _C_SIZES[ctype] * count
     if size % 8:
         fmt += "%dx" % (8 - size % 8)
@@ -1220,10 +1235,11 @@ PKT, PKT_INDEX = record_struct()
 # Constants C and Python share, each declared once (they reach C as #defines).
 ROLE_VM, ROLE_PHY = 1, 2
 DIR_TX, DIR_RX = 0, 1
-PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
+PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
 SHARED_CONSTANTS = [
     ("ROLE_VM", ROLE_VM), ("ROLE_PHY", ROLE_PHY), ("DIR_TX", DIR_TX), ("DIR_RX", DIR_RX),
     ("PROTO_ICMP", PROTO_ICMP), ("PROTO_TCP", PROTO_TCP), ("PROTO_UDP", PROTO_UDP),
+    ("PROTO_ICMPV6", PROTO_ICMPV6),
     ("ERR_EEXIST", errno.EEXIST),
 ]
 
@@ -1291,7 +1307,7 @@ BPF_HASH(fates, struct fate_key, u64, 4096);
 #if TRACE_UPCALLS
 // Packets ovs-vswitchd is handling (a datapath miss): it sends back a new sk_buff,
 // recognised by its headers and IP id.
-struct upcall_key { u32 saddr, daddr; u16 sport, dport, ip_id; u8 proto, pad; };
+struct upcall_key { u8 saddr[16], daddr[16]; u16 sport, dport, ip_id; u8 proto, pad; };
 BPF_HASH(upcalls, struct upcall_key, struct pkt, 4096);
 BPF_ARRAY(upcall_pending, s64, 1);
 #endif
@@ -1409,11 +1425,55 @@ static __always_inline u32 be32(const u8 *p)
     return ((u32)p[0] << 24) | ((u32)p[1] << 16) | ((u32)p[2] << 8) | p[3];
 }
 
+// The L4 header (8 bytes in l4) of a packet whose protocol is p->proto: ports, or an
+// ICMP/ICMPv6 echo's id and sequence; then the port filters. 0: not ours.
+static __always_inline int parse_l4(const u8 *l4, struct pkt *p)
+{
+    // values first, then choose: lets clang select values, never pointers
+    u32 w0 = be16(l4), w1 = be16(l4 + 2), w2 = be16(l4 + 4), w3 = be16(l4 + 6);
+    u8 icmp = p->proto == PROTO_ICMP || p->proto == PROTO_ICMPV6;
+    if (icmp) {
+        p->icmp_type = l4[0];
+        // echo request/reply: 8/0 in ICMP, 128/129 in ICMPv6 carry id and sequence
+        if (l4[0] == 0 || l4[0] == 8 || (p->proto == PROTO_ICMPV6 &&
+                                         (l4[0] == 128 || l4[0] == 129))) {
+            p->sport = w2;
+            p->dport = w3;
+        }
+    } else {
+        p->sport = w0;
+        p->dport = w1;
+    }
+#if FILTER_SPORT
+    if (icmp || p->sport != FILTER_SPORT)
+        return 0;
+#endif
+#if FILTER_DPORT
+    if (icmp || p->dport != FILTER_DPORT)
+        return 0;
+#endif
+    return 1;
+}
+
+static __always_inline int wanted_proto(u8 proto, u8 version)
+{
+#if FILTER_PROTO
+    // tcp and udp match both families; icmp is ICMPv4 only, icmp6 ICMPv6 only
+    return proto == FILTER_PROTO;
+#else
+    return proto == PROTO_TCP || proto == PROTO_UDP ||
+           (version == 4 ? proto == PROTO_ICMP : proto == PROTO_ICMPV6);
+#endif
+}
+
 // IPv4 header at constant offset L3 of the frame bytes in b. Returns 0 for
 // anything that is not a well-formed, filter-matching TCP/UDP/ICMP packet.
 static __always_inline int parse_ipv4(const u8 *b, const int L3, const u8 *head,
                                       u32 mac, u32 len, u32 headlen, struct pkt *p)
 {
+#if FILTER_FAMILY == 6
+    return 0;
+#endif
     u32 vihl = b[L3];
     if ((vihl >> 4) != 4 || (vihl & 15) < 5)
         return 0;
@@ -1426,51 +1486,96 @@ static __always_inline int parse_ipv4(const u8 *b, const int L3, const u8 *head,
     if (be16(b + L3 + 6) & 0x1fff)
         return 0;           // a non-first fragment has no L4 header
     p->proto = b[L3 + 9];
+    if (!wanted_proto(p->proto, 4))
+        return 0;
+#if FILTER_SADDR4
+    u32 sa;
+    __builtin_memcpy(&sa, b + L3 + 12, 4);
+    if (sa != FILTER_SADDR4)
+        return 0;
+#endif
+#if FILTER_DADDR4
+    u32 da;
+    __builtin_memcpy(&da, b + L3 + 16, 4);
+    if (da != FILTER_DADDR4)
+        return 0;
+#endif
+    p->ip_version = 4;
     p->ip_id = be16(b + L3 + 4);
-    p->saddr = be32(b + L3 + 12);
-    p->daddr = be32(b + L3 + 16);
-#if FILTER_PROTO
-    if (p->proto != FILTER_PROTO)
-        return 0;
-#else
-    if (p->proto != PROTO_TCP && p->proto != PROTO_UDP && p->proto != PROTO_ICMP)
-        return 0;
-#endif
-#if FILTER_SADDR
-    if (p->saddr != FILTER_SADDR)
-        return 0;
-#endif
-#if FILTER_DADDR
-    if (p->daddr != FILTER_DADDR)
-        return 0;
-#endif
+    __builtin_memcpy(p->saddr, b + L3 + 12, 4);
+    __builtin_memcpy(p->daddr, b + L3 + 16, 4);
     u8 l4[8] = {};
     if (ihl == 20) {
         __builtin_memcpy(l4, b + L3 + 20, 8);
     } else {
         bpf_probe_read_kernel(l4, 8, head + mac + L3 + ihl);
     }
-    // values first, then choose: lets clang select values, never pointers
-    u32 w0 = be16(l4), w1 = be16(l4 + 2), w2 = be16(l4 + 4), w3 = be16(l4 + 6);
-    if (p->proto == PROTO_ICMP) {
-        p->icmp_type = l4[0];
-        if (l4[0] == 0 || l4[0] == 8) {     // echo reply / request carry id and seq
-            p->sport = w2;
-            p->dport = w3;
-        }
-    } else {
-        p->sport = w0;
-        p->dport = w1;
+    return parse_l4(l4, p);
+}
+
+#if FILTER_SADDR6 || FILTER_DADDR6
+static __always_inline int addr6_is(const u8 *a, u64 hi, u64 lo)
+{
+    u64 h, l;
+    __builtin_memcpy(&h, a, 8);
+    __builtin_memcpy(&l, a + 8, 8);
+    return h == hi && l == lo;
+}
+#endif
+
+// IPv6 header at constant offset L3 of the frame bytes in b: up to four extension
+// headers (hop-by-hop, routing, destination options, fragment) are skipped; a
+// non-first fragment is not traced (no L4 header), as for IPv4.
+static __always_inline int parse_ipv6(const u8 *b, const int L3, const u8 *head,
+                                      u32 mac, u32 len, u32 headlen, struct pkt *p)
+{
+#if FILTER_FAMILY == 4
+    return 0;
+#endif
+    if ((b[L3] >> 4) != 6 || (L3 - 14) + 40 + be16(b + L3 + 4) > len)
+        return 0;
+#if FILTER_SADDR6
+    if (!addr6_is(b + L3 + 8, FILTER_SADDR6_HI, FILTER_SADDR6_LO))
+        return 0;
+#endif
+#if FILTER_DADDR6
+    if (!addr6_is(b + L3 + 24, FILTER_DADDR6_HI, FILTER_DADDR6_LO))
+        return 0;
+#endif
+    u8 nh = b[L3 + 6];
+    u32 off = L3 + 40;          // from the MAC header
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (nh != 0 && nh != 43 && nh != 60 && nh != 44)
+            break;
+        u8 ext[8] = {};
+        if ((off - 14) + 8 > headlen || bpf_probe_read_kernel(ext, 8, head + mac + off))
+            return 0;
+        if (nh == 44 && (be16(ext + 2) & 0xfff8))
+            return 0;           // a non-first fragment
+        off += nh == 44 ? 8 : ((u32)ext[1] + 1) * 8;
+        nh = ext[0];
     }
-#if FILTER_SPORT
-    if (p->proto == PROTO_ICMP || p->sport != FILTER_SPORT)
+    p->proto = nh;
+    if (!wanted_proto(nh, 6) || (off - 14) + 8 > headlen)
         return 0;
-#endif
-#if FILTER_DPORT
-    if (p->proto == PROTO_ICMP || p->dport != FILTER_DPORT)
+    p->ip_version = 6;
+    __builtin_memcpy(p->saddr, b + L3 + 8, 16);
+    __builtin_memcpy(p->daddr, b + L3 + 24, 16);
+    u8 l4[8] = {};
+    if (bpf_probe_read_kernel(l4, 8, head + mac + off))
         return 0;
-#endif
-    return 1;
+    return parse_l4(l4, p);
+}
+
+static __always_inline int parse_l3(u32 eth, const u8 *b, const int L3, const u8 *head,
+                                    u32 mac, u32 len, u32 headlen, struct pkt *p)
+{
+    if (eth == 0x0800)
+        return parse_ipv4(b, L3, head, mac, len, headlen, p);
+    if (eth == 0x86dd)
+        return parse_ipv6(b, L3, head, mac, len, headlen, p);
+    return 0;
 }
 
 // Read the frame from its MAC header and fill p. Up to two VLAN tags in the frame.
@@ -1484,20 +1589,17 @@ static __always_inline int parse_frame(u32 len, u32 data_len, u16 mac, u8 *head,
     if (bpf_probe_read_kernel(b, sizeof(b), head + mac))
         return 0;
     u32 eth = be16(b + 12);
-    if (eth == 0x0800)
-        return parse_ipv4(b, 14, head, mac, len, headlen, p);
+    if (eth == 0x0800 || eth == 0x86dd)
+        return parse_l3(eth, b, 14, head, mac, len, headlen, p);
     if (eth != 0x8100 && eth != 0x88a8)
         return 0;
     p->vlan = (be16(b + 14) & 0xfff) + 1;
     eth = be16(b + 16);
-    if (eth == 0x0800)
-        return parse_ipv4(b, 18, head, mac, len, headlen, p);
+    if (eth == 0x0800 || eth == 0x86dd)
+        return parse_l3(eth, b, 18, head, mac, len, headlen, p);
     if (eth != 0x8100)
         return 0;
-    eth = be16(b + 20);
-    if (eth == 0x0800)
-        return parse_ipv4(b, 22, head, mac, len, headlen, p);
-    return 0;
+    return parse_l3(be16(b + 20), b, 22, head, mac, len, headlen, p);
 }
 
 static __always_inline void emit(void *ctx, struct pkt *p)
@@ -1519,8 +1621,8 @@ static __always_inline void emit(void *ctx, struct pkt *p)
 #if TRACE_UPCALLS
 static __always_inline void upcall_key_of(struct pkt *p, struct upcall_key *k)
 {
-    k->saddr = p->saddr;
-    k->daddr = p->daddr;
+    __builtin_memcpy(k->saddr, p->saddr, 16);
+    __builtin_memcpy(k->daddr, p->daddr, 16);
     k->sport = p->sport;
     k->dport = p->dport;
     k->ip_id = p->ip_id;
@@ -2044,8 +2146,25 @@ def per_vm_kernel(args):
     return bool(args.per_vm or args.prometheus or args.prometheus_textfile)
 
 
-def ip_to_int(text):
-    return struct.unpack("!I", socket.inet_aton(text))[0] if text else 0
+def address_filters(args):
+    """The address filters as #defines: IPv4 as the 32-bit word the C loads from the
+    frame, IPv6 as its two 64-bit halves (both as loaded, little-endian, from the bytes)."""
+    out = []
+    versions = set()
+    for name, text in (("SADDR", args.src_ip), ("DADDR", args.dst_ip)):
+        ip = ipaddress.ip_address(text) if text else None
+        versions.add(ip.version if ip else None)
+        v4 = struct.unpack("<I", ip.packed)[0] if ip and ip.version == 4 else 0
+        out.append(("FILTER_%s4" % name, "0x%08xU" % v4))
+        hi, lo = struct.unpack("<QQ", ip.packed) if ip and ip.version == 6 else (0, 0)
+        out += [("FILTER_%s6" % name, int(bool(ip and ip.version == 6))),
+                ("FILTER_%s6_HI" % name, "0x%016xULL" % hi),
+                ("FILTER_%s6_LO" % name, "0x%016xULL" % lo)]
+    versions.discard(None)
+    # an address filter, or icmp/icmp6, says which family; tcp and udp match both
+    family = versions.pop() if versions else \
+        {"icmp": 4, "icmp6": 6}.get(args.protocol, 0)
+    return out + [("FILTER_FAMILY", family)]
 
 
 def generate_program(args, plans, layout, config):
@@ -2060,8 +2179,7 @@ def generate_program(args, plans, layout, config):
         ("EMIT_DROPS", int(args.drops)),
         ("THRESHOLD_NS", "%dULL" % int(round(args.latency_threshold * 1000))),
         ("FILTER_PROTO", PROTOCOLS.get(args.protocol, 0)),
-        ("FILTER_SADDR", "0x%08xU" % ip_to_int(args.src_ip)),
-        ("FILTER_DADDR", "0x%08xU" % ip_to_int(args.dst_ip)),
+    ] + address_filters(args) + [
         ("FILTER_SPORT", args.src_port or 0), ("FILTER_DPORT", args.dst_port or 0),
         ("HOST_NETNS_INUM", "%dU" % config.netns_inum),
         ("KFREE_SKB_HAS_REASON", int(layout.kfree_skb_reason)),
@@ -2226,17 +2344,22 @@ P_PID, P_TID, P_REASON = PKT_INDEX["pid"], PKT_INDEX["tid"], PKT_INDEX["reason"]
 P_SPORT, P_DPORT, P_VLAN = PKT_INDEX["sport"], PKT_INDEX["dport"], PKT_INDEX["vlan"]
 P_PROTO, P_DIR, P_LAST = PKT_INDEX["proto"], PKT_INDEX["dir"], PKT_INDEX["last"]
 P_TYPE, P_ICMP_TYPE, P_UPCALLED = PKT_INDEX["type"], PKT_INDEX["icmp_type"], PKT_INDEX["upcalled"]
+P_IP_VERSION = PKT_INDEX["ip_version"]
 
 
 _IP_CACHE = {}
 
 
-def int_to_ip(value):
-    text = _IP_CACHE.get(value)
+def ip_text(value, version):
+    """An address of the record (16 bytes) in its usual text form."""
+    key = (value, version)
+    text = _IP_CACHE.get(key)
     if text is None:
         if len(_IP_CACHE) > 65536:
             _IP_CACHE.clear()
-        text = _IP_CACHE[value] = socket.inet_ntoa(struct.pack("!I", value))
+        text = _IP_CACHE[key] = socket.inet_ntop(
+            socket.AF_INET6 if version == 6 else socket.AF_INET,
+            value if version == 6 else value[:4])
     return text
 
 
@@ -2245,6 +2368,7 @@ _PATH_FIELDS = dict((d, [(n, STAGE_BY_NAME[n].sid) for n in PATH_ORDER[d]]) for 
 
 
 NO_VM = VmInfo(None, None, None, None)
+ICMP_ECHO, ICMPV6_ECHO = (0, 8), (128, 129)
 
 
 def packet_record(fields, names, process_name, thread_name, wall_offset, vms=None):
@@ -2256,7 +2380,10 @@ def packet_record(fields, names, process_name, thread_name, wall_offset, vms=Non
     segments = [{"from": a[0], "to": b[0], "us": round((b[1] - a[1]) / 1000.0, 3)}
                 for a, b in zip(seen, seen[1:])]
     proto = fields[P_PROTO]
-    is_icmp = proto == PROTO_ICMP
+    version = fields[P_IP_VERSION]
+    is_icmp = proto == PROTO_ICMP or proto == PROTO_ICMPV6
+    # echo request/reply (ICMP 8/0, ICMPv6 128/129) carry an id and a sequence number
+    echo = is_icmp and fields[P_ICMP_TYPE] in (ICMP_ECHO if proto == PROTO_ICMP else ICMPV6_ECHO)
     pid = fields[P_PID]
     thread = thread_name(pid, fields[P_TID]) if pid else None
     end_ns = seen[-1][1] if seen else 0
@@ -2267,12 +2394,13 @@ def packet_record(fields, names, process_name, thread_name, wall_offset, vms=Non
         "timestamp": round(wall_offset + end_ns / 1e9, 6),
         "direction": direction,
         "protocol": PROTO_NAMES.get(proto, str(proto)),
-        "src_ip": int_to_ip(fields[P_SADDR]), "dst_ip": int_to_ip(fields[P_DADDR]),
+        "ip_version": version,
+        "src_ip": ip_text(fields[P_SADDR], version), "dst_ip": ip_text(fields[P_DADDR], version),
         "src_port": None if is_icmp else fields[P_SPORT],
         "dst_port": None if is_icmp else fields[P_DPORT],
         "icmp_type": fields[P_ICMP_TYPE] if is_icmp else None,
-        "icmp_id": fields[P_SPORT] if is_icmp else None,
-        "icmp_seq": fields[P_DPORT] if is_icmp else None,
+        "icmp_id": fields[P_SPORT] if echo else None,
+        "icmp_seq": fields[P_DPORT] if echo else None,
         "vlan": fields[P_VLAN] - 1 if fields[P_VLAN] else None,
         "vm_dev": names.get(vm_if) if vm_if else None,
         "vm": vm.name, "vm_uuid": vm.uuid, "vm_pid": vm.pid,
@@ -2401,13 +2529,13 @@ class Reporter(object):
         proto = rec["protocol"].upper()
         if rec["icmp_type"] is not None:
             what = "%s -> %s" % (rec["src_ip"], rec["dst_ip"])
-            if rec["icmp_type"] in (0, 8):
+            if rec["icmp_id"] is not None:
                 what += " id=%d seq=%d" % (rec["icmp_id"], rec["icmp_seq"])
             else:
                 what += " type=%d" % rec["icmp_type"]
         else:
-            what = "%s:%d -> %s:%d" % (rec["src_ip"], rec["src_port"],
-                                       rec["dst_ip"], rec["dst_port"])
+            what = "%s -> %s" % (endpoint(rec["src_ip"], rec["src_port"]),
+                                 endpoint(rec["dst_ip"], rec["dst_port"]))
         ends = (rec["vm_dev"], rec["phy_dev"]) if rec["direction"] == "tx" else \
             (rec["phy_dev"], rec["vm_dev"])
         path = " -> ".join(d for d in ends if d)
@@ -2492,10 +2620,16 @@ class Reporter(object):
                        % s["vm_hist_full"])
         for p in s["in_flight_examples"]:
             ends = "%s -> %s" % (p["src_ip"], p["dst_ip"]) if p["src_port"] is None else \
-                "%s:%d -> %s:%d" % (p["src_ip"], p["src_port"], p["dst_ip"], p["dst_port"])
+                "%s -> %s" % (endpoint(p["src_ip"], p["src_port"]),
+                              endpoint(p["dst_ip"], p["dst_port"]))
             self.write("  still in flight: %s %s %s, after %s for %s\n" % (
                 p["direction"].upper(), p["protocol"].upper(), ends, p["last_stage"],
                 self.fmt_us(p["waiting_us"])))
+
+
+def endpoint(ip, port):
+    """ADDR:PORT, an IPv6 address in brackets ([fd00::2]:443) as URLs write it."""
+    return ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port)
 
 
 def _round(v):

@@ -315,10 +315,14 @@ class Lab:
                          memory_mb=self.memory_mb, qemu=self.qemu_bin, log=self._log,
                          append=append)
 
-    def add_guest(self, index, name, uuid=None):
+    # IPv6 (only for the guests and the remote that ask for it: the others stay silent)
+    PREFIX6 = "fd77::"            # fd77::/64: not a prefix this machine routes (fd00::/64)
+    REMOTE_IP6 = "fd77::3"
+
+    def add_guest(self, index, name, uuid=None, ip6=None):
         """Another guest on the bridge: tap vnltap<index>, 10.77.0.<index + 2>, MAC
         52:54:00:77:00:<index + 2>, known to the remote; stopped at teardown (or by
-        remove_guest). Returns (QemuGuest, its IP)."""
+        remove_guest). ip6: it also has that IPv6 address. Returns (QemuGuest, its IP)."""
         tap, ip_addr = "vnltap%d" % index, "10.77.0.%d" % (index + 2)
         mac = "52:54:00:77:00:%02x" % (index + 2)
         assert tap in self.DEVICES and tap not in (self.TAP, "vnltap1")
@@ -328,10 +332,23 @@ class Lab:
                        self.NS_DEV, "nud", "permanent")
         workdir = os.path.join(self.workdir, tap)
         os.mkdir(workdir)
-        vm = self.new_guest(tap, mac, workdir, name=name, uuid=uuid, append="vnl.ip=%s" % ip_addr)
+        append = "vnl.ip=%s" % ip_addr + (" vnl.ip6=%s" % ip6 if ip6 else "")
+        vm = self.new_guest(tap, mac, workdir, name=name, uuid=uuid, append=append)
         self._guests.append(vm)
         vm.start(self.boot_timeout)
         return vm, ip_addr
+
+    def remote_ipv6(self, on):
+        """The remote end's IPv6 address REMOTE_IP6 on (neighbour discovery, no DAD)
+        or off again."""
+        conf = "/proc/sys/net/ipv6/conf/%s/" % self.NS_DEV
+        if on:
+            topology.in_ns(self.NS, "sh", "-c", "echo 0 > %saccept_dad; echo 0 > %s"
+                           "disable_ipv6" % (conf, conf))
+            topology.in_ns(self.NS, "ip", "-6", "addr", "add", self.REMOTE_IP6 + "/64",
+                           "dev", self.NS_DEV)
+        else:
+            topology.in_ns(self.NS, "sh", "-c", "echo 1 > %sdisable_ipv6" % conf, check=False)
 
     def remove_guest(self, vm):
         """Stop a guest of add_guest() and remove its tap (a VM shut down)."""

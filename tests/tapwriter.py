@@ -34,6 +34,24 @@ def ipv4(src, dst, proto, payload, ident=0, frag=0, ihl=5, tot_len=None, options
     return hdr + payload
 
 
+def ipv6(src, dst, next_header, payload, ext=()):
+    """An IPv6 packet; ext: [(header type, its body after the 2 first bytes)], in order
+    (hop-by-hop 0, routing 43, destination options 60: padded to 8-byte units; fragment
+    44: body is the 6 bytes after next header and reserved)."""
+    chain = b""
+    types = [t for t, _b in ext] + [next_header]
+    for (htype, body), nxt in zip(ext, types[1:]):
+        if htype == 44:
+            chain += struct.pack("!BB", nxt, 0) + body
+        else:
+            raw = body + b"\0" * (-(len(body) + 2) % 8)
+            chain += struct.pack("!BB", nxt, (len(raw) + 2) // 8 - 1) + raw
+    first = types[0]
+    return struct.pack("!IHBB16s16s", 6 << 28, len(chain) + len(payload), first, 64,
+                       socket.inet_pton(socket.AF_INET6, src),
+                       socket.inet_pton(socket.AF_INET6, dst)) + chain + payload
+
+
 def udp(sport, dport, payload=b""):
     return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
 

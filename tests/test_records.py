@@ -2,6 +2,7 @@
 the tool's own record declaration, fed to the same code the live tool runs, and
 recordings replayed with --read-events as an unprivileged process."""
 import io
+import ipaddress
 import json
 import os
 import subprocess
@@ -27,15 +28,16 @@ def raw(tool, **values):
 
 
 def ip(text):
-    a, b, c, d = (int(x) for x in text.split("."))
-    return (a << 24) | (b << 16) | (c << 8) | d
+    """An address as the record holds it: 16 bytes, network order, IPv4 first."""
+    packed = ipaddress.ip_address(text).packed
+    return packed + b"\0" * (16 - len(packed))
 
 
 def udp_tx(tool, **over):
     v = dict(ts={"tap_rx": 100000000000, "phy_queue": 100000012500,
                  "phy_xmit": 100000015500},
              saddr=ip("10.0.0.1"), daddr=ip("10.0.0.2"), sport=40001, dport=9000,
-             proto=17, dir=tool.DIR_TX, last=tool.STAGE_BY_NAME["phy_xmit"].sid,
+             proto=17, ip_version=4, dir=tool.DIR_TX, last=tool.STAGE_BY_NAME["phy_xmit"].sid,
              type=tool.EV_PACKET, vm_ifindex=7, phy_ifindex=3, pid=4242, tid=4243)
     v.update(over)
     return raw(tool, **v)
@@ -45,7 +47,7 @@ def icmp_rx(tool, **over):
     v = dict(ts={"phy_rx": 200000000000, "tap_queue": 200000001000,
                  "tap_xmit": 200000002000, "vm_read": 200000052000},
              saddr=ip("10.0.0.2"), daddr=ip("10.0.0.1"), sport=77, dport=3, icmp_type=0,
-             proto=1, dir=tool.DIR_RX, last=tool.STAGE_BY_NAME["vm_read"].sid,
+             proto=1, ip_version=4, dir=tool.DIR_RX, last=tool.STAGE_BY_NAME["vm_read"].sid,
              type=tool.EV_PACKET, vm_ifindex=7, phy_ifindex=3, pid=4242, tid=4244)
     v.update(over)
     return raw(tool, **v)
@@ -77,6 +79,7 @@ def test_record_declaration_matches_the_c_struct(tool):
         assert "%s %s%s;" % (ctype, name, "[%d]" % count if count > 1 else "") in text
     # every field decodes from its own slot
     values = dict((n, i + 1) for i, (n, t, c, _w) in enumerate(tool.RECORD_FIELDS) if c == 1)
+    values["saddr"], values["daddr"] = bytes(range(16)), bytes(range(16, 32))
     fields = tool.PKT.unpack(raw(tool, **values))
     assert all(fields[tool.PKT_INDEX[n]] == v for n, v in values.items())
 

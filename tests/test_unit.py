@@ -141,9 +141,12 @@ def test_btf_rejects_garbage(tool):
 # ---------------------------------------------------------------------------
 
 BAD_INPUT = [
-    (["--src-ip", "10.0.0.300"], "not an IPv4 address"),
-    (["--dst-ip", "fe80::1"], "IPv4"),
-    (["--src-ip", "hostname"], "not an IPv4 address"),
+    (["--src-ip", "10.0.0.300"], "not an IPv4 or IPv6 address"),
+    (["--dst-ip", "fd77::zz"], "not an IPv4 or IPv6 address"),
+    (["--src-ip", "hostname"], "not an IPv4 or IPv6 address"),
+    (["--src-ip", "10.0.0.1", "--dst-ip", "fd77::1"], "of different families"),
+    (["--src-ip", "fd77::1", "--protocol", "icmp"], "ICMPv4, but the address filter is IPv6"),
+    (["--protocol", "icmp6", "--dst-port", "80"], "ICMP has no ports"),
     (["--src-port", "0"], "outside 1-65535"),
     (["--dst-port", "65536"], "outside 1-65535"),
     (["--dst-port", "http"], "not a port number"),

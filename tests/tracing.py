@@ -164,7 +164,7 @@ class Capture(object):
             if p is None:
                 continue
             direction = "tx" if frame[6:12] == vm else "rx" if frame[0:6] == vm else "?"
-            icmp = p["protocol"] == "icmp"
+            icmp = p["protocol"] in ("icmp", "icmp6")
             out.append((direction, p["protocol"], p["src_ip"], p["dst_ip"],
                         p["icmp_id"] if icmp else p["src_port"],
                         p["icmp_seq"] if icmp else p["dst_port"], p["icmp_type"]))

@@ -64,30 +64,40 @@ static long parse_num(const char *s, const char *what, long min, long max)
 	return v;
 }
 
-static void make_addr(struct sockaddr_in *sa, const char *ip, long port)
+/* IPv4 or IPv6, by the address's form */
+static socklen_t make_addr(struct sockaddr_storage *ss, const char *ip, long port)
 {
-	memset(sa, 0, sizeof(*sa));
-	sa->sin_family = AF_INET;
-	sa->sin_port = htons((unsigned short)port);
-	if (inet_pton(AF_INET, ip, &sa->sin_addr) != 1)
-		die("invalid IPv4 address '%s'", ip);
+	struct sockaddr_in *sa = (struct sockaddr_in *)ss;
+	struct sockaddr_in6 *sa6 = (struct sockaddr_in6 *)ss;
+
+	memset(ss, 0, sizeof(*ss));
+	if (inet_pton(AF_INET, ip, &sa->sin_addr) == 1) {
+		sa->sin_family = AF_INET;
+		sa->sin_port = htons((unsigned short)port);
+		return sizeof(*sa);
+	}
+	if (inet_pton(AF_INET6, ip, &sa6->sin6_addr) == 1) {
+		sa6->sin6_family = AF_INET6;
+		sa6->sin6_port = htons((unsigned short)port);
+		return sizeof(*sa6);
+	}
+	die("invalid IPv4 or IPv6 address '%s'", ip);
+	return 0;
 }
 
-static int bound_socket(int type, long sport)
+static int bound_socket(int family, int type, long sport)
 {
-	struct sockaddr_in local;
+	struct sockaddr_storage local;
 	int one = 1;
-	int fd = socket(AF_INET, type, 0);
+	int fd = socket(family, type, 0);
+	socklen_t len;
 
 	if (fd < 0)
 		die("socket: %s", strerror(errno));
 	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0)
 		die("setsockopt SO_REUSEADDR: %s", strerror(errno));
-	memset(&local, 0, sizeof(local));
-	local.sin_family = AF_INET;
-	local.sin_addr.s_addr = htonl(INADDR_ANY);
-	local.sin_port = htons((unsigned short)sport);
-	if (bind(fd, (struct sockaddr *)&local, sizeof(local)) < 0)
+	len = make_addr(&local, family == AF_INET6 ? "::" : "0.0.0.0", sport);
+	if (bind(fd, (struct sockaddr *)&local, len) < 0)
 		die("bind port %ld: %s", sport, strerror(errno));
 	return fd;
 }
@@ -116,7 +126,8 @@ static void fill_payload(char *buf, long len, long seq)
 
 static int do_udp(int argc, char **argv)
 {
-	struct sockaddr_in dst;
+	struct sockaddr_storage dst;
+	socklen_t dlen;
 	long dport, count, sport, gap = 0, plen = 64, i;
 	char *buf;
 	int fd;
@@ -130,18 +141,18 @@ static int do_udp(int argc, char **argv)
 		gap = parse_num(argv[6], "GAP_US", 0, 3600L * 1000000L);
 	if (argc > 7)
 		plen = parse_num(argv[7], "PAYLOAD_BYTES", 0, MAX_PAYLOAD);
-	make_addr(&dst, argv[2], dport);
+	dlen = make_addr(&dst, argv[2], dport);
 
 	buf = malloc(plen ? plen : 1);
 	if (!buf)
 		die("out of memory");
-	fd = bound_socket(SOCK_DGRAM, sport);
+	fd = bound_socket(dst.ss_family, SOCK_DGRAM, sport);
 	for (i = 0; i < count; i++) {
 		ssize_t n;
 
 		fill_payload(buf, plen, i);
 		for (;;) {
-			n = sendto(fd, buf, plen, 0, (struct sockaddr *)&dst, sizeof(dst));
+			n = sendto(fd, buf, plen, 0, (struct sockaddr *)&dst, dlen);
 			if (n >= 0)
 				break;
 			/* local queue full: wait a little and retry, do not drop */
@@ -196,7 +207,8 @@ static void read_all(int fd, char *buf, long len)
 
 static int do_tcp(int argc, char **argv)
 {
-	struct sockaddr_in dst;
+	struct sockaddr_storage dst;
+	socklen_t dlen;
 	long dport, msgs, sport, plen = 64, i;
 	char *out, *in;
 	int fd, one = 1;
@@ -208,16 +220,16 @@ static int do_tcp(int argc, char **argv)
 	sport = parse_num(argv[5], "SPORT", 0, 65535);
 	if (argc > 6)
 		plen = parse_num(argv[6], "PAYLOAD_BYTES", 1, 16 * 1024 * 1024);
-	make_addr(&dst, argv[2], dport);
+	dlen = make_addr(&dst, argv[2], dport);
 
 	out = malloc(plen);
 	in = malloc(plen);
 	if (!out || !in)
 		die("out of memory");
-	fd = bound_socket(SOCK_STREAM, sport);
+	fd = bound_socket(dst.ss_family, SOCK_STREAM, sport);
 	if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0)
 		die("setsockopt TCP_NODELAY: %s", strerror(errno));
-	if (connect(fd, (struct sockaddr *)&dst, sizeof(dst)) < 0)
+	if (connect(fd, (struct sockaddr *)&dst, dlen) < 0)
 		die("connect %s:%ld: %s", argv[2], dport, strerror(errno));
 	for (i = 0; i < msgs; i++) {
 		fill_payload(out, plen, i);

@@ -24,13 +24,13 @@ def serve(c, peer):
     finally:
         c.close()
         out("closed", peer, total)
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s = socket.socket(socket.AF_INET6 if ":" in bind_ip else socket.AF_INET, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((bind_ip, port))
 s.listen(64)
 print("ready", flush=True)
 while True:
     c, addr = s.accept()
-    peer = "%s:%d" % addr
+    peer = "%s:%d" % addr[:2]
     out("conn", peer)
     threading.Thread(target=serve, args=(c, peer), daemon=True).start()

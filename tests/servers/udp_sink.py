@@ -6,7 +6,7 @@ import select, signal, socket, sys
 port, bind_ip = int(sys.argv[1]), sys.argv[2]
 signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s = socket.socket(socket.AF_INET6 if ":" in bind_ip else socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try:
     s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)       # SO_RCVBUFFORCE
@@ -25,7 +25,7 @@ while True:
             break
         n += 1
         nbytes += len(data)
-        src = "%s:%d" % addr
+        src = "%s:%d" % addr[:2]
         if src not in seen:
             seen.add(src)
             print("src", src, flush=True)
