@@ -182,6 +182,9 @@ def build_parser():
     parser.add_argument("--protocol", choices=["tcp", "udp", "icmp", "icmp6", "all"],
                         default="all", type=str.lower,
                         help="protocol filter (default: all)")
+    parser.add_argument("--vni", type=_int_in(0, 16777215, "VNI"), metavar="N",
+                        help="only packets of this VXLAN/Geneve network (the inner packets "
+                             "of one tenant)")
     parser.add_argument("--direction", choices=["tx", "rx", "both"], default="both",
                         type=str.lower,
                         help="tx: VM -> network, rx: network -> VM (default: both)")
@@ -834,7 +837,10 @@ STAGES = _stages(
      "the host receives the VM's frame from its tap (tun_get_user -> netif_receive_skb)"),
     ("phy_rx", "rx", "start", "phy", None, None, [("__netif_receive_skb", 1)],
      ("net", "netif_receive_skb", 0),
-     "the host receives the frame from the physical NIC"),
+     "the host receives the frame from the physical NIC (a tunnel's: the outer frame)"),
+    ("decap", "rx", "start", "tun", None, None, [("__netif_receive_skb", 1)],
+     ("net", "netif_receive_skb", 0),
+     "the tunnel device (VXLAN, Geneve) receives the inner frame, decapsulated"),
     ("bridge", "both", "plain", None, None, "bridge", [("br_forward", 2)], None,
      "the Linux bridge forwards the frame to its output port"),
     ("ovs_upcall", "both", "upcall", None, None, "openvswitch",
@@ -844,6 +850,8 @@ STAGES = _stages(
     ("ovs_dp", "both", "ovs", None, None, "openvswitch", [("ovs_dp_process_packet", 1)],
      ("openvswitch", "ovs_do_execute_action", 1),
      "the Open vSwitch kernel datapath processes the frame"),
+    ("encap", "tx", "dev", "tun", None, None, [], ("net", "net_dev_start_xmit", 0),
+     "the tunnel device transmits: encapsulation and the underlay's route follow"),
     ("phy_queue", "tx", "dev", "phy", 2, None, [("__dev_queue_xmit", 1)],
      ("net", "net_dev_queue", 0),
      "queued for the physical NIC (__dev_queue_xmit: qdisc)"),
@@ -869,7 +877,8 @@ NSTAGES = len(STAGES)
 DIRECTIONS = ("tx", "rx")
 PATH_ORDER = dict((d, [s.name for s in STAGES if s.direction in (d, "both")])
                   for d in DIRECTIONS)
-START_STAGE = dict((s.direction, s.name) for s in STAGES if s.hook == "start")
+START_STAGE = dict((s.direction, s.name) for s in STAGES
+                   if s.hook == "start" and s.role in ("vm", "phy"))
 # the ends of each direction's path, most wanted first (final_stage picks the first traced)
 END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
                        if s.end and s.direction == d]) for d in DIRECTIONS)
@@ -977,17 +986,90 @@ def list_devices():
         return []
 
 
-def default_phy_devices(taps, devices):
-    """The uplinks: non-tap ports of the switches (bridge or OVS) the taps are on.
+def hardware_devices(devices):
+    return [d for d in devices if os.path.exists(_sysfs(d, "device")) and not is_tap(d)]
 
-    Fallback when the taps are not on a switch (routed setups): the devices backed
-    by hardware (/sys/class/net/X/device)."""
+
+def switch_ports(taps, devices):
+    """The other ports of the switches (bridge or OVS) the taps are on."""
     masters = set(m for m in (device_master(t) for t in taps) if m)
-    phys = [d for d in devices if d not in taps and not is_tap(d)
+    return [d for d in devices if d not in taps and not is_tap(d)
             and device_master(d) in masters]
-    if not phys:
-        phys = [d for d in devices if os.path.exists(_sysfs(d, "device")) and not is_tap(d)]
-    return phys
+
+
+def device_kind(dev):
+    """The kernel's device type (uevent DEVTYPE: vxlan, geneve, bridge, ...) or None."""
+    try:
+        with open(_sysfs(dev, "uevent")) as f:
+            for line in f:
+                if line.startswith("DEVTYPE="):
+                    return line.strip().split("=", 1)[1]
+    except (IOError, OSError):
+        pass
+    return None
+
+
+def is_tunnel(dev):
+    return device_kind(dev) in TUNNEL_PORTS
+
+
+_TUNNEL_INFO = {}
+
+
+def tunnel_info(dev):
+    """A tunnel device's settings from iproute2 (ip -d -j link): id (the VNI), remote,
+    local, link (the underlay given), port, external (OVS's metadata mode). Cached."""
+    try:
+        key = (dev, device_ifindex(dev))
+    except (IOError, OSError, ValueError):
+        return {}
+    if key not in _TUNNEL_INFO:
+        info = {}
+        try:
+            out = subprocess.check_output(["ip", "-d", "-j", "link", "show", "dev", dev],
+                                          stderr=subprocess.DEVNULL)
+            link = json.loads(out.decode())[0]
+            info = dict(link.get("linkinfo", {}).get("info_data", {}))
+            info["link"] = info.get("link") or link.get("link")
+        except (OSError, subprocess.CalledProcessError, ValueError, IndexError,
+                AttributeError):
+            pass
+        _TUNNEL_INFO[key] = info
+    return _TUNNEL_INFO[key]
+
+
+def route_device(address):
+    """The device this machine routes address through (ip route get)."""
+    try:
+        out = subprocess.check_output(["ip", "-j", "route", "get", address],
+                                      stderr=subprocess.DEVNULL)
+        return json.loads(out.decode())[0].get("dev")
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+
+
+def tunnel_underlay(dev, devices):
+    """Where a tunnel's outer packets leave: the device it is bound to, else the route
+    to its fixed remote end, else (metadata mode, a remote per flow: OVS, OVN) the
+    devices backed by hardware."""
+    info = tunnel_info(dev)
+    if info.get("link") in devices:
+        return [info["link"]]
+    remote = info.get("remote") or info.get("remote6")
+    via = route_device(remote) if remote else None
+    if via and via != dev and via in devices:
+        return [via]
+    return hardware_devices(devices)
+
+
+def tunnel_ports(devices):
+    """{kind: UDP ports}: the IANA ports and those of this host's tunnel devices."""
+    ports = dict((kind, set([port])) for kind, port in TUNNEL_PORTS.items())
+    for dev in devices:
+        kind = device_kind(dev)
+        if kind in ports and tunnel_info(dev).get("port"):
+            ports[kind].add(int(tunnel_info(dev)["port"]))
+    return ports
 
 
 def resolve_roles(args, owners=None):
@@ -1002,9 +1084,20 @@ def resolve_roles(args, owners=None):
                        if vm.name in wanted and t not in taps and t in devices)
     else:
         taps = [d for d in devices if is_tap(d)]
-    phys = args.phy_dev or default_phy_devices(taps, devices)
+    ports = switch_ports(taps, devices)
+    tunnels = [d for d in ports if is_tunnel(d)]
+    if args.phy_dev:
+        phys = list(args.phy_dev)
+    else:
+        # a tunnel on the switch is not the physical side: its underlay is
+        phys = [d for d in ports if d not in tunnels]
+        for tun in tunnels:
+            phys += [u for u in tunnel_underlay(tun, devices) if u not in phys]
+        phys = phys or hardware_devices(devices)
     roles, names = {}, {}
-    for role, devs in ((ROLE_VM, taps), (ROLE_PHY, phys)):
+    kinds = dict((t, ROLE_TUN_VXLAN if device_kind(t) == "vxlan" else ROLE_TUN_GENEVE)
+                 for t in tunnels)
+    for role, devs in [(ROLE_VM, taps), (ROLE_PHY, phys)] + [(r, [t]) for t, r in kinds.items()]:
         for dev in devs:
             try:
                 idx = device_ifindex(dev)
@@ -1180,14 +1273,20 @@ RECORD_FIELDS = [
     ("pid", "u32", 1, "VM side: the process that wrote (tx) or read (rx) it"),
     ("tid", "u32", 1, "and its thread"),
     ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
+    ("vni", "u32", 1, "tunnel: VXLAN/Geneve network identifier"),
+    ("tun_ifindex", "u32", 1, "tunnel: the tunnel device"),
     ("saddr", "u8", 16, "source address, network order (IPv4: the first 4 bytes)"),
     ("daddr", "u8", 16, "destination address, network order (IPv4: the first 4 bytes)"),
+    ("outer_saddr", "u8", 16, "tunnel: the outer source address (the local VTEP on TX)"),
+    ("outer_daddr", "u8", 16, "tunnel: the outer destination address"),
     ("sport", "u16", 1, "TCP/UDP source port, or ICMP echo id"),
     ("dport", "u16", 1, "TCP/UDP destination port, or ICMP echo sequence"),
     ("vlan", "u16", 1, "802.1Q VLAN id + 1, 0 = untagged"),
     ("ip_id", "u16", 1, "IPv4 identification"),
     ("proto", "u8", 1, "IP protocol (the L4 header's, after IPv6 extension headers)"),
     ("ip_version", "u8", 1, "4 or 6"),
+    ("tunnel", "u8", 1, "0, TUNNEL_VXLAN or TUNNEL_GENEVE"),
+    ("outer_version", "u8", 1, "tunnel: 4 or 6, 0 while the outer headers are unknown"),
     ("dir", "u8", 1, "DIR_TX or DIR_RX"),
     ("last", "u8", 1, "the last stage that saw it"),
     ("type", "u8", 1, "EV_PACKET or EV_DROP"),
@@ -1233,11 +1332,17 @@ def record_struct(fields=RECORD_FIELDS):
 PKT, PKT_INDEX = record_struct()
 
 # Constants C and Python share, each declared once (they reach C as #defines).
-ROLE_VM, ROLE_PHY = 1, 2
+# device roles: a tunnel device's role says its kind (ROLE_TUN_VXLAN + kind - 1)
+ROLE_VM, ROLE_PHY, ROLE_TUN_VXLAN, ROLE_TUN_GENEVE = 1, 2, 3, 4
+TUNNEL_VXLAN, TUNNEL_GENEVE = 1, 2
+TUNNEL_NAMES = {TUNNEL_VXLAN: "vxlan", TUNNEL_GENEVE: "geneve"}
+TUNNEL_PORTS = {"vxlan": 4789, "geneve": 6081}      # IANA; devices may use others
 DIR_TX, DIR_RX = 0, 1
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
 SHARED_CONSTANTS = [
-    ("ROLE_VM", ROLE_VM), ("ROLE_PHY", ROLE_PHY), ("DIR_TX", DIR_TX), ("DIR_RX", DIR_RX),
+    ("ROLE_VM", ROLE_VM), ("ROLE_PHY", ROLE_PHY), ("ROLE_TUN_VXLAN", ROLE_TUN_VXLAN),
+    ("ROLE_TUN_GENEVE", ROLE_TUN_GENEVE), ("TUNNEL_VXLAN", TUNNEL_VXLAN),
+    ("TUNNEL_GENEVE", TUNNEL_GENEVE), ("DIR_TX", DIR_TX), ("DIR_RX", DIR_RX),
     ("PROTO_ICMP", PROTO_ICMP), ("PROTO_TCP", PROTO_TCP), ("PROTO_UDP", PROTO_UDP),
     ("PROTO_ICMPV6", PROTO_ICMPV6),
     ("ERR_EEXIST", errno.EEXIST),
@@ -1245,7 +1350,7 @@ SHARED_CONSTANTS = [
 
 # What happened to packets, counted per direction in the kernel (slot 2 * STAT_x + dir)
 STAT_NAMES = ["started", "completed", "below_threshold", "lost", "dropped", "left_path",
-              "not_tracked", "vanished", "vm_hist_full"]
+              "not_tracked", "vanished", "vm_hist_full", "other_vni"]
 STAT = dict((n, i) for i, n in enumerate(STAT_NAMES))
 FATE_LEFT = 0xffffffff     # reason code in the fates map: freed normally, not dropped
 EV_PACKET, EV_DROP = 1, 2
@@ -1578,9 +1683,60 @@ static __always_inline int parse_l3(u32 eth, const u8 *b, const int L3, const u8
     return 0;
 }
 
+static __always_inline u32 be24(const u8 *p)
+{
+    return ((u32)p[0] << 16) | ((u32)p[1] << 8) | p[2];
+}
+
+#if TUNNELS
+// An overlay's outer headers, at the MAC header (b: its first 64 bytes): IPv4 or IPv6,
+// UDP to a VXLAN or Geneve port, and that header. Fills p's tunnel fields and returns
+// the offset of the inner Ethernet frame from the MAC header; 0: not a tunnel packet.
+static __always_inline u32 tunnel_header(const u8 *b, const u8 *head, u32 mac,
+                                         u32 headlen, struct pkt *p)
+{
+    u32 eth = be16(b + 12), l4;
+    u8 t[16] = {};                  // UDP header, then the tunnel header
+    if (eth == 0x0800 && b[14] == 0x45 && b[23] == PROTO_UDP) {
+        l4 = 34;
+        __builtin_memcpy(t, b + 34, 16);
+        p->outer_version = 4;
+        __builtin_memcpy(p->outer_saddr, b + 26, 4);
+        __builtin_memcpy(p->outer_daddr, b + 30, 4);
+    } else if (eth == 0x86dd && (b[14] >> 4) == 6 && b[20] == PROTO_UDP) {
+        l4 = 54;
+        if (bpf_probe_read_kernel(t, 16, head + mac + 54))
+            return 0;
+        p->outer_version = 6;
+        __builtin_memcpy(p->outer_saddr, b + 22, 16);
+        __builtin_memcpy(p->outer_daddr, b + 38, 16);
+    } else {
+        return 0;
+    }
+    u32 dport = be16(t + 2), inner;
+    if (IS_VXLAN_PORT(dport) && (t[8] & 0x08)) {              // the VNI-valid flag
+        p->tunnel = TUNNEL_VXLAN;
+        inner = l4 + 16;
+    } else if (IS_GENEVE_PORT(dport) && be16(t + 10) == 0x6558) {   // Ethernet inside
+        p->tunnel = TUNNEL_GENEVE;
+        inner = l4 + 16 + (t[8] & 0x3f) * 4;                  // and its options
+    } else {
+        p->outer_version = 0;
+        return 0;
+    }
+    p->vni = be24(t + 12);
+    // the inner Ethernet header must be in the linear data (skb->data: mac + 14)
+    if ((inner - 14) + 14 > headlen)
+        return 0;
+    return inner;
+}
+#endif
+
 // Read the frame from its MAC header and fill p. Up to two VLAN tags in the frame.
-static __always_inline int parse_frame(u32 len, u32 data_len, u16 mac, u8 *head,
-                                       struct pkt *p)
+// outer: an RX frame from the physical side, which may be an overlay's: then the
+// inner frame (the VM's own packet) is the one parsed and filtered.
+static __always_inline int parse_frame(u32 len, u32 data_len, u32 mac, u8 *head,
+                                       struct pkt *p, int outer)
 {
     if (mac == 0xffff || !head || data_len > len)
         return 0;
@@ -1588,6 +1744,23 @@ static __always_inline int parse_frame(u32 len, u32 data_len, u16 mac, u8 *head,
     u8 b[64] = {};
     if (bpf_probe_read_kernel(b, sizeof(b), head + mac))
         return 0;
+#if TUNNELS
+    if (outer) {
+        u32 inner = tunnel_header(b, head, mac, headlen, p);
+        if (inner) {
+            // the inner frame stands for the frame: its offsets, lengths, bytes
+            mac += inner;
+            len -= inner;
+            headlen -= inner;
+            if (bpf_probe_read_kernel(b, sizeof(b), head + mac))
+                return 0;
+        }
+#if FILTER_VNI
+        if (!inner || p->vni != FILTER_VNI_VALUE)
+            return 0;
+#endif
+    }
+#endif
     u32 eth = be16(b + 12);
     if (eth == 0x0800 || eth == 0x86dd)
         return parse_l3(eth, b, 14, head, mac, len, headlen, p);
@@ -1710,7 +1883,8 @@ static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
 // --- one handler per kind of stage; the attach wrappers below only pass the skb ---
 
 // netif_receive_skb: a frame from a tap starts TX, one from a physical NIC starts RX.
-static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int phy_stage)
+static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int phy_stage,
+                                      int tun_stage)
 {
     // the sk_buff fields are read in one go: its device and where its frame is
     void *dev = 0;
@@ -1722,6 +1896,18 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
     u32 role = dev_role(dev, &ifindex);
     u8 dir;
     u32 stage;
+#if TUNNELS
+    if (role >= ROLE_TUN_VXLAN && tun_stage >= 0) {
+        // decap: the tunnel device receives the inner frame, in the same sk_buff
+        u64 key = (u64)skb;
+        struct pkt *t = tracked(key);
+        if (t && t->dir == DIR_RX && t->tunnel) {
+            stamp(t, tun_stage, bpf_ktime_get_ns());
+            t->tun_ifindex = ifindex;
+        }
+        return 0;
+    }
+#endif
     if (role == ROLE_VM && vm_stage >= 0) {
         dir = DIR_TX;
         stage = vm_stage;
@@ -1737,7 +1923,7 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
         return 0;
     __builtin_memset(p, 0, sizeof(*p));
     // filters first: the namespace is only checked for packets that pass them
-    if (!parse_frame(len, data_len, mac, head, p) || !in_host_netns(dev))
+    if (!parse_frame(len, data_len, mac, head, p, dir == DIR_RX) || !in_host_netns(dev))
         return 0;
     u64 now = bpf_ktime_get_ns();
     p->dir = dir;
@@ -1768,7 +1954,33 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
 }
 
 // A device stage: the tap's stage counts for RX packets, the NIC's for TX packets.
-static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy_stage)
+#if TUNNELS
+// A TX packet that went through a tunnel device, at the underlay's first stage: its
+// outer headers are in the sk_buff now. 0: filtered out here (--vni).
+static __always_inline int learn_outer(void *skb, struct pkt *p)
+{
+    void *dev = 0;
+    u32 len = 0, data_len = 0;
+    u16 mac = 0;
+    u8 *head = 0;
+    read_skb(skb, &dev, &len, &data_len, &mac, &head);
+    u8 b[64] = {};
+    if (mac != 0xffff && head && data_len <= len &&
+            bpf_probe_read_kernel(b, sizeof(b), head + mac) == 0) {
+        u8 kind = p->tunnel;
+        tunnel_header(b, head, mac, len - data_len, p);
+        p->tunnel = kind;       // what the device is, even if its header is odd
+    }
+#if FILTER_VNI
+    if (!p->tunnel || !p->outer_version || p->vni != FILTER_VNI_VALUE)
+        return 0;
+#endif
+    return 1;
+}
+#endif
+
+static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy_stage,
+                                     int tun_stage)
 {
     u64 key = (u64)skb;
     struct pkt *p = tracked(key);
@@ -1778,13 +1990,18 @@ static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy
     void *dev = skb_dev(skb);
     if ((u64)dev == p->dev) {     // the same device as the last stage: known already
         role = p->dev_role;
-        ifindex = role == ROLE_VM ? p->vm_ifindex : p->phy_ifindex;
+        ifindex = role == ROLE_VM ? p->vm_ifindex : role == ROLE_PHY ? p->phy_ifindex :
+                  p->tun_ifindex;
     } else {
         role = dev_role(dev, &ifindex);
         if (role && !in_host_netns(dev))
             role = 0;
         p->dev = (u64)dev;
         p->dev_role = role;
+#if TUNNELS
+        if (role >= ROLE_TUN_VXLAN)     // seen first at its queue (noqueue), not stamped
+            p->tun_ifindex = ifindex;
+#endif
     }
     u64 now = bpf_ktime_get_ns();
     if (role == ROLE_VM && vm_stage >= 0 && p->dir == DIR_RX) {
@@ -1793,10 +2010,25 @@ static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy
         if (vm_stage == FINAL_RX_VM)
             complete(ctx, key, p, now);
     } else if (role == ROLE_PHY && phy_stage >= 0 && p->dir == DIR_TX) {
+#if TUNNELS
+        if (p->tunnel ? !p->outer_version : FILTER_VNI) {
+            if (!learn_outer(skb, p)) {         // another tenant's network: not ours
+                stat_add(STAT_other_vni, p->dir);
+                untrack(key);
+                return 0;
+            }
+        }
+#endif
         stamp(p, phy_stage, now);
         p->phy_ifindex = ifindex;
         if (phy_stage == FINAL_TX)
             complete(ctx, key, p, now);
+#if TUNNELS
+    } else if (role >= ROLE_TUN_VXLAN && tun_stage >= 0 && p->dir == DIR_TX) {
+        stamp(p, tun_stage, now);              // encap: the tunnel device's transmit
+        p->tun_ifindex = ifindex;
+        p->tunnel = role - ROLE_TUN_VXLAN + TUNNEL_VXLAN;
+#endif
     }
     return 0;
 }
@@ -1859,7 +2091,7 @@ static __always_inline int on_ovs_execute(void *ctx, void *skb, u32 stage)
     u16 mac = 0;
     u8 *head = 0;
     read_skb(skb, &dev, &len, &data_len, &mac, &head);
-    if (!parse_frame(len, data_len, mac, head, q))
+    if (!parse_frame(len, data_len, mac, head, q, 0))
         return 0;
     struct upcall_key k = {};
     upcall_key_of(q, &k);
@@ -1900,8 +2132,8 @@ static __always_inline int on_host_rcv(void *ctx, void *skb, u32 stage)
 {
     u64 key = (u64)skb;
     struct pkt *p = tracked(key);
-    if (!p || p->dir != DIR_RX || ON_TAP(p))
-        return 0;
+    if (!p || p->dir != DIR_RX || ON_TAP(p) || p->tunnel)
+        return 0;       // (a tunnel's outer frame reaches the host's UDP: not the end)
     u64 now = bpf_ktime_get_ns();
     stamp(p, stage, now);
     complete(ctx, key, p, now);
@@ -2058,8 +2290,9 @@ def _handler_call(att, upcalls):
     hooks = set(p.stage.hook for p in att.stages)
     if len(hooks) == 1 and plan.stage.hook in ROLE_SPLIT_HOOKS:
         by_role = dict((p.stage.role, p.stage.sid) for p in att.stages)
-        return "%s(ctx, skb, %d, %d)" % (HOOK_HANDLERS[plan.stage.hook],
-                                         by_role.get("vm", -1), by_role.get("phy", -1))
+        return "%s(ctx, skb, %d, %d, %d)" % (HOOK_HANDLERS[plan.stage.hook],
+                                             by_role.get("vm", -1), by_role.get("phy", -1),
+                                             by_role.get("tun", -1))
     if len(att.stages) != 1:
         raise AssertionError("stages %s share %s" % ([p.stage.name for p in att.stages],
                                                      att.probe))
@@ -2141,6 +2374,20 @@ def _hist_c(plans):
     return "\n".join(lines)
 
 
+def tunnel_defines(args, devices=None):
+    """The overlay parsing: on when the host has tunnel devices (or --vni asks), with
+    the UDP ports they use; off, it costs IPv4/IPv6 packets nothing."""
+    devices = list_devices() if devices is None else devices
+    ports = tunnel_ports(devices)
+    on = args.vni is not None or any(is_tunnel(d) for d in devices)
+
+    def test(kind):
+        return "(%s)" % " || ".join("(p) == %d" % port for port in sorted(ports[kind]))
+    return [("TUNNELS", int(on)), ("IS_VXLAN_PORT(p)", test("vxlan")),
+            ("IS_GENEVE_PORT(p)", test("geneve")), ("FILTER_VNI", int(args.vni is not None)),
+            ("FILTER_VNI_VALUE", "%dU" % (args.vni or 0))]
+
+
 def per_vm_kernel(args):
     """Histograms kept per VM in the kernel: for --per-vm and for the metrics (vm label)."""
     return bool(args.per_vm or args.prometheus or args.prometheus_textfile)
@@ -2179,7 +2426,7 @@ def generate_program(args, plans, layout, config):
         ("EMIT_DROPS", int(args.drops)),
         ("THRESHOLD_NS", "%dULL" % int(round(args.latency_threshold * 1000))),
         ("FILTER_PROTO", PROTOCOLS.get(args.protocol, 0)),
-    ] + address_filters(args) + [
+    ] + address_filters(args) + tunnel_defines(args) + [
         ("FILTER_SPORT", args.src_port or 0), ("FILTER_DPORT", args.dst_port or 0),
         ("HOST_NETNS_INUM", "%dU" % config.netns_inum),
         ("KFREE_SKB_HAS_REASON", int(layout.kfree_skb_reason)),
@@ -2345,6 +2592,9 @@ P_SPORT, P_DPORT, P_VLAN = PKT_INDEX["sport"], PKT_INDEX["dport"], PKT_INDEX["vl
 P_PROTO, P_DIR, P_LAST = PKT_INDEX["proto"], PKT_INDEX["dir"], PKT_INDEX["last"]
 P_TYPE, P_ICMP_TYPE, P_UPCALLED = PKT_INDEX["type"], PKT_INDEX["icmp_type"], PKT_INDEX["upcalled"]
 P_IP_VERSION = PKT_INDEX["ip_version"]
+P_TUNNEL, P_OUTER_VERSION, P_VNI = PKT_INDEX["tunnel"], PKT_INDEX["outer_version"], PKT_INDEX["vni"]
+P_TUN_IF, P_OUTER_SADDR = PKT_INDEX["tun_ifindex"], PKT_INDEX["outer_saddr"]
+P_OUTER_DADDR = PKT_INDEX["outer_daddr"]
 
 
 _IP_CACHE = {}
@@ -2402,6 +2652,7 @@ def packet_record(fields, names, process_name, thread_name, wall_offset, vms=Non
         "icmp_id": fields[P_SPORT] if echo else None,
         "icmp_seq": fields[P_DPORT] if echo else None,
         "vlan": fields[P_VLAN] - 1 if fields[P_VLAN] else None,
+        "tunnel": tunnel_record(fields, names) if fields[P_TUNNEL] else None,
         "vm_dev": names.get(vm_if) if vm_if else None,
         "vm": vm.name, "vm_uuid": vm.uuid, "vm_pid": vm.pid,
         "phy_dev": names.get(phy_if) if phy_if else None,
@@ -2418,6 +2669,16 @@ def packet_record(fields, names, process_name, thread_name, wall_offset, vms=Non
 
 
 # --- histogram buckets: v = ns * 1.024, 16 sub-buckets per power of two ---
+
+def tunnel_record(fields, names):
+    version = fields[P_OUTER_VERSION]
+    tun_if = fields[P_TUN_IF]
+    return {"type": TUNNEL_NAMES.get(fields[P_TUNNEL], str(fields[P_TUNNEL])),
+            "vni": fields[P_VNI] if version else None,
+            "dev": names.get(tun_if) if tun_if else None,
+            "outer_src_ip": ip_text(fields[P_OUTER_SADDR], version) if version else None,
+            "outer_dst_ip": ip_text(fields[P_OUTER_DADDR], version) if version else None}
+
 
 def hist_slots(segments):
     return max(1, len(segments)) * HIST_BUCKETS
@@ -2542,6 +2803,10 @@ class Reporter(object):
         if rec["vm"]:
             path = "%s %s" % (rec["vm"], path)
         vlan = " vlan=%d" % rec["vlan"] if rec["vlan"] is not None else ""
+        tun = rec["tunnel"]
+        if tun:
+            path += " %s%s" % (tun["type"].upper(), " vni %d" % tun["vni"]
+                               if tun["vni"] is not None else "")
         if rec["type"] == "drop":
             self.write("[%s] DROP %s %s%s %s %s after %s: %s at %s\n" % (
                 when, proto, what, vlan, rec["direction"].upper(), path, rec["last_stage"],
@@ -2615,6 +2880,9 @@ class Reporter(object):
         for v in s["vms"]:
             self.write("  VM %s (%s): %d packets reported\n" % (v["label"], ", ".join(v["vm_dev"]),
                                                             v["reported"]))
+        if s["other_vni"]:
+            self.write("  %d of another VXLAN/Geneve network (--vni): not followed further\n"
+                       % s["other_vni"])
         if s["vm_hist_full"]:
             self.write("  %d histogram counts not kept: the --per-vm table was full\n"
                        % s["vm_hist_full"])
@@ -3132,7 +3400,7 @@ class Run(object):
             "not_tracked": sum(st["not_tracked"]), "lost": sum(st["lost"]),
             "vanished": sum(st["vanished"]), "in_upcall": in_upcall, "fates": fates,
             "in_flight_examples": stuck, "vms": self.vm_counts(),
-            "vm_hist_full": sum(st["vm_hist_full"]),
+            "vm_hist_full": sum(st["vm_hist_full"]), "other_vni": sum(st["other_vni"]),
         }
 
     def vm_counts(self):
@@ -3339,6 +3607,16 @@ def announce(args, layout, plans, view, taps, phys, features):
                              "available (%s)" % view.kprobe_why))
         log("VM devices: %s; physical devices: %s" % (", ".join(taps) or "none yet",
                                                       ", ".join(phys) or "none"))
+        tunnels = [d for d in list_devices() if is_tunnel(d)]
+        for tun in tunnels:
+            info = tunnel_info(tun)
+            log("tunnel %s: %s vni %s, port %s, %s" % (
+                tun, device_kind(tun), "per flow" if info.get("external") else info.get("id"),
+                info.get("port"), "underlay %s" % ", ".join(tunnel_underlay(tun,
+                                                                           list_devices()))))
+    if args.vni is not None and not any(is_tunnel(d) for d in list_devices()):
+        log("note: --vni %d: no VXLAN or Geneve device here yet: nothing matches until "
+            "one exists (and the tool is restarted)" % args.vni)
     for p in plans:
         if not p.method and "--direction" not in p.reason:
             log("note: stage %s not traced: %s" % (p.stage.name, p.reason))

@@ -74,7 +74,9 @@ class Lab:
     PREFIX = 24
     GUEST_TRAFFIC = GUEST_TRAFFIC
     # every device a lab may create (a stand-in VM vnltap1, more guests vnltap2...)
-    DEVICES = (TAP, PHY, BRIDGE) + tuple("vnltap%d" % i for i in range(1, 8))
+    DEVICES = (TAP, PHY, BRIDGE) + tuple("vnltap%d" % i for i in range(1, 8)) + \
+        ("vnlbr1", "vnlvx0", "vnlund0")     # the overlay topology (test_tunnels)
+    EXTRA_NS = ("vnl-vtep",)
 
     def __init__(self, cache_dir=None, memory_mb=512, boot_timeout=60, build=True,
                  qemu="qemu-system-x86_64", lock_timeout=120, verbose=False,
@@ -281,7 +283,12 @@ class Lab:
             for pid in p.stdout.split():
                 if pid.isdigit():
                     kill_pid(int(pid), grace=1.0)
-        topology.remove(cls.DEVICES, (cls.NS,))
+        for ns in cls.EXTRA_NS:
+            if topology.netns_exists(ns):
+                for pid in run(["ip", "netns", "pids", ns], check=False).stdout.split():
+                    if pid.isdigit():
+                        kill_pid(int(pid), grace=1.0)
+        topology.remove(cls.DEVICES, (cls.NS,) + cls.EXTRA_NS)
         # work directories (sockets, logs) of labs whose process is gone
         tmp = tempfile.gettempdir()
         for name in os.listdir(tmp):
@@ -319,14 +326,14 @@ class Lab:
     PREFIX6 = "fd77::"            # fd77::/64: not a prefix this machine routes (fd00::/64)
     REMOTE_IP6 = "fd77::3"
 
-    def add_guest(self, index, name, uuid=None, ip6=None):
+    def add_guest(self, index, name, uuid=None, ip6=None, bridge=None):
         """Another guest on the bridge: tap vnltap<index>, 10.77.0.<index + 2>, MAC
         52:54:00:77:00:<index + 2>, known to the remote; stopped at teardown (or by
         remove_guest). ip6: it also has that IPv6 address. Returns (QemuGuest, its IP)."""
         tap, ip_addr = "vnltap%d" % index, "10.77.0.%d" % (index + 2)
         mac = "52:54:00:77:00:%02x" % (index + 2)
         assert tap in self.DEVICES and tap not in (self.TAP, "vnltap1")
-        topology.add_tap(tap, master=self.BRIDGE)
+        topology.add_tap(tap, master=bridge or self.BRIDGE)
         topology.up(tap)
         topology.in_ns(self.NS, "ip", "neigh", "replace", ip_addr, "lladdr", mac, "dev",
                        self.NS_DEV, "nud", "permanent")
@@ -468,8 +475,9 @@ class Lab:
         for dev in self.DEVICES:
             if topology.link_exists(dev):
                 errors.append("device %s still exists" % dev)
-        if topology.netns_exists(self.NS):
-            errors.append("namespace %s still exists" % self.NS)
+        for ns in (self.NS,) + self.EXTRA_NS:
+            if topology.netns_exists(ns):
+                errors.append("namespace %s still exists" % ns)
         if self.workdir and not self.keep_workdir:
             step("remove workdir", shutil.rmtree, self.workdir, True)
         elif self.workdir:

@@ -18,7 +18,7 @@ WALL = 1796119200.0 - 100.0
 
 def raw(tool, **values):
     """A record as the kernel would send it: every field from RECORD_FIELDS, packed."""
-    flat = [0] * len(tool.PKT.unpack(b"\0" * tool.PKT.size))
+    flat = list(tool.PKT.unpack(b"\0" * tool.PKT.size))
     ts = values.pop("ts", {})
     for stage, ns in ts.items():
         flat[tool.PKT_INDEX["ts"] + tool.STAGE_BY_NAME[stage].sid] = ns

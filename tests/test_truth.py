@@ -251,6 +251,7 @@ def test_output_overrun_is_counted_not_hidden(lab, traces, buffer):
         quiet = traces("--vm-dev", STAND_IN, "--phy-dev", PHY, "--direction", "tx",
                        "--latency-threshold", "10000000")
         before = vm.rx_packets()
+        rss_before = tool_memory_kb(t.proc.pid, "VmRSS")
         frame = ether(Lab.REMOTE_MAC, STAND_IN_MAC, 0x0800,
                       ipv4(STAND_IN_IP, REMOTE, 17, udp(40300, 9300, b"x" * 18)))
         for _ in range(300000):
@@ -258,12 +259,16 @@ def test_output_overrun_is_counted_not_hidden(lab, traces, buffer):
         entered = vm.rx_packets() - before
         time.sleep(1)
         peak_kb = tool_memory_kb(t.proc.pid)
+        grown_kb = tool_memory_kb(t.proc.pid, "VmRSS") - rss_before
         t.stop(settle=0)
         quiet.stop(settle=0)
     s = t.summary()
     assert accounted(s) == entered
     assert s["lost"] > 0          # this flood is faster than any terminal
-    assert peak_kb < 150 * 1024   # losses are counted, nothing piles up in memory
+    # losses are counted, nothing piles up in memory: the flood of 300,000 events
+    # leaves the resident size where it was (the peak is BCC's compiler, at start)
+    assert grown_kb < 16 * 1024, grown_kb
+    assert peak_kb < 170 * 1024, peak_kb
     q = quiet.summary()
     assert accounted(q) == entered and q["lost"] == 0 and q["below_threshold"] == entered
 
@@ -319,9 +324,10 @@ def test_malformed_frames_are_never_reported(lab, traces):
     assert sorted(r["vlan"] for r in recs if r["vlan"] is not None) == [7, 42]
 
 
-def tool_memory_kb(pid):
+def tool_memory_kb(pid, what="VmHWM"):
+    """The tool's peak (VmHWM) or current (VmRSS) resident memory."""
     with open("/proc/%d/status" % pid) as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+        return int(re.search(r"%s:\s+(\d+)" % what, f.read()).group(1))
 
 
 def test_a_million_flows_keep_memory_bounded(lab, traces):

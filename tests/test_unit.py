@@ -405,8 +405,9 @@ def test_list_stages_json_names_every_stage():
     assert r.returncode == 0, r.stderr
     stages = [json.loads(l) for l in r.stdout.splitlines()]
     names = [s["name"] for s in stages]
-    assert names == ["tap_rx", "phy_rx", "bridge", "ovs_upcall", "ovs_dp", "phy_queue",
-                     "phy_xmit", "tap_queue", "tap_xmit", "vm_read", "host_rcv"]
+    # the table's order is each direction's path order (README: "The path and its stages")
+    assert names == ["tap_rx", "phy_rx", "decap", "bridge", "ovs_upcall", "ovs_dp", "encap",
+                     "phy_queue", "phy_xmit", "tap_queue", "tap_xmit", "vm_read", "host_rcv"]
     by = {s["name"]: s for s in stages}
     assert by["tap_rx"]["probe"] == "net:netif_receive_skb"
     for s in stages:

@@ -23,8 +23,9 @@ import sys
 
 VM_IP, REMOTE_IP = "10.77.0.2", "10.77.0.3"
 # Stage names the lane knows (ovs_upcall: the first packet of a flow, sent to ovs-vswitchd).
-TX_STAGES = ["tap_rx", "bridge", "ovs_upcall", "ovs_dp", "phy_queue", "phy_xmit"]
-RX_STAGES = ["phy_rx", "bridge", "ovs_upcall", "ovs_dp", "tap_queue", "tap_xmit", "vm_read", "host_rcv"]
+TX_STAGES = ["tap_rx", "bridge", "ovs_upcall", "ovs_dp", "encap", "phy_queue", "phy_xmit"]
+RX_STAGES = ["phy_rx", "decap", "bridge", "ovs_upcall", "ovs_dp", "tap_queue", "tap_xmit",
+             "vm_read", "host_rcv"]
 
 
 def main():
