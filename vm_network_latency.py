@@ -3,8 +3,9 @@
 #
 # vm_network_latency  Where does a KVM guest's packet spend its time on the host?
 #                     Per-packet latency between the VM's tap device, the virtual
-#                     switch (Open vSwitch kernel datapath or Linux bridge) and the
-#                     physical NIC, in both directions. For Linux, uses BCC, eBPF.
+#                     switch (Open vSwitch kernel datapath or Linux bridge), VXLAN and
+#                     Geneve tunnels and the physical NIC, in both directions, IPv4 and
+#                     IPv6, per VM by name. For Linux, uses BCC, eBPF.
 #
 # How: every packet that enters the path (a frame the VM writes into its tap, or a
 # frame the physical NIC receives) is parsed once, filtered in the kernel, and kept
@@ -14,19 +15,25 @@
 # mode) or a few in-kernel histogram increments (histogram mode) are produced.
 # Packets freed before they complete are counted with the kernel's drop reason.
 # Struct layouts come from the running kernel's BTF, never from headers of another
-# kernel. Stages attach to raw tracepoints or kprobes, chosen per stage.
+# kernel; what the kernel can do is tried, never read off its version. Stages attach
+# to raw tracepoints or kprobes, chosen per stage. Which VM owns a tap comes from
+# /proc (the process holding it, QEMU's -name and -uuid).
 #
 # USAGE: vm_network_latency.py [-h] [--src-ip IP] [--dst-ip IP] [--src-port PORT]
-#            [--dst-port PORT] [--protocol {tcp,udp,icmp,all}]
-#            [--direction {tx,rx,both}] [--vm-dev DEV] [--phy-dev DEV]
-#            [--mode {detailed,histogram}] [--interval SECONDS]
+#            [--dst-port PORT] [--protocol {tcp,udp,icmp,icmp6,all}] [--vni N]
+#            [--direction {tx,rx,both}] [--vm-dev DEV] [--vm NAME] [--phy-dev DEV]
+#            [--mode {detailed,histogram}] [--interval SECONDS] [--per-vm]
+#            [--prometheus [ADDR:]PORT] [--prometheus-textfile PATH] [--quiet]
 #            [--latency-threshold US] [--timeout SECONDS] [--output {text,json}]
-#            [--attach {auto,kprobe,tracepoint}] [--drops] [--list-stages]
-#            [--dry-run] [--max-inflight N] [--btf FILE] [--verbose] [--ebpf]
+#            [--attach {auto,kprobe,tracepoint}] [--drops] [--list-vms]
+#            [--list-stages] [--dry-run] [--max-inflight N] [--btf FILE]
+#            [--verbose] [--write-events FILE] [--read-events FILE] [--ebpf]
 #
 # Copyright (c) 2026 The vm_network_latency developers. MIT License (see LICENSE).
 #
 # 25-Nov-2026   First version: tap, switch and NIC stages; BTF layouts; drops.
+# 01-Dec-2026   BCC 0.18 and a kernel matrix; IPv6; VXLAN/Geneve; VMs by name;
+#               vhost-net; Prometheus metrics; --write-events/--read-events.
 
 from __future__ import print_function
 
@@ -74,6 +81,18 @@ EXAMPLES = """examples:
   sudo ./vm_network_latency.py --list-stages
   # where did my packets die?
   sudo ./vm_network_latency.py --drops --dst-ip 192.168.1.20
+  # one VM by the name it was started with, one set of tables per VM
+  sudo ./vm_network_latency.py --vm web-03 --mode histogram --per-vm
+  # which VMs are here, on which taps and switches? (traces nothing)
+  sudo ./vm_network_latency.py --list-vms
+  # IPv6 TCP of one VM, and one tenant's VXLAN network
+  sudo ./vm_network_latency.py --protocol tcp --src-ip 2001:db8::10
+  sudo ./vm_network_latency.py --vni 42 --mode histogram
+  # Prometheus metrics on port 9477 for as long as it runs
+  sudo ./vm_network_latency.py --mode histogram --prometheus 9477 --quiet
+  # save a run, and read it again later without root
+  sudo ./vm_network_latency.py --timeout 60 --write-events run.vnl
+  ./vm_network_latency.py --read-events run.vnl
 """
 
 # IP protocol numbers (PROTO_* in C); names as tcpdump's: icmp is ICMPv4, icmp6 ICMPv6
@@ -235,6 +254,11 @@ def build_parser():
     parser.add_argument("--dry-run", action="store_true",
                         help="compile the program for every stage of the --attach method "
                              "and load it through the kernel verifier; attach nothing")
+    parser.add_argument("--sample", type=_int_in(1, 1000000, "sampling rate"), default=1,
+                        metavar="N",
+                        help="trace one packet in N (chosen at random where it enters the "
+                             "path, before any parsing: the busiest hosts; counts are the "
+                             "sampled ones, and say so)")
     parser.add_argument("--max-inflight", type=_table_size, default=65536, metavar="N",
                         help="packets tracked at once (kernel memory is fixed at about "
                              "250 bytes each; beyond it packets are counted as not "
@@ -1917,6 +1941,11 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
     } else {
         return 0;
     }
+#if SAMPLE > 1
+    // --sample: one packet in SAMPLE, at random (no flow is favoured), before parsing
+    if (bpf_get_prandom_u32() % SAMPLE)
+        return 0;
+#endif
     u32 zero = 0;
     struct pkt *p = scratch.lookup(&zero);
     if (!p)
@@ -2418,7 +2447,7 @@ def generate_program(args, plans, layout, config):
     defines = [
         ("NSTAGES", NSTAGES), ("NSTATS", 2 * len(STAT_NAMES)),
         ("MAX_INFLIGHT", config.max_inflight),
-        ("HISTOGRAM", int(args.mode == "histogram")),
+        ("HISTOGRAM", int(args.mode == "histogram")), ("SAMPLE", args.sample),
         ("PER_VM", int(per_vm_kernel(args))), ("VM_HIST_ENTRIES", VM_HIST_ENTRIES),
         ("VM_HIST_ROW", VM_HIST_ROW), ("HIST_SUMS", int(bool(args.prometheus or
                                                             args.prometheus_textfile))),
@@ -2752,8 +2781,9 @@ def can_encode(stream, text):
 class Reporter(object):
     """Records, histograms and the summary, as text for people or JSON lines."""
 
-    def __init__(self, output, protocol, out=None):
+    def __init__(self, output, protocol, out=None, sample=1):
         self.out = out or sys.stdout
+        self.sample = sample
         fancy = can_encode(self.out, u"\u03bc\u2588")   # over SSH with LANG=C: plain ASCII
         self.us = u"\u03bcs" if fancy else "us"
         self.bar = u"\u2588" if fancy else "#"
@@ -2827,6 +2857,8 @@ class Reporter(object):
             for direction, segment, buckets in tables:
                 count = sum(buckets.values())
                 obj = {"type": "histogram", "timestamp": round(when, 3)}
+                if self.sample > 1:
+                    obj["sample"] = self.sample
                 if vm:
                     obj.update({"vm": vm[1], "vm_label": vm[0], "vm_dev": vm[2]})
                 obj.update({
@@ -2850,8 +2882,9 @@ class Reporter(object):
                 current = direction
                 total = sum(b for d, s, bk in tables if d == direction and s == "total"
                             for b in bk.values())
-                self.write("[%s] %sLatency Distribution (%s) - %s %s Path: %d packets\n" % (
-                    stamp, who, self.us, self.proto_title, direction.upper(), total))
+                self.write("[%s] %sLatency Distribution (%s) - %s %s Path: %d packets%s\n" % (
+                    stamp, who, self.us, self.proto_title, direction.upper(), total,
+                    " (sampled: 1 in %d)" % self.sample if self.sample > 1 else ""))
             title = "Total" if segment == "total" else "Stage: %s" % segment.replace(
                 "->", " -> ")
             self.write(title + "\n")
@@ -2872,6 +2905,9 @@ class Reporter(object):
             self.emit_json(obj)
             return
         self.write(summary_line(s) + "\n")
+        if s.get("sample", 1) > 1:
+            self.write("  sampled: one packet in %d was traced; every count above is of "
+                       "those\n" % s["sample"])
         for f in s["fates"]:
             what = "left the traced path" if f["fate"] == "left_path" else \
                 "dropped (%s)" % f["reason"]
@@ -2993,9 +3029,10 @@ class Metrics(object):
 
     def collect(self):
         core = self.core
-        info = core.GaugeMetricFamily("vm_network_latency_info", "The tool and the kernel",
-                                      labels=["version", "kernel"])
-        info.add_metric([VERSION, self.release], 1)
+        info = core.GaugeMetricFamily("vm_network_latency_info", "The tool and the kernel "
+                                      "(sample: 1 packet in N is counted)",
+                                      labels=["version", "kernel", "sample"])
+        info.add_metric([VERSION, self.release, str(self.args.sample)], 1)
         yield info
         if self.run is None or self.run.counters is None:
             return
@@ -3401,6 +3438,7 @@ class Run(object):
             "vanished": sum(st["vanished"]), "in_upcall": in_upcall, "fates": fates,
             "in_flight_examples": stuck, "vms": self.vm_counts(),
             "vm_hist_full": sum(st["vm_hist_full"]), "other_vni": sum(st["other_vni"]),
+            "sample": getattr(self.args, "sample", 1),
         }
 
     def vm_counts(self):
@@ -3532,7 +3570,7 @@ def run(args):
     layout = find_layout(args.btf, release)
     view = kernel_view(args, layout)
     plans = plan_stages(args, layout, view)
-    reporter = Reporter(args.output, args.protocol)
+    reporter = Reporter(args.output, args.protocol, sample=args.sample)
     if args.list_stages:
         list_stages_report(plans, layout, args.output == "json", reporter)
         return 0
@@ -3577,6 +3615,7 @@ def recording_meta(args, plans, segments, layout, wall_offset):
             "stages": STAGE_NAMES, "plans": dict((p.stage.name, p.method) for p in plans),
             "segments": [list(x) for x in segments], "mode": args.mode,
             "protocol": args.protocol, "drops": args.drops, "per_vm": args.per_vm,
+            "sample": args.sample,
             "per_vm_kernel": per_vm_kernel(args),
             "kfree_skb_reason": layout.kfree_skb_reason,
             "drop_reasons": dict((str(k), v) for k, v in layout.drop_reasons.items()),
@@ -3879,7 +3918,8 @@ def replay(args):
         if this is None:
             args.mode, args.per_vm = meta["mode"], meta.get("per_vm", False)
             args.quiet = False
-            this = Run(args, Reporter(args.output, meta["protocol"]), {},
+            args.sample = meta.get("sample", 1)
+            this = Run(args, Reporter(args.output, meta["protocol"], sample=args.sample), {},
                        [tuple(x) for x in meta["segments"]], meta["kfree_skb_reason"],
                        dict((int(k), v) for k, v in meta["drop_reasons"].items()),
                        meta["wall_offset"])

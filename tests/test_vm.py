@@ -326,3 +326,24 @@ def test_read_events_reproduces_the_run_exactly(lab, traces, recording_dir, mode
     if other == "json":
         s = [json.loads(l) for l in again.stdout.splitlines() if l.strip()][-1]
         assert s["type"] == "summary" and s["reported"] == 4 * 2 + 50
+
+
+def test_sample_traces_one_packet_in_n_and_says_so(lab, traces):
+    """--sample 10 over 2,000 datagrams of one flow: about 200 are traced (binomial:
+    sd 13.4; the bound is 5 sd), each one completely, and the outputs say they are
+    sampled."""
+    sink = lab.start_udp_sink(9700)
+    t = traces(*(DEVS + ("--protocol", "udp", "--dst-port", "9700", "--sample", "10")))
+    h = traces(*(DEVS + ("--protocol", "udp", "--dst-port", "9700", "--sample", "10",
+                         "--mode", "histogram", "--interval", "60")), output="text")
+    out = guest_ok(lab, "vnl-traffic udp %s 9700 2000 40701 100" % REMOTE)
+    assert out.strip() == "sent 2000"
+    assert sink.wait_count(2000, timeout=30) == 2000
+    t.stop()
+    h.stop()
+    sink.stop()
+    s = t.summary()
+    assert 200 - 70 <= s["reported"] <= 200 + 70, s["reported"]
+    assert s["reported"] == s["started"] == len(t.packets()) and s["sample"] == 10
+    assert all(r["stages"] == TX_STAGES for r in t.packets())
+    assert "(sampled: 1 in 10)" in h.stdout and "sampled: one packet in 10" in h.stdout
