@@ -52,6 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LANE_SCRIPT = os.path.join(HERE, "kguest", "run_lane.sh")
 TAP, PHY = "vnltap0", "vnlphy0"
 VM, REMOTE, HOST = "10.77.0.2", "10.77.0.3", "10.77.0.1"
+UND_LOCAL, UND_REMOTE = "10.88.0.1", "10.88.0.2"     # topology G's underlay
 METHODS = ("kprobe", "tracepoint")      # in every run
 ALL_METHODS = METHODS + ("auto",)       # the mix run has an --attach auto instance too
 TOPOS = ("A", "B")
@@ -436,7 +437,7 @@ def check_generators_against_capture(run, wire):
             by[("icmp", "tx")], by[("icmp", "rx")], ping["transmitted"], ping["received"]))
     if ping["transmitted"] != ping["received"] or not ping["transmitted"]:
         problems.append("ping lost packets: %s" % ping)
-    if run.name.endswith(("-mix", "-vhost")):
+    if run.name.endswith(("-mix", "-vhost", "-overlay")):
         burst = one(run.oracle_of("udp_burst"), "udp_burst")["udp_burst"]
         echoed = one(run.oracle_of("udp_server"), "udp_server")["udp_server"]["echoed"]
         if (by[("udp", "tx")], by[("udp", "rx")]) != (burst["sent"], burst["replies"]) or \
@@ -466,7 +467,7 @@ def test_every_lane_step_passed(lane):
     names = [s[0] for s in steps]
     missing = [n for n in ("run.A-mix", "run.A-netem", "run.A-drop", "run.A-host", "sigkill",
                            "run.B-mix", "run.B-netem", "run.B-drop", "run.B-host",
-                           "run.B-vhost")
+                           "run.B-vhost", "run.G-overlay")
                if n not in names]
     assert not failed and not missing, "guest steps failed: %s; never reached: %s" % (
         failed, missing)
@@ -476,7 +477,7 @@ def upcalls_lost_to(lane, run, method):
     """How many packets of the run went up to ovs-vswitchd (the datapath's miss counter)
     while the method has no probe that follows them back (5.10's tracepoints): 0 where
     it follows them."""
-    if run.topo != "A" or "ovs_upcall" in lane.traced(method):
+    if run.topo not in ("A", "G") or "ovs_upcall" in lane.traced(method):
         return 0
     lk = dict((o["when"], o) for o in run.oracle_of("ovs_lookups"))
     return lk["after"]["missed"] - lk["before"]["missed"]
@@ -853,6 +854,45 @@ def test_vhost_net_records_are_exact_and_name_the_vm(lane):
     print("%s B-vhost: %d packets, pid/comm of the first: %s/%s" % (
         lane.suite, len(wire), run.out["kprobe"].packets[0]["pid"],
         run.out["kprobe"].packets[0]["comm"]))
+
+
+def test_geneve_overlay_on_ovs_is_followed_per_packet(lane):
+    """The shape of an OVN host: OVS with a Geneve tunnel port (VNI 42; OVS's own
+    metadata-mode genev_sys_6081 device) to a namespace terminating the tunnel over the
+    underlay vnlphy0. Each method reports exactly the packets tcpdump saw on the tap
+    (those that went up to ovs-vswitchd where a method cannot follow them, counted as
+    having left the path), keyed by the inner packet, with the tunnel's VNI, device and
+    outer addresses, through encap (TX) and decap (RX)."""
+    run = lane.run("G-overlay")
+    wire = run.capture(TAP)
+    check_generators_against_capture(run, wire)
+    want_all = collections.Counter(map(flow_key, wire))
+    for m in run.methods:
+        out = run.out[m]
+        lost = upcalls_lost_to(lane, run, m)
+        want = want_all
+        if lost:
+            up = [flow_key(r) for r in run.out["kprobe"].packets if "ovs_upcall" in r["stages"]]
+            assert len(up) == lost
+            want = want_all - collections.Counter(up)
+        got = collections.Counter(map(flow_key, out.packets))
+        assert got == want, "%s:\n%s" % (out.label, counter_diff(got, want))
+        assert_everything_accounted(out, len(wire), left_path=lost)
+        bad = []
+        for r in out.packets:
+            tun = r.get("tunnel") or {}
+            outer = (UND_LOCAL, UND_REMOTE) if r["direction"] == "tx" else (UND_REMOTE, UND_LOCAL)
+            st = r["stages"]
+            if (tun.get("type"), tun.get("vni"), tun.get("dev")) != ("geneve", 42, "genev_sys_6081") \
+                    or (tun.get("outer_src_ip"), tun.get("outer_dst_ip")) != outer:
+                bad.append("tunnel %s" % tun)
+            elif ("encap" if r["direction"] == "tx" else "decap") not in st or \
+                    r["phy_dev"] != PHY or r["vm_dev"] != TAP:
+                bad.append("stages %s, devices %s/%s" % (st, r["vm_dev"], r["phy_dev"]))
+        assert not bad, "%s: %d of %d records: %s" % (out.label, len(bad), len(out.packets),
+                                                       bad[:3])
+    print("%s G-overlay: %d packets on the tap; kprobe stages %s" % (
+        lane.suite, len(wire), sorted(set(tuple(r["stages"]) for r in run.out["kprobe"].packets))))
 
 
 def test_the_release_ran_its_own_kernel_bcc_and_python(lane):

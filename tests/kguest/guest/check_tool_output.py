@@ -40,7 +40,7 @@ def main():
     netem = "netem" in parts
     host = "host" in parts
     drop = "drop" in parts
-    vhost = "vhost" in parts        # ICMP and UDP through vhost-net, no TCP
+    vhost = "vhost" in parts or "overlay" in parts   # ICMP and UDP only, no TCP
 
     fails, warns = [], []
     rc = None

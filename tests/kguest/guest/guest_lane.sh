@@ -156,6 +156,43 @@ topo_b_up() {
     ip link set "$LBR" up
 }
 
+# TOPOLOGY G: an OVN-like host. OVS bridge ovsbr0 with the tap and a Geneve tunnel
+# port (VNI 42, remote 10.88.0.2): OVS's metadata-mode genev_sys_6081 device does the
+# encapsulation; the underlay is vnlphy0 (10.88.0.1) to namespace remote, whose eth0
+# (10.88.0.2) carries a Linux Geneve device gnv0 holding the VM's peer 10.77.0.3.
+UND_LOCAL=10.88.0.1 UND_REMOTE=10.88.0.2 GENEVE_VNI=42
+topo_g_up() {
+    modprobe geneve || return 1
+    modprobe vport_geneve 2>/dev/null    # OVS loads it itself where it is built in
+    setup_endpoints G || return 1
+    in_vm ip link set eth0 mtu 1400         # room for the outer headers
+    in_remote ip addr flush dev eth0
+    in_remote ip addr add "$UND_REMOTE/24" dev eth0
+    ip addr add "$UND_LOCAL/24" dev "$PHY" || return 1
+    in_remote ip link add gnv0 type geneve id "$GENEVE_VNI" remote "$UND_LOCAL" || return 1
+    in_remote ip addr add "$REMOTE_IP/24" dev gnv0
+    in_remote ip link set gnv0 up
+    ovs-vsctl --timeout=30 add-br "$OVSBR" -- set bridge "$OVSBR" datapath_type=system || return 1
+    ovs-vsctl --timeout=30 add-port "$OVSBR" "$TAP" -- add-port "$OVSBR" gnv -- \
+        set interface gnv type=geneve options:remote_ip="$UND_REMOTE" \
+        options:key="$GENEVE_VNI" || return 1
+    ip link set "$OVSBR" up
+    local i
+    for i in $(seq 1 50); do [ -e /sys/class/net/genev_sys_6081 ] && break; sleep 0.2; done
+    [ -e /sys/class/net/genev_sys_6081 ] || { say "no genev_sys_6081"; return 1; }
+    sysctl -qw net.ipv6.conf.genev_sys_6081.disable_ipv6=1 2>/dev/null
+    ip link show genev_sys_6081 > "$OUT/genev_sys_6081.txt"
+}
+
+geneve_case() { # the VM <-> its peer across the Geneve overlay: ICMP and UDP
+    TOPO=G
+    static_arp gnv0
+    ovs-vsctl set Open_vSwitch . other_config:max-idle=3600000
+    warm_up
+    run_pair "G-overlay" traffic_vhost "$TAP" "$PHY"
+    TOPO=
+}
+
 topo_down() {
     netem_off 2>/dev/null
     if [ -n "$VMSTUB_PID" ]; then
@@ -163,6 +200,7 @@ topo_down() {
     fi
     rm -f /run/vmstub.ready
     ovs-vsctl --timeout=10 --if-exists del-br "$OVSBR" 2>/dev/null
+    ip addr flush dev "$PHY" 2>/dev/null
     ip link del "$LBR" 2>/dev/null
     ip link del "$PHY" 2>/dev/null
     ip link del "$VMLINK" 2>/dev/null
@@ -343,7 +381,7 @@ capture_stop() {
 }
 
 ovs_lookups() { # ovs_lookups WHEN: the datapath's hit/missed/lost counters into the oracle
-    [ "$TOPO" = A ] || return 0
+    case "$TOPO" in A|G) ;; *) return 0 ;; esac
     local when=$1 l
     l=$(ovs-dpctl show 2>/dev/null | sed -n 's/.*lookups: hit:\([0-9]*\) missed:\([0-9]*\) lost:\([0-9]*\).*/\1 \2 \3/p' | head -n1)
     set -- $l
@@ -360,7 +398,7 @@ ping_oracle() { # ping_oracle FROM DST OUTPUT: transmitted/received of one ping 
 }
 
 flows_reset() { # datapath flows deleted: the next packet of every flow is an upcall
-    [ "$TOPO" = A ] || return 0
+    case "$TOPO" in A|G) ;; *) return 0 ;; esac
     ovs-dpctl del-flows && oracle '{"kind": "del_flows"}'
 }
 
@@ -569,11 +607,11 @@ host_addr() { # host_addr add|del: the host's own address on the switch
 }
 
 static_arp() { # the VM and the remote know each other: no ARP during the traced runs
-    local vm_mac remote_mac
+    local vm_mac remote_mac rdev=${1:-eth0}   # the remote's device holding 10.77.0.3
     vm_mac=$(in_vm cat /sys/class/net/eth0/address)
-    remote_mac=$(in_remote cat /sys/class/net/eth0/address)
+    remote_mac=$(in_remote cat "/sys/class/net/$rdev/address")
     in_vm ip neigh replace "$REMOTE_IP" lladdr "$remote_mac" dev eth0 nud permanent
-    in_remote ip neigh replace "$VM_IP" lladdr "$vm_mac" dev eth0 nud permanent
+    in_remote ip neigh replace "$VM_IP" lladdr "$vm_mac" dev "$rdev" nud permanent
 }
 
 tool_cases() { # tool_cases TOPO
@@ -616,10 +654,10 @@ tool_cases() { # tool_cases TOPO
 
 # ------------------------------------------------------------------ main
 lane_main() {
-    local cases=${1:-all} want_a=0 want_b=0 want_tool=0 c
-    [ "$cases" = all ] && cases=A,B,tool
+    local cases=${1:-all} want_a=0 want_b=0 want_g=0 want_tool=0 c
+    [ "$cases" = all ] && cases=A,B,G,tool
     for c in ${cases//,/ }; do
-        case "$c" in A) want_a=1 ;; B) want_b=1 ;; tool) want_tool=1 ;; esac
+        case "$c" in A) want_a=1 ;; B) want_b=1 ;; G) want_g=1 ;; tool) want_tool=1 ;; esac
     done
     mkdir -p "$OUT"; : > "$STEPS"
     say "lane start: cases=$cases"
@@ -655,6 +693,20 @@ lane_main() {
         fi
         topo_down
         cp /var/log/openvswitch/*.log "$OUT/" 2>/dev/null
+        [ $want_g = 1 ] || stop_ovs
+    fi
+    if [ $want_g = 1 ]; then
+        [ $want_a = 1 ] || start_ovs || step ovs_start FAIL "see /var/log/openvswitch"
+        if topo_g_up; then
+            step G.topology PASS "$OVSBR: $TAP + geneve (genev_sys_6081, VNI $GENEVE_VNI) over $PHY"
+            if out=$(do_ping 3 0.2 2>&1); then step G.ping PASS "$(echo "$out" | tail -n1)"
+            else step G.ping FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
+            [ $want_tool = 1 ] && geneve_case
+        else
+            step G.topology FAIL "could not build topology G"
+        fi
+        topo_down
+        cp /var/log/openvswitch/ovs-vswitchd.log "$OUT/ovs-vswitchd-G.log" 2>/dev/null
         stop_ovs
     fi
     if [ $want_b = 1 ]; then
