@@ -439,6 +439,7 @@ tool_args() {           # the tool's command line for a configuration
         tool_thresh) echo "--vm-dev $TAP --phy-dev $PHY --mode detailed --latency-threshold 1000000" ;;
         tool_detail) echo "--vm-dev $TAP --phy-dev $PHY --mode detailed --output json" ;;
         tool_filtered) echo "--vm-dev $TAP --phy-dev $PHY --dst-port 9999" ;;
+        tool_sample) echo "--vm-dev $TAP --phy-dev $PHY --mode histogram --interval 3600 --sample 100" ;;
     esac
 }
 
@@ -632,13 +633,13 @@ bpf_stats_run() {
 lab_up
 write_helpers
 find_offsets
-for cfg in tool_hist tool_thresh tool_detail tool_filtered; do   # fail early, not mid-run
+for cfg in tool_hist tool_thresh tool_detail tool_filtered tool_sample; do   # fail early
     # shellcheck disable=SC2046
     timeout 120 $PY "$TOOL" $(tool_args "$cfg") --dry-run >"$W/dry.out" 2>&1 7>&- 8<&- 9>&- ||
         die "the tool fails its --dry-run for $cfg: $(tail -3 "$W/dry.out")"
 done
 
-CONFIGS=(baseline tool_hist tool_thresh tool_detail tool_filtered tcpdump bpftrace floor)
+CONFIGS=(baseline tool_hist tool_thresh tool_detail tool_filtered tool_sample tcpdump bpftrace floor)
 NS0=$(ns_counter); NST0=$(ns_nstat)
 
 log "warm-up flood"
@@ -752,13 +753,14 @@ def steal(r):
 
 runs = [kv(l) for l in open(os.path.join(W, "runs.txt")) if l.strip()]
 CONFIGS = ["baseline", "tool_hist", "tool_thresh", "tool_detail", "tool_filtered",
-           "tcpdump", "bpftrace", "floor"]
+           "tool_sample", "tcpdump", "bpftrace", "floor"]
 LABEL = {
     "baseline": "1 baseline (nothing attached)",
     "tool_hist": "2 tool histogram",
     "tool_thresh": "3 tool detailed, threshold 1 s",
     "tool_detail": "4 tool detailed json, every pkt",
     "tool_filtered": "5 tool filtered (--dst-port 9999)",
+    "tool_sample": "5b tool histogram --sample 100",
     "tcpdump": "6 tcpdump -w on tap + veth",
     "bpftrace": "7 bpftrace rx->xmit hist()",
     "floor": "8 floor: 4 raw tp, ifindex only",

@@ -234,6 +234,13 @@ class Lane(object):
         self._runs = {}
         self._stages = {}
 
+    def run_after(self, step):
+        """The first traced run the guest made after a step (the order of steps.tsv)."""
+        names = [l.split("\t")[0] for l in self.read("steps.tsv").splitlines() if l.strip()]
+        later = [n for n in names[names.index(step) + 1:] if n.startswith("run.")]
+        assert later, "no run after %s: %s" % (step, names)
+        return self.run(later[0][len("run."):])
+
     def stages(self, method):
         """{stage: its --list-stages JSON object} as the tool planned them in the guest."""
         if method not in self._stages:
@@ -948,9 +955,9 @@ def test_sigkill_leaves_nothing_registered(lane):
         print("SIGKILL: %d programs gone %.2f s after the kill; no kprobe_events entry, while "
               "running or after (kprobe PMU)" % (len(ids), meta["programs_gone_after_s"]))
     else:
-        # the legacy interface: its events stay; the next run (B-mix) must remove them
-        nxt = lane.run("B-mix")
-        still = _bcc_events(lane.read("runs", "B-mix", "kprobe_events.attached"), pid)
+        # the legacy interface: its events stay; the next run must remove them
+        nxt = lane.run_after("sigkill")
+        still = _bcc_events(lane.read("runs", nxt.name, "kprobe_events.attached"), pid)
         assert not still, "the next run left the killed instance's events: %s" % still
         logs = "".join(nxt.out[m].stderr for m in nxt.methods)   # whichever instance came first
         for line in left:
@@ -961,14 +968,14 @@ def test_sigkill_leaves_nothing_registered(lane):
 def test_next_run_removes_stale_kprobe_events(lane):
     """Point 7, the legacy case made to happen: after the kill the lane wrote the event BCC
     writes where there is no kprobe PMU (p:kprobes/p_tun_net_xmit_bcc_<dead pid>); the next
-    run of the tool (B-mix, --verbose) must remove it and say so."""
+    run of the tool (whichever it is, --verbose) must remove it and say so."""
     planted = lane.read("sigkill", "planted_event.txt").strip()
     assert planted in lane.read("sigkill", "kprobe_events.planted")
     diag = json.loads(lane.read("sigkill", "remove_diag.json"))
     assert diag["present_before"] and not diag["present_after_os_open"], (
         "removing an event with os.open(O_WRONLY|O_APPEND) did not work here: %s" % diag)
-    nxt = lane.run("B-mix")
-    after = lane.read("runs", "B-mix", "kprobe_events.attached")
+    nxt = lane.run_after("sigkill")
+    after = lane.read("runs", nxt.name, "kprobe_events.attached")
     logs = "".join(nxt.out[m].stderr for m in nxt.methods)   # whichever instance came first
     assert planted not in after and "removed stale kprobe event %s" % planted in logs, (
         "the next run left %s in kprobe_events (%s); removing it with open(path, 'a'): %s"
