@@ -8,7 +8,7 @@ import pytest
 
 from lab import Lab
 from tapwriter import TapWriter, ether, ipv4, ipv6, udp
-from tracing import Capture
+from tracing import Capture, capture_key
 
 PHY, BRIDGE = Lab.PHY, Lab.BRIDGE
 REMOTE6 = Lab.REMOTE_IP6
@@ -33,13 +33,6 @@ def wire_of(cap, mac):
     return [p for p in cap.stop().packets(mac) if p[0] in ("tx", "rx")]
 
 
-def key(r):
-    icmp = r["protocol"] in ("icmp", "icmp6")
-    return (r["direction"], r["protocol"], r["src_ip"], r["dst_ip"],
-            r["icmp_id"] if icmp else r["src_port"], r["icmp_seq"] if icmp else r["dst_port"],
-            r["icmp_type"])
-
-
 def test_ping6_is_traced_per_packet(v6, traces):
     t = traces("--vm", V6NAME, "--phy-dev", PHY, "--protocol", "icmp6")
     cap = Capture("vnltap5", "icmp6")
@@ -48,7 +41,7 @@ def test_ping6_is_traced_per_packet(v6, traces):
     t.stop()
     wire = wire_of(cap, "52:54:00:77:00:07")
     echoes = [r for r in t.packets() if r["icmp_id"] is not None]
-    assert collections.Counter(map(key, echoes)) == collections.Counter(
+    assert collections.Counter(map(capture_key, echoes)) == collections.Counter(
         w for w in wire if w[6] in (128, 129))
     assert len(echoes) == 10
     for r in echoes:
@@ -92,7 +85,7 @@ def test_tcp_over_ipv6_and_ipv4_match_the_wire(lab, v6, traces):
     echo6.stop()
     echo4.stop()
     wire = wire_of(cap, "52:54:00:77:00:07")
-    assert collections.Counter(map(key, t.packets())) == collections.Counter(wire)
+    assert collections.Counter(map(capture_key, t.packets())) == collections.Counter(wire)
     versions = collections.Counter(r["ip_version"] for r in t.packets())
     assert versions[6] >= 10 and versions[4] >= 10, versions
 

@@ -18,7 +18,7 @@ import pytest
 import topology
 from lab import Lab
 from nsservers import start_server
-from tracing import Capture, wait_qdisc_empty
+from tracing import Capture, capture_key, wait_qdisc_empty
 
 VTEP_NS, BR, VX, UND = "vnl-vtep", "vnlbr1", "vnlvx0", "vnlund0"
 UNDERLAY = "10.88.0.0/24"
@@ -78,13 +78,6 @@ def ping(vm, n, dst=PEER, six=False):
     assert rc == 0 and "%d packets received" % n in out, out
 
 
-def key(r):
-    icmp = r["protocol"] in ("icmp", "icmp6")
-    return (r["direction"], r["protocol"], r["src_ip"], r["dst_ip"],
-            r["icmp_id"] if icmp else r["src_port"], r["icmp_seq"] if icmp else r["dst_port"],
-            r["icmp_type"])
-
-
 def test_the_underlay_is_found_with_no_device_options(overlay, traces):
     t = traces("--verbose", "--protocol", "udp")
     t.stop()
@@ -102,7 +95,7 @@ def test_vxlan_both_ways_per_packet_with_inner_keys(overlay, traces):
     t.stop()
     wire = [w for w in cap.stop().packets(GUEST_MAC) if w[0] in ("tx", "rx")]
     mine = [r for r in t.packets() if GUEST in (r["src_ip"], r["dst_ip"])]
-    assert collections.Counter(map(key, mine)) == collections.Counter(wire)
+    assert collections.Counter(map(capture_key, mine)) == collections.Counter(wire)
     assert len(mine) == 10
     for r in mine:
         tun = r["tunnel"]

@@ -171,6 +171,15 @@ class Capture(object):
         return out
 
 
+def capture_key(rec):
+    """A packet record as Capture.packets() gives a packet: (direction, protocol, src,
+    dst, port or ICMP id, port or ICMP sequence, ICMP type), to compare with the wire."""
+    icmp = rec["protocol"] in ("icmp", "icmp6")
+    return (rec["direction"], rec["protocol"], rec["src_ip"], rec["dst_ip"],
+            rec["icmp_id"] if icmp else rec["src_port"],
+            rec["icmp_seq"] if icmp else rec["dst_port"], rec["icmp_type"])
+
+
 def exact_percentile(values, fraction):
     """Nearest-rank percentile: the smallest value with at least fraction of all at or below."""
     ordered = sorted(values)

@@ -61,30 +61,7 @@ struct queue {
 
 static void die(const char *what) { perror(what); exit(1); }
 
-static int ifindex_of(const char *name)
-{
-    struct ifreq ifr;
-    int s = socket(AF_INET, SOCK_DGRAM, 0);
-    if (s < 0) return 0;
-    memset(&ifr, 0, sizeof(ifr));
-    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
-    int rc = ioctl(s, SIOCGIFINDEX, &ifr);
-    close(s);
-    return rc < 0 ? 0 : ifr.ifr_ifindex;
-}
-
-static void set_up(const char *name)
-{
-    struct ifreq ifr;
-    int s = socket(AF_INET, SOCK_DGRAM, 0);
-    if (s < 0) die("socket");
-    memset(&ifr, 0, sizeof(ifr));
-    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
-    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) die("SIOCGIFFLAGS");
-    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
-    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) die("SIOCSIFFLAGS");
-    close(s);
-}
+#include "stub_link.h"      /* ifindex_of(), set_up() */
 
 static void kick(struct queue *q)
 {
@@ -149,7 +126,7 @@ int main(int argc, char **argv)
     if (ioctl(tap, TUNSETIFF, &ifr) < 0) die("TUNSETIFF");
     int hdrsz = HDR;
     if (ioctl(tap, TUNSETVNETHDRSZ, &hdrsz) < 0) die("TUNSETVNETHDRSZ");
-    set_up(tapname);
+    if (set_up(tapname) < 0) die("bringing the tap up");
 
     int vh = open("/dev/vhost-net", O_RDWR);
     if (vh < 0) die("open /dev/vhost-net");
@@ -195,7 +172,7 @@ int main(int argc, char **argv)
     sll.sll_ifindex = ifindex_of(linkdev);
     if (!sll.sll_ifindex) { fprintf(stderr, "no device %s\n", linkdev); return 1; }
     if (bind(ps, (struct sockaddr *)&sll, sizeof(sll)) < 0) die("bind AF_PACKET");
-    set_up(linkdev);
+    if (set_up(linkdev) < 0) die("bringing the link up");
 
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));

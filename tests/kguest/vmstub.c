@@ -38,31 +38,7 @@
 static volatile sig_atomic_t stop;
 static void on_signal(int sig) { (void)sig; stop = 1; }
 
-static int ifindex_of(const char *name)
-{
-    struct ifreq ifr;
-    int s = socket(AF_INET, SOCK_DGRAM, 0);
-    if (s < 0) return 0;
-    memset(&ifr, 0, sizeof(ifr));
-    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
-    int rc = ioctl(s, SIOCGIFINDEX, &ifr);
-    close(s);
-    return rc < 0 ? 0 : ifr.ifr_ifindex;
-}
-
-static int set_up(const char *name)
-{
-    struct ifreq ifr;
-    int s = socket(AF_INET, SOCK_DGRAM, 0);
-    if (s < 0) return -1;
-    memset(&ifr, 0, sizeof(ifr));
-    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
-    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) { close(s); return -1; }
-    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
-    int rc = ioctl(s, SIOCSIFFLAGS, &ifr);
-    close(s);
-    return rc;
-}
+#include "stub_link.h"      /* ifindex_of(), set_up() */
 
 int main(int argc, char **argv)
 {
