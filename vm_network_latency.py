@@ -43,6 +43,7 @@ import ctypes
 import errno
 import ipaddress
 import json
+import operator
 import os
 import re
 import signal
@@ -261,8 +262,9 @@ def build_parser():
                              "sampled ones, and say so)")
     parser.add_argument("--max-inflight", type=_table_size, default=65536, metavar="N",
                         help="packets tracked at once (kernel memory is fixed at about "
-                             "250 bytes each; beyond it packets are counted as not "
-                             "tracked; default: 65536)")
+                             "250 bytes each; beyond it, or when the %d slots an sk_buff "
+                             "can use are taken, packets are counted as not tracked; "
+                             "default: 65536)" % INFLIGHT_WAYS)
     parser.add_argument("--btf", metavar="FILE", default=DEFAULT_BTF,
                         help="kernel BTF to take struct layouts from ('none': use the "
                              "kernel headers, only if they match the running kernel)")
@@ -1385,7 +1387,7 @@ HIST_BUCKETS = 720         # up to 2^47 / 1024 us (about 38 hours); longer ones 
 VM_HIST_ENTRIES = 131072   # --per-vm: (tap, segment, bucket) counters in use, ~9 MB
 VM_HIST_ROW = HIST_BUCKETS + 1   # per tap and segment: the buckets, then the sum of ns
 DEVROLE_SLOTS = 65536      # ifindexes below this are looked up in an array, above in a hash
-HINT_SLOTS = 16384         # counters telling cheaply that an sk_buff is not tracked
+INFLIGHT_WAYS = 4          # slots per hash of an sk_buff address in the in-flight table
 
 # The kernel's histogram bucketing (bucket_bounds() below says what a bucket holds;
 # the unit tests run this C in the kernel, through BPF_PROG_TEST_RUN, against it).
@@ -1424,10 +1426,15 @@ C_PROGRAM = r"""
 
 struct fate_key { u32 reason; u8 dir, last, pad[2]; };
 
-BPF_HASH(inflight, u64, struct pkt, MAX_INFLIGHT);
-// Counters by a hash of the sk_buff address: most sk_buffs on a host are not tracked,
-// and one array read (no hashing, no locking) says so before the hash lookup.
-BPF_ARRAY(hint, u32, HINT_SLOTS);
+// Packets in flight: a direct-mapped table indexed by a hash of the sk_buff address,
+// INFLIGHT_WAYS slots per hash, the address kept as the slot's tag. Looking a packet
+// up is two array reads the verifier inlines (no hashing, no bucket locks: most
+// sk_buffs on a host are not tracked, and one cache line of tags says so); starting
+// and ending one are stores. When every slot of its hash is taken, a packet is
+// counted as not tracked, never lost silently.
+struct ways { u64 skb[INFLIGHT_WAYS]; u32 lock, pad; };
+BPF_ARRAY(inflight_tags, struct ways, INFLIGHT_GROUPS);
+BPF_ARRAY(inflight, struct pkt, INFLIGHT_GROUPS * INFLIGHT_WAYS);
 BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
 // Role of each device by ifindex: an array (no hashing) for the usual small ifindex
 BPF_ARRAY(devroles, u8, DEVROLE_SLOTS);
@@ -1466,47 +1473,89 @@ static __always_inline void stat_add(u32 stat, u32 dir)
         (*v)++;
 }
 
-static __always_inline u32 *hint_of(u64 key)
+static __always_inline struct ways *ways_of(u64 key, u32 *group)
 {
-    u32 slot = ((key >> 8) ^ (key >> 22)) & (HINT_SLOTS - 1);
-    return hint.lookup(&slot);
+    // sk_buffs come from slab caches: multiplying spreads the address's varying bits
+    *group = (u32)((key * 0x9E3779B97F4A7C15ULL) >> 32) % INFLIGHT_GROUPS;
+    return inflight_tags.lookup(group);
+}
+
+static __always_inline struct pkt *slot_record(u32 group, u32 way)
+{
+    u32 idx = group * INFLIGHT_WAYS + way;
+    return inflight.lookup(&idx);
 }
 
 // The packet record of this sk_buff, if it is being tracked.
 static __always_inline struct pkt *tracked(u64 key)
 {
-    u32 *n = hint_of(key);
-    if (!n || !*n)
+    u32 group;
+    struct ways *w = ways_of(key, &group);
+    if (!w)
         return 0;
-    return inflight.lookup(&key);
+    #pragma unroll
+    for (u32 i = 0; i < INFLIGHT_WAYS; i++) {
+        if (w->skb[i] == key)
+            return slot_record(group, i);
+    }
+    return 0;
 }
 
-// Start tracking; 0 on success, -EEXIST if a record was there (and is replaced).
+// Start tracking (p is copied): 0 on success, -ERR_EEXIST if this sk_buff still had
+// a record (its packet vanished unseen; replaced), -1 if every slot is taken. A CPU
+// holds a hash's lock only while it fills a slot; another one starting a packet of
+// the same hash at that moment does not wait: its packet is not tracked (counted).
 static __always_inline int track(u64 key, struct pkt *p)
 {
-    int err = inflight.insert(&key, p);
-    if (err == 0) {
-        u32 *n = hint_of(key);
-        if (n)
-            __sync_fetch_and_add(n, 1);
-    } else if (err == -ERR_EEXIST && inflight.update(&key, p) == 0) {
-        return -ERR_EEXIST;
+    u32 group;
+    struct ways *w = ways_of(key, &group);
+    if (!w)
+        return -1;
+    int ret = -1;
+    __sync_fetch_and_add(&w->lock, 1);
+    if (*(volatile u32 *)&w->lock == 1) {
+        int way = -1;
+        #pragma unroll
+        for (int i = 0; i < INFLIGHT_WAYS; i++) {
+            if (way < 0 && w->skb[i] == key) {
+                way = i;
+                ret = -ERR_EEXIST;
+            }
+        }
+        #pragma unroll
+        for (int i = 0; i < INFLIGHT_WAYS; i++) {
+            if (way < 0 && !w->skb[i]) {
+                way = i;
+                ret = 0;
+            }
+        }
+        struct pkt *rec = way >= 0 ? slot_record(group, way) : 0;
+        if (rec) {
+            __builtin_memcpy(rec, p, sizeof(*rec));
+            w->skb[way & (INFLIGHT_WAYS - 1)] = key;  // the tag last: then it is whole
+        } else {
+            ret = -1;
+        }
     }
-    return err;
+    __sync_fetch_and_add(&w->lock, -1);
+    return ret;
 }
 
 static __always_inline void untrack(u64 key)
 {
-    if (inflight.delete(&key) == 0) {
-        u32 *n = hint_of(key);
-        if (n)
-            __sync_fetch_and_add(n, -1);
+    u32 group;
+    struct ways *w = ways_of(key, &group);
+    if (!w)
+        return;
+    #pragma unroll
+    for (int i = 0; i < INFLIGHT_WAYS; i++) {
+        if (w->skb[i] == key)
+            w->skb[i] = 0;
     }
 }
 
 /*READERS*/
 
-// Is this device one of ours, by ifindex? (Which namespace it is in: below.)
 static __always_inline void *skb_dev(void *skb)
 {
     void *dev = 0;
@@ -1514,25 +1563,10 @@ static __always_inline void *skb_dev(void *skb)
     return dev;
 }
 
-static __always_inline u32 dev_role(void *dev, u32 *ifindex)
-{
-    if (!dev)
-        return 0;
-    u32 idx = 0;
-    bpf_probe_read_kernel(&idx, sizeof(idx), (u8 *)dev + DEV_IFINDEX);
-    u8 *role = idx < DEVROLE_SLOTS ? devroles.lookup(&idx) : devroles_big.lookup(&idx);
-    if (!role || !*role)
-        return 0;
-    *ifindex = idx;
-    return *role;
-}
-
 // Our devices are the host's: a namespace's device with the same ifindex is not.
-static __always_inline int in_host_netns(void *dev)
+static __always_inline int in_host_netns(u64 net)
 {
 #if CHECK_NETNS
-    u64 net = 0;
-    bpf_probe_read_kernel(&net, sizeof(net), (u8 *)dev + DEV_ND_NET);
     u32 zero = 0;
     u64 *host = hostnet.lookup(&zero);
     if (!host)
@@ -1548,6 +1582,23 @@ static __always_inline int in_host_netns(void *dev)
     }
 #endif
     return 1;
+}
+
+// Is this device one of ours (0: no)? By ifindex, and in the host's namespace: its
+// ifindex and namespace are read together (one probe read where they are close, as
+// in 6.x kernels).
+static __always_inline u32 dev_role(void *dev, u32 *ifindex)
+{
+    if (!dev)
+        return 0;
+    u32 idx = 0;
+    u64 net = 0;
+    read_dev(dev, &idx, &net);
+    u8 *role = idx < DEVROLE_SLOTS ? devroles.lookup(&idx) : devroles_big.lookup(&idx);
+    if (!role || !*role || !in_host_netns(net))
+        return 0;
+    *ifindex = idx;
+    return *role;
 }
 
 static __always_inline u32 be16(const u8 *p) { return ((u32)p[0] << 8) | p[1]; }
@@ -1953,8 +2004,7 @@ static __always_inline int on_receive(void *ctx, void *skb, int vm_stage, int ph
     if (!p)
         return 0;
     __builtin_memset(p, 0, sizeof(*p));
-    // filters first: the namespace is only checked for packets that pass them
-    if (!parse_frame(len, data_len, mac, head, p, dir == DIR_RX) || !in_host_netns(dev))
+    if (!parse_frame(len, data_len, mac, head, p, dir == DIR_RX))
         return 0;
     u64 now = bpf_ktime_get_ns();
     p->dir = dir;
@@ -2025,8 +2075,6 @@ static __always_inline int on_device(void *ctx, void *skb, int vm_stage, int phy
                   p->tun_ifindex;
     } else {
         role = dev_role(dev, &ifindex);
-        if (role && !in_host_netns(dev))
-            role = 0;
         p->dev = (u64)dev;
         p->dev_role = role;
 #if TUNNELS
@@ -2277,7 +2325,20 @@ def generate_readers(layout):
     for macro, size in expected.items():
         if isinstance(s.get(macro), int) and s[macro] != size:
             raise Fatal("unexpected size %d of %s in this kernel" % (s[macro], macro))
-    return _c_reader("read_skb", "skb", skb_fields, max_span=256)
+    readers = [_c_reader("read_skb", "skb", skb_fields, max_span=256)]
+    if layout.netns and isinstance(o["DEV_IFINDEX"], int):
+        readers.append(_c_reader("read_dev", "dev", [
+            ("ifindex", "u32", "DEV_IFINDEX", o["DEV_IFINDEX"], 4),
+            ("net", "u64", "DEV_ND_NET", o["DEV_ND_NET"], 8)]))
+    else:   # no namespaces, or offsetof() from the headers (namespaces: #if CHECK_NETNS)
+        readers.append("""static __always_inline void read_dev(void *dev, u32 *ifindex, u64 *net)
+{
+    bpf_probe_read_kernel(ifindex, 4, (u8 *)dev + DEV_IFINDEX);
+#if CHECK_NETNS
+    bpf_probe_read_kernel(net, 8, (u8 *)dev + DEV_ND_NET);
+#endif
+}""")
+    return "\n\n".join(readers)
 
 
 Attachment = namedtuple("Attachment", "method probe arg fn_name stages")
@@ -2448,7 +2509,8 @@ def address_filters(args):
 def generate_program(args, plans, layout, config):
     defines = [
         ("NSTAGES", NSTAGES), ("NSTATS", 2 * len(STAT_NAMES)),
-        ("MAX_INFLIGHT", config.max_inflight),
+        ("INFLIGHT_WAYS", INFLIGHT_WAYS),
+        ("INFLIGHT_GROUPS", -(-config.max_inflight // INFLIGHT_WAYS)),
         ("HISTOGRAM", int(args.mode == "histogram")), ("SAMPLE", args.sample),
         ("PER_VM", int(per_vm_kernel(args))), ("VM_HIST_ENTRIES", VM_HIST_ENTRIES),
         ("VM_HIST_ROW", VM_HIST_ROW), ("HIST_SUMS", int(bool(args.prometheus or
@@ -2464,7 +2526,7 @@ def generate_program(args, plans, layout, config):
         ("FATE_LEFT", "0x%xU" % FATE_LEFT), ("EV_PACKET", EV_PACKET), ("EV_DROP", EV_DROP),
         ("HIST_SUB_BITS", HIST_SUB_BITS), ("HIST_BUCKETS", HIST_BUCKETS),
         ("HIST_SLOTS", hist_slots(histogram_segments(plans))),
-        ("DEVROLE_SLOTS", DEVROLE_SLOTS), ("HINT_SLOTS", HINT_SLOTS),
+        ("DEVROLE_SLOTS", DEVROLE_SLOTS),
         ("TRACE_UPCALLS", int(traces_upcalls(plans))),
         ("FINAL_TX", final_stage(plans, "tx")), ("FINAL_RX_VM", final_stage(plans, "rx")),
     ]
@@ -2699,6 +2761,66 @@ def packet_record(fields, names, process_name, thread_name, wall_offset, vms=Non
     return rec
 
 
+# What tells one kind of packet from another: every field of the record but its times
+# and what only drops or nobody print. Packets of one kind print the same but for times.
+PER_PACKET_FIELDS = ("ts", "location", "reason", "ip_id")
+_KIND_OF = operator.itemgetter(*[i for name, ctype, count, _m in RECORD_FIELDS
+                                 if name not in PER_PACKET_FIELDS
+                                 for i in range(PKT_INDEX[name], PKT_INDEX[name] + (
+                                     1 if ctype == "u8" else count))])
+_PATH_SIDS = [tuple(sid for _n, sid in _PATH_FIELDS[d]) for d in DIRECTIONS]
+MARK = "\x01"      # where a time goes in an output template
+
+
+class PacketFormatter(object):
+    """Detailed mode's per-event work, done once per kind of packet.
+
+    The first packet of a kind (same flow, devices, process and stages seen) goes
+    through packet_record() and the Reporter, which also give its output with marks
+    where the times go; the next ones of that kind only have their times filled in.
+    The output is the same, byte for byte (tests/test_records.py checks it against
+    packet_record() and the Reporter for every kind of record)."""
+    LIMIT = 4096
+
+    def __init__(self, reporter):
+        self.reporter = reporter
+        self.kinds = {}
+
+    def clear(self):
+        """Names changed (devices, VMs): kinds are made again."""
+        self.kinds.clear()
+
+    def packet(self, fields, wall_offset, record):
+        """The output of one EV_PACKET event; record() makes its packet_record()."""
+        sids = [sid for sid in _PATH_SIDS[fields[P_DIR]] if fields[sid]]
+        key = (tuple(sids), _KIND_OF(fields))
+        parts = self.kinds.get(key)         # the output's format string
+        if parts is None:
+            rec = record()
+            if not sids:
+                return None
+            if len(self.kinds) >= self.LIMIT:
+                self.kinds.clear()
+            parts = self.reporter.packet_template(rec)
+            # one format string: the parts, their own "%" doubled
+            parts = self.kinds[key] = "%s".join(p.replace("%", "%%") for p in parts) \
+                if parts else False
+        if not parts:
+            return None
+        times = [fields[sid] for sid in sids]
+        end = times[-1]
+        if self.reporter.json:
+            values = [repr(round(wall_offset + end / 1e9, 6))]
+            values += [repr(round((b - a) / 1000.0, 3)) for a, b in zip(times, times[1:])]
+            values.append(repr(round((end - times[0]) / 1000.0, 3)))
+        else:
+            fmt_us = self.reporter.fmt_us
+            values = [self.reporter.clock(round(wall_offset + end / 1e9, 6))]
+            values += [fmt_us(round((b - a) / 1000.0, 3)) for a, b in zip(times, times[1:])]
+            values.append(fmt_us(round((end - times[0]) / 1000.0, 3)))
+        return parts % tuple(values)
+
+
 # --- histogram buckets: v = ns * 1.024, 16 sub-buckets per power of two ---
 
 def tunnel_record(fields, names):
@@ -2817,8 +2939,23 @@ class Reporter(object):
     def packet(self, rec):
         if self.json:
             self.emit_json(rec)
-            return
-        when = self.clock(rec["timestamp"])
+        else:
+            self.write(self.packet_text(rec))
+
+    def packet_template(self, rec):
+        """The output of rec with MARK where its times go (the timestamp, each segment,
+        the total), split there; None if a name of the packet holds MARK itself."""
+        if self.json:
+            marked = dict(rec, timestamp=MARK, total_us=MARK,
+                          segments=[dict(seg, us=MARK) for seg in rec["segments"]])
+            parts = (self._json.encode(marked) + "\n").split(self._json.encode(MARK))
+        else:
+            parts = self.packet_text(rec, lambda _t: MARK, lambda _us: MARK).split(MARK)
+        return parts if len(parts) == len(rec["segments"]) + 3 else None
+
+    def packet_text(self, rec, clock=None, fmt_us=None):
+        clock, fmt_us = clock or self.clock, fmt_us or self.fmt_us
+        when = clock(rec["timestamp"])
         proto = rec["protocol"].upper()
         if rec["icmp_type"] is not None:
             what = "%s -> %s" % (rec["src_ip"], rec["dst_ip"])
@@ -2840,16 +2977,15 @@ class Reporter(object):
             path += " %s%s" % (tun["type"].upper(), " vni %d" % tun["vni"]
                                if tun["vni"] is not None else "")
         if rec["type"] == "drop":
-            self.write("[%s] DROP %s %s%s %s %s after %s: %s at %s\n" % (
+            return "[%s] DROP %s %s%s %s %s after %s: %s at %s\n" % (
                 when, proto, what, vlan, rec["direction"].upper(), path, rec["last_stage"],
-                rec["reason"], rec["location"]))
-            return
-        segs = " | ".join("%s->%s: %s" % (s["from"], s["to"], self.fmt_us(s["us"]))
+                rec["reason"], rec["location"])
+        segs = " | ".join("%s->%s: %s" % (s["from"], s["to"], fmt_us(s["us"]))
                           for s in rec["segments"])
         who = " | PID: %d (%s)" % (rec["pid"], rec["comm"]) if rec["pid"] else ""
-        self.write("[%s] %s %s%s %s %s\n  %s\n  Total Latency: %s%s\n" % (
+        return "[%s] %s %s%s %s %s\n  %s\n  Total Latency: %s%s\n" % (
             when, proto, what, vlan, rec["direction"].upper(), path, segs or "-",
-            self.fmt_us(rec["total_us"]), who))
+            fmt_us(rec["total_us"]), who)
 
     def histograms(self, when, tables, vm=None):
         """tables: [(direction, segment, {bucket: count})], segment 'total' last.
@@ -3197,9 +3333,18 @@ class KernelCounters(object):
         return [(k.reason, k.dir, k.last, v.value) for k, v in self.bpf["fates"].items()]
 
     def inflight(self):
-        """The raw records of the packets still being tracked."""
-        return [ctypes.string_at(ctypes.addressof(v), PKT.size)
-                for v in self.bpf["inflight"].values()]
+        """The raw records of the packets still being tracked (slots with a tag)."""
+        tags = self.bpf["inflight_tags"]
+        size = len(tags)
+        raw = read_array_bytes(tags, size, ctypes.sizeof(tags.Leaf))
+        records = self.bpf["inflight"]
+        out = []
+        for group, value in enumerate(raw):
+            for way in range(INFLIGHT_WAYS):
+                if struct.unpack_from("<Q", value, 8 * way)[0]:
+                    rec = records[ctypes.c_uint32(group * INFLIGHT_WAYS + way)]
+                    out.append(ctypes.string_at(ctypes.addressof(rec), PKT.size))
+        return out
 
     def upcalls_waiting(self):
         return sum(1 for _ in self.bpf["upcalls"].keys()) if self.upcalls else 0
@@ -3276,6 +3421,7 @@ class Run(object):
         self.perf_lost = 0
         self.stop_reason = None         # the signal that stopped it, or None
         self.output_broken = False
+        self.formatter = PacketFormatter(reporter)
         self.roles = {}
         self.known = {"comm": {}, "thread": {}, "reason": {}, "location": {}}
         self.events = None              # EventSource while tracing detailed or drops
@@ -3317,6 +3463,7 @@ class Run(object):
 
     def set_names(self, names):
         self.names.update(names)
+        self.formatter.clear()
         if self.recorder:
             self.recorder.write({"kind": "names", "names": dict(
                 (str(k), v) for k, v in sorted(self.names.items()))})
@@ -3330,6 +3477,7 @@ class Run(object):
         if vms == self.vms:
             return
         self.vms = vms
+        self.formatter.clear()
         if self.recorder:
             self.recorder.write({"kind": "vms", "vms": dict(
                 (str(k), list(v)) for k, v in sorted(vms.items()))})
@@ -3344,6 +3492,23 @@ class Run(object):
         if self.recorder:
             self.recorder.event(raw)
         fields = PKT.unpack(raw)
+        if fields[P_TYPE] == EV_PACKET:
+            try:
+                text = self.formatter.packet(fields, self.wall_offset, lambda: packet_record(
+                    fields, self.names, self.process_name, self.thread_name,
+                    self.wall_offset, self.vms))
+            except (IOError, OSError):
+                self.output_broken = True
+                return
+            if text is not None:
+                self.reported[DIRECTIONS[fields[P_DIR]]] += 1
+                vm_if = fields[P_VM_IF]
+                self.per_vm_reported[vm_if] = self.per_vm_reported.get(vm_if, 0) + 1
+                try:
+                    self.reporter.write(text)
+                except (IOError, OSError):
+                    self.output_broken = True
+                return
         rec = packet_record(fields, self.names, self.process_name, self.thread_name,
                             self.wall_offset, self.vms)
         if rec["type"] == "drop":
@@ -3846,27 +4011,50 @@ def final_report(args, tracer, this, metrics=None):
         pass
 
 
-def read_u64_array(table, size):
-    """All values of a BPF array of u64, in one batch syscall where the kernel has it (5.6+).
+def batch_lookup(table, size, value_size):
+    """(keys, values as one bytes) of a whole BPF array in one syscall, where the kernel
+    (5.6+) and BCC (0.20+; Debian 11 has 0.18) have batch lookups; else None.
 
     (BCC's own items_lookup_batch() shares one variable for the batch position and
     the count, so it can stop short; this reads the array whole.)"""
     from bcc.libbcc import lib
-    if not hasattr(lib, "bpf_lookup_batch"):     # BCC before 0.20 (Debian 11: 0.18)
-        return [v.value for v in table.values()]
+    if not hasattr(lib, "bpf_lookup_batch"):
+        return None
     keys = (ctypes.c_uint32 * size)()
-    values = (ctypes.c_uint64 * size)()
+    values = ctypes.create_string_buffer(size * value_size)
     count = ctypes.c_uint32(size)
     out_batch = ctypes.c_uint32(0)
     res = lib.bpf_lookup_batch(table.map_fd, None, ctypes.byref(out_batch),
                                ctypes.cast(keys, ctypes.c_void_p),
                                ctypes.cast(values, ctypes.c_void_p), ctypes.byref(count))
     if (res == 0 or ctypes.get_errno() == errno.ENOENT) and count.value == size:
-        out = [0] * size
-        for i in range(size):
-            out[keys[i]] = values[i]
-        return out
-    return [v.value for v in table.values()]     # one syscall per entry
+        return keys, values.raw
+    return None
+
+
+def read_array_bytes(table, size, value_size):
+    """All values of a BPF array, as bytes each."""
+    batch = batch_lookup(table, size, value_size)
+    if batch is None:        # a syscall per entry
+        return [ctypes.string_at(ctypes.addressof(v), value_size) for v in table.values()]
+    keys, raw = batch
+    out = [b""] * size
+    for i in range(size):
+        out[keys[i]] = raw[i * value_size:(i + 1) * value_size]
+    return out
+
+
+def read_u64_array(table, size):
+    """All values of a BPF array of u64."""
+    batch = batch_lookup(table, size, 8)
+    if batch is None:
+        return [v.value for v in table.values()]
+    keys, raw = batch
+    values = struct.unpack("<%dQ" % size, raw)
+    out = [0] * size
+    for i in range(size):
+        out[keys[i]] = values[i]
+    return out
 
 
 # Events reach user space through the ring buffer, or the perf buffer before 5.8.

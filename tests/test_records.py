@@ -126,6 +126,59 @@ def test_text_output_of_a_packet(tool):
         "ICMP 10.0.0.2 -> 10.0.0.1 id=77 seq=3 RX eth1 -> vnet0")
 
 
+def reference_output(tool, run, raw_event):
+    """What the reference path (packet_record, then the Reporter) prints for an event."""
+    out = io.StringIO()
+    reporter = tool.Reporter("json" if run.reporter.json else "text", "all", out=out)
+    reporter._second, reporter._hms = None, ""
+    reporter.packet(tool.packet_record(tool.PKT.unpack(raw_event), run.names,
+                                       run.process_name, run.thread_name, WALL, run.vms))
+    return out.getvalue()
+
+
+def kinds_of_packets(tool):
+    """Records of several kinds, each twice with different times (the second of a kind
+    is printed from its template)."""
+    v6 = dict(saddr=ip("fd00::1"), daddr=ip("fd00::2"), ip_version=6)
+    tunnel = dict(tunnel=tool.TUNNEL_VXLAN, outer_version=4, vni=4242, tun_ifindex=9,
+                  outer_saddr=ip("10.9.0.1"), outer_daddr=ip("10.9.0.2"))
+    kinds = [
+        udp_tx(tool), icmp_rx(tool), icmp_rx(tool, vlan=101), udp_tx(tool, **v6),
+        icmp_rx(tool, proto=58, icmp_type=129, **v6), icmp_rx(tool, icmp_type=3),
+        udp_tx(tool, **tunnel), udp_tx(tool, pid=0, tid=0),
+        udp_tx(tool, ts={"tap_rx": 100000000000, "phy_xmit": 100000001234}),
+        udp_tx(tool, vm_ifindex=11, tid=4245),      # names with "%" and the template mark
+        udp_tx(tool, vm_ifindex=12, pid=4343, tid=4344),
+    ]
+    later = []
+    for k in list(kinds):
+        fields = list(tool.PKT.unpack(k))
+        for i in range(tool.NSTAGES):
+            if fields[i]:
+                fields[i] += 7777777 * (i + 1)        # other times, same kind
+        later.append(tool.PKT.pack(*fields))
+    return kinds + later
+
+
+@pytest.mark.parametrize("output", ["json", "text"])
+def test_templated_output_equals_the_reference(tool, output):
+    """Detailed mode prints the second packet of a kind from a template: the output
+    must be the reference path's, byte for byte, for every kind of record."""
+    out = io.StringIO()
+    run = new_run(tool, output=output, out=out)
+    run.names.update({11: "tap%d", 12: "tap\x01x", 9: "vxlan0"})
+    run.known["thread"][4245] = "50% \x01 busy"
+    run.known["comm"][4343] = "qemu %s"
+    run.known["thread"][4344] = "w"
+    for event in kinds_of_packets(tool):
+        out.truncate(0)
+        out.seek(0)
+        run.on_event(event)
+        assert out.getvalue() == reference_output(tool, run, event)
+    assert run.reported["tx"] + run.reported["rx"] == len(kinds_of_packets(tool))
+    assert len(run.formatter.kinds) >= 10         # the kinds were templated
+
+
 def test_a_drop_record_names_reason_stage_and_place(tool):
     out = io.StringIO()
     run = new_run(tool, output="json", out=out, drop_reasons={64: "SKB_DROP_REASON_QDISC_DROP"})

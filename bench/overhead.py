@@ -1,0 +1,740 @@
+#!/usr/bin/python3
+"""overhead.py - what does vm_network_latency.py cost per packet, next to tcpdump,
+bpftrace and the cheapest possible BPF filter?
+
+Run as root:  bench/overhead.py [-r REPS] [-n FRAMES] [options]   (--help for all)
+
+The lab (every name starts with "vnb"; nothing else on the machine is touched):
+
+  tapflood (holds vnbtap0, writes frames as a VM would)
+     |  write() -> tun_get_user -> netif_receive_skb        (all in the writer's thread)
+  vnbtap0 --- vnbbr0 (bridge, no IP, stp off, static fdb) --- vnbphy0 (veth)
+                                                                |
+                                 namespace vnb-remote: eth0 10.78.0.3/24 (52:54:00:78:00:03)
+                                 static ARP 10.78.0.2 -> 52:54:00:78:00:02
+
+No host-side device gets an address: the only address is inside the namespace.
+
+Frames: 64-byte UDP/IPv4, 10.78.0.2:5000 -> 10.78.0.3:9000. Nobody listens on port 9000
+in the namespace; its ICMP error generator is switched off by the namespace's own
+global ICMP rate limit (icmp_msgs_per_sec=0, icmp_msgs_burst=0, icmp_ratelimit at its
+maximum), so every frame takes the same path
+  tap -> bridge -> veth -> namespace eth0 -> udp_rcv (no socket) -> kfree_skb(NO_SOCKET)
+and nothing ever comes back towards the tap. The driver checks it (the namespace's eth0
+sends 0 packets, UdpNoPorts counts every frame).
+
+The whole host path runs in the writer's thread, so the generator's own CPU time per
+frame (getrusage, user+sys) is the cost of the path, tracers' BPF programs included.
+Each configuration is measured REPS times, interleaved (rotating order); report.py turns
+the raw measurements into the table (medians, ratios, targets).
+
+The devices and namespace are made with the test suite's own tests/topology.py; the
+tool's counts come from its --output json summary. Everything created (devices,
+namespace, processes, work files) is removed on exit, on failure and on Ctrl-C. The
+generator binary is cached in /var/cache/vm-network-latency/bench, and results are
+written there as JSON (the raw runs and the analysis).
+
+MIT License (see LICENSE).
+"""
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, HERE)
+
+import topology                                 # noqa: E402  (the tests' devices)
+from procs import LabError, die_with_parent, run   # noqa: E402
+import report                                   # noqa: E402
+
+PY = "/usr/bin/python3"             # BCC's bindings live in the distribution's interpreter
+CACHE = "/var/cache/vm-network-latency/bench"
+LOCK = "/run/vnb-bench.lock"
+
+BR, TAP, PHY, NS = "vnbbr0", "vnbtap0", "vnbphy0", "vnb-remote"
+VM_MAC, REMOTE_MAC = "52:54:00:78:00:02", "52:54:00:78:00:03"
+VM_IP, REMOTE_IP = "10.78.0.2", "10.78.0.3"
+
+DEVS = ["--vm-dev", TAP, "--phy-dev", PHY, "--output", "json"]
+TOOL_ARGS = {
+    "tool_hist": DEVS + ["--mode", "histogram", "--interval", "3600"],
+    "tool_thresh": DEVS + ["--mode", "detailed", "--latency-threshold", "1000000"],
+    "tool_detail": DEVS + ["--mode", "detailed"],
+    "tool_filtered": DEVS + ["--dst-port", "9999"],
+    "tool_sample": DEVS + ["--mode", "histogram", "--interval", "3600", "--sample", "100"],
+}
+STATS_CONFIGS = ["tool_hist", "tool_detail", "tool_filtered", "tool_sample", "floor"]
+NEEDED = [("ip", "iproute2"), ("bridge", "iproute2"), ("tcpdump", "tcpdump"),
+          ("bpftrace", "bpftrace"), ("bpftool", "bpftool"), ("gcc", "gcc")]
+
+START = time.monotonic()
+TRACERS = []        # every tracing process started, stopped at the end whatever happens
+
+
+def log(msg):
+    sys.stderr.write("[overhead %6.1fs] %s\n" % (time.monotonic() - START, msg))
+    sys.stderr.flush()
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on: one line, exit 1."""
+
+
+class Stop(Exception):
+    """A signal or the hard time limit: clean up and stop."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description="What vm_network_latency.py costs per packet, next to tcpdump, "
+                    "bpftrace and the cheapest BPF filter (run as root).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  sudo bench/overhead.py -r 5            # the README's table\n"
+               "  sudo bench/overhead.py -r 1 -n 50000   # a quick look\n"
+               "  sudo bench/overhead.py --rev HEAD~3    # an older version, same machine\n")
+    pos = report.positive_int
+    p.add_argument("-r", "--reps", type=pos, default=5,
+                   help="repetitions per configuration, interleaved (default 5)")
+    p.add_argument("-n", "--frames", type=pos, default=200000,
+                   help="frames per flood (default 200000)")
+    p.add_argument("-p", "--ports", type=pos, default=1,
+                   help="vary the source port over N values 5000.. (default 1)")
+    p.add_argument("--keepup-rates", type=report.rates, default=report.rates(
+                   "50000 100000 150000 200000"), metavar='"R.."',
+                   help="paced rates (frames/s) tried for detailed mode, ascending, until "
+                        "one loses packets (default \"50000 100000 150000 200000\")")
+    p.add_argument("--keepup-seconds", type=pos, default=3,
+                   help="length of each paced run (default 3)")
+    p.add_argument("--startup-runs", type=pos, default=3,
+                   help="start-up time measurements (default 3)")
+    p.add_argument("--no-bpf-stats", action="store_true",
+                   help="skip the per-program breakdown (kernel.bpf_stats_enabled run)")
+    p.add_argument("-o", "--json", metavar="FILE",
+                   help="where to write the results (default %s/overhead-<time>.json)" % CACHE)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tool", default=os.path.join(REPO, "vm_network_latency.py"),
+                   help="the tool to measure; copied at start, so every run measures "
+                        "the same version")
+    g.add_argument("--rev", help="measure the tool as committed at git revision REV "
+                                 "(read with 'git show', the working tree is not touched)")
+    p.add_argument("--max-seconds", type=pos, default=900,
+                   help="hard limit for the whole run (default 900)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------ the machine
+
+def install_dependencies():
+    missing = sorted(set(pkg for cmd, pkg in NEEDED if not shutil.which(cmd)))
+    if not os.path.exists("/usr/include/linux/if_tun.h"):
+        missing.append("linux-libc-dev")
+    if run([PY, "-c", "import bcc"], check=False).returncode:
+        missing.append("python3-bpfcc")
+    if not missing:
+        return
+    log("installing: %s" % " ".join(missing))
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600"]
+    inst = apt + ["install", "-y", "--no-install-recommends"] + missing
+    if run(inst, check=False, timeout=900, env=env).returncode:
+        run(apt + ["update"], check=False, timeout=900, env=env)
+        if run(inst, check=False, timeout=900, env=env).returncode:
+            raise BenchError("apt-get install %s failed" % " ".join(missing))
+
+
+def prepare_kernel_side():
+    """tracefs for tracepoints (left mounted: others use it); kernel headers where BCC
+    looks for them (see LAB_FACTS: this kernel's own are not packaged)."""
+    if not os.path.exists("/sys/kernel/tracing/events"):
+        run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+        log("mounted tracefs on /sys/kernel/tracing (left mounted)")
+    build = "/lib/modules/%s/build" % os.uname().release
+    if os.path.exists(build):
+        return
+    hdrs = sorted(d for d in os.listdir("/usr/src") if re.match(r"linux-headers-.*-amd64$", d))
+    if not hdrs:
+        raise BenchError("no kernel headers for BCC (install linux-headers-amd64)")
+    hdr = os.path.join("/usr/src", hdrs[-1])
+    common = hdr[:-len("-amd64")] + "-common"
+    os.makedirs(os.path.dirname(build), exist_ok=True)
+    os.symlink(hdr, build)
+    if os.path.isdir(common) and not os.path.exists(os.path.dirname(build) + "/source"):
+        os.symlink(common, os.path.dirname(build) + "/source")
+    log("linked %s -> %s (left in place)" % (build, hdr))
+
+
+def build_generator():
+    src = os.path.join(HERE, "tapflood.c")
+    with open(src, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    os.makedirs(CACHE, exist_ok=True)
+    gen = os.path.join(CACHE, "tapflood-" + digest)
+    if not os.access(gen, os.X_OK):
+        log("building %s" % gen)
+        run(["gcc", "-O2", "-Wall", "-o", gen + ".tmp", src], timeout=120)
+        os.rename(gen + ".tmp", gen)
+    return gen
+
+
+def stop_leftover_generator():
+    """A generator left by a SIGKILLed run (its pid file, checked against the binary)."""
+    path = os.path.join(CACHE, "generator.pid")
+    try:
+        pid = int(open(path).read())
+        if os.readlink("/proc/%d/exe" % pid).startswith(CACHE + "/tapflood-"):
+            log("stopping a generator left by an earlier run (pid %d)" % pid)
+            os.kill(pid, signal.SIGTERM)
+            time.sleep(0.3)
+    except (OSError, ValueError):
+        pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def snapshot_tool(args, work):
+    """The tool under test as a private copy: edits made while we run change nothing."""
+    path = os.path.join(work, "vm_network_latency.py")
+    if args.rev:
+        r = run(["git", "-C", REPO, "show", "%s:vm_network_latency.py" % args.rev], check=False)
+        if r.returncode:
+            raise BenchError("cannot read vm_network_latency.py at %s: %s"
+                             % (args.rev, r.stderr.strip()))
+        with open(path, "w") as f:
+            f.write(r.stdout)
+        short = run(["git", "-C", REPO, "rev-parse", "--short", args.rev], check=False)
+        desc = "git " + (short.stdout.strip() or args.rev)
+    else:
+        if not os.path.isfile(args.tool):
+            raise BenchError("%s not found" % args.tool)
+        shutil.copy(args.tool, path)
+        desc = args.tool
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()[:16]
+    return path, desc, sha
+
+
+# ------------------------------------------------------------------ the lab
+
+class Generator(object):
+    """tapflood --serve: creates and holds the tap, answers one line per command."""
+
+    def __init__(self, binary, errpath):
+        self.err = open(errpath, "w")
+        self.proc = subprocess.Popen([binary, "-i", TAP, "--serve", "-p", "1"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, preexec_fn=die_with_parent)
+        with open(os.path.join(CACHE, "generator.pid"), "w") as f:
+            f.write("%d\n" % self.proc.pid)
+        self.buf = b""
+
+    def readline(self, timeout):
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                raise BenchError("the generator did not answer within %ss" % timeout)
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise BenchError("the generator exited (%s)" % open(self.err.name).read())
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def send(self, line):
+        self.proc.stdin.write((line + "\n").encode())
+        self.proc.stdin.flush()
+
+    def cmd(self, line, timeout):
+        self.send(line)
+        return self.readline(timeout)
+
+    def flood(self, frames, ports, rate=0, timeout=300):
+        """One flood; the generator's own measurement of it as a dict of numbers."""
+        answer = self.cmd("flood %d %d %d" % (frames, ports, rate), timeout)
+        if not answer.startswith("result "):
+            raise BenchError("flood failed: %s" % answer)
+        return report.key_values(answer)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.send("quit")
+                self.proc.wait(2)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
+        self.err.close()
+        try:
+            os.unlink(os.path.join(CACHE, "generator.pid"))
+        except OSError:
+            pass
+
+
+def in_ns(*argv):
+    return topology.in_ns(NS, *argv)
+
+
+def lab_down():
+    left = topology.remove([BR, PHY, TAP], [NS])
+    if left:
+        log("warning: could not remove %s" % " ".join(left))
+
+
+def lab_up(gen_binary, work):
+    lab_down()          # leftovers of an earlier run (vnb names only)
+    topology.add_netns(NS)
+    topology.add_bridge(BR)
+    topology.add_veth_into(PHY, NS, "eth0", mac=REMOTE_MAC, address=REMOTE_IP + "/24",
+                           master=BR)
+    # no ICMP port-unreachable replies: the namespace's global ICMP budget is zero
+    in_ns("sysctl", "-qw", "net.ipv4.icmp_msgs_per_sec=0", "net.ipv4.icmp_msgs_burst=0",
+          "net.ipv4.icmp_ratelimit=2147483647")
+    in_ns("ip", "neigh", "replace", VM_IP, "lladdr", VM_MAC, "dev", "eth0", "nud", "permanent")
+    topology.up(PHY, BR)
+    run(["bridge", "fdb", "replace", REMOTE_MAC, "dev", PHY, "master", "static"])
+    gen = Generator(gen_binary, os.path.join(work, "gen.err"))
+    line = gen.readline(10)
+    if not line.startswith("created"):
+        raise BenchError("generator: %s" % line)
+    topology.disable_ipv6(TAP)
+    topology.ip("link", "set", TAP, "master", BR)
+    gen.cmd("up", 10)
+    run(["bridge", "fdb", "replace", VM_MAC, "dev", TAP, "master", "static"])
+    for _ in range(100):      # both bridge ports forwarding
+        out = run(["bridge", "link", "show"]).stdout
+        if all(re.search(r"\b%s\b.*state forwarding" % d, out) for d in (TAP, PHY)):
+            break
+        time.sleep(0.1)
+    else:
+        raise BenchError("bridge ports do not forward")
+    lab = {"tap_ifindex": ifindex(TAP), "phy_ifindex": ifindex(PHY)}
+    log("lab up: %s (ifindex %d) -> %s -> %s (ifindex %d) -> %s eth0 %s" % (
+        TAP, lab["tap_ifindex"], BR, PHY, lab["phy_ifindex"], NS, REMOTE_IP))
+    return gen, lab
+
+
+def ifindex(dev):
+    with open("/sys/class/net/%s/ifindex" % dev) as f:
+        return int(f.read())
+
+
+def path_counters():
+    """The namespace's eth0 rx/tx packets, UDP NoPorts and ICMP OutMsgs (absolute)."""
+    r = in_ns("sh", "-c", "cat /sys/class/net/eth0/statistics/rx_packets "
+                          "/sys/class/net/eth0/statistics/tx_packets /proc/net/snmp")
+    lines = r.stdout.splitlines()
+    snmp = {}
+    for names, values in zip(lines[2::2], lines[3::2]):
+        if names.split(":")[0] == values.split(":")[0]:
+            for k, v in zip(names.split()[1:], values.split()[1:]):
+                snmp[names.split(":")[0] + ":" + k] = int(v)
+    return {"rx": int(lines[0]), "tx": int(lines[1]), "udp_noports": snmp["Udp:NoPorts"],
+            "icmp_out": snmp["Icmp:OutMsgs"]}
+
+
+def counter_delta(a, b):
+    return dict((k, b[k] - a[k]) for k in a)
+
+
+# ------------------------------------------------------------------ CPU accounting
+
+def proc_ticks(pid):
+    """utime + stime of a process, in clock ticks (10 ms)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def ksoftirqd_pids():
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if open("/proc/%s/comm" % d).read().startswith("ksoftirqd/"):
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
+def machine_ticks():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v
+    return {"busy": user + nice + system + irq + softirq, "steal": steal, "total": sum(v)}
+
+
+class CpuSnapshot(object):
+    def __init__(self, pids, ksoftirqd):
+        self.pids, self.ksoftirqd = pids, ksoftirqd
+        self.tracer = sum(proc_ticks(p) for p in pids)
+        self.ks = sum(proc_ticks(p) for p in ksoftirqd)
+        self.machine = machine_ticks()
+
+    def since(self):
+        m = machine_ticks()
+        return {"tracer_ticks": sum(proc_ticks(p) for p in self.pids) - self.tracer,
+                "ksoftirqd_ticks": sum(proc_ticks(p) for p in self.ksoftirqd) - self.ks,
+                "machine_busy_ticks": m["busy"] - self.machine["busy"],
+                "machine_steal_ticks": m["steal"] - self.machine["steal"],
+                "machine_total_ticks": m["total"] - self.machine["total"]}
+
+
+def vm_hwm_kb(pid):
+    try:
+        for line in open("/proc/%d/status" % pid):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# ------------------------------------------------------------------ the tracers
+
+class Tracer(object):
+    """One tracing process under measurement, its output in files of the work dir."""
+
+    def __init__(self, argv, work, tag, ready, ready_in=("err",), settle=0.5):
+        self.tag = tag
+        self.out = os.path.join(work, tag + ".out")
+        self.err = os.path.join(work, tag + ".err")
+        with open(self.out, "w") as o, open(self.err, "w") as e:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=o, stderr=e,
+                                         preexec_fn=die_with_parent)
+        TRACERS.append(self)
+        files = [self.out if w == "out" else self.err for w in ready_in]
+        deadline = time.monotonic() + 60
+        while not any(re.search(ready, read(f), re.M) for f in files):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BenchError("%s did not start: %s" % (tag, read(self.err)[-400:].strip()))
+            time.sleep(0.05)
+        time.sleep(settle)      # ready messages come right after the attach calls
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def stop(self, grace=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def read(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def tool_summary(tracer):
+    """The tool's exit summary: the last JSON object of type summary on its stdout."""
+    for line in reversed(read(tracer.out).splitlines()):
+        if '"type": "summary"' in line:
+            return json.loads(line)
+    return None
+
+
+class Bench(object):
+    def __init__(self, args, work, tool, gen, lab, offsets):
+        self.args, self.work, self.tool, self.gen, self.lab = args, work, tool, gen, lab
+        self.offsets = offsets
+        self.ksoftirqd = ksoftirqd_pids()
+
+    def start(self, cfg, tag):
+        """The tracers of one configuration, attached."""
+        w = self.work
+        if cfg in TOOL_ARGS:
+            return [Tracer([PY, self.tool] + TOOL_ARGS[cfg], w, tag, r"^Tracing")]
+        if cfg == "tcpdump":
+            return [Tracer(["tcpdump", "-n", "-i", dev, "-w", "/dev/null"], w,
+                           "%s.%s" % (tag, dev), "listening on", settle=0)
+                    for dev in (TAP, PHY)]
+        if cfg == "bpftrace":
+            return [Tracer(["bpftrace", os.path.join(HERE, "lat.bt"), TAP, PHY], w, tag,
+                           r"^Attaching", ready_in=("out", "err"), settle=1.0)]
+        if cfg == "floor":
+            return [Tracer([PY, os.path.join(HERE, "floor.py")] +
+                           [str(v) for v in (self.offsets["SKB_DEV"],
+                                             self.offsets["DEV_IFINDEX"],
+                                             self.lab["tap_ifindex"],
+                                             self.lab["phy_ifindex"])],
+                           w, tag, r"^Attached")]
+        return []
+
+    def stop(self, tracers):
+        for t in tracers:
+            t.stop()
+
+    def measure(self, cfg, rep):
+        """One flood under one configuration: the generator's figures and the tracers'."""
+        tag = "%s-%d" % (cfg, rep)
+        tracers = self.start(cfg, tag)
+        try:
+            snap = CpuSnapshot([t.pid for t in tracers], self.ksoftirqd)
+            res = self.gen.flood(self.args.frames, self.args.ports)
+            res.update(snap.since())
+            res["hwm_kb"] = vm_hwm_kb(tracers[0].pid) if cfg in TOOL_ARGS or cfg == "floor" \
+                else 0
+        finally:
+            self.stop(tracers)
+        res.update(cfg=cfg, rep=rep)
+        if cfg in TOOL_ARGS:
+            res["summary"] = tool_summary(tracers[0])
+            if not res["summary"]:
+                log("warning: %s run %d printed no summary: %s"
+                    % (cfg, rep, read(tracers[0].err)[-300:].strip()))
+        elif cfg == "tcpdump":
+            errs = "".join(read(t.err) for t in tracers)
+            res["captured"] = sum(int(n) for n in re.findall(r"(\d+) packets captured", errs))
+            res["kernel_dropped"] = sum(int(n) for n in
+                                        re.findall(r"(\d+) packets dropped by kernel", errs))
+        elif cfg == "bpftrace":
+            res["hist_count"] = sum(int(n) for n in re.findall(
+                r"^\[.*\)\s+(\d+)\s+\|", read(tracers[0].out), re.M))
+        elif cfg == "floor":
+            m = re.search(r"^hits (\d+)", read(tracers[0].out), re.M)
+            res["hits"] = int(m.group(1)) if m else None
+        log("%-13s rep %d: %s ns/frame, %s frames/s, background %s" % (
+            cfg, rep, res["cpu_ns_per_frame"], int(res["pps"]),
+            report.fmt(report.background_pct(res), "{:.0f}%")))
+        return res
+
+    def keepup(self, rate):
+        """Detailed mode, every packet reported, at a paced rate."""
+        n = rate * self.args.keepup_seconds
+        tracers = self.start("tool_detail", "keepup-%d" % rate)
+        try:
+            snap = CpuSnapshot([t.pid for t in tracers], self.ksoftirqd)
+            res = self.gen.flood(n, self.args.ports, rate,
+                                 timeout=self.args.keepup_seconds * 10 + 60)
+            res.update(snap.since())
+            time.sleep(0.5)
+        finally:
+            self.stop(tracers)
+        res.update(rate=rate, summary=tool_summary(tracers[0]))
+        s = res["summary"] or {}
+        log("keep-up at %d/s: sent %d (%d/s achieved), reported %s, lost %s" % (
+            rate, n, res["pps"], s.get("reported"), s.get("lost")))
+        return res
+
+    def startup(self, i):
+        """Launch the tool while the generator sends one frame every 10 ms: how long
+        until the first packet record?"""
+        launched = time.time()
+        t = Tracer([PY, self.tool] + TOOL_ARGS["tool_detail"], self.work, "startup-%d" % i,
+                   "", settle=0)
+        first = None
+        try:
+            self.gen.send("tick 10000")
+            deadline = time.monotonic() + 30
+            while first is None and time.monotonic() < deadline and t.proc.poll() is None:
+                for line in read(t.out).splitlines():
+                    if '"type": "packet"' in line:
+                        first = json.loads(line)
+                        break
+                time.sleep(0.05)
+            ticked = self.gen.cmd("stop", 10)
+            if not ticked.startswith("ticked"):
+                raise BenchError("the generator did not stop ticking: %s" % ticked)
+        finally:
+            t.stop()
+        if first is None:
+            log("startup run %d: no packet record (%s)" % (i, read(t.err)[-200:].strip()))
+            return None
+        took = first["timestamp"] - launched
+        log("startup run %d: first record %.3f s after launch" % (i, took))
+        return took
+
+    def bpf_stats(self, cfg):
+        """Run time per BPF program during one flood (kernel.bpf_stats_enabled=1)."""
+        tracers = self.start(cfg, "stats-" + cfg)
+        try:
+            ids = set()
+            fd_dir = "/proc/%d/fdinfo" % tracers[0].pid
+            for fd in os.listdir(fd_dir):
+                m = re.search(r"^prog_id:\s+(\d+)", read(os.path.join(fd_dir, fd)), re.M)
+                if m:
+                    ids.add(int(m.group(1)))
+            before = bpftool_progs(ids)
+            res = self.gen.flood(self.args.frames, self.args.ports)
+            after = bpftool_progs(ids)
+        finally:
+            self.stop(tracers)
+        log("bpf_stats run %s done" % cfg)
+        return {"cfg": cfg, "frames": res["frames"], "cpu_ns_per_frame": res["cpu_ns_per_frame"],
+                "before": before, "after": after}
+
+
+def bpftool_progs(ids):
+    r = run(["bpftool", "prog", "show", "-j"], check=False)
+    try:
+        progs = json.loads(r.stdout)
+    except ValueError:
+        return []
+    return [p for p in progs if p.get("id") in ids]
+
+
+def tool_offsets(tool):
+    """struct offsets for the floor: the tool's own BTF-derived layout (--ebpf)."""
+    r = run([PY, tool, "--ebpf", "--vm-dev", TAP, "--phy-dev", PHY], check=False, timeout=120)
+    found = dict(re.findall(r"^#define (SKB_DEV|DEV_IFINDEX) (\d+)$", r.stdout, re.M))
+    if len(found) != 2:
+        raise BenchError("no SKB_DEV/DEV_IFINDEX in the tool's --ebpf output: %s"
+                         % r.stderr.strip()[-300:])
+    return dict((k, int(v)) for k, v in found.items())
+
+
+def bpf_stats_enabled(value=None):
+    path = "/proc/sys/kernel/bpf_stats_enabled"
+    if value is None:
+        return open(path).read().strip()
+    with open(path, "w") as f:
+        f.write(value)
+
+
+# ------------------------------------------------------------------ the run
+
+def measure_all(args, bench, gen):
+    raw = {"frames": args.frames, "reps": args.reps, "source_ports": args.ports,
+           "kernel": os.uname().release, "cpus": os.cpu_count(),
+           "keepup_seconds": args.keepup_seconds}
+    for cfg in TOOL_ARGS:           # fail early: every configuration passes the verifier
+        r = run([PY, bench.tool] + TOOL_ARGS[cfg] + ["--dry-run"], check=False, timeout=180)
+        if r.returncode:
+            raise BenchError("the tool fails its --dry-run for %s: %s"
+                             % (cfg, r.stderr.strip()[-300:]))
+    c0 = path_counters()
+    log("warm-up flood")
+    gen.flood(args.frames, args.ports)
+    c1 = path_counters()
+    raw["path_check_warmup"] = counter_delta(c0, c1)
+    log("path check: %s" % raw["path_check_warmup"])
+    if raw["path_check_warmup"]["rx"] < args.frames:
+        raise BenchError("the frames do not reach the namespace")
+
+    raw["runs"] = []
+    n = len(report.CONFIGS)
+    for rep in range(1, args.reps + 1):    # interleaved, in rotating order
+        for j in range(n):
+            raw["runs"].append(bench.measure(report.CONFIGS[(j + rep - 1) % n], rep))
+
+    raw["keepup"] = []
+    for i, rate in enumerate(args.keepup_rates):
+        res = bench.keepup(rate)
+        raw["keepup"].append(res)
+        if report.kept_up(res):
+            continue
+        if i == 0:      # not even the lowest rate: what does it keep up with?
+            r = rate * 2 // 3
+            for _ in range(4):
+                if r < 5000:
+                    break
+                res = bench.keepup(r)
+                raw["keepup"].append(res)
+                if report.kept_up(res):
+                    break
+                r = r * 2 // 3
+        break
+
+    raw["startup_s"] = [s for s in (bench.startup(i + 1) for i in range(args.startup_runs))
+                        if s is not None]
+    raw["bpf_stats"] = []
+    if not args.no_bpf_stats:
+        old = bpf_stats_enabled()
+        bpf_stats_enabled("1")
+        try:
+            raw["bpf_stats"] = [bench.bpf_stats(cfg) for cfg in STATS_CONFIGS]
+        finally:
+            bpf_stats_enabled(old)
+    raw["path_check_total"] = counter_delta(c0, path_counters())
+    return raw
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.geteuid() != 0:
+        sys.stderr.write("overhead.py: must run as root\n")
+        return 2
+
+    def on_signal(signum, _frame):
+        raise Stop("signal %d" % signum)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(s, on_signal)
+    signal.alarm(args.max_seconds)      # every wait is bounded; this is the safety net
+
+    lock = open(LOCK, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        sys.stderr.write("overhead.py: another benchmark holds %s\n" % LOCK)
+        return 1
+    work = tempfile.mkdtemp(prefix="vnb-bench.")
+    gen = None
+    try:
+        install_dependencies()
+        prepare_kernel_side()
+        tool, desc, sha = snapshot_tool(args, work)
+        log("tool under test: %s (sha256 %s...)" % (desc, sha))
+        gen_binary = build_generator()
+        stop_leftover_generator()
+        gen, lab = lab_up(gen_binary, work)
+        bench = Bench(args, work, tool, gen, lab, tool_offsets(tool))
+        raw = measure_all(args, bench, gen)
+        raw.update(tool=desc, tool_sha256_prefix=sha,
+                   total_seconds=round(time.monotonic() - START, 1))
+        result = report.analyse(raw)
+        out = args.json or os.path.join(CACHE, "overhead-%s.json"
+                                        % time.strftime("%Y%m%d-%H%M%S"))
+        with open(out, "w") as f:
+            json.dump({"raw": raw, "result": result}, f, indent=2)
+        print(report.render(result))
+        print("\nJSON: %s" % out)
+        return 0
+    except (BenchError, LabError) as e:
+        log("error: %s" % e)
+        return 1
+    except Stop as e:
+        log("stopped (%s): cleaning up" % e)
+        return 130
+    finally:
+        signal.alarm(0)
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)     # cleanup is not interrupted
+        for t in TRACERS:
+            t.stop(grace=10)
+        if gen:
+            gen.close()
+        lab_down()
+        shutil.rmtree(work, ignore_errors=True)
+        lock.close()
+        log("total run time: %.1f s" % (time.monotonic() - START))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The benchmark's analysis and report: raw measurements (overhead.py) in, the table,
+its ratios and the targets out. No root, no kernel: it can be rerun on a saved JSON
+file (python3 bench/report.py FILE.json).
+"""
+import argparse
+import json
+import statistics
+import sys
+
+CONFIGS = ["baseline", "tool_hist", "tool_thresh", "tool_detail", "tool_filtered",
+           "tool_sample", "tcpdump", "bpftrace", "floor"]
+LABEL = {
+    "baseline": "1 baseline (nothing attached)",
+    "tool_hist": "2 tool histogram",
+    "tool_thresh": "3 tool detailed, threshold 1 s",
+    "tool_detail": "4 tool detailed json, every pkt",
+    "tool_filtered": "5 tool filtered (--dst-port 9999)",
+    "tool_sample": "5b tool histogram --sample 100",
+    "tcpdump": "6 tcpdump -w on tap + veth",
+    "bpftrace": "7 bpftrace rx->xmit hist()",
+    "floor": "8 floor: 4 raw tp, ifindex only",
+}
+EXTRAS = ("captured", "kernel_dropped", "hist_count", "hits")
+
+
+# --- small helpers the driver shares ---
+
+def positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError("%r is not a positive whole number" % text)
+    return v
+
+
+def rates(text):
+    return [positive_int(w) for w in text.split()]
+
+
+def key_values(line):
+    """'result frames=5 pps=1.5' -> {'frames': 5, 'pps': 1.5}"""
+    out = {}
+    for word in line.split():
+        if "=" in word:
+            k, v = word.split("=", 1)
+            try:
+                out[k] = int(v)
+            except ValueError:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+    return out
+
+
+def fmt(v, spec="{:,.0f}"):
+    return "-" if v is None else spec.format(v)
+
+
+def background_pct(r):
+    """Other processes' share of all CPUs during a flood, in percent (from /proc/stat)."""
+    t = r.get("machine_total_ticks", 0)
+    if t <= 0:
+        return None
+    other = (r["machine_busy_ticks"] - r["cpu_s"] * 100 - r["tracer_ticks"]
+             - r["ksoftirqd_ticks"])
+    return max(0.0, other) * 100.0 / t
+
+
+def kept_up(r):
+    """A paced run kept up when every packet sent was reported, none lost, at the rate
+    asked for (the generator paces to within a fraction of a percent)."""
+    s = r.get("summary") or {}
+    return (s.get("lost") == 0 and s.get("reported") == r["frames"] and
+            r["pps"] >= 0.99 * r["rate"])
+
+
+def ratio(a, b):
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# --- the analysis ---
+
+def config_results(runs, frames):
+    res = {}
+    for c in CONFIGS:
+        rr = [r for r in runs if r["cfg"] == c]
+        ns = [r["cpu_ns_per_frame"] for r in rr]
+        d = {"runs": len(rr), "cpu_ns_per_frame": ns, "pps": [r["pps"] for r in rr],
+             "cpu_ns_per_frame_median": median(ns),
+             "pps_median": median([r["pps"] for r in rr]),
+             "errors": sum(r.get("errors", 0) for r in rr),
+             "background_cpu_pct": [background_pct(r) for r in rr],
+             "ksoftirqd_ticks": [r["ksoftirqd_ticks"] for r in rr],
+             "tracer_process_ns_per_frame": [r["tracer_ticks"] * 1e7 / frames for r in rr]}
+        d["background_cpu_pct_median"] = median(d["background_cpu_pct"])
+        if c.startswith("tool_") or c == "floor":
+            d["vmhwm_kb"] = [r["hwm_kb"] for r in rr]
+        if c.startswith("tool_"):
+            d["summaries"] = [r.get("summary") for r in rr]
+        for extra in EXTRAS:
+            vals = [r[extra] for r in rr if r.get(extra) is not None]
+            if vals:
+                d[extra] = vals
+        res[c] = d
+    # added CPU: minus the baseline's median; and paired per repetition (a drift check)
+    base = res["baseline"]["cpu_ns_per_frame_median"]
+    for c in CONFIGS:
+        m = res[c]["cpu_ns_per_frame_median"]
+        res[c]["added_ns"] = None if m is None or base is None else m - base
+        pairs = []
+        for r in (x for x in runs if x["cfg"] == c):
+            b = [x["cpu_ns_per_frame"] for x in runs
+                 if x["cfg"] == "baseline" and x["rep"] == r["rep"]]
+            if b:
+                pairs.append(r["cpu_ns_per_frame"] - b[0])
+        res[c]["added_ns_paired_median"] = median(pairs)
+    add = dict((c, res[c]["added_ns"]) for c in CONFIGS)
+    for c in CONFIGS:
+        tool = c.startswith("tool_")
+        res[c]["ratio_to_tcpdump"] = ratio(add[c], add["tcpdump"]) if tool else None
+        res[c]["ratio_to_bpftrace"] = ratio(add[c], add["bpftrace"]) if tool else None
+        res[c]["ratio_to_floor"] = ratio(add[c], add["floor"]) if tool else None
+    return res
+
+
+def min_based(res):
+    """Each configuration's least disturbed run (minimum) instead of its median:
+    background load only ever adds time, so minima are a second, noise-resistant view."""
+    mins = dict((c, min(res[c]["cpu_ns_per_frame"])) for c in CONFIGS
+                if res[c]["cpu_ns_per_frame"])
+    if "baseline" not in mins:
+        return {}, {}
+    add = dict((c, mins[c] - mins["baseline"]) for c in mins)
+    view = {"tool_hist_to_tcpdump": ratio(add.get("tool_hist"), add.get("tcpdump")),
+            "tool_hist_to_floor": ratio(add.get("tool_hist"), add.get("floor")),
+            "tool_filtered_to_floor": ratio(add.get("tool_filtered"), add.get("floor"))}
+    return add, view
+
+
+def bpf_stats(raw_stats):
+    out = {}
+    for s in raw_stats:
+        before = dict((p["id"], p) for p in s["before"])
+        progs = []
+        for p in s["after"]:
+            b = before.get(p["id"], {})
+            cnt = p.get("run_cnt", 0) - b.get("run_cnt", 0)
+            t = p.get("run_time_ns", 0) - b.get("run_time_ns", 0)
+            progs.append({"name": p.get("name"), "run_cnt": cnt, "run_time_ns": t,
+                          "ns_per_run": t / cnt if cnt else None,
+                          "runs_per_frame": cnt / float(s["frames"]),
+                          "ns_per_frame": t / float(s["frames"])})
+        progs.sort(key=lambda p: -p["run_time_ns"])
+        out[s["cfg"]] = {"writer_cpu_ns_per_frame_with_stats": s["cpu_ns_per_frame"],
+                         "programs": progs,
+                         "bpf_ns_per_frame_total": sum(p["ns_per_frame"] for p in progs)}
+    return out
+
+
+def keepup_results(raw_keepup):
+    out = []
+    for r in raw_keepup:
+        s = r.get("summary") or {}
+        out.append({"target_rate": r["rate"], "frames": r["frames"], "achieved_pps": r["pps"],
+                    "wall_s": r["wall_s"], "reported": s.get("reported"), "lost": s.get("lost"),
+                    "not_tracked": s.get("not_tracked"),
+                    "reported_per_s": (s.get("reported") or 0) / float(r["wall_s"]),
+                    "background_cpu_pct": background_pct(r), "kept_up": kept_up(r)})
+    return out
+
+
+def targets(res, keepup, startup_med, hwm_max_mb):
+    """Issue 11's targets (and the earlier ones of issue 5), each with its figure."""
+    out = []
+
+    def target(name, value, limit, spec="{:.2f}"):
+        out.append({"target": name, "pass": value is not None and value <= limit,
+                    "detail": "ratio %s" % fmt(value, spec)})
+
+    target("histogram added <= 1.0 x tcpdump added", res["tool_hist"]["ratio_to_tcpdump"], 1.0)
+    target("histogram added <= 1.4 x floor added", res["tool_hist"]["ratio_to_floor"], 1.4)
+    target("threshold (reports nothing) <= 1.0 x tcpdump",
+           res["tool_thresh"]["ratio_to_tcpdump"], 1.0)
+    target("threshold (reports nothing) <= 1.4 x floor", res["tool_thresh"]["ratio_to_floor"], 1.4)
+    target("filtered added <= 1.1 x floor added", res["tool_filtered"]["ratio_to_floor"], 1.1)
+    target("histogram added <= 0.5 x bpftrace added", res["tool_hist"]["ratio_to_bpftrace"], 0.5)
+    kept = [k["target_rate"] for k in keepup if k["kept_up"]]
+    best = max(kept) if kept else None
+    out.append({"target": "detailed >= 200,000 packets/s reported without loss",
+                "pass": bool(best and best >= 200000),
+                "detail": "highest rate kept up with: %s/s" % fmt(best)})
+    out.append({"target": "start-up < 3 s", "pass": startup_med is not None and startup_med < 3,
+                "detail": "median %s s" % fmt(startup_med, "{:.2f}")})
+    out.append({"target": "RSS < 150 MB", "pass": hwm_max_mb < 150.0,
+                "detail": "max VmHWM %.1f MB" % hwm_max_mb})
+    return out
+
+
+def analyse(raw):
+    frames = raw["frames"]
+    res = config_results(raw["runs"], frames)
+    add_min, min_view = min_based(res)
+    keepup = keepup_results(raw["keepup"])
+    startup_med = median(raw["startup_s"])
+    hwm = dict((c, res[c]["vmhwm_kb"]) for c in CONFIGS if c.startswith("tool_"))
+    hwm_max_mb = max([0] + hwm["tool_hist"] + hwm["tool_detail"]) / 1024.0
+    return {"tool": raw.get("tool"), "tool_sha256_prefix": raw.get("tool_sha256_prefix"),
+            "frames": frames, "reps": raw["reps"], "source_ports": raw["source_ports"],
+            "kernel": raw["kernel"], "cpus": raw["cpus"], "configs": res,
+            "added_ns_min_based": add_min, "min_based_ratios": min_view,
+            "keepup_seconds": raw["keepup_seconds"], "keepup": keepup,
+            "startup_s": raw["startup_s"], "startup_median_s": startup_med,
+            "vmhwm_kb": hwm, "bpf_stats": bpf_stats(raw["bpf_stats"]),
+            "targets": targets(res, keepup, startup_med, hwm_max_mb),
+            "path_check_warmup": raw["path_check_warmup"],
+            "path_check_total": raw["path_check_total"],
+            "total_seconds": raw.get("total_seconds")}
+
+
+# --- the report ---
+
+def summaries(result, cfg, key):
+    return [s.get(key) if s else None for s in result["configs"][cfg].get("summaries", [])]
+
+
+def render(result):
+    res = result["configs"]
+    lines = []
+    P = lines.append
+    P("")
+    P("tool: %s (sha256 %s...)" % (result["tool"], result["tool_sha256_prefix"]))
+    P("vm_network_latency.py overhead: %d frames of 64 bytes per flood, %d repetitions "
+      "interleaved, medians; kernel %s, %s CPUs; source ports: %s" % (
+          result["frames"], result["reps"], result["kernel"], result["cpus"],
+          result["source_ports"]))
+    P("")
+    hdr = "%-36s %10s %9s %8s %8s %8s %8s  %-13s %s" % (
+        "configuration", "frames/s", "ns/frame", "added", "/tcpdump", "/bpftrc", "/floor",
+        "min-max ns", "bg cpu")
+    P(hdr)
+    P("-" * len(hdr))
+    for c in CONFIGS:
+        d = res[c]
+        ns = d["cpu_ns_per_frame"]
+        P("%-36s %10s %9s %8s %8s %8s %8s  %-13s %s" % (
+            LABEL[c], fmt(d["pps_median"]), fmt(d["cpu_ns_per_frame_median"]),
+            "-" if c == "baseline" else fmt(d["added_ns"], "{:+,.0f}"),
+            fmt(d["ratio_to_tcpdump"], "{:.2f}"), fmt(d["ratio_to_bpftrace"], "{:.2f}"),
+            fmt(d["ratio_to_floor"], "{:.2f}"),
+            "%s-%s" % (fmt(min(ns)), fmt(max(ns))) if ns else "-",
+            fmt(d["background_cpu_pct_median"], "{:.0f}%")))
+    P("(frames/s: the writer's wall-clock rate; ns/frame: its CPU time per frame, median; "
+      "added: minus the baseline's median; /tcpdump, /bpftrc, /floor: added ns over theirs; "
+      "bg cpu: other processes' share of all CPUs during the floods, median)")
+    P("")
+    P("paired added ns (median over reps of run minus same-rep baseline): " + ", ".join(
+        "%s %s" % (c, fmt(res[c]["added_ns_paired_median"], "{:+,.0f}")) for c in CONFIGS[1:]))
+    add_min, mv = result["added_ns_min_based"], result["min_based_ratios"]
+    if add_min:
+        P("with each configuration's minimum instead of its median: added " + ", ".join(
+            "%s %s" % (c, fmt(add_min.get(c), "{:+,.0f}")) for c in CONFIGS[1:]) +
+          "; histogram/tcpdump %s, histogram/floor %s, filtered/floor %s" % (
+              fmt(mv["tool_hist_to_tcpdump"], "{:.2f}"), fmt(mv["tool_hist_to_floor"], "{:.2f}"),
+              fmt(mv["tool_filtered_to_floor"], "{:.2f}")))
+    P("tool checks: histogram reported %s of %d; threshold run below_threshold %s, reported %s; "
+      "filtered reported %s; --sample 100 reported %s" % (
+          summaries(result, "tool_hist", "reported"), result["frames"],
+          summaries(result, "tool_thresh", "below_threshold"),
+          summaries(result, "tool_thresh", "reported"),
+          summaries(result, "tool_filtered", "reported"),
+          summaries(result, "tool_sample", "reported")))
+    P("detailed mode, unpaced flood (config 4): reported %s, lost %s, not_tracked %s (of %d each)"
+      % (summaries(result, "tool_detail", "reported"), summaries(result, "tool_detail", "lost"),
+         summaries(result, "tool_detail", "not_tracked"), result["frames"]))
+    P("tool process CPU per frame (user space + its syscalls, 10 ms ticks): histogram %s ns, "
+      "detailed %s ns" % (fmt(median(res["tool_hist"]["tracer_process_ns_per_frame"])),
+                          fmt(median(res["tool_detail"]["tracer_process_ns_per_frame"]))))
+    for c in ("tcpdump", "bpftrace", "floor"):
+        P("%s: %s" % (c, dict((k, res[c][k]) for k in EXTRAS if k in res[c])))
+    P("detailed mode keep-up (paced, %s s each): " % result["keepup_seconds"] + "; ".join(
+        "%d/s -> achieved %s/s, reported %s, lost %s,%s (bg cpu %s)" % (
+            k["target_rate"], fmt(k["achieved_pps"]), k["reported"], k["lost"],
+            " OK" if k["kept_up"] else " FAILS", fmt(k["background_cpu_pct"], "{:.0f}%"))
+        for k in result["keepup"]))
+    P("start-up to first traced packet: %s s (median of %d: %s)" % (
+        fmt(result["startup_median_s"], "{:.2f}"), len(result["startup_s"]),
+        ", ".join("%.2f" % s for s in result["startup_s"])))
+    hwm = result["vmhwm_kb"]
+    P("peak RSS (VmHWM): histogram %s MB, detailed %s MB (max over runs); for scale, the "
+      "floor's minimal BCC program in the same interpreter: %s MB" % (
+          fmt(max(hwm["tool_hist"] or [0]) / 1024.0, "{:.1f}"),
+          fmt(max(hwm["tool_detail"] or [0]) / 1024.0, "{:.1f}"),
+          fmt(max(res["floor"].get("vmhwm_kb") or [0]) / 1024.0, "{:.1f}")))
+    P("ksoftirqd ticks during floods (0 = all softirq work ran in the writer's thread): %s" % (
+        sum(sum(res[c]["ksoftirqd_ticks"]) for c in CONFIGS)))
+    P("path check (warm-up flood): %s; whole run: %s" % (
+        result["path_check_warmup"], result["path_check_total"]))
+    if result["bpf_stats"]:
+        P("")
+        P("BPF run time per program during one flood (kernel.bpf_stats_enabled=1, "
+          "separate runs):")
+        for cfg, s in result["bpf_stats"].items():
+            P("  %s: total %s ns/frame in BPF programs (writer %s ns/frame with stats on)" % (
+                cfg, fmt(s["bpf_ns_per_frame_total"]),
+                fmt(s["writer_cpu_ns_per_frame_with_stats"])))
+            for p in s["programs"]:
+                P("    %-32s %5.2f runs/frame %7s ns/run %7s ns/frame" % (
+                    p["name"], p["runs_per_frame"], fmt(p["ns_per_run"], "{:,.1f}"),
+                    fmt(p["ns_per_frame"], "{:,.1f}")))
+    P("")
+    P("targets:")
+    for t in result["targets"]:
+        P("  %-4s %-52s %s" % ("PASS" if t["pass"] else "FAIL", t["target"], t["detail"]))
+    return "\n".join(lines)
+
+
+def main(argv):
+    """Render a saved run again: report.py FILE.json"""
+    if len(argv) != 1:
+        sys.stderr.write("usage: report.py RESULTS.json\n")
+        return 2
+    with open(argv[0]) as f:
+        saved = json.load(f)
+    print(render(analyse(saved["raw"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
