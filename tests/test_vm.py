@@ -220,19 +220,25 @@ def test_histogram_counts_and_percentiles_match_exact_values(lab, traces):
     # Rarely (seen about once in ten runs, with tbf), the kernel does not deliver
     # net_dev_start_xmit to BPF for a packet the sink did receive: an independent bpftrace
     # program missed the same events. The tool then reports the packet as still in flight
-    # after phy_queue, which is what it saw; allow at most 1% of those.
+    # after phy_queue, which is what it saw (or, once the namespace's UDP freed it, as
+    # having left the path after phy_queue); allow at most 3% of those. (Seen with this
+    # and the previous in-flight table alike: up to 7 of 300 in about one run in five.)
     s = per_second.summary()
     reported = s["reported"]
-    assert reported + s["in_flight"] == 300 and s["in_flight"] <= 3, s
+    unseen_xmit = s["in_flight"] + sum(f["count"] for f in s["fates"]
+                                       if f["fate"] == "left_path" and
+                                       f["last_stage"] == "phy_queue")
+    assert reported + unseen_xmit == 300 and unseen_xmit <= 9, s
     assert all(p["last_stage"] == "phy_queue" for p in s["in_flight_examples"]), s
+    assert s["dropped"] == s["not_tracked"] == s["lost"] == 0, s
     for segment, rows in by_segment.items():
         assert sum(h["count"] for h in rows) == reported, segment
         assert sum(b["count"] for h in rows for b in h["buckets"]) == reported
     # the same packets, measured exactly by the detailed instance beside it
     values = [r["total_us"] for r in exact.packets()]
-    assert 297 <= len(values) <= 300 and max(values) > 50000
+    assert 291 <= len(values) <= 300 and max(values) > 50000
     total = [h for h in one_table.histograms() if h["segment"] == "total"]
-    assert len(total) == 1 and total[0]["count"] == one_table.summary()["reported"] >= 297
+    assert len(total) == 1 and total[0]["count"] == one_table.summary()["reported"] >= 291
     for f, key in ((0.5, "p50_us"), (0.9, "p90_us"), (0.99, "p99_us")):
         want = exact_percentile(values, f)
         assert abs(total[0][key] - want) <= 0.10 * want, (key, total[0][key], want)
