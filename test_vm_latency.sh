@@ -117,14 +117,14 @@ unit)
     exec "${PYTEST[@]}" test_unit.py test_records.py "${EXTRA[@]}" ;;
 vm)
     install_deps
-    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_vms.py test_ipv6.py test_tunnels.py test_metrics.py test_truth.py "${EXTRA[@]}" ;;
+    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_vms.py test_ipv6.py test_tunnels.py test_metrics.py test_truth.py test_bench.py "${EXTRA[@]}" ;;
 kguest)
     install_deps
     [ $# -gt 0 ] && export KGUEST_SUITES=$1
     exec "${PYTEST[@]}" test_kguest.py "${EXTRA[@]}" ;;
 all)
     install_deps
-    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_vms.py test_ipv6.py test_tunnels.py test_metrics.py test_truth.py test_kguest.py "${EXTRA[@]}" ;;
+    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_vms.py test_ipv6.py test_tunnels.py test_metrics.py test_truth.py test_bench.py test_kguest.py "${EXTRA[@]}" ;;
 demo)
     install_deps
     exec /usr/bin/python3 demo.py "$@" ;;

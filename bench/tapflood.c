@@ -1,7 +1,7 @@
 /*
  * tapflood - write 64-byte UDP/IPv4 Ethernet frames into a tap device as a VM would.
  *
- * Part of the overhead benchmark of vm_network_latency.py (bench/overhead.sh).
+ * Part of the overhead benchmark of vm_network_latency.py (bench/overhead.py).
  *
  * A frame written into a tap enters the host through tun_get_user(), which runs
  * netif_receive_skb() -> bridge -> veth xmit -> the peer's backlog in the writer's

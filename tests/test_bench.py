@@ -1,0 +1,94 @@
+"""The benchmark: its analysis on known numbers (no kernel), and one short real run of
+bench/overhead.py as root, whose counts must be those of the frames it sent."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PYTHON, ROOT
+
+BENCH = os.path.join(ROOT, "bench")
+sys.path.insert(0, BENCH)
+import report  # noqa: E402
+
+
+def run_of(cfg, rep, ns, **extra):
+    r = {"cfg": cfg, "rep": rep, "cpu_ns_per_frame": ns, "pps": 1e6, "frames": 1000,
+         "errors": 0, "cpu_s": 0.001, "tracer_ticks": 0, "ksoftirqd_ticks": 0,
+         "machine_busy_ticks": 10, "machine_steal_ticks": 0, "machine_total_ticks": 200,
+         "hwm_kb": 1000}
+    r.update(extra)
+    return r
+
+
+def synthetic_raw():
+    costs = {"baseline": 1000, "tool_hist": 1400, "tool_thresh": 1300, "tool_detail": 1500,
+             "tool_filtered": 1220, "tool_sample": 1100, "tcpdump": 1400, "bpftrace": 1800,
+             "floor": 1200}
+    runs = [run_of(c, rep, ns + 10 * rep) for rep in (1, 2, 3) for c, ns in costs.items()]
+    keepup = [{"rate": 50000, "frames": 150000, "pps": 50000.0, "wall_s": 3.0,
+               "machine_total_ticks": 0, "summary": {"reported": 150000, "lost": 0}},
+              {"rate": 100000, "frames": 300000, "pps": 99990.0, "wall_s": 3.0,
+               "machine_total_ticks": 0, "summary": {"reported": 290000, "lost": 10000}}]
+    return {"frames": 1000, "reps": 3, "source_ports": 1, "kernel": "k", "cpus": 2,
+            "keepup_seconds": 3, "runs": runs, "keepup": keepup, "startup_s": [0.5, 0.7],
+            "bpf_stats": [], "path_check_warmup": {}, "path_check_total": {}}
+
+
+def test_report_ratios_and_targets_from_known_numbers():
+    result = report.analyse(synthetic_raw())
+    c = result["configs"]
+    # medians of 1010/1020/1030 etc.: added = config - baseline
+    assert c["tool_hist"]["added_ns"] == 400 and c["tcpdump"]["added_ns"] == 400
+    assert c["tool_hist"]["ratio_to_tcpdump"] == 1.0
+    assert c["tool_hist"]["ratio_to_floor"] == 2.0
+    assert c["tool_filtered"]["ratio_to_floor"] == pytest.approx(1.1)
+    assert c["tool_sample"]["ratio_to_tcpdump"] == 0.25
+    assert c["tool_hist"]["added_ns_paired_median"] == 400
+    targets = dict((t["target"], t["pass"]) for t in result["targets"])
+    assert targets["histogram added <= 1.0 x tcpdump added"] is True
+    assert targets["histogram added <= 1.4 x floor added"] is False
+    assert targets["filtered added <= 1.1 x floor added"] is True
+    assert targets["detailed >= 200,000 packets/s reported without loss"] is False
+    assert [k["kept_up"] for k in result["keepup"]] == [True, False]
+    text = report.render(result)
+    assert "2 tool histogram" in text and "FAIL histogram added <= 1.4 x floor" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark needs root")
+def test_a_short_benchmark_run_counts_every_frame(tmp_path):
+    out = str(tmp_path / "bench.json")
+    frames = 20000
+    p = subprocess.run([PYTHON, os.path.join(BENCH, "overhead.py"), "-r", "1", "-n",
+                        str(frames), "--keepup-rates", "10000", "--keepup-seconds", "1",
+                        "--startup-runs", "1", "--no-bpf-stats", "-o", out,
+                        "--max-seconds", "600"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=700)
+    assert p.returncode == 0, p.stderr[-2000:]
+    saved = json.load(open(out))
+    res = saved["result"]["configs"]
+    # every tracer saw every frame the generator sent, and the lab carried them all
+    assert res["tool_hist"]["summaries"][0]["reported"] == frames
+    assert res["tool_thresh"]["summaries"][0]["below_threshold"] == frames
+    assert res["tool_filtered"]["summaries"][0]["reported"] == 0
+    assert 0 < res["tool_sample"]["summaries"][0]["reported"] < frames / 20
+    assert res["tcpdump"]["captured"] == [2 * frames]
+    assert res["bpftrace"]["hist_count"] == [frames]
+    assert res["floor"]["hits"] == [3 * frames]
+    assert saved["result"]["path_check_warmup"]["rx"] == frames
+    assert saved["result"]["path_check_warmup"]["tx"] == 0
+    k = saved["result"]["keepup"][0]
+    assert k["kept_up"] and k["reported"] == 10000
+    # the table printed is the saved analysis, rendered again
+    again = subprocess.run([PYTHON, os.path.join(BENCH, "report.py"), out],
+                           stdout=subprocess.PIPE, universal_newlines=True, check=True)
+    assert again.stdout.strip() in p.stdout
+    # nothing of the lab is left
+    links = subprocess.run(["ip", "-o", "link"], stdout=subprocess.PIPE,
+                           universal_newlines=True).stdout
+    assert "vnb" not in links
+    assert "vnb-remote" not in subprocess.run(["ip", "netns"], stdout=subprocess.PIPE,
+                                              universal_newlines=True).stdout
