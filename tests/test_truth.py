@@ -175,11 +175,11 @@ def test_qdisc_queue_wait_matches_the_token_bucket(lab, traces, qdisc):
         tokens -= frame
         last = now
         expected_us = (now - arrival) * 1e6
-        # + 100 us: tbf releases a packet from its watchdog hrtimer and the TX softirq,
-        # which run late on a busy 2-core VM: up to 60 us seen in development, 86 us
-        # once in a CI-like full run (one packet of 30); a segment in the wrong place
-        # would be off by milliseconds
-        assert abs(wait_us - expected_us) <= max(0.10 * expected_us, 20) + 100, \
+        # + 200 us: tbf releases a packet from its watchdog hrtimer and the TX softirq,
+        # which run late on a busy 2-core VM: up to 60 us seen in development, 86 and
+        # 157 us once each in CI-like full runs (one packet of 30); a segment in the
+        # wrong place would be off by milliseconds
+        assert abs(wait_us - expected_us) <= max(0.10 * expected_us, 20) + 200, \
             (wait_us, expected_us)
     assert segment(recs[-1], "phy_queue", "phy_xmit") > 20000   # the queue really built up
 
