@@ -514,6 +514,8 @@ class Bench(object):
             res["captured"] = sum(int(n) for n in re.findall(r"(\d+) packets captured", errs))
             res["kernel_dropped"] = sum(int(n) for n in
                                         re.findall(r"(\d+) packets dropped by kernel", errs))
+            res["received"] = sum(int(n) for n in
+                                  re.findall(r"(\d+) packets received by filter", errs))
         elif cfg == "bpftrace":
             res["hist_count"] = sum(int(n) for n in re.findall(
                 r"^\[.*\)\s+(\d+)\s+\|", read(tracers[0].out), re.M))

@@ -20,7 +20,7 @@ LABEL = {
     "bpftrace": "7 bpftrace rx->xmit hist()",
     "floor": "8 floor: 4 raw tp, ifindex only",
 }
-EXTRAS = ("captured", "kernel_dropped", "hist_count", "hits")
+EXTRAS = ("captured", "received", "kernel_dropped", "hist_count", "hits")
 
 
 # --- small helpers the driver shares ---

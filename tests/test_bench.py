@@ -75,7 +75,10 @@ def test_a_short_benchmark_run_counts_every_frame(tmp_path):
     assert res["tool_thresh"]["summaries"][0]["below_threshold"] == frames
     assert res["tool_filtered"]["summaries"][0]["reported"] == 0
     assert 0 < res["tool_sample"]["summaries"][0]["reported"] < frames / 20
-    assert res["tcpdump"]["captured"] == [2 * frames]
+    # tcpdump's filter saw every frame on both devices (what it wrote before it was
+    # stopped is its own business: "captured" can be short of it)
+    assert res["tcpdump"]["received"] == [2 * frames]
+    assert 0 < res["tcpdump"]["captured"][0] <= 2 * frames
     assert res["bpftrace"]["hist_count"] == [frames]
     assert res["floor"]["hits"] == [3 * frames]
     assert saved["result"]["path_check_warmup"]["rx"] == frames
