@@ -2793,12 +2793,12 @@ class PacketFormatter(object):
     def packet(self, fields, wall_offset, record):
         """The output of one EV_PACKET event; record() makes its packet_record()."""
         sids = [sid for sid in _PATH_SIDS[fields[P_DIR]] if fields[sid]]
+        if not sids:
+            return None
         key = (tuple(sids), _KIND_OF(fields))
         parts = self.kinds.get(key)         # the output's format string
         if parts is None:
             rec = record()
-            if not sids:
-                return None
             if len(self.kinds) >= self.LIMIT:
                 self.kinds.clear()
             parts = self.reporter.packet_template(rec)
@@ -3492,34 +3492,26 @@ class Run(object):
         if self.recorder:
             self.recorder.event(raw)
         fields = PKT.unpack(raw)
+
+        def record():
+            return packet_record(fields, self.names, self.process_name, self.thread_name,
+                                 self.wall_offset, self.vms)
+        text = None
         if fields[P_TYPE] == EV_PACKET:
-            try:
-                text = self.formatter.packet(fields, self.wall_offset, lambda: packet_record(
-                    fields, self.names, self.process_name, self.thread_name,
-                    self.wall_offset, self.vms))
-            except (IOError, OSError):
-                self.output_broken = True
-                return
-            if text is not None:
-                self.reported[DIRECTIONS[fields[P_DIR]]] += 1
-                vm_if = fields[P_VM_IF]
-                self.per_vm_reported[vm_if] = self.per_vm_reported.get(vm_if, 0) + 1
-                try:
-                    self.reporter.write(text)
-                except (IOError, OSError):
-                    self.output_broken = True
-                return
-        rec = packet_record(fields, self.names, self.process_name, self.thread_name,
-                            self.wall_offset, self.vms)
-        if rec["type"] == "drop":
-            rec["reason"] = self.reason_name(fields[P_REASON])
-            rec["location"] = self.location(fields[P_LOCATION])
-        else:
-            self.reported[rec["direction"]] += 1
+            self.reported[DIRECTIONS[fields[P_DIR]]] += 1
             vm_if = fields[P_VM_IF]
             self.per_vm_reported[vm_if] = self.per_vm_reported.get(vm_if, 0) + 1
+            text = self.formatter.packet(fields, self.wall_offset, record)
+        if text is None:        # a drop, or a packet whose output is not templated
+            rec = record()
+            if rec["type"] == "drop":
+                rec["reason"] = self.reason_name(fields[P_REASON])
+                rec["location"] = self.location(fields[P_LOCATION])
         try:
-            self.reporter.packet(rec)
+            if text is None:
+                self.reporter.packet(rec)
+            else:
+                self.reporter.write(text)
         except (IOError, OSError):
             self.output_broken = True   # the terminal or pipe went away (SIGHUP, EPIPE)
 
