@@ -54,7 +54,12 @@ TAP, PHY = "vnltap0", "vnlphy0"
 VM, REMOTE, HOST = "10.77.0.2", "10.77.0.3", "10.77.0.1"
 UND_LOCAL, UND_REMOTE = "10.88.0.1", "10.88.0.2"     # topology G's underlay
 METHODS = ("kprobe", "tracepoint")      # in every run
-ALL_METHODS = METHODS + ("auto",)       # the mix run has an --attach auto instance too
+# the mix run also has --attach auto and --attach tp_btf (BTF-typed tracepoints) instances
+ALL_METHODS = METHODS + ("auto", "tp_btf")
+# where each release's kernel loads tp_btf programs (BPF_PROG_TYPE_TRACING, 5.5+, with
+# its vmlinux BTF): the stages that read sk_buff fields attach typed there
+TP_BTF_STAGES = ("tap_rx", "phy_rx", "decap", "encap", "phy_queue", "phy_xmit", "tap_queue",
+                 "tap_xmit")
 TOPOS = ("A", "B")
 # The releases of the matrix and what each must have run: kernel, BCC, Python.
 SUITE_VERSIONS = {
@@ -534,36 +539,41 @@ def test_record_counts_match_the_wire(lane, topo, method, run_kind):
     assert_shapes(lane, out, topo, run.meta.get("vmstub_pid"))
 
 
-def _pairs(lane, run):
-    """kprobe and tracepoint records of one packet, paired by flow and order in the flow.
-    Packets only the kprobe instance could follow through ovs-vswitchd (a kernel without
-    the ovs_dp_upcall tracepoint) are left out."""
+def _pairs(lane, run, methods=METHODS):
+    """Two methods' records of one packet (kprobe and tracepoint unless told), paired by
+    flow and order in the flow. Packets only the kprobe instance could follow through
+    ovs-vswitchd (a kernel without the ovs_dp_upcall tracepoint) are left out."""
     flows = {}
     skip_upcalls = "ovs_upcall" not in lane.traced("tracepoint")
-    for m in METHODS:
+    for m in methods:
         g = collections.OrderedDict()
         for r in run.out[m].packets:
             if not (skip_upcalls and "ovs_upcall" in r["stages"]):
                 g.setdefault(flow_key(r), []).append(r)
         flows[m] = g
-    k, t = flows["kprobe"], flows["tracepoint"]
-    assert set(k) == set(t), "%s: flows only one method saw: kprobe %s, tracepoint %s" % (
-        run.name, [fmt_key(x) for x in set(k) - set(t)], [fmt_key(x) for x in set(t) - set(k)])
+    k, t = flows[methods[0]], flows[methods[1]]
+    assert set(k) == set(t), "%s: flows only one method saw: %s %s, %s %s" % (
+        run.name, methods[0], [fmt_key(x) for x in set(k) - set(t)], methods[1],
+        [fmt_key(x) for x in set(t) - set(k)])
     pairs = []
     for key in k:
-        assert len(k[key]) == len(t[key]), "%s: flow %s has %d kprobe and %d tracepoint " \
-            "records" % (run.name, fmt_key(key), len(k[key]), len(t[key]))
+        assert len(k[key]) == len(t[key]), "%s: flow %s has %d %s and %d %s records" % (
+            run.name, fmt_key(key), len(k[key]), methods[0], len(t[key]), methods[1])
         pairs += [(key, i, a, b) for i, (a, b) in enumerate(zip(k[key], t[key]))]
     return pairs
 
 
-@pytest.mark.parametrize("run_name", ["A-mix", "A-netem", "B-mix", "B-netem"])
-def test_kprobe_and_tracepoint_agree_per_packet(lane, run_name):
+@pytest.mark.parametrize("run_name,methods",
+                         [(r, METHODS) for r in ("A-mix", "A-netem", "B-mix", "B-netem")] +
+                         [(r, ("tp_btf", "tracepoint")) for r in ("A-mix", "B-mix")])
+def test_methods_agree_per_packet(lane, run_name, methods):
     """Point 2: both instances ran side by side on the same packets; paired by direction,
     protocol, addresses, ports or ICMP id/seq and order within the flow, their totals
-    agree within the bounds explained at AGREE_* above."""
+    agree within the bounds explained at AGREE_* above. tp_btf and raw tracepoints sit
+    at the same points: their records also pass the same stages."""
     run = lane.run(run_name)
-    pairs = _pairs(lane, run)
+    pairs = _pairs(lane, run, methods)
+    same_points = "kprobe" not in methods
     assert pairs, "%s: no packets" % run_name
     bad, diffs = [], []
     # The run's first packet is the first to run both instances' freshly loaded programs
@@ -576,7 +586,10 @@ def test_kprobe_and_tracepoint_agree_per_packet(lane, run_name):
         end_gap = (a["timestamp"] - b["timestamp"]) * 1e6
         diffs.append(abs(d))
         bound = max(AGREE_REL * max(a["total_us"], b["total_us"]), AGREE_STALL_US)
-        what = "%s #%d: kprobe %.1f us, tracepoint %.1f us" % (fmt_key(key), i, a["total_us"], b["total_us"])
+        what = "%s #%d: %s %.1f us, %s %.1f us" % (fmt_key(key), i, methods[0], a["total_us"],
+                                                  methods[1], b["total_us"])
+        if same_points and a["stages"] != b["stages"]:
+            bad.append("%s: stages differ: %s / %s" % (what, a["stages"], b["stages"]))
         if (key, i) == first[:2]:
             pass
         elif abs(d) > bound:
@@ -586,9 +599,10 @@ def test_kprobe_and_tracepoint_agree_per_packet(lane, run_name):
         if ("ovs_upcall" in a["stages"]) != ("ovs_upcall" in b["stages"]):
             bad.append("%s: upcall seen by one method only: %s / %s" % (what, a["stages"], b["stages"]))
     srt = sorted(diffs)
-    spread = "%d packets, |kprobe - tracepoint| median %.1f us, p90 %.1f us, max %.1f us, " \
-        "%d over 600 us" % (len(diffs), statistics.median(diffs), srt[int(0.9 * (len(srt) - 1))],
-                            srt[-1], sum(1 for x in diffs if x > 600))
+    spread = "%d packets, |%s - %s| median %.1f us, p90 %.1f us, max %.1f us, " \
+        "%d over 600 us" % (len(diffs), methods[0], methods[1], statistics.median(diffs),
+                            srt[int(0.9 * (len(srt) - 1))], srt[-1],
+                            sum(1 for x in diffs if x > 600))
     print("%s: %s" % (run_name, spread))
     assert not bad, "%s (%s):\n  %s" % (run_name, spread, "\n  ".join(bad))
     assert statistics.median(diffs) <= AGREE_MEDIAN_US, "%s: the methods differ systematically: " \
@@ -606,11 +620,12 @@ def test_ovs_dp_stage_on_every_record_of_topology_a(lane):
     want = {"kprobe": "attached kprobe ovs_dp_process_packet -> ovs_dp",
             "tracepoint": "attached tracepoint openvswitch:ovs_do_execute_action -> ovs_dp"}
     want["auto"] = want["tracepoint" if has_tp else "kprobe"]
+    want["tp_btf"] = want["tracepoint"]      # a module's tracepoint: attached raw
     for name in ("A-mix", "A-netem", "A-host"):
         run = lane.run(name)
         for m in run.methods:
             traced = "ovs_dp" in lane.traced(m)
-            if traced != (m != "tracepoint" or has_tp):
+            if traced != (m not in ("tracepoint", "tp_btf") or has_tp):
                 problems.append("--attach %s plans ovs_dp as %s; the kernel's openvswitch "
                                 "tracepoints: %s" % (m, lane.stages(m)["ovs_dp"],
                                                      lane.ovs_tracepoints()))
@@ -919,10 +934,16 @@ def test_the_release_ran_its_own_kernel_bcc_and_python(lane):
             assert bool(o["method"]) != bool(o["reason"]), o   # traced, or says why not
         tp_ovs = [n for n in ("ovs_dp", "ovs_upcall") if stages[n]["method"] == "tracepoint"]
         assert all(stages[n]["probe"].split(":")[1] in ovs_tps for n in tp_ovs), (m, stages)
-        if m == "tracepoint" and not ovs_tps:
+        if m in ("tracepoint", "tp_btf") and not ovs_tps:
             for n in ("ovs_dp", "ovs_upcall"):
                 assert stages[n]["method"] is None and "tracepoint" in stages[n]["reason"], \
                     stages[n]
+        # tp_btf (and auto) take the typed tracepoints at the stages that read sk_buff
+        # fields; the VM's read stays raw (it wants the address only)
+        if m in ("tp_btf", "auto"):
+            typed = sorted(n for n, o in stages.items() if o["method"] == "tp_btf")
+            assert typed == sorted(TP_BTF_STAGES), (lane.suite, m, typed)
+            assert stages["vm_read"]["method"] == "tracepoint", stages["vm_read"]
     print("%s: kernel %s, BCC %s, Python %s; openvswitch tracepoints: %s" % (
         lane.suite, env["kernel"], env["python3-bpfcc"], env["python3"], ovs_tps or "none"))
 

@@ -4,7 +4,7 @@
 usage: check_tool_output.py [--case NAME] [--samples N] OUT.jsonl [RC_FILE]
 
 The case name says what traffic ran and where:
-"<A|B>-<kprobe|tracepoint|auto>[-mix|-netem|-host|-drop]".
+"<A|B>-<kprobe|tracepoint|auto|tp_btf>[-mix|-netem|-host|-drop]".
 A (OVS) and B (Linux bridge) topologies; the traffic mix is ping + a UDP burst with the
 fixed 5-tuple 10.77.0.2:40000 -> 10.77.0.3:40001 + one TCP connection
 10.77.0.2:40003 -> 10.77.0.3:40002; a "-netem" case pings with netem delay 20ms on
@@ -155,7 +155,8 @@ def main():
         seen = set(s for r in pkts for s in (r.get("stages") or []))
         if topo == "A" and "ovs_dp" not in seen:
             warns.append("topology A (OVS) but no record has an ovs_dp stage")
-        if topo == "B" and "bridge" not in seen and "-tracepoint" not in a.case:
+        if topo == "B" and "bridge" not in seen and "-tracepoint" not in a.case and \
+                "-tp_btf" not in a.case:
             warns.append("topology B (Linux bridge) but no record has a bridge stage")
         if topo == "B" and ("ovs_dp" in seen or "ovs_upcall" in seen):
             fails.append("topology B has no OVS, yet records show an ovs_dp stage")

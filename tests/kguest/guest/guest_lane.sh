@@ -313,8 +313,8 @@ basic_traffic_checks() { # basic_traffic_checks TOPO
 # Each run leaves runs/NAME/: {kprobe,tracepoint}.{jsonl,stderr,rc,pid}, DEV.pcap,
 # DEV.tcpdump.stderr, oracle.jsonl (one JSON object a line), traffic.log, meta.json,
 # kprobe_events.attached. tests/test_kguest.py (on the host) decides pass/fail from them.
-METHODS="kprobe tracepoint"   # every run; the mix run adds auto as a third instance
-ALL_METHODS="kprobe tracepoint auto"
+METHODS="kprobe tracepoint"   # every run; the mix run adds auto and tp_btf instances
+ALL_METHODS="kprobe tracepoint auto tp_btf"
 TOOL_EXTRA=()                 # extra tool arguments of the current run (the drop run: --drops)
 TOOL_MAX_RUN=${TOOL_MAX_RUN:-300}   # the tools' own --timeout: a safety net; the lane stops
                                     # them with SIGINT one second after the traffic
