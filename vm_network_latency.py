@@ -43,9 +43,11 @@ import ctypes
 import errno
 import ipaddress
 import json
+import mmap
 import operator
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -2933,6 +2935,17 @@ _PATH_SIDS = [tuple(sid for _n, sid in _PATH_FIELDS[d]) for d in DIRECTIONS]
 MARK = "\x01"      # where a time goes in an output template
 
 
+def json_us(ns):
+    """repr(round(ns / 1000.0, 3)), as packet_record() and json give it, for a whole
+    number of ns: by integer arithmetic, a third of the cost (the reader's hot path)."""
+    if not 0 <= ns < 10 ** 12:         # beyond 1000 s (or a negative): the float way
+        return repr(round(ns / 1000.0, 3))
+    us, frac = divmod(ns, 1000)
+    if not frac:
+        return "%d.0" % us
+    return ("%d.%03d" % (us, frac)).rstrip("0")
+
+
 class PacketFormatter(object):
     """Detailed mode's per-event work, done once per kind of packet.
 
@@ -2972,8 +2985,8 @@ class PacketFormatter(object):
         end = times[-1]
         if self.reporter.json:
             values = [repr(round(wall_offset + end / 1e9, 6))]
-            values += [repr(round((b - a) / 1000.0, 3)) for a, b in zip(times, times[1:])]
-            values.append(repr(round((end - times[0]) / 1000.0, 3)))
+            values += [json_us(b - a) for a, b in zip(times, times[1:])]
+            values.append(json_us(end - times[0]))
         else:
             fmt_us = self.reporter.fmt_us
             values = [self.reporter.clock(round(wall_offset + end / 1e9, 6))]
@@ -3644,14 +3657,17 @@ class Run(object):
 
     # -- what happens during a run --
     def on_event(self, data, size=None):
-        """One event from the kernel (a ctypes pointer) or from a recording (bytes)."""
-        # called from BCC through ctypes: an exception here would only be printed
+        """One event from the perf buffer (a ctypes pointer) or a recording (bytes)."""
+        self.on_record(data if isinstance(data, bytes) else ctypes.string_at(data, PKT.size))
+
+    def on_record(self, buf, off=0):
+        """One event, read where it lies: in the ring buffer's pages (RingReader), or
+        in bytes. Called from BCC through ctypes too: an exception would only be printed."""
         if self.output_broken:
             return
-        raw = data if isinstance(data, bytes) else ctypes.string_at(data, PKT.size)
         if self.recorder:
-            self.recorder.event(raw)
-        fields = PKT.unpack(raw)
+            self.recorder.event(bytes(buf[off:off + PKT.size]))
+        fields = PKT.unpack_from(buf, off)
 
         def record():
             return packet_record(fields, self.names, self.process_name, self.thread_name,
@@ -4224,12 +4240,61 @@ def read_u64_array(table, size):
 EventSource = namedtuple("EventSource", "poll drain")
 
 
+class RingReader(object):
+    """The BPF ring buffer, read by the tool itself: every record there in one pass,
+    decoded where it lies. BCC's reader calls back into Python through ctypes once per
+    event, which costs as much as decoding it (bench/overhead.py: detailed mode).
+
+    The map's pages (kernel/bpf/ringbuf.c): the consumer position, which the reader
+    writes; the producer position; then the data pages, mapped twice in a row so that a
+    record that wraps around the end is contiguous. A record: u32 length (bit 31: still
+    being written, bit 30: discarded), u32 page offset, the data, padded to 8 bytes."""
+    BUSY, DISCARD = 1 << 31, 1 << 30
+    RELEASE_EVERY = 256     # records read between two releases of their space
+
+    def __init__(self, map_fd, size, deliver):
+        page = mmap.PAGESIZE
+        self.consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self.ring = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
+                              offset=page)
+        # the consumer position is written with one aligned 8-byte store (the kernel
+        # reads it while we write; struct's "<Q" would store it byte by byte)
+        self.consumed = ctypes.c_uint64.from_buffer(self.consumer)
+        self.page, self.mask, self.deliver = page, size - 1, deliver
+        self.epoll = select.epoll()
+        self.epoll.register(map_fd, select.EPOLLIN)
+
+    def poll(self, ms):
+        self.epoll.poll(ms / 1000.0)
+
+    def drain(self):
+        u64, u32 = struct.Struct("Q").unpack_from, struct.Struct("I").unpack_from  # native
+        ring, page, mask, deliver = self.ring, self.page, self.mask, self.deliver
+        pos = self.consumed.value
+        end = u64(ring, 0)[0]
+        n = 0
+        while pos < end:
+            at = page + (pos & mask)
+            length = u32(ring, at)[0]
+            if length & self.BUSY:
+                break                   # reserved, not submitted yet: the next pass
+            if not length & self.DISCARD and length & 0x3fffffff == PKT.size:
+                deliver(ring, at + 8)
+            pos += ((length & 0x3fffffff) + 8 + 7) & ~7
+            n += 1
+            if n % self.RELEASE_EVERY == 0:
+                self.consumed.value = pos
+            if pos >= end:
+                end = u64(ring, 0)[0]
+        self.consumed.value = pos
+
+
 def open_events(tracer, this):
     table = tracer.bpf["events"]
-    if hasattr(table, "open_ring_buffer") and type(table).__name__ == "RingBuf":
-        table.open_ring_buffer(lambda _ctx, data, size: this.on_event(data, size))
-        return EventSource(lambda ms: tracer.bpf.ring_buffer_poll(ms),
-                           tracer.bpf.ring_buffer_consume)
+    if type(table).__name__ == "RingBuf":
+        ring = RingReader(table.map_fd, RINGBUF_PAGES * mmap.PAGESIZE, this.on_record)
+        return EventSource(ring.poll, ring.drain)
     table.open_perf_buffer(lambda _cpu, data, size: this.on_event(data, size),
                            page_cnt=PERF_BUFFER_PAGES, lost_cb=this.on_perf_lost)
     return EventSource(lambda ms: tracer.bpf.perf_buffer_poll(ms), lambda: None)

@@ -11,7 +11,7 @@ tests/kguest/run_lane.sh runs once per release (about 5 minutes, plus one or two
 build the cached guest image the first time), and every test below runs on each. In
 the guest, every traced run starts instances of the tool side by side on the same
 traffic, ``--attach kprobe`` and ``--attach tracepoint`` (the mix run also ``--attach
-auto``), all ``--output json --vm-dev vnltap0 --phy-dev vnlphy0 --verbose``, with
+auto`` and ``--attach tp_btf``), all ``--output json --vm-dev vnltap0 --phy-dev vnlphy0 --verbose``, with
 tcpdump --immediate-mode on the devices. What each method traces on that kernel comes
 from the tool's own ``--list-stages --output json --attach METHOD`` in the guest; the
 kernel's own tracefs (openvswitch events, kfree_skb's format) says which of those

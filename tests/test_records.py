@@ -355,3 +355,14 @@ def test_vm_labels(tool):
     assert tool.vm_label(tool.VmInfo(None, None, 77, "firecracker"), "vnet0") == \
         "firecracker[77]"
     assert tool.vm_label(None, "vnet0") == "vnet0"
+
+
+def test_json_us_is_what_json_prints_for_the_same_nanoseconds(tool):
+    """The formatter's integer path gives the digits json gives packet_record()'s float
+    (round(ns / 1000.0, 3)) for every count of ns, also beyond its integer range."""
+    import random
+    rnd = random.Random(7)
+    cases = list(range(0, 3001)) + [rnd.randrange(10 ** 12) for _ in range(100000)] + \
+        [999999999999, 10 ** 12, 10 ** 15 + 1, -1, -1500]
+    for ns in cases:
+        assert tool.json_us(ns) == json.dumps(round(ns / 1000.0, 3)), ns
