@@ -70,19 +70,17 @@ VM_IP, REMOTE_IP = "10.78.0.2", "10.78.0.3"
 DEVS = ["--vm-dev", TAP, "--phy-dev", PHY, "--output", "json"]
 TOOL_ARGS = {
     "tool_hist": DEVS + ["--mode", "histogram", "--interval", "3600"],
-    # the attach methods side by side: auto (tp_btf at the start stages where the
-    # kernel allows), raw tracepoints only, tp_btf wherever there is one
+    # the attach methods side by side: auto (tp_btf at the stages that read sk_buff
+    # fields, where the kernel loads them) and raw tracepoints only
     "tool_hist_raw": DEVS + ["--mode", "histogram", "--interval", "3600",
                              "--attach", "tracepoint"],
-    "tool_hist_typed": DEVS + ["--mode", "histogram", "--interval", "3600",
-                               "--attach", "tp_btf"],
     "tool_thresh": DEVS + ["--mode", "detailed", "--latency-threshold", "1000000"],
     "tool_detail": DEVS + ["--mode", "detailed"],
     "tool_filtered": DEVS + ["--dst-port", "9999"],
     "tool_sample": DEVS + ["--mode", "histogram", "--interval", "3600", "--sample", "100"],
 }
-STATS_CONFIGS = ["tool_hist", "tool_hist_raw", "tool_hist_typed", "tool_detail",
-                 "tool_filtered", "tool_sample", "floor"]
+STATS_CONFIGS = ["tool_hist", "tool_hist_raw", "tool_detail", "tool_filtered",
+                 "tool_sample", "floor"]
 NEEDED = [("ip", "iproute2"), ("bridge", "iproute2"), ("tcpdump", "tcpdump"),
           ("bpftrace", "bpftrace"), ("bpftool", "bpftool"), ("gcc", "gcc")]
 

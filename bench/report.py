@@ -7,13 +7,12 @@ import json
 import statistics
 import sys
 
-CONFIGS = ["baseline", "tool_hist", "tool_hist_raw", "tool_hist_typed", "tool_thresh",
-           "tool_detail", "tool_filtered", "tool_sample", "tcpdump", "bpftrace", "floor"]
+CONFIGS = ["baseline", "tool_hist", "tool_hist_raw", "tool_thresh", "tool_detail",
+           "tool_filtered", "tool_sample", "tcpdump", "bpftrace", "floor"]
 LABEL = {
     "baseline": "1 baseline (nothing attached)",
     "tool_hist": "2 tool histogram",
     "tool_hist_raw": "2r  histogram, raw tracepoints",
-    "tool_hist_typed": "2t  histogram, all tp_btf",
     "tool_thresh": "3 tool detailed, threshold 1 s",
     "tool_detail": "4 tool detailed json, every pkt",
     "tool_filtered": "5 tool filtered (--dst-port 9999)",

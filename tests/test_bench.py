@@ -25,7 +25,7 @@ def run_of(cfg, rep, ns, **extra):
 
 def synthetic_raw():
     costs = {"baseline": 1000, "tool_hist": 1400, "tool_hist_raw": 1450,
-             "tool_hist_typed": 1420, "tool_thresh": 1300, "tool_detail": 1500,
+             "tool_thresh": 1300, "tool_detail": 1500,
              "tool_filtered": 1220, "tool_sample": 1100, "tcpdump": 1400, "bpftrace": 1800,
              "floor": 1200}
     runs = [run_of(c, rep, ns + 10 * rep) for rep in (1, 2, 3) for c, ns in costs.items()]
