@@ -222,17 +222,22 @@ def test_histogram_counts_and_percentiles_match_exact_values(lab, traces):
     # net_dev_start_xmit to BPF for a packet the sink did receive: an independent bpftrace
     # program missed the same events. The tool then reports the packet as still in flight
     # after phy_queue, which is what it saw (or, once the namespace's UDP freed it, as
-    # having left the path after phy_queue); allow at most 3% of those. (Seen with this
-    # and the previous in-flight table alike: up to 7 of 300 in about one run in five.)
+    # having left the path after phy_queue; or, once its sk_buff carried the next packet
+    # while the record still waited, as vanished: the UDP sink frees without a tracepoint);
+    # allow at most 3% of those. (Seen with this and the previous in-flight table alike:
+    # up to 7 of 300 in about one run in five; in one full run 1 in flight, 4 vanished.)
     s = per_second.summary()
     reported = s["reported"]
-    unseen_xmit = s["in_flight"] + sum(f["count"] for f in s["fates"]
-                                       if f["fate"] == "left_path" and
-                                       f["last_stage"] == "phy_queue")
+    unseen_xmit = s["in_flight"] + s["vanished"] + sum(
+        f["count"] for f in s["fates"] if f["fate"] == "left_path" and
+        f["last_stage"] == "phy_queue")
+    counts = dict((k, s[k]) for k in ("started", "reported", "completed", "in_flight",
+                                      "vanished", "dropped", "left_path", "not_tracked",
+                                      "lost"))
     # in a full run, a few of the 300 were not even seen entering (the same events the
     # kernel did not deliver): what the tool started, it accounts for exactly
-    assert reported + unseen_xmit == s["started"] and s["started"] >= 291, s
-    assert unseen_xmit <= 9, s
+    assert reported + unseen_xmit == s["started"] and s["started"] >= 291, (counts, s)
+    assert unseen_xmit <= 9, (counts, s)
     assert all(p["last_stage"] == "phy_queue" for p in s["in_flight_examples"]), s
     assert s["dropped"] == s["not_tracked"] == s["lost"] == 0, s
     for segment, rows in by_segment.items():
