@@ -619,8 +619,8 @@ def layout_from_btf(btf):
     params = btf.tracepoint_params("kfree_skb") or []
     has_reason = len(params) >= 3 and params[2] == "enum skb_drop_reason"
     # {tracepoint: its BTF type id} for those vmlinux has (a module's are in its own BTF)
-    tracepoints = dict((tp, btf.tracepoint_type(tp)) for tp in TRACEPOINTS_USED
-                       if btf.tracepoint_type(tp) is not None)
+    type_ids = dict((tp, btf.tracepoint_type(tp)) for tp in TRACEPOINTS_USED)
+    tracepoints = dict((tp, tid) for tp, tid in type_ids.items() if tid is not None)
     return Layout("BTF", offsets, sizes, netns,
                   btf.enum_values("skb_drop_reason") if has_reason else {},
                   has_reason, tracepoints, prog_info_layout(btf))
@@ -2755,11 +2755,11 @@ class Tracer(object):
         code = self.bpf.dump_func(att.fn_name)
         type_id = self.type_ids[att.probe.split(":")[1]]
         fd, _log = bpf_prog_load(BPF_PROG_TYPE_TRACING, code, att.fn_name, type_id)
-        if fd is not None and fd < 0:     # again, for the verifier's words
-            err = os.strerror(-fd)
+        if fd is None or fd < 0:     # again, for the verifier's words
+            err = os.strerror(-fd) if fd is not None else "unknown architecture"
             _fd, log = bpf_prog_load(BPF_PROG_TYPE_TRACING, code, att.fn_name, type_id,
                                      log_size=1 << 22)
-            if _fd >= 0:
+            if _fd is not None and _fd >= 0:
                 os.close(_fd)
             last = [l for l in log.splitlines() if l.strip()][-3:]
             raise Exception("Failed to load BPF program %s: %s%s" % (
@@ -3658,12 +3658,13 @@ class Run(object):
 
     # -- what happens during a run --
     def on_event(self, data, size=None):
-        """One event from the perf buffer (a ctypes pointer) or a recording (bytes)."""
+        """One event from BCC's readers (a ctypes pointer) or a recording (bytes)."""
         self.on_record(data if isinstance(data, bytes) else ctypes.string_at(data, PKT.size))
 
     def on_record(self, buf, off=0):
         """One event, read where it lies: in the ring buffer's pages (RingReader), or
-        in bytes. Called from BCC through ctypes too: an exception would only be printed."""
+        in bytes. Under BCC's readers this runs inside a ctypes callback: an exception
+        would only be printed."""
         if self.output_broken:
             return
         if self.recorder:
@@ -4291,11 +4292,21 @@ class RingReader(object):
         self.consumed.value = pos
 
 
+# RingReader reads the producer position and each record's header with plain loads,
+# which x86 keeps in order; libbpf (BCC's reader) uses acquire loads, which weaker
+# architectures need, so there BCC reads the ring
+ORDERED_LOADS = ("x86_64", "i686", "i386")
+
+
 def open_events(tracer, this):
     table = tracer.bpf["events"]
-    if type(table).__name__ == "RingBuf":
+    if type(table).__name__ == "RingBuf" and os.uname()[4] in ORDERED_LOADS:
         ring = RingReader(table.map_fd, RINGBUF_PAGES * mmap.PAGESIZE, this.on_record)
         return EventSource(ring.poll, ring.drain)
+    if type(table).__name__ == "RingBuf":
+        table.open_ring_buffer(lambda _ctx, data, size: this.on_event(data, size))
+        return EventSource(lambda ms: tracer.bpf.ring_buffer_poll(ms),
+                           tracer.bpf.ring_buffer_consume)
     table.open_perf_buffer(lambda _cpu, data, size: this.on_event(data, size),
                            page_cnt=PERF_BUFFER_PAGES, lost_cb=this.on_perf_lost)
     return EventSource(lambda ms: tracer.bpf.perf_buffer_poll(ms), lambda: None)
