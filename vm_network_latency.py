@@ -43,6 +43,7 @@ import ctypes
 import errno
 import ipaddress
 import json
+import math
 import mmap
 import operator
 import os
@@ -1359,16 +1360,21 @@ def check_devices_exist(args):
 
 # The per-packet record, declared once: the C struct (one per packet in flight, also
 # the event sent to user space) and the Python decoder are both generated from it.
-# (name, C type, count, what it holds). Largest types first: no padding inside.
+# (name, C type, count, what it holds). First what differs from packet to packet,
+# then, from KIND_FROM to the end, what makes a packet's kind: detailed mode's reader
+# looks up its output template by those bytes, in one piece. Every field at an offset
+# that is a multiple of its size: no padding inside (record_struct() checks).
 RECORD_FIELDS = [
     ("ts", "u64", NSTAGES, "when each stage saw the packet, 0 = not seen"),
     ("location", "u64", 1, "drop events: where the kernel freed it"),
+    ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
+    ("ip_id", "u16", 1, "IPv4 identification"),
+    ("seen", "u16", 1, "bit 1 << stage set for each stage that saw it"),
     ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
     ("vm_ifindex", "u32", 1, "the tap"),
     ("phy_ifindex", "u32", 1, "the physical device"),
     ("pid", "u32", 1, "VM side: the process that wrote (tx) or read (rx) it"),
     ("tid", "u32", 1, "and its thread"),
-    ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
     ("vni", "u32", 1, "tunnel: VXLAN/Geneve network identifier"),
     ("tun_ifindex", "u32", 1, "tunnel: the tunnel device"),
     ("saddr", "u8", 16, "source address, network order (IPv4: the first 4 bytes)"),
@@ -1378,7 +1384,6 @@ RECORD_FIELDS = [
     ("sport", "u16", 1, "TCP/UDP source port, or ICMP echo id"),
     ("dport", "u16", 1, "TCP/UDP destination port, or ICMP echo sequence"),
     ("vlan", "u16", 1, "802.1Q VLAN id + 1, 0 = untagged"),
-    ("ip_id", "u16", 1, "IPv4 identification"),
     ("proto", "u8", 1, "IP protocol (the L4 header's, after IPv6 extension headers)"),
     ("ip_version", "u8", 1, "4 or 6"),
     ("tunnel", "u8", 1, "0, TUNNEL_VXLAN or TUNNEL_GENEVE"),
@@ -1419,13 +1424,28 @@ def record_struct(fields=RECORD_FIELDS):
         else:
             fmt += "%d%s" % (count, _STRUCT_CODES[ctype]) if count > 1 else _STRUCT_CODES[ctype]
             i += count
+        if size % _C_SIZES[ctype]:
+            raise AssertionError("record field %s is not aligned: C would pad" % fname)
         size += _C_SIZES[ctype] * count
     if size % 8:
         fmt += "%dx" % (8 - size % 8)
     return struct.Struct(fmt), index
 
 
+def record_offset(name, fields=RECORD_FIELDS):
+    """Where a field of the record starts, in bytes."""
+    at = 0
+    for fname, ctype, count, _what in fields:
+        if fname == name:
+            return at
+        at += _C_SIZES[ctype] * count
+    raise KeyError(name)
+
+
 PKT, PKT_INDEX = record_struct()
+KIND_FROM = "seen"
+KIND_AT = record_offset(KIND_FROM)
+assert NSTAGES <= 16, "seen is a u16: one bit per stage"
 
 # Constants C and Python share, each declared once (they reach C as #defines).
 # device roles: a tunnel device's role says its kind (ROLE_TUN_VXLAN + kind - 1)
@@ -2049,6 +2069,7 @@ static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
 {
     if (!p->ts[stage]) {
         p->ts[stage] = now;
+        p->seen |= 1 << stage;
         p->last = stage;
     }
 }
@@ -2106,6 +2127,7 @@ static __always_inline int on_receive(void *ctx, void *skb, const int btf_arg, i
     u64 now = bpf_ktime_get_ns();
     p->dir = dir;
     p->ts[stage] = now;
+    p->seen = 1 << stage;
     p->last = stage;
     p->dev = (u64)dev;
     p->dev_role = role;
@@ -2236,6 +2258,7 @@ static __always_inline int on_upcall(void *ctx, void *skb, const int btf_arg, u3
         return 0;
     __builtin_memcpy(copy, p, sizeof(*copy));
     copy->ts[STAGE_OVS_EXECUTE] = 0;   // stamped again when the actions run on the copy
+    copy->seen &= ~(1 << STAGE_OVS_EXECUTE);
     struct upcall_key k = {};
     upcall_key_of(p, &k);
     if (upcalls.insert(&k, copy) == 0) {
@@ -2847,7 +2870,7 @@ P_PID, P_TID, P_REASON = PKT_INDEX["pid"], PKT_INDEX["tid"], PKT_INDEX["reason"]
 P_SPORT, P_DPORT, P_VLAN = PKT_INDEX["sport"], PKT_INDEX["dport"], PKT_INDEX["vlan"]
 P_PROTO, P_DIR, P_LAST = PKT_INDEX["proto"], PKT_INDEX["dir"], PKT_INDEX["last"]
 P_TYPE, P_ICMP_TYPE, P_UPCALLED = PKT_INDEX["type"], PKT_INDEX["icmp_type"], PKT_INDEX["upcalled"]
-P_IP_VERSION = PKT_INDEX["ip_version"]
+P_IP_VERSION, P_SEEN = PKT_INDEX["ip_version"], PKT_INDEX["seen"]
 P_TUNNEL, P_OUTER_VERSION, P_VNI = PKT_INDEX["tunnel"], PKT_INDEX["outer_version"], PKT_INDEX["vni"]
 P_TUN_IF, P_OUTER_SADDR = PKT_INDEX["tun_ifindex"], PKT_INDEX["outer_saddr"]
 P_OUTER_DADDR = PKT_INDEX["outer_daddr"]
@@ -2897,7 +2920,7 @@ def packet_record(fields, names, process_name, thread_name, wall_offset, vms=Non
     vm = vms.get(vm_if, NO_VM) if vms and vm_if else NO_VM
     rec = {
         "type": "packet" if fields[P_TYPE] == EV_PACKET else "drop",
-        "timestamp": round(wall_offset + end_ns / 1e9, 6),
+        "timestamp": float(timestamp_text(wall_us(wall_offset, end_ns))),
         "direction": direction,
         "protocol": PROTO_NAMES.get(proto, str(proto)),
         "ip_version": version,
@@ -2924,21 +2947,42 @@ def packet_record(fields, names, process_name, thread_name, wall_offset, vms=Non
     return rec
 
 
-# What tells one kind of packet from another: every field of the record but its times
-# and what only drops or nobody print. Packets of one kind print the same but for times.
-PER_PACKET_FIELDS = ("ts", "location", "reason", "ip_id")
-_KIND_OF = operator.itemgetter(*[i for name, ctype, count, _m in RECORD_FIELDS
-                                 if name not in PER_PACKET_FIELDS
-                                 for i in range(PKT_INDEX[name], PKT_INDEX[name] + (
-                                     1 if ctype == "u8" else count))])
 _PATH_SIDS = [tuple(sid for _n, sid in _PATH_FIELDS[d]) for d in DIRECTIONS]
 MARK = "\x01"      # where a time goes in an output template
+
+# What detailed mode's reader unpacks of an event in the ring buffer: its 8-byte
+# header's length, the times, and the kind (the record from KIND_AT on, as bytes).
+# Packets of one kind print the same but for their times.
+EVENT_TIMES = struct.Struct("<I4x%dQ%dx%ds" % (NSTAGES, KIND_AT - 8 * NSTAGES,
+                                               PKT.size - KIND_AT))
+assert EVENT_TIMES.size == 8 + PKT.size, "the record is padded to 8 bytes"
+
+
+def wall_ns(wall_offset):
+    """The offset of the wall clock from the monotonic one (a float of seconds), as a
+    whole number of ns: its fraction scaled alone, the seconds times 10**9 exactly."""
+    seconds = math.floor(wall_offset)
+    return int(seconds) * 10 ** 9 + int(round((wall_offset - seconds) * 1e9))
+
+
+def wall_us(wall_offset, ns):
+    """The wall-clock time of a monotonic time in ns, in whole microseconds. By integer
+    arithmetic: a float of today's seconds since 1970 is only good to about 0.24 us."""
+    return (wall_ns(wall_offset) + ns + 500) // 1000
+
+
+def timestamp_text(us):
+    """Seconds with up to six decimals, as repr() gives the float of the same text
+    (floats this size are 2**-22 s apart: each microsecond has its own, and no shorter
+    text names it)."""
+    text = ("%d.%06d" % divmod(us, 1000000)).rstrip("0")
+    return text + "0" if text[-1] == "." else text
 
 
 def json_us(ns):
     """repr(round(ns / 1000.0, 3)), as packet_record() and json give it, for a whole
     number of ns: by integer arithmetic, cheaper than the float's round() and repr()
-    (the reader's hot path; tests/test_records.py checks the two agree)."""
+    (tests/test_records.py checks the two agree)."""
     if not 0 <= ns < 10 ** 12:         # beyond 1000 s (or a negative): the float way
         return repr(round(ns / 1000.0, 3))
     us, frac = divmod(ns, 1000)
@@ -2950,50 +2994,73 @@ def json_us(ns):
 class PacketFormatter(object):
     """Detailed mode's per-event work, done once per kind of packet.
 
-    The first packet of a kind (same flow, devices, process and stages seen) goes
-    through packet_record() and the Reporter, which also give its output with marks
-    where the times go; the next ones of that kind only have their times filled in.
+    The first packet of a kind (same flow, devices, process and stages seen: the same
+    bytes from KIND_AT on) goes through packet_record() and the Reporter, which also
+    give its output with marks where the times go; the next ones of that kind only
+    have their times filled in, and each time's text is made once per value of ns.
     The output is the same, byte for byte (tests/test_records.py checks it against
     packet_record() and the Reporter for every kind of record)."""
-    LIMIT = 4096
+    LIMIT = 4096            # kinds kept
+    US_LIMIT = 1 << 16      # texts of times kept
 
-    def __init__(self, reporter):
+    def __init__(self, reporter, wall_offset):
         self.reporter = reporter
+        self.wall_ns = wall_ns(wall_offset)
+        # {kind bytes: (output's parts, times of the record, times of an EVENT_TIMES
+        # tuple, direction, tap ifindex)}, or False: not templated
         self.kinds = {}
+        self.us = {}                # {ns: its text}
 
     def clear(self):
         """Names changed (devices, VMs): kinds are made again."""
         self.kinds.clear()
 
-    def packet(self, fields, wall_offset, record):
-        """The output of one EV_PACKET event; record() makes its packet_record()."""
-        sids = [sid for sid in _PATH_SIDS[fields[P_DIR]] if fields[sid]]
-        if not sids:
-            return None
-        key = (tuple(sids), _KIND_OF(fields))
-        parts = self.kinds.get(key)         # the output's format string
-        if parts is None:
-            rec = record()
+    def packet(self, fields, kind, record):
+        """The output of one EV_PACKET event (decoded: fields; its kind bytes), None if
+        it is not templated; record() makes its packet_record()."""
+        entry = self.kinds.get(kind)
+        if entry is None:
+            entry = self.template(fields, record)
             if len(self.kinds) >= self.LIMIT:
                 self.kinds.clear()
-            parts = self.reporter.packet_template(rec)
-            # one format string: the parts, their own "%" doubled
-            parts = self.kinds[key] = "%s".join(p.replace("%", "%%") for p in parts) \
-                if parts else False
+            self.kinds[kind] = entry
+        return self.fill(entry[0], entry[1](fields)) if entry else None
+
+    def template(self, fields, record):
+        sids = [sid for sid in _PATH_SIDS[fields[P_DIR]] if fields[sid]]
+        path = sum(1 << sid for sid in _PATH_SIDS[fields[P_DIR]])
+        if len(sids) < 2 or fields[P_SEEN] & path != sum(1 << sid for sid in sids):
+            return False        # no segment, or times the kernel did not mark as seen
+        parts = self.reporter.packet_template(record())
         if not parts:
-            return None
-        times = [fields[sid] for sid in sids]
+            return False
+        # the output's parts with a place between each two for the times, filled in
+        # by fill() (a join: cheaper than "%" scanning the whole line for its marks)
+        slots = [None] * (2 * len(parts) - 1)
+        slots[::2] = parts
+        return (slots, operator.itemgetter(*sids), operator.itemgetter(*[1 + s for s in sids]),
+                DIRECTIONS[fields[P_DIR]], fields[P_VM_IF])
+
+    def fill(self, slots, times):
+        """The output with the times of a packet: its end, each segment, the total."""
         end = times[-1]
-        if self.reporter.json:
-            values = [repr(round(wall_offset + end / 1e9, 6))]
-            values += [json_us(b - a) for a, b in zip(times, times[1:])]
-            values.append(json_us(end - times[0]))
-        else:
-            fmt_us = self.reporter.fmt_us
-            values = [self.reporter.clock(round(wall_offset + end / 1e9, 6))]
-            values += [fmt_us(round((b - a) / 1000.0, 3)) for a, b in zip(times, times[1:])]
-            values.append(fmt_us(round((end - times[0]) / 1000.0, 3)))
-        return parts % tuple(values)
+        when = (self.wall_ns + end + 500) // 1000       # wall_us(), inlined
+        values = [timestamp_text(when) if self.reporter.json else self.reporter.clock_us(when)]
+        texts = self.us
+        prev = times[0]
+        for t in times[1:]:
+            values.append(texts.get(t - prev) or self.us_text(t - prev))
+            prev = t
+        values.append(texts.get(end - times[0]) or self.us_text(end - times[0]))
+        slots[1::2] = values
+        return "".join(slots)
+
+    def us_text(self, ns):
+        if len(self.us) >= self.US_LIMIT:
+            self.us.clear()
+        text = self.us[ns] = json_us(ns) if self.reporter.json else \
+            self.reporter.fmt_us(round(ns / 1000.0, 3))
+        return text
 
 
 # --- histogram buckets: v = ns * 1.024, 16 sub-buckets per power of two ---
@@ -3101,12 +3168,16 @@ class Reporter(object):
         self.out.flush()
 
     def clock(self, timestamp):
-        """HH:MM:SS.mmm, formatting each second only once."""
-        second = int(timestamp)
+        """HH:MM:SS.mmm of a time in seconds."""
+        return self.clock_us(int(round(timestamp * 1e6)))
+
+    def clock_us(self, us):
+        """HH:MM:SS.mmm of a time in whole microseconds, formatting each second once."""
+        second, us = divmod(us, 1000000)
         if second != self._second:
             self._second = second
             self._hms = time.strftime("%H:%M:%S", time.localtime(second))
-        return "%s.%03d" % (self._hms, int((timestamp - second) * 1000))
+        return "%s.%03d" % (self._hms, us // 1000)
 
     def fmt_us(self, us):
         return "%.2f%s" % (us, self.us)
@@ -3595,7 +3666,8 @@ class Run(object):
         self.perf_lost = 0
         self.stop_reason = None         # the signal that stopped it, or None
         self.output_broken = False
-        self.formatter = PacketFormatter(reporter)
+        self.formatter = PacketFormatter(reporter, wall_offset)
+        self.pending = []               # outputs of on_times(), written by write_pending()
         self.roles = {}
         self.known = {"comm": {}, "thread": {}, "reason": {}, "location": {}}
         self.events = None              # EventSource while tracing detailed or drops
@@ -3679,12 +3751,14 @@ class Run(object):
             self.reported[DIRECTIONS[fields[P_DIR]]] += 1
             vm_if = fields[P_VM_IF]
             self.per_vm_reported[vm_if] = self.per_vm_reported.get(vm_if, 0) + 1
-            text = self.formatter.packet(fields, self.wall_offset, record)
+            text = self.formatter.packet(fields, bytes(buf[off + KIND_AT:off + PKT.size]),
+                                         record)
         if text is None:        # a drop, or a packet whose output is not templated
             rec = record()
             if rec["type"] == "drop":
                 rec["reason"] = self.reason_name(fields[P_REASON])
                 rec["location"] = self.location(fields[P_LOCATION])
+        self.write_pending()
         try:
             if text is None:
                 self.reporter.packet(rec)
@@ -3692,6 +3766,30 @@ class Run(object):
                 self.reporter.write(text)
         except (IOError, OSError):
             self.output_broken = True   # the terminal or pipe went away (SIGHUP, EPIPE)
+
+    def on_times(self, t):
+        """The common case of on_record(), from an EVENT_TIMES tuple: a packet of a
+        kind already templated. False: on_record() must decode it. The output waits
+        in `pending` for write_pending() (the reader calls it after each pass)."""
+        entry = self.formatter.kinds.get(t[-1])
+        if not entry:
+            return False
+        if self.output_broken:
+            return True
+        self.pending.append(self.formatter.fill(entry[0], entry[2](t)))
+        self.reported[entry[3]] += 1
+        self.per_vm_reported[entry[4]] += 1     # set for the tap by on_record()
+        return True
+
+    def write_pending(self):
+        if not self.pending:
+            return
+        text = "".join(self.pending)
+        del self.pending[:]
+        try:
+            self.reporter.write(text)
+        except (IOError, OSError):
+            self.output_broken = True
 
     def on_perf_lost(self, count):
         # Every sample the perf buffer loses was a perf_submit() that failed, which the
@@ -4265,43 +4363,76 @@ class RingReader(object):
     The map's pages (kernel/bpf/ringbuf.c): the consumer position, which the reader
     writes; the producer position; then the data pages, mapped twice in a row so that a
     record that wraps around the end is contiguous. A record: u32 length (bit 31: still
-    being written, bit 30: discarded), u32 page offset, the data, padded to 8 bytes."""
+    being written, bit 30: discarded), u32 page offset, the data, padded to 8 bytes.
+    Every event is one struct pkt, so records follow each other EVENT_TIMES.size apart:
+    a run of them is unpacked in one call (struct.iter_unpack), header and all."""
     BUSY, DISCARD = 1 << 31, 1 << 30
     RELEASE_EVERY = 256     # records read between two releases of their space
 
-    def __init__(self, map_fd, size, deliver):
+    def __init__(self, ring, consumed, size, deliver, fast=None, done=None, epoll=None):
+        # ring: the producer's page and the data pages, twice; consumed: a ctypes
+        # c_uint64 on the consumer position
+        self.ring, self.consumed, self.epoll = ring, consumed, epoll
+        self.page, self.mask = mmap.PAGESIZE, size - 1
+        # deliver(buf, offset): an event, decoded whole; fast(EVENT_TIMES tuple): the
+        # same, False if it needs deliver(); done(): after each RELEASE_EVERY records
+        self.deliver, self.fast = deliver, fast or (lambda _t: False)
+        self.done = done or (lambda: None)
+
+    @classmethod
+    def of_map(cls, map_fd, size, *callbacks):
         page = mmap.PAGESIZE
-        self.consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self.ring = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
-                              offset=page)
+        consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        ring = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
+                         offset=page)
+        epoll = select.epoll()
+        epoll.register(map_fd, select.EPOLLIN)
         # the consumer position is written with one aligned 8-byte store (the kernel
         # reads it while we write; struct's "<Q" would store it byte by byte)
-        self.consumed = ctypes.c_uint64.from_buffer(self.consumer)
-        self.page, self.mask, self.deliver = page, size - 1, deliver
-        self.epoll = select.epoll()
-        self.epoll.register(map_fd, select.EPOLLIN)
+        return cls(ring, ctypes.c_uint64.from_buffer(consumer), size, *callbacks,
+                   epoll=epoll)
 
     def poll(self, ms):
         self.epoll.poll(ms / 1000.0)
 
     def drain(self):
+        try:
+            self._drain()
+        finally:
+            self.done()
+
+    def _drain(self):
         u64, u32 = struct.Struct("Q").unpack_from, struct.Struct("I").unpack_from  # native
-        ring, page, mask, deliver = self.ring, self.page, self.mask, self.deliver
+        ring, page, mask, deliver, fast = self.ring, self.page, self.mask, self.deliver, \
+            self.fast
+        size, stride, events = PKT.size, EVENT_TIMES.size, EVENT_TIMES.iter_unpack
         pos = self.consumed.value
         end = u64(ring, 0)[0]
-        n = 0
         while pos < end:
             at = page + (pos & mask)
-            length = u32(ring, at)[0]
-            if length & self.BUSY:
-                break                   # reserved, not submitted yet: the next pass
-            if not length & self.DISCARD and length & 0x3fffffff == PKT.size:
-                deliver(ring, at + 8)
-            pos += ((length & 0x3fffffff) + 8 + 7) & ~7
-            n += 1
-            if n % self.RELEASE_EVERY == 0:
-                self.consumed.value = pos
+            n = min((end - pos) // stride, self.RELEASE_EVERY)
+            done = 0
+            if n:
+                with memoryview(ring) as whole:
+                    with whole[at:at + n * stride] as run:
+                        for done, t in enumerate(events(run)):
+                            if t[0] != size:        # busy, discarded: one by one below
+                                break
+                            if not fast(t):
+                                deliver(ring, at + done * stride + 8)
+                        else:
+                            done = n
+                pos += done * stride
+            if done < n or not n:
+                length = u32(ring, page + (pos & mask))[0]
+                if length & self.BUSY:
+                    break               # reserved, not submitted yet: the next pass
+                if not length & self.DISCARD and length & 0x3fffffff == size:
+                    deliver(ring, page + (pos & mask) + 8)
+                pos += ((length & 0x3fffffff) + 8 + 7) & ~7
+            self.consumed.value = pos
+            self.done()
             if pos >= end:
                 end = u64(ring, 0)[0]
         self.consumed.value = pos
@@ -4316,7 +4447,9 @@ ORDERED_LOADS = ("x86_64", "i686", "i386")
 def open_events(tracer, this):
     table = tracer.bpf["events"]
     if type(table).__name__ == "RingBuf" and os.uname()[4] in ORDERED_LOADS:
-        ring = RingReader(table.map_fd, RINGBUF_PAGES * mmap.PAGESIZE, this.on_record)
+        # recording: every event is recorded whole, by on_record()
+        ring = RingReader.of_map(table.map_fd, RINGBUF_PAGES * mmap.PAGESIZE, this.on_record,
+                                 None if this.recorder else this.on_times, this.write_pending)
         return EventSource(ring.poll, ring.drain)
     if type(table).__name__ == "RingBuf":
         table.open_ring_buffer(lambda _ctx, data, size: this.on_event(data, size))

@@ -5,6 +5,7 @@ import io
 import ipaddress
 import json
 import os
+import struct
 import subprocess
 
 import pytest
@@ -22,6 +23,8 @@ def raw(tool, **values):
     ts = values.pop("ts", {})
     for stage, ns in ts.items():
         flat[tool.PKT_INDEX["ts"] + tool.STAGE_BY_NAME[stage].sid] = ns
+        if ns:      # as the kernel marks the stages that saw it
+            flat[tool.PKT_INDEX["seen"]] |= 1 << tool.STAGE_BY_NAME[stage].sid
     for name, v in values.items():
         flat[tool.PKT_INDEX[name]] = v
     return tool.PKT.pack(*flat)
@@ -97,7 +100,8 @@ def test_a_udp_tx_record(tool):
     assert (rec["vm_dev"], rec["phy_dev"], rec["pid"], rec["comm"], rec["thread"]) == \
         ("vnet0", "eth1", 4242, "qemu", "t4243")
     assert rec["icmp_type"] is None and rec["icmp_id"] is None and rec["vlan"] is None
-    assert rec["timestamp"] == round(WALL + 100.0000155, 6)
+    # the packet ended 15.5 us after 10:00:00: to the nearest microsecond, half up
+    assert rec["timestamp"] == 1796119200.000016
 
 
 def test_an_icmp_echo_reply_record_with_a_vlan(tool):
@@ -177,6 +181,77 @@ def test_templated_output_equals_the_reference(tool, output):
         assert out.getvalue() == reference_output(tool, run, event)
     assert run.reported["tx"] + run.reported["rx"] == len(kinds_of_packets(tool))
     assert len(run.formatter.kinds) >= 10         # the kinds were templated
+
+
+class FakeRing(object):
+    """A BPF ring buffer's pages as RingReader sees them, in memory: the producer page,
+    then the data pages twice in a row (the kernel maps them so)."""
+    SIZE = 1 << 14
+
+    def __init__(self, tool, start):
+        self.tool, self.page = tool, tool.mmap.PAGESIZE
+        self.buf = bytearray(self.page + 2 * self.SIZE)
+        self.consumed = tool.ctypes.c_uint64(start)
+        self.pos = start
+
+    def put(self, data, flags=0, length=None):
+        """A record at the producer position (flags: BUSY, DISCARD); its position."""
+        rec = struct.pack("<II", (len(data) if length is None else length) | flags, 0) + data
+        rec += b"\0" * (-len(rec) % 8)
+        at = self.pos & (self.SIZE - 1)
+        for copy in (0, self.SIZE):
+            end = min(at + copy + len(rec), 2 * self.SIZE)
+            self.buf[self.page + at + copy:self.page + end] = rec[:end - at - copy]
+        if at + len(rec) > self.SIZE:           # wraps: its tail at the start
+            self.buf[self.page:self.page + at + len(rec) - self.SIZE] = \
+                rec[self.SIZE - at:]
+        was, self.pos = self.pos, self.pos + len(rec)
+        struct.pack_into("<Q", self.buf, 0, self.pos)
+        return was
+
+    def set_flags(self, at, flags):
+        for copy in (0, self.SIZE):
+            struct.pack_into("<I", self.buf, self.page + (at & (self.SIZE - 1)) + copy,
+                             self.tool.PKT.size | flags)
+
+
+@pytest.mark.parametrize("output", ["json", "text"])
+def test_the_ring_reader_prints_what_the_reference_prints(tool, output):
+    """RingReader unpacks runs of events in one call and fills templates from their
+    times: the output must be the reference path's, in order, across the ring's end,
+    past a discarded record, and stopping at one still being written."""
+    out = io.StringIO()
+    run = new_run(tool, output=output, out=out)
+    run.names.update({11: "tap%d", 12: "tap\x01x", 9: "vxlan0"})
+    run.known["thread"][4245] = "50% \x01 busy"
+    run.known["comm"][4343] = "qemu %s"
+    run.known["thread"][4344] = "w"
+    stride = tool.EVENT_TIMES.size
+    ring = FakeRing(tool, start=FakeRing.SIZE - 5 * stride - 16)    # wraps at the 6th
+    events = kinds_of_packets(tool) * 2
+    want = []
+    for i, event in enumerate(events):
+        ring.put(event)
+        want.append(reference_output(tool, run, event))
+        if i == 3:
+            ring.put(udp_tx(tool, dport=1), flags=tool.RingReader.DISCARD)
+    busy = ring.put(icmp_rx(tool), flags=tool.RingReader.BUSY)
+    fast = []
+
+    def on_times(t):
+        fast.append(run.on_times(t))
+        return fast[-1]
+    reader = tool.RingReader(ring.buf, ring.consumed, FakeRing.SIZE, run.on_record,
+                             on_times, run.write_pending)
+    reader.drain()
+    assert out.getvalue() == "".join(want)
+    assert ring.consumed.value == busy          # the record being written waits
+    assert fast.count(True) >= len(events) // 2 - 1      # the second of each kind
+    assert run.reported["tx"] + run.reported["rx"] == len(events)
+    ring.set_flags(busy, 0)                     # submitted now
+    reader.drain()
+    assert out.getvalue() == "".join(want) + reference_output(tool, run, icmp_rx(tool))
+    assert ring.consumed.value == ring.pos
 
 
 def test_a_drop_record_names_reason_stage_and_place(tool):
@@ -366,3 +441,21 @@ def test_json_us_is_what_json_prints_for_the_same_nanoseconds(tool):
         [999999999999, 10 ** 12, 10 ** 15 + 1, -1, -1500]
     for ns in cases:
         assert tool.json_us(ns) == json.dumps(round(ns / 1000.0, 3)), ns
+
+
+def test_timestamps_are_exact_to_the_microsecond_and_print_as_json_prints_them(tool):
+    """The wall clock of a packet comes by integer arithmetic (a float of today's
+    seconds since 1970 holds only about 0.24 us); its text is the one json prints for
+    the float the record carries, so the template and the reference agree."""
+    import random
+    rnd = random.Random(11)
+    base = 1796119200 * 10 ** 6
+    cases = [base, base + 1, base + 10, base + 999999, base + 100000, base + 120] + \
+        [base + rnd.randrange(10 ** 13) for _ in range(100000)]
+    for us in cases:
+        text = tool.timestamp_text(us)
+        assert json.dumps(float(text)) == text, us
+        assert round(float(text) * 1e6) == us, us
+    wall = 1796119100.25
+    assert tool.wall_us(wall, 100 * 10 ** 9 + 1499) == base + 250001   # 1.499 us
+    assert tool.wall_us(wall, 100 * 10 ** 9 + 1500) == base + 250002   # 1.5: half up
