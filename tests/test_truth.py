@@ -162,8 +162,8 @@ def test_qdisc_queue_wait_matches_the_token_bucket(lab, traces, qdisc):
     recs = sorted(t.packets(), key=lambda r: r["timestamp"])
     assert len(recs) == 30
     # replay the token bucket on the arrival times the packets had at the qdisc
-    tokens, last = float(burst), None
-    for rec in recs:
+    tokens, last, late = float(burst), None, []
+    for i, rec in enumerate(recs):
         wait_us = segment(rec, "phy_queue", "phy_xmit")
         arrival = rec["timestamp"] - wait_us / 1e6
         now = arrival if last is None else max(arrival, last)
@@ -179,8 +179,12 @@ def test_qdisc_queue_wait_matches_the_token_bucket(lab, traces, qdisc):
         # which run late on a busy 2-core VM: up to 60 us seen in development, 86 and
         # 157 us once each in CI-like full runs (one packet of 30); a segment in the
         # wrong place would be off by milliseconds
-        assert abs(wait_us - expected_us) <= max(0.10 * expected_us, 20) + 200, \
-            (wait_us, expected_us)
+        if abs(wait_us - expected_us) > max(0.10 * expected_us, 20) + 200:
+            late.append((i, wait_us, round(expected_us, 1)))
+    # a timer can run later still, once (453 us for one packet of 30 in a full run):
+    # two packets may be late, never early, by less than the millisecond a packet takes
+    # at this rate; everything else within the bounds above
+    assert len(late) <= 2 and all(0 < w - e < 1000 for _i, w, e in late), late
     assert segment(recs[-1], "phy_queue", "phy_xmit") > 20000   # the queue really built up
 
 
