@@ -1,3 +1,4 @@
+#!/usr/bin/python3
 """The benchmark's analysis and report: raw measurements (overhead.py) in, the table,
 its ratios and the targets out. No root, no kernel: it can be rerun on a saved JSON
 file (python3 bench/report.py FILE.json).
