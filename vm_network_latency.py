@@ -3770,7 +3770,8 @@ class Run(object):
     def on_times(self, t):
         """The common case of on_record(), from an EVENT_TIMES tuple: a packet of a
         kind already templated. False: on_record() must decode it. The output waits
-        in `pending` for write_pending() (the reader calls it after each pass)."""
+        in `pending` for write_pending() (the reader calls it every RELEASE_EVERY
+        records and at the end of each pass)."""
         entry = self.formatter.kinds.get(t[-1])
         if not entry:
             return False
