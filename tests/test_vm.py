@@ -374,7 +374,8 @@ def _as_nobody(*argv):
 
 @pytest.mark.parametrize("mode,output", [("detailed", "json"), ("detailed", "text"),
                                          ("histogram", "text"), ("histogram", "json")])
-def test_read_events_reproduces_the_run_exactly(lab, traces, recording_dir, mode, output):
+def test_read_events_reproduces_the_run_exactly(lab, traces, recording_dir, mode, output,
+                                                tool):
     rec = os.path.join(recording_dir, "run.vnl")
     sink = lab.start_udp_sink(9100)
     t = traces(*(DEVS + ("--mode", mode, "--interval", "1", "--write-events", rec, "--drops")),
@@ -388,6 +389,14 @@ def test_read_events_reproduces_the_run_exactly(lab, traces, recording_dir, mode
     assert t.returncode == 0, t.stderr
     live = t.stdout
     assert "Summary" in live or '"type": "summary"' in live
+    if mode == "detailed":
+        # the kernel marks each stage that saw a packet in `seen`, and the reader keys
+        # its templates on it: the bits are exactly the stages with a time
+        raw = [json.loads(l)["raw"] for l in open(rec) if '"kind": "event"' in l]
+        assert len(raw) >= 4 * 2 + 50
+        for event in raw:
+            f = tool.PKT.unpack(bytes(bytearray.fromhex(event)))
+            assert f[tool.P_SEEN] == sum(1 << s for s in range(tool.NSTAGES) if f[s]), f
     os.chmod(rec, 0o644)
     replay = _as_nobody("--read-events", rec, "--output", output)
     assert replay.returncode == 0 and replay.stderr == "", replay.stderr
