@@ -79,6 +79,15 @@ def kept_up(r):
             r["pps"] >= 0.99 * r["rate"])
 
 
+def generator_short(r):
+    """The generator could not send at the rate asked for (its core's limit, with the
+    tracer's cost on its path), and the tool reported every frame it did send: the run
+    says nothing about that rate either way."""
+    s = r.get("summary") or {}
+    return (s.get("lost") == 0 and s.get("reported") == r["frames"] and
+            r["pps"] < 0.99 * r["rate"])
+
+
 def ratio(a, b):
     if a is None or b is None or b <= 0:
         return None
@@ -177,7 +186,8 @@ def keepup_results(raw_keepup):
                     "wall_s": r["wall_s"], "reported": s.get("reported"), "lost": s.get("lost"),
                     "not_tracked": s.get("not_tracked"),
                     "reported_per_s": (s.get("reported") or 0) / float(r["wall_s"]),
-                    "background_cpu_pct": background_pct(r), "kept_up": kept_up(r)})
+                    "background_cpu_pct": background_pct(r), "kept_up": kept_up(r),
+                    "generator_short": generator_short(r)})
     return out
 
 
@@ -198,9 +208,16 @@ def targets(res, keepup, startup_med, hwm_max_mb):
     target("histogram added <= 0.5 x bpftrace added", res["tool_hist"]["ratio_to_bpftrace"], 0.5)
     kept = [k["target_rate"] for k in keepup if k["kept_up"]]
     best = max(kept) if kept else None
+    verdict = bool(best and best >= 200000)
+    detail = "highest rate kept up with: %s/s" % fmt(best)
+    short = [k for k in keepup if k["target_rate"] >= 200000 and k["generator_short"]]
+    if not verdict and short and not any(
+            k["target_rate"] >= 200000 and not k["generator_short"] for k in keepup):
+        verdict = None          # undecided: the generator gave out first
+        detail += "; asked %s/s, the generator sent %s/s and all were reported" % (
+            fmt(short[0]["target_rate"]), fmt(short[0]["achieved_pps"]))
     out.append({"target": "detailed >= 200,000 packets/s reported without loss",
-                "pass": bool(best and best >= 200000),
-                "detail": "highest rate kept up with: %s/s" % fmt(best)})
+                "pass": verdict, "detail": detail})
     out.append({"target": "start-up < 3 s", "pass": startup_med is not None and startup_med < 3,
                 "detail": "median %s s" % fmt(startup_med, "{:.2f}")})
     out.append({"target": "RSS < 150 MB", "pass": hwm_max_mb < 150.0,
@@ -292,7 +309,8 @@ def render(result):
     P("detailed mode keep-up (paced, %s s each): " % result["keepup_seconds"] + "; ".join(
         "%d/s -> achieved %s/s, reported %s, lost %s,%s (bg cpu %s)" % (
             k["target_rate"], fmt(k["achieved_pps"]), k["reported"], k["lost"],
-            " OK" if k["kept_up"] else " FAILS", fmt(k["background_cpu_pct"], "{:.0f}%"))
+            " OK" if k["kept_up"] else " generator short, all reported"
+            if k["generator_short"] else " FAILS", fmt(k["background_cpu_pct"], "{:.0f}%"))
         for k in result["keepup"]))
     P("start-up to first traced packet: %s s (median of %d: %s)" % (
         fmt(result["startup_median_s"], "{:.2f}"), len(result["startup_s"]),
@@ -322,7 +340,8 @@ def render(result):
     P("")
     P("targets:")
     for t in result["targets"]:
-        P("  %-4s %-52s %s" % ("PASS" if t["pass"] else "FAIL", t["target"], t["detail"]))
+        P("  %-4s %-52s %s" % ({True: "PASS", False: "FAIL"}.get(t["pass"], "?"),
+                                t["target"], t["detail"]))
     return "\n".join(lines)
 
 

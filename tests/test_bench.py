@@ -58,6 +58,27 @@ def test_report_ratios_and_targets_from_known_numbers():
     assert "2 tool histogram" in text and "FAIL histogram added <= 1.4 x floor" in text
 
 
+def test_a_rate_the_generator_cannot_reach_decides_nothing():
+    """Asked 200,000/s, the generator sends what its core allows; when the tool reported
+    all of it, the target is undecided (neither a pass nor a fail), and the report says
+    why; a loss at that rate is a fail."""
+    raw = synthetic_raw()
+    raw["keepup"] = [{"rate": 150000, "frames": 450000, "pps": 149990.0, "wall_s": 3.0,
+                      "machine_total_ticks": 0, "summary": {"reported": 450000, "lost": 0}},
+                     {"rate": 200000, "frames": 600000, "pps": 178882.0, "wall_s": 3.35,
+                      "machine_total_ticks": 0, "summary": {"reported": 600000, "lost": 0}}]
+    result = report.analyse(raw)
+    name = "detailed >= 200,000 packets/s reported without loss"
+    target = dict((t["target"], t) for t in result["targets"])[name]
+    assert target["pass"] is None and "generator sent 178,882/s" in target["detail"]
+    assert [k["kept_up"] for k in result["keepup"]] == [True, False]
+    text = report.render(result)
+    assert "generator short, all reported" in text and "  ?    " + name in text
+    raw["keepup"][1]["summary"] = {"reported": 590000, "lost": 10000}
+    target = dict((t["target"], t) for t in report.analyse(raw)["targets"])[name]
+    assert target["pass"] is False
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark needs root")
 def test_a_short_benchmark_run_counts_every_frame(tmp_path):
     out = str(tmp_path / "bench.json")
