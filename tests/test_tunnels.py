@@ -164,7 +164,12 @@ def test_a_drop_in_the_underlay_qdisc_is_accounted(lab, overlay, traces):
     drops = [o for o in t.objects() if o["type"] == "drop"]
     s = t.summary()
     assert received + len(drops) == 40 and len(drops) > 0, (received, len(drops))
-    assert s["reported"] == received and s["dropped"] == len(drops) and s["started"] == 40
+    assert s["dropped"] == len(drops) and s["started"] == 40
+    # every packet the sink received is reported, or counted as one whose transmit the
+    # kernel did not show (in flight, or vanished once its sk_buff carried another):
+    # seen for 1 of 40 in a full run, as in test_truth's qdisc tests; never uncounted
+    unseen = s["in_flight"] + s["vanished"]
+    assert s["reported"] + unseen == received and unseen <= 2, (received, s)
     for d in drops:
         assert d["last_stage"] == "phy_queue" and d["tunnel"]["vni"] == VNI, d
         assert d["reason"] == "QDISC_DROP", d
