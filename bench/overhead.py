@@ -15,6 +15,18 @@ The lab (every name starts with "vnb"; nothing else on the machine is touched):
 
 No host-side device gets an address: the only address is inside the namespace.
 
+Detailed mode's keep-up runs (is every packet reported at a paced rate?) measure the
+tool's reader, not the path, and need a generator faster than the reader: they use a
+second, shorter path on the same bridge, where nothing is received at the far end:
+
+  tapflood (holds vnbtap1, src 52:54:00:78:00:05, dst 52:54:00:78:00:04)
+  vnbtap1 --- vnbbr0 --- vnbifb0 (an ifb device: its transmit frees a frame that no tc
+                                  action redirected to it, and counts it as dropped)
+
+with the tool on --vm-dev vnbtap1 --phy-dev vnbifb0 (the same stages: the tap's receive,
+the device's queue and transmit). (The dummy driver would do, but kernels built without
+it exist: this one.) The ifb's drop counter must count every frame sent.
+
 Frames: 64-byte UDP/IPv4, 10.78.0.2:5000 -> 10.78.0.3:9000. Nobody listens on port 9000
 in the namespace; its ICMP error generator is switched off by the namespace's own
 global ICMP rate limit (icmp_msgs_per_sec=0, icmp_msgs_burst=0, icmp_ratelimit at its
@@ -65,6 +77,9 @@ LOCK = "/run/vnb-bench.lock"
 
 BR, TAP, PHY, NS = "vnbbr0", "vnbtap0", "vnbphy0", "vnb-remote"
 VM_MAC, REMOTE_MAC = "52:54:00:78:00:02", "52:54:00:78:00:03"
+# the keep-up runs' short path: a second tap and an ifb device on the bridge
+FAST_TAP, SINK = "vnbtap1", "vnbifb0"
+FAST_VM_MAC, SINK_MAC = "52:54:00:78:00:05", "52:54:00:78:00:04"
 VM_IP, REMOTE_IP = "10.78.0.2", "10.78.0.3"
 
 DEVS = ["--vm-dev", TAP, "--phy-dev", PHY, "--output", "json"]
@@ -78,6 +93,8 @@ TOOL_ARGS = {
     "tool_detail": DEVS + ["--mode", "detailed"],
     "tool_filtered": DEVS + ["--dst-port", "9999"],
     "tool_sample": DEVS + ["--mode", "histogram", "--interval", "3600", "--sample", "100"],
+    "tool_keepup": ["--vm-dev", FAST_TAP, "--phy-dev", SINK, "--output", "json",
+                    "--mode", "detailed"],
 }
 STATS_CONFIGS = ["tool_hist", "tool_hist_raw", "tool_detail", "tool_filtered",
                  "tool_sample", "floor"]
@@ -86,6 +103,7 @@ NEEDED = [("ip", "iproute2"), ("bridge", "iproute2"), ("tcpdump", "tcpdump"),
 
 START = time.monotonic()
 TRACERS = []        # every tracing process started, stopped at the end whatever happens
+GENERATORS = []     # and every generator
 
 
 def log(msg):
@@ -194,21 +212,24 @@ def build_generator():
     return gen
 
 
-def stop_leftover_generator():
-    """A generator left by a SIGKILLed run (its pid file, checked against the binary)."""
-    path = os.path.join(CACHE, "generator.pid")
-    try:
-        pid = int(open(path).read())
-        if os.readlink("/proc/%d/exe" % pid).startswith(CACHE + "/tapflood-"):
-            log("stopping a generator left by an earlier run (pid %d)" % pid)
-            os.kill(pid, signal.SIGTERM)
-            time.sleep(0.3)
-    except (OSError, ValueError):
-        pass
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def stop_leftover_generators():
+    """Generators left by a SIGKILLed run (their pid files, checked against the binary)."""
+    for name in os.listdir(CACHE):
+        if not re.match(r"generator(-.*)?\.pid$", name):
+            continue
+        path = os.path.join(CACHE, name)
+        try:
+            pid = int(open(path).read())
+            if os.readlink("/proc/%d/exe" % pid).startswith(CACHE + "/tapflood-"):
+                log("stopping a generator left by an earlier run (pid %d)" % pid)
+                os.kill(pid, signal.SIGTERM)
+                time.sleep(0.3)
+        except (OSError, ValueError):
+            pass
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def snapshot_tool(args, work):
@@ -238,12 +259,14 @@ def snapshot_tool(args, work):
 class Generator(object):
     """tapflood --serve: creates and holds the tap, answers one line per command."""
 
-    def __init__(self, binary, errpath):
+    def __init__(self, binary, errpath, tap, options=()):
         self.err = open(errpath, "w")
-        self.proc = subprocess.Popen([binary, "-i", TAP, "--serve", "-p", "1"],
+        self.proc = subprocess.Popen([binary, "-i", tap, "--serve", "-p", "1"] + list(options),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.err, preexec_fn=die_with_parent)
-        with open(os.path.join(CACHE, "generator.pid"), "w") as f:
+        GENERATORS.append(self)
+        self.pidfile = os.path.join(CACHE, "generator-%s.pid" % tap)
+        with open(self.pidfile, "w") as f:
             f.write("%d\n" % self.proc.pid)
         self.buf = b""
 
@@ -285,7 +308,7 @@ class Generator(object):
                 self.proc.wait(5)
         self.err.close()
         try:
-            os.unlink(os.path.join(CACHE, "generator.pid"))
+            os.unlink(self.pidfile)
         except OSError:
             pass
 
@@ -295,7 +318,7 @@ def in_ns(*argv):
 
 
 def lab_down():
-    left = topology.remove([BR, PHY, TAP], [NS])
+    left = topology.remove([BR, PHY, TAP, SINK, FAST_TAP], [NS])
     if left:
         log("warning: could not remove %s" % " ".join(left))
 
@@ -312,25 +335,41 @@ def lab_up(gen_binary, work):
     in_ns("ip", "neigh", "replace", VM_IP, "lladdr", VM_MAC, "dev", "eth0", "nud", "permanent")
     topology.up(PHY, BR)
     run(["bridge", "fdb", "replace", REMOTE_MAC, "dev", PHY, "master", "static"])
-    gen = Generator(gen_binary, os.path.join(work, "gen.err"))
-    line = gen.readline(10)
-    if not line.startswith("created"):
-        raise BenchError("generator: %s" % line)
-    topology.disable_ipv6(TAP)
-    topology.ip("link", "set", TAP, "master", BR)
-    gen.cmd("up", 10)
-    run(["bridge", "fdb", "replace", VM_MAC, "dev", TAP, "master", "static"])
-    for _ in range(100):      # both bridge ports forwarding
+    # the keep-up runs' short path ends in an ifb device on the bridge
+    topology.ip("link", "add", SINK, "type", "ifb")
+    topology.disable_ipv6(SINK)
+    topology.ip("link", "set", SINK, "master", BR)
+    topology.up(SINK)
+    run(["bridge", "fdb", "replace", SINK_MAC, "dev", SINK, "master", "static"])
+    gen = start_generator(gen_binary, work, TAP, VM_MAC, ())
+    fast = start_generator(gen_binary, work, FAST_TAP, FAST_VM_MAC,
+                           ("--src-mac", FAST_VM_MAC, "--dst-mac", SINK_MAC))
+    for _ in range(100):      # every bridge port forwarding
         out = run(["bridge", "link", "show"]).stdout
-        if all(re.search(r"\b%s\b.*state forwarding" % d, out) for d in (TAP, PHY)):
+        if all(re.search(r"\b%s\b.*state forwarding" % d, out)
+               for d in (TAP, PHY, FAST_TAP, SINK)):
             break
         time.sleep(0.1)
     else:
         raise BenchError("bridge ports do not forward")
     lab = {"tap_ifindex": ifindex(TAP), "phy_ifindex": ifindex(PHY)}
-    log("lab up: %s (ifindex %d) -> %s -> %s (ifindex %d) -> %s eth0 %s" % (
-        TAP, lab["tap_ifindex"], BR, PHY, lab["phy_ifindex"], NS, REMOTE_IP))
-    return gen, lab
+    log("lab up: %s (ifindex %d) -> %s -> %s (ifindex %d) -> %s eth0 %s; keep-up: %s -> %s"
+        % (TAP, lab["tap_ifindex"], BR, PHY, lab["phy_ifindex"], NS, REMOTE_IP, FAST_TAP,
+           SINK))
+    return gen, fast, lab
+
+
+def start_generator(binary, work, tap, mac, options):
+    """A generator holding its tap, the tap a port of the bridge that knows its MAC."""
+    gen = Generator(binary, os.path.join(work, "gen-%s.err" % tap), tap, options)
+    line = gen.readline(10)
+    if not line.startswith("created"):
+        raise BenchError("generator: %s" % line)
+    topology.disable_ipv6(tap)
+    topology.ip("link", "set", tap, "master", BR)
+    gen.cmd("up", 10)
+    run(["bridge", "fdb", "replace", mac, "dev", tap, "master", "static"])
+    return gen
 
 
 def ifindex(dev):
@@ -350,6 +389,16 @@ def path_counters():
                 snmp[names.split(":")[0] + ":" + k] = int(v)
     return {"rx": int(lines[0]), "tx": int(lines[1]), "udp_noports": snmp["Udp:NoPorts"],
             "icmp_out": snmp["Icmp:OutMsgs"]}
+
+
+def sink_dropped():
+    """What the ifb freed (it counts them as received and dropped, or transmitted and
+    dropped, by kernel version): the sum of its drop counters."""
+    total = 0
+    for name in ("rx_dropped", "tx_dropped"):
+        with open("/sys/class/net/%s/statistics/%s" % (SINK, name)) as f:
+            total += int(f.read())
+    return total
 
 
 def counter_delta(a, b):
@@ -466,8 +515,9 @@ def tool_summary(tracer):
 
 
 class Bench(object):
-    def __init__(self, args, work, tool, gen, lab, offsets):
+    def __init__(self, args, work, tool, gen, fast, lab, offsets):
         self.args, self.work, self.tool, self.gen, self.lab = args, work, tool, gen, lab
+        self.fast = fast
         self.offsets = offsets
         self.ksoftirqd = ksoftirqd_pids()
 
@@ -533,21 +583,27 @@ class Bench(object):
         return res
 
     def keepup(self, rate):
-        """Detailed mode, every packet reported, at a paced rate."""
+        """Detailed mode, every packet reported, at a paced rate (the short path, tap -> bridge -> ifb)."""
         n = rate * self.args.keepup_seconds
-        tracers = self.start("tool_detail", "keepup-%d" % rate)
+        tracers = self.start("tool_keepup", "keepup-%d" % rate)
         try:
             snap = CpuSnapshot([t.pid for t in tracers], self.ksoftirqd)
-            res = self.gen.flood(n, self.args.ports, rate,
-                                 timeout=self.args.keepup_seconds * 10 + 60)
+            before = sink_dropped()
+            res = self.fast.flood(n, self.args.ports, rate,
+                                  timeout=self.args.keepup_seconds * 10 + 60)
             res.update(snap.since())
             time.sleep(0.5)
+            res["sink_dropped"] = sink_dropped() - before
         finally:
             self.stop(tracers)
         res.update(rate=rate, summary=tool_summary(tracers[0]))
         s = res["summary"] or {}
-        log("keep-up at %d/s: sent %d (%d/s achieved), reported %s, lost %s" % (
-            rate, n, res["pps"], s.get("reported"), s.get("lost")))
+        log("keep-up at %d/s: sent %d (%d/s achieved), reported %s, lost %s, the ifb "
+            "freed %d" % (rate, n, res["pps"], s.get("reported"), s.get("lost"),
+                          res["sink_dropped"]))
+        if res["sink_dropped"] != n:
+            raise BenchError("the keep-up path lost frames: %d sent, the ifb freed %d"
+                             % (n, res["sink_dropped"]))
         return res
 
     def startup(self, i):
@@ -702,16 +758,15 @@ def main(argv=None):
         sys.stderr.write("overhead.py: another benchmark holds %s\n" % LOCK)
         return 1
     work = tempfile.mkdtemp(prefix="vnb-bench.")
-    gen = None
     try:
         install_dependencies()
         prepare_kernel_side()
         tool, desc, sha = snapshot_tool(args, work)
         log("tool under test: %s (sha256 %s...)" % (desc, sha))
         gen_binary = build_generator()
-        stop_leftover_generator()
-        gen, lab = lab_up(gen_binary, work)
-        bench = Bench(args, work, tool, gen, lab, tool_offsets(tool))
+        stop_leftover_generators()
+        gen, fast, lab = lab_up(gen_binary, work)
+        bench = Bench(args, work, tool, gen, fast, lab, tool_offsets(tool))
         raw = measure_all(args, bench, gen)
         raw.update(tool=desc, tool_sha256_prefix=sha,
                    total_seconds=round(time.monotonic() - START, 1))
@@ -735,8 +790,8 @@ def main(argv=None):
             signal.signal(s, signal.SIG_IGN)     # cleanup is not interrupted
         for t in TRACERS:
             t.stop(grace=10)
-        if gen:
-            gen.close()
+        for g in GENERATORS:
+            g.close()
         lab_down()
         shutil.rmtree(work, ignore_errors=True)
         lock.close()
