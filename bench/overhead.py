@@ -638,12 +638,18 @@ class Bench(object):
         """Run time per BPF program during one flood (kernel.bpf_stats_enabled=1)."""
         tracers = self.start(cfg, "stats-" + cfg)
         try:
-            ids = set()
+            ids, tracepoint_of = set(), {}
             fd_dir = "/proc/%d/fdinfo" % tracers[0].pid
             for fd in os.listdir(fd_dir):
-                m = re.search(r"^prog_id:\s+(\d+)", read(os.path.join(fd_dir, fd)), re.M)
+                info = read(os.path.join(fd_dir, fd))
+                m = re.search(r"^prog_id:\s+(\d+)", info, re.M)
                 if m:
                     ids.add(int(m.group(1)))
+                    # a raw tracepoint's link (typed or not) names its tracepoint: the
+                    # programs' own names are cut at 15 characters
+                    tp = re.search(r"^tp_name:\s+(\S+)", info, re.M)
+                    if tp:
+                        tracepoint_of[m.group(1)] = tp.group(1)
             before = bpftool_progs(ids)
             res = self.gen.flood(self.args.frames, self.args.ports)
             after = bpftool_progs(ids)
@@ -651,7 +657,7 @@ class Bench(object):
             self.stop(tracers)
         log("bpf_stats run %s done" % cfg)
         return {"cfg": cfg, "frames": res["frames"], "cpu_ns_per_frame": res["cpu_ns_per_frame"],
-                "before": before, "after": after}
+                "before": before, "after": after, "tracepoint_of": tracepoint_of}
 
 
 def bpftool_progs(ids):

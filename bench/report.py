@@ -162,12 +162,16 @@ def bpf_stats(raw_stats):
     out = {}
     for s in raw_stats:
         before = dict((p["id"], p) for p in s["before"])
+        tracepoint_of = s.get("tracepoint_of", {})       # (runs saved before it: none)
         progs = []
         for p in s["after"]:
             b = before.get(p["id"], {})
             cnt = p.get("run_cnt", 0) - b.get("run_cnt", 0)
             t = p.get("run_time_ns", 0) - b.get("run_time_ns", 0)
-            progs.append({"name": p.get("name"), "run_cnt": cnt, "run_time_ns": t,
+            name = p.get("name")
+            if str(p["id"]) in tracepoint_of:
+                name = "%s (%s)" % (name, tracepoint_of[str(p["id"])])
+            progs.append({"name": name, "run_cnt": cnt, "run_time_ns": t,
                           "ns_per_run": t / cnt if cnt else None,
                           "runs_per_frame": cnt / float(s["frames"]),
                           "ns_per_frame": t / float(s["frames"])})
@@ -335,7 +339,7 @@ def render(result):
                 cfg, fmt(s["bpf_ns_per_frame_total"]),
                 fmt(s["writer_cpu_ns_per_frame_with_stats"])))
             for p in s["programs"]:
-                P("    %-32s %5.2f runs/frame %7s ns/run %7s ns/frame" % (
+                P("    %-44s %5.2f runs/frame %7s ns/run %7s ns/frame" % (
                     p["name"], p["runs_per_frame"], fmt(p["ns_per_run"], "{:,.1f}"),
                     fmt(p["ns_per_frame"], "{:,.1f}")))
     P("")

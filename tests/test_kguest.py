@@ -37,6 +37,7 @@ running the lane (the same checks; nothing is skipped).
 import collections
 import ctypes
 import json
+import math
 import os
 import re
 import shutil
@@ -479,7 +480,8 @@ def test_every_lane_step_passed(lane):
     names = [s[0] for s in steps]
     missing = [n for n in ("run.A-mix", "run.A-netem", "run.A-drop", "run.A-host", "sigkill",
                            "run.B-mix", "run.B-netem", "run.B-drop", "run.B-host",
-                           "run.B-vhost", "run.G-overlay")
+                           "run.B-cost", "run.B-cost-reversed", "run.B-vhost",
+                           "run.G-overlay")
                if n not in names]
     assert not failed and not missing, "guest steps failed: %s; never reached: %s" % (
         failed, missing)
@@ -915,6 +917,66 @@ def test_geneve_overlay_on_ovs_is_followed_per_packet(lane):
                                                        bad[:3])
     print("%s G-overlay: %d packets on the tap; kprobe stages %s" % (
         lane.suite, len(wire), sorted(set(tuple(r["stages"]) for r in run.out["kprobe"].packets))))
+
+
+# the tracepoints where auto takes the typed programs (the device and receive hooks), and
+# the control: kfree_skb, where both instances run the same raw program
+COST_TRACEPOINTS = ("netif_receive_skb", "net_dev_queue", "net_dev_start_xmit")
+COST_CONTROL = "kfree_skb"
+
+
+def test_tp_btf_and_raw_tracepoints_cost_side_by_side(lane):
+    """Issue 11: BTF-typed and raw tracepoints measured in the same run (topology B, pings
+    and a UDP burst, kernel.bpf_stats_enabled while the traffic ran), twice, attached in
+    both orders: each instance's program at each tracepoint, found by its link in
+    /proc/PID/fdinfo. Both report every datagram of the burst both ways, their programs
+    ran as often (the same events: a couple apart at most, where the sysctl flipped
+    mid-event), the first started attached first, and the run time per run is printed
+    (pytest -rA): per order, and the geometric mean of the two orders' tp_btf/raw ratios,
+    next to the control's (the same program in both: what the order alone does)."""
+    ratios = collections.defaultdict(list)
+    report, problems = [], []
+    for name in ("B-cost", "B-cost-reversed"):
+        run = lane.run(name)
+        cost = json.loads(run.read("prog_cost.json"))
+        burst = one(run.oracle_of("udp_burst"), "udp_burst")["udp_burst"]
+        assert burst["sent"] == burst["replies"] > 0, burst
+        for m in ("tp_btf", "tracepoint"):
+            udp = collections.Counter(r["direction"] for r in run.out[m].packets
+                                      if r["protocol"] == "udp")
+            if (udp["tx"], udp["rx"]) != (burst["sent"], burst["replies"]):
+                problems.append("%s: --attach %s reported UDP tx/rx %d/%d of %d/%d" % (
+                    name, m, udp["tx"], udp["rx"], burst["sent"], burst["replies"]))
+        progs = dict((m, dict((p["tp"], p) for p in cost[m])) for m in ("tp_btf", "tracepoint"))
+        first, second = run.methods
+        line = []
+        for tp in COST_TRACEPOINTS + (COST_CONTROL,):
+            typed, raw = progs["tp_btf"].get(tp), progs["tracepoint"].get(tp)
+            if not typed or not raw:
+                problems.append("%s %s: no program of %s" % (
+                    name, tp, "tp_btf" if not typed else "tracepoint"))
+                continue
+            # the burst alone passes each device and receive hook once a datagram
+            low = burst["sent"] if tp != COST_CONTROL else 1
+            if min(typed["run_cnt"], raw["run_cnt"]) < low or \
+                    abs(typed["run_cnt"] - raw["run_cnt"]) > 2:
+                problems.append("%s %s: runs %d (tp_btf) and %d (raw): not the same events"
+                                % (name, tp, typed["run_cnt"], raw["run_cnt"]))
+                continue
+            if progs[first][tp]["link_id"] > progs[second][tp]["link_id"]:
+                problems.append("%s %s: --attach %s attached after --attach %s" % (
+                    name, tp, first, second))
+            t, r = (float(x["run_time_ns"]) / x["run_cnt"] for x in (typed, raw))
+            ratios[tp].append(t / r)
+            line.append("%s %.0f/%.0f ns (%.2f, %d runs)" % (tp, t, r, t / r, typed["run_cnt"]))
+        report.append("%s, %s attached first, tp_btf/raw per run: %s" % (
+            name, first, "; ".join(line)))
+    means = ["%s %.2f" % (tp, math.sqrt(v[0] * v[1])) for tp, v in sorted(ratios.items())
+             if len(v) == 2]
+    report.append("geometric mean of both orders, tp_btf/raw: %s (%s: the same program in "
+                  "both)" % (", ".join(means), COST_CONTROL))
+    print("%s:\n  %s" % (lane.suite, "\n  ".join(report)))
+    assert not problems, "%s\n  %s" % ("\n  ".join(report), "\n  ".join(problems))
 
 
 def test_the_release_ran_its_own_kernel_bcc_and_python(lane):

@@ -460,6 +460,27 @@ vhost_case() { # topology B again, the tap served by the kernel's vhost-net work
     run_pair "B-vhost" traffic_vhost "$TAP" "$PHY"
 }
 
+traffic_cost() { # VM <-> remote: ICMP and a bigger UDP burst, for the programs' run time
+    local rc=0 out
+    out=$(do_ping 5 0.2) || rc=1
+    echo "$out"; ping_oracle vm "$REMOTE_IP" "$out"
+    out=$(do_udp "$COST_UDP") || rc=1
+    echo "$out"; echo "$out" | grep '^{' | while read -r l; do oracle "$l"; done
+    return $rc
+}
+COST_UDP=200
+
+cost_case() { # tp_btf and raw tracepoints side by side: what each costs the kernel
+    # kernel.bpf_stats_enabled only while the traffic runs (run_pair), then each
+    # instance's programs are read from /proc (prog_cost.py): both see the same events,
+    # so the run counts must agree and the run times compare the two methods on one run.
+    # Twice, in both attach orders: under emulation the first program a tracepoint calls
+    # was seen to take several times longer than the same program second
+    RUN_METHODS="tracepoint tp_btf" BPF_STATS=1 run_pair "$TOPO-cost" traffic_cost "$TAP" "$PHY"
+    RUN_METHODS="tp_btf tracepoint" BPF_STATS=1 run_pair "$TOPO-cost-reversed" traffic_cost \
+        "$TAP" "$PHY"
+}
+
 traffic_host() { # remote -> the host's own address on the switch: ICMP, UDP, TCP
     local rc=0 out spid i
     out=$(in_remote ping -n -c 5 -i 0.2 -W 3 "$HOST_IP") || rc=1
@@ -494,7 +515,14 @@ run_pair() { # run_pair NAME TRAFFIC_FN CAPTURE_DEV...: the instances of $RUN_ME
     mkdir -p "$d"
     ORACLE="$d/oracle.jsonl"; : > "$ORACLE"
     say "run $name: --attach ${METHODS// / and --attach } side by side (waiting for 'Tracing')"
-    for m in $METHODS; do tool_start "$d" "$m"; done
+    local started=""
+    for m in $METHODS; do
+        tool_start "$d" "$m"
+        started+=" $m"
+        # cost runs attach one instance after the other: a tracepoint calls its programs
+        # in the order they attached, and the first pays for what it touches first
+        [ -n "${BPF_STATS:-}" ] && { wait_tracing "$d" $started || break; }
+    done
     if ! wait_tracing "$d" $METHODS; then
         tool_stop "$d" $METHODS
         for m in $METHODS; do say "stderr --attach $m:"; tail -n 20 "$d/$m.stderr" | sed 's/^/    /'; done
@@ -506,10 +534,22 @@ run_pair() { # run_pair NAME TRAFFIC_FN CAPTURE_DEV...: the instances of $RUN_ME
     for dev in "$@"; do capture_start "$d" "$dev"; done
     say "run $name: both tracing after ${t_att}s; traffic: $traffic"
     ovs_lookups before
+    local stats_was
+    if [ -n "${BPF_STATS:-}" ]; then
+        stats_was=$(sysctl -n kernel.bpf_stats_enabled)
+        sysctl -qw kernel.bpf_stats_enabled=1
+    fi
     t_traffic=$SECONDS
     "$traffic" > "$d/traffic.log" 2>&1 || trc=1
     t_traffic=$((SECONDS - t_traffic))
     sleep 1     # the last ACK/FIN and anything still in a queue
+    if [ -n "${BPF_STATS:-}" ]; then
+        # counting stops first: then every instance's counts cover the same events
+        sysctl -qw kernel.bpf_stats_enabled="$stats_was"
+        local pids=()
+        for m in $METHODS; do pids+=("$m=$(cat "$d/$m.pid")"); done
+        "$PY" "$LANE_DIR/prog_cost.py" "$d/prog_cost.json" "${pids[@]}" 2>&1 | sed 's/^/    /'
+    fi
     ovs_lookups after
     capture_stop
     tool_stop "$d" $METHODS
@@ -648,6 +688,7 @@ tool_cases() { # tool_cases TOPO
     run_pair "$t-host" traffic_host "$TAP" "$PHY"
     host_addr del
     [ "$t" = A ] && sigkill_case
+    [ "$t" = B ] && cost_case
     [ "$t" = B ] && vhost_case
     TOPO=
 }
