@@ -583,7 +583,8 @@ class Bench(object):
         return res
 
     def keepup(self, rate):
-        """Detailed mode, every packet reported, at a paced rate (the short path, tap -> bridge -> ifb)."""
+        """Detailed mode, every packet reported, at a paced rate, on the short path
+        (tap -> bridge -> ifb)."""
         n = rate * self.args.keepup_seconds
         tracers = self.start("tool_keepup", "keepup-%d" % rate)
         try:
