@@ -759,11 +759,39 @@ BPF_FUNC_probe_read, BPF_FUNC_probe_read_kernel = 4, 113
 Capabilities = namedtuple("Capabilities", "ringbuf probe_read_kernel how")
 
 
+_memlock_lifted = []
+
+
+def lift_memlock_limit():
+    """Before 5.11 the kernel charges BPF maps and programs to the user's locked memory,
+    RLIMIT_MEMLOCK, summed over all the user's processes: with another BPF tool running
+    (a second instance of this one, say), even a probe's one-instruction program fails
+    with EPERM, which reads as a kernel that refuses BPF. libbpf and BCC lift the limit;
+    so does this, before its first bpf() call. Later kernels charge the memory cgroup."""
+    if _memlock_lifted:
+        return
+    _memlock_lifted.append(True)
+    try:
+        import resource
+    except ImportError:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK,
+                           (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):   # no CAP_SYS_RESOURCE: as far as the hard limit
+        try:
+            hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+        except (ValueError, OSError):
+            pass        # what the kernel then refuses is reported
+
+
 def bpf_call(cmd, attr):
     """bpf(cmd, attr) with attr's bytes: the result or -errno; None if the arch is unknown."""
     nr = BPF_SYSCALL.get(os.uname()[4])
     if nr is None:
         return None
+    lift_memlock_limit()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     buf = ctypes.create_string_buffer(attr, len(attr))

@@ -20,12 +20,14 @@ tool's reader, not the path, and need a generator faster than the reader: they u
 second, shorter path on the same bridge, where nothing is received at the far end:
 
   tapflood (holds vnbtap1, src 52:54:00:78:00:05, dst 52:54:00:78:00:04)
-  vnbtap1 --- vnbbr0 --- vnbifb0 (an ifb device: its transmit frees a frame that no tc
-                                  action redirected to it, and counts it as dropped)
+  vnbtap1 --- vnbbr0 --- vnbsink0 (a dummy device, whose transmit counts the frame and
+                                   frees it; where the kernel has no dummy driver, an
+                                   ifb device, which frees a frame no tc action
+                                   redirected to it and counts it as dropped)
 
-with the tool on --vm-dev vnbtap1 --phy-dev vnbifb0 (the same stages: the tap's receive,
-the device's queue and transmit). (The dummy driver would do, but kernels built without
-it exist: this one.) The ifb's drop counter must count every frame sent.
+with the tool on --vm-dev vnbtap1 --phy-dev vnbsink0 (the same stages: the tap's receive,
+the device's queue and transmit). The sink's counter must count every frame sent. A
+kernel with neither driver runs the keep-up floods on the long path (and says so).
 
 Frames: 64-byte UDP/IPv4, 10.78.0.2:5000 -> 10.78.0.3:9000. Nobody listens on port 9000
 in the namespace; its ICMP error generator is switched off by the namespace's own
@@ -77,8 +79,10 @@ LOCK = "/run/vnb-bench.lock"
 
 BR, TAP, PHY, NS = "vnbbr0", "vnbtap0", "vnbphy0", "vnb-remote"
 VM_MAC, REMOTE_MAC = "52:54:00:78:00:02", "52:54:00:78:00:03"
-# the keep-up runs' short path: a second tap and an ifb device on the bridge
-FAST_TAP, SINK = "vnbtap1", "vnbifb0"
+# the keep-up runs' short path: a second tap and a sink device on the bridge, with the
+# statistics that count what the sink's transmit freed
+FAST_TAP, SINK = "vnbtap1", "vnbsink0"
+SINK_KINDS = [("dummy", ("tx_packets",)), ("ifb", ("rx_dropped", "tx_dropped"))]
 FAST_VM_MAC, SINK_MAC = "52:54:00:78:00:05", "52:54:00:78:00:04"
 VM_IP, REMOTE_IP = "10.78.0.2", "10.78.0.3"
 
@@ -335,28 +339,42 @@ def lab_up(gen_binary, work):
     in_ns("ip", "neigh", "replace", VM_IP, "lladdr", VM_MAC, "dev", "eth0", "nud", "permanent")
     topology.up(PHY, BR)
     run(["bridge", "fdb", "replace", REMOTE_MAC, "dev", PHY, "master", "static"])
-    # the keep-up runs' short path ends in an ifb device on the bridge
-    topology.ip("link", "add", SINK, "type", "ifb")
-    topology.disable_ipv6(SINK)
-    topology.ip("link", "set", SINK, "master", BR)
-    topology.up(SINK)
-    run(["bridge", "fdb", "replace", SINK_MAC, "dev", SINK, "master", "static"])
+    sink = add_sink()
     gen = start_generator(gen_binary, work, TAP, VM_MAC, ())
-    fast = start_generator(gen_binary, work, FAST_TAP, FAST_VM_MAC,
-                           ("--src-mac", FAST_VM_MAC, "--dst-mac", SINK_MAC))
+    ports = [TAP, PHY]
+    fast = None
+    if sink:
+        fast = start_generator(gen_binary, work, FAST_TAP, FAST_VM_MAC,
+                               ("--src-mac", FAST_VM_MAC, "--dst-mac", SINK_MAC))
+        ports += [FAST_TAP, SINK]
     for _ in range(100):      # every bridge port forwarding
         out = run(["bridge", "link", "show"]).stdout
-        if all(re.search(r"\b%s\b.*state forwarding" % d, out)
-               for d in (TAP, PHY, FAST_TAP, SINK)):
+        if all(re.search(r"\b%s\b.*state forwarding" % d, out) for d in ports):
             break
         time.sleep(0.1)
     else:
         raise BenchError("bridge ports do not forward")
-    lab = {"tap_ifindex": ifindex(TAP), "phy_ifindex": ifindex(PHY)}
-    log("lab up: %s (ifindex %d) -> %s -> %s (ifindex %d) -> %s eth0 %s; keep-up: %s -> %s"
-        % (TAP, lab["tap_ifindex"], BR, PHY, lab["phy_ifindex"], NS, REMOTE_IP, FAST_TAP,
-           SINK))
+    lab = {"tap_ifindex": ifindex(TAP), "phy_ifindex": ifindex(PHY),
+           "sink_kind": sink and sink[0], "sink_counters": sink and sink[1]}
+    log("lab up: %s (ifindex %d) -> %s -> %s (ifindex %d) -> %s eth0 %s; keep-up: %s" % (
+        TAP, lab["tap_ifindex"], BR, PHY, lab["phy_ifindex"], NS, REMOTE_IP,
+        "%s -> %s (%s)" % (FAST_TAP, SINK, sink[0]) if sink else
+        "on that path (no dummy or ifb driver for a shorter one)"))
     return gen, fast, lab
+
+
+def add_sink():
+    """The keep-up path's last device, on the bridge: (kind, its counters), or None."""
+    for kind, counters in SINK_KINDS:
+        if topology.ip("link", "add", SINK, "type", kind, check=False).returncode == 0:
+            break
+    else:
+        return None
+    topology.disable_ipv6(SINK)
+    topology.ip("link", "set", SINK, "master", BR)
+    topology.up(SINK)
+    run(["bridge", "fdb", "replace", SINK_MAC, "dev", SINK, "master", "static"])
+    return kind, counters
 
 
 def start_generator(binary, work, tap, mac, options):
@@ -391,11 +409,11 @@ def path_counters():
             "icmp_out": snmp["Icmp:OutMsgs"]}
 
 
-def sink_dropped():
-    """What the ifb freed (it counts them as received and dropped, or transmitted and
-    dropped, by kernel version): the sum of its drop counters."""
+def sink_count(counters):
+    """What the sink's transmit freed, by its counters (an ifb counts them as received
+    and dropped, or transmitted and dropped, by kernel version: their sum)."""
     total = 0
-    for name in ("rx_dropped", "tx_dropped"):
+    for name in counters:
         with open("/sys/class/net/%s/statistics/%s" % (SINK, name)) as f:
             total += int(f.read())
     return total
@@ -584,27 +602,29 @@ class Bench(object):
 
     def keepup(self, rate):
         """Detailed mode, every packet reported, at a paced rate, on the short path
-        (tap -> bridge -> ifb)."""
+        (tap -> bridge -> sink) where the kernel has a sink driver."""
         n = rate * self.args.keepup_seconds
-        tracers = self.start("tool_keepup", "keepup-%d" % rate)
+        counters = self.lab["sink_counters"]
+        tracers = self.start("tool_keepup" if counters else "tool_detail", "keepup-%d" % rate)
         try:
             snap = CpuSnapshot([t.pid for t in tracers], self.ksoftirqd)
-            before = sink_dropped()
-            res = self.fast.flood(n, self.args.ports, rate,
-                                  timeout=self.args.keepup_seconds * 10 + 60)
+            before = sink_count(counters) if counters else 0
+            res = (self.fast or self.gen).flood(n, self.args.ports, rate,
+                                                timeout=self.args.keepup_seconds * 10 + 60)
             res.update(snap.since())
             time.sleep(0.5)
-            res["sink_dropped"] = sink_dropped() - before
+            res["sink_kind"] = self.lab["sink_kind"]
+            res["sink_count"] = sink_count(counters) - before if counters else None
         finally:
             self.stop(tracers)
         res.update(rate=rate, summary=tool_summary(tracers[0]))
         s = res["summary"] or {}
-        log("keep-up at %d/s: sent %d (%d/s achieved), reported %s, lost %s, the ifb "
-            "freed %d" % (rate, n, res["pps"], s.get("reported"), s.get("lost"),
-                          res["sink_dropped"]))
-        if res["sink_dropped"] != n:
-            raise BenchError("the keep-up path lost frames: %d sent, the ifb freed %d"
-                             % (n, res["sink_dropped"]))
+        log("keep-up at %d/s: sent %d (%d/s achieved), reported %s, lost %s, the sink "
+            "freed %s" % (rate, n, res["pps"], s.get("reported"), s.get("lost"),
+                          res["sink_count"]))
+        if counters and res["sink_count"] != n:
+            raise BenchError("the keep-up path lost frames: %d sent, the sink freed %d"
+                             % (n, res["sink_count"]))
         return res
 
     def startup(self, i):

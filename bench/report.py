@@ -188,7 +188,8 @@ def keepup_results(raw_keepup):
         s = r.get("summary") or {}
         out.append({"target_rate": r["rate"], "frames": r["frames"], "achieved_pps": r["pps"],
                     "wall_s": r["wall_s"], "reported": s.get("reported"), "lost": s.get("lost"),
-                    "not_tracked": s.get("not_tracked"), "sink_dropped": r.get("sink_dropped"),
+                    "not_tracked": s.get("not_tracked"), "sink_kind": r.get("sink_kind"),
+                    "sink_count": r.get("sink_count"),
                     "reported_per_s": (s.get("reported") or 0) / float(r["wall_s"]),
                     "background_cpu_pct": background_pct(r), "kept_up": kept_up(r),
                     "generator_short": generator_short(r)})
@@ -310,8 +311,11 @@ def render(result):
                           fmt(median(res["tool_detail"]["tracer_process_ns_per_frame"]))))
     for c in ("tcpdump", "bpftrace", "floor"):
         P("%s: %s" % (c, dict((k, res[c][k]) for k in EXTRAS if k in res[c])))
-    P("detailed mode keep-up (paced, %s s each, on the short path tap -> bridge -> ifb): "
-      % result["keepup_seconds"] + "; ".join(
+    sinks = set(k.get("sink_kind") for k in result["keepup"])
+    path = "the short path tap -> bridge -> %s" % "/".join(sorted(k for k in sinks if k)) \
+        if sinks - set([None]) else "the benchmark's path"
+    P("detailed mode keep-up (paced, %s s each, on %s): " % (result["keepup_seconds"], path) +
+      "; ".join(
         "%d/s -> achieved %s/s, reported %s, lost %s,%s (bg cpu %s)" % (
             k["target_rate"], fmt(k["achieved_pps"]), k["reported"], k["lost"],
             " OK" if k["kept_up"] else " generator short, all reported"
