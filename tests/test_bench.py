@@ -107,7 +107,10 @@ def test_a_short_benchmark_run_counts_every_frame(tmp_path):
     assert saved["result"]["path_check_warmup"]["tx"] == 0
     k = saved["result"]["keepup"][0]
     assert k["kept_up"] and k["reported"] == 10000
-    assert k["sink_count"] == 10000     # the short path carried every frame
+    # the short path carried every frame (a kernel with neither a dummy nor an ifb
+    # driver has none: the keep-up floods then ran on the long path, counted above)
+    assert k["sink_kind"] in ("dummy", "ifb", None)
+    assert k["sink_count"] == (10000 if k["sink_kind"] else None)
     # the table printed is the saved analysis, rendered again
     again = subprocess.run([PYTHON, os.path.join(BENCH, "report.py"), out],
                            stdout=subprocess.PIPE, universal_newlines=True, check=True)
