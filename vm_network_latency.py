@@ -48,6 +48,7 @@ import mmap
 import operator
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -771,10 +772,6 @@ def lift_memlock_limit():
     if _memlock_lifted:
         return
     _memlock_lifted.append(True)
-    try:
-        import resource
-    except ImportError:
-        return
     try:
         resource.setrlimit(resource.RLIMIT_MEMLOCK,
                            (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
