@@ -67,9 +67,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "tests", "kguest", "guest"))
 sys.path.insert(0, HERE)
 
 import topology                                 # noqa: E402  (the tests' devices)
+import prog_cost                                # noqa: E402  (programs by tracepoint)
 from procs import LabError, die_with_parent, run   # noqa: E402
 import report                                   # noqa: E402
 
@@ -659,18 +661,16 @@ class Bench(object):
         """Run time per BPF program during one flood (kernel.bpf_stats_enabled=1)."""
         tracers = self.start(cfg, "stats-" + cfg)
         try:
-            ids, tracepoint_of = set(), {}
+            ids = set()
             fd_dir = "/proc/%d/fdinfo" % tracers[0].pid
             for fd in os.listdir(fd_dir):
-                info = read(os.path.join(fd_dir, fd))
-                m = re.search(r"^prog_id:\s+(\d+)", info, re.M)
+                m = re.search(r"^prog_id:\s+(\d+)", read(os.path.join(fd_dir, fd)), re.M)
                 if m:
                     ids.add(int(m.group(1)))
-                    # a raw tracepoint's link (typed or not) names its tracepoint: the
-                    # programs' own names are cut at 15 characters
-                    tp = re.search(r"^tp_name:\s+(\S+)", info, re.M)
-                    if tp:
-                        tracepoint_of[m.group(1)] = tp.group(1)
+            # a raw tracepoint's link (typed or not) names its tracepoint: the programs'
+            # own names are cut at 15 characters (JSON keys: strings)
+            tracepoint_of = dict((str(i), tp) for i, tp in
+                                 prog_cost.tracepoints_of(tracers[0].pid).items())
             before = bpftool_progs(ids)
             res = self.gen.flood(self.args.frames, self.args.ports)
             after = bpftool_progs(ids)

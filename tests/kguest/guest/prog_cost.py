@@ -9,7 +9,7 @@ which the kernel counts while kernel.bpf_stats_enabled is 1. BTF-typed tracepoin
 (tp_btf) and raw ones attach through the same kind of link. Writes
 {method: [{"tp": name, "prog_id": id, "link_id": id, "run_cnt": n, "run_time_ns": ns}, ...]}
 (link ids grow with attach order, and a tracepoint calls its programs in that order).
-Stdlib only: runs in the guest.
+Stdlib only: runs in the guest (and bench/overhead.py names programs with it).
 """
 import json
 import os
@@ -22,7 +22,8 @@ def fdinfo(pid):
     d = "/proc/%d/fdinfo" % pid
     for fd in os.listdir(d):
         try:
-            text = open(os.path.join(d, fd)).read()
+            with open(os.path.join(d, fd)) as f:
+                text = f.read()
         except OSError:
             continue
         info = {}
@@ -32,6 +33,12 @@ def fdinfo(pid):
                 info[key.strip()] = value.strip()
         out.append(info)
     return out
+
+
+def tracepoints_of(pid):
+    """{prog_id: tracepoint} of the programs a process attached through links."""
+    return dict((int(i["prog_id"]), i["tp_name"]) for i in fdinfo(pid)
+                if "tp_name" in i and "prog_id" in i)
 
 
 def programs_of(pid):
