@@ -1549,6 +1549,7 @@ struct ways { u64 skb[INFLIGHT_WAYS]; u32 lock, pad; };
 BPF_ARRAY(inflight_tags, struct ways, INFLIGHT_GROUPS);
 BPF_ARRAY(inflight, struct pkt, INFLIGHT_GROUPS * INFLIGHT_WAYS);
 BPF_PERCPU_ARRAY(scratch, struct pkt, 1);
+BPF_PERCPU_ARRAY(keybox, u64, 1);      // skb_key(): a typed pointer made a number
 // Role of each device by ifindex: an array (no hashing) for the usual small ifindex
 BPF_ARRAY(devroles, u8, DEVROLE_SLOTS);
 BPF_HASH(devroles_big, u32, u8, 1024);
@@ -1684,15 +1685,21 @@ static __always_inline void *skb_dev(void *skb, const int typed)
 }
 
 // The sk_buff's address, the key of its record. A BTF tracepoint's argument is a typed
-// pointer, on which the verifier allows no arithmetic (the key is hashed): its value
-// is read from the argument as a number.
+// pointer, on which the verifier allows no arithmetic (the key is hashed). Stored in
+// a map and loaded back it is a number: the verifier lets a program that may see
+// kernel addresses (CAP_PERFMON, which every tracing program needs) store a pointer
+// there, and a load from a map is a scalar. Cheaper than reading the argument back
+// through bpf_probe_read_kernel(); a per-CPU slot, so no other CPU writes in between.
 static __always_inline u64 skb_key(void *ctx, void *skb, const int btf_arg)
 {
     if (btf_arg < 0)
         return (u64)skb;
-    u64 key = 0;
-    bpf_probe_read_kernel(&key, sizeof(key), (u64 *)ctx + btf_arg);
-    return key;
+    u32 zero = 0;
+    u64 *box = keybox.lookup(&zero);
+    if (!box)
+        return 0;
+    *(volatile u64 *)box = (u64)skb;
+    return *(volatile u64 *)box;
 }
 
 // Our devices are the host's: a namespace's device with the same ifindex is not.
@@ -1716,6 +1723,20 @@ static __always_inline int in_host_netns(u64 net)
     return 1;
 }
 
+// A device's role by its ifindex, 0 for none. Two call sites on purpose: a lookup
+// whose map is chosen at run time is a helper call, one of an array alone the
+// verifier inlines into a bounds check and a load.
+static __always_inline u32 role_of(u32 idx)
+{
+    if (idx < DEVROLE_SLOTS) {
+        u8 *role = devroles.lookup(&idx);
+        return role ? *role : 0;
+    }
+    u32 big = idx;
+    u8 *role = devroles_big.lookup(&big);
+    return role ? *role : 0;
+}
+
 // Is this device one of ours (0: no)? By ifindex, and in the host's namespace: its
 // ifindex and namespace are read together (one probe read where they are close, as
 // in 6.x kernels).
@@ -1726,11 +1747,11 @@ static __always_inline u32 dev_role(void *dev, const int typed, u32 *ifindex)
     u32 idx = 0;
     u64 net = 0;
     read_dev(dev, typed, &idx, &net);
-    u8 *role = idx < DEVROLE_SLOTS ? devroles.lookup(&idx) : devroles_big.lookup(&idx);
-    if (!role || !*role || !in_host_netns(net))
+    u32 role = role_of(idx);
+    if (!role || !in_host_netns(net))
         return 0;
     *ifindex = idx;
-    return *role;
+    return role;
 }
 
 static __always_inline u32 be16(const u8 *p) { return ((u32)p[0] << 8) | p[1]; }
