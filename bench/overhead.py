@@ -103,7 +103,11 @@ TOOL_ARGS = {
                     "--mode", "detailed"],
 }
 STATS_CONFIGS = ["tool_hist", "tool_hist_raw", "tool_detail", "tool_filtered",
-                 "tool_sample", "floor"]
+                 "tool_sample", "floor", "floor_empty", "floor_clock"]
+# the floor's program on its four tracepoints, and its two variants that measure what
+# no tracer avoids (BPF run time only): a program that returns at once, one that reads
+# the clock once
+FLOOR_VARIANTS = {"floor": "floor", "floor_empty": "empty", "floor_clock": "clock"}
 NEEDED = [("ip", "iproute2"), ("bridge", "iproute2"), ("tcpdump", "tcpdump"),
           ("bpftrace", "bpftrace"), ("bpftool", "bpftool"), ("gcc", "gcc")]
 
@@ -553,12 +557,13 @@ class Bench(object):
         if cfg == "bpftrace":
             return [Tracer(["bpftrace", os.path.join(HERE, "lat.bt"), TAP, PHY], w, tag,
                            r"^Attaching", ready_in=("out", "err"), settle=1.0)]
-        if cfg == "floor":
+        if cfg in FLOOR_VARIANTS:
             return [Tracer([PY, os.path.join(HERE, "floor.py")] +
                            [str(v) for v in (self.offsets["SKB_DEV"],
                                              self.offsets["DEV_IFINDEX"],
                                              self.lab["tap_ifindex"],
-                                             self.lab["phy_ifindex"])],
+                                             self.lab["phy_ifindex"])] +
+                           [FLOOR_VARIANTS[cfg]],
                            w, tag, r"^Attached")]
         return []
 

@@ -182,6 +182,37 @@ def bpf_stats(raw_stats):
     return out
 
 
+# Histogram mode stamps three stages of each frame on the bench's path (the tap's
+# receive, the veth's queue and its transmit): one clock read each.
+CLOCK_READS_PER_FRAME = 3
+
+
+def bpf_lower_bound(stats):
+    """The least BPF time a frame can cost histogram mode on this machine, whatever its
+    programs do: each of its runs costs at least an empty program's run, and each stage
+    it stamps one clock read (the clock variant's run less the empty one's). None
+    without the runs that measure it."""
+    need = ("tool_hist", "floor", "floor_empty", "floor_clock")
+    if not all(c in stats for c in need):
+        return None
+
+    def per_run(cfg):
+        progs = stats[cfg]["programs"]
+        runs = sum(p["run_cnt"] for p in progs)
+        return sum(p["run_time_ns"] for p in progs) / float(runs) if runs else None
+    empty, clock = per_run("floor_empty"), per_run("floor_clock")
+    if empty is None or clock is None:
+        return None
+    runs = sum(p["runs_per_frame"] for p in stats["tool_hist"]["programs"])
+    bound = runs * empty + CLOCK_READS_PER_FRAME * (clock - empty)
+    floor = stats["floor"]["bpf_ns_per_frame_total"]
+    hist = stats["tool_hist"]["bpf_ns_per_frame_total"]
+    return {"empty_ns_per_run": empty, "clock_read_ns": clock - empty,
+            "tool_hist_runs_per_frame": runs, "clock_reads_per_frame": CLOCK_READS_PER_FRAME,
+            "bound_ns_per_frame": bound, "bound_to_floor": ratio(bound, floor),
+            "tool_hist_to_floor": ratio(hist, floor), "tool_hist_to_bound": ratio(hist, bound)}
+
+
 def keepup_results(raw_keepup):
     out = []
     for r in raw_keepup:
@@ -238,13 +269,15 @@ def analyse(raw):
     startup_med = median(raw["startup_s"])
     hwm = dict((c, res[c]["vmhwm_kb"]) for c in CONFIGS if c.startswith("tool_"))
     hwm_max_mb = max([0] + hwm["tool_hist"] + hwm["tool_detail"]) / 1024.0
+    stats = bpf_stats(raw["bpf_stats"])
     return {"tool": raw.get("tool"), "tool_sha256_prefix": raw.get("tool_sha256_prefix"),
             "frames": frames, "reps": raw["reps"], "source_ports": raw["source_ports"],
             "kernel": raw["kernel"], "cpus": raw["cpus"], "configs": res,
             "added_ns_min_based": add_min, "min_based_ratios": min_view,
             "keepup_seconds": raw["keepup_seconds"], "keepup": keepup,
             "startup_s": raw["startup_s"], "startup_median_s": startup_med,
-            "vmhwm_kb": hwm, "bpf_stats": bpf_stats(raw["bpf_stats"]),
+            "vmhwm_kb": hwm, "bpf_stats": stats,
+            "bpf_lower_bound": bpf_lower_bound(stats),
             "targets": targets(res, keepup, startup_med, hwm_max_mb),
             "path_check_warmup": raw["path_check_warmup"],
             "path_check_total": raw["path_check_total"],
@@ -346,6 +379,16 @@ def render(result):
                 P("    %-44s %5.2f runs/frame %7s ns/run %7s ns/frame" % (
                     p["name"], p["runs_per_frame"], fmt(p["ns_per_run"], "{:,.1f}"),
                     fmt(p["ns_per_frame"], "{:,.1f}")))
+    lb = result.get("bpf_lower_bound")
+    if lb:
+        P("")
+        P("the least histogram mode can cost here, on BPF time: %.2f runs/frame x %s ns "
+          "(an empty program's run) + %d clock reads x %s ns (bpf_ktime_get_ns) = %s "
+          "ns/frame, %s x the floor's; histogram mode: %s x the floor, %s x that bound" % (
+              lb["tool_hist_runs_per_frame"], fmt(lb["empty_ns_per_run"], "{:.1f}"),
+              lb["clock_reads_per_frame"], fmt(lb["clock_read_ns"], "{:.1f}"),
+              fmt(lb["bound_ns_per_frame"]), fmt(lb["bound_to_floor"], "{:.2f}"),
+              fmt(lb["tool_hist_to_floor"], "{:.2f}"), fmt(lb["tool_hist_to_bound"], "{:.2f}")))
     P("")
     P("targets:")
     for t in result["targets"]:

@@ -79,13 +79,52 @@ def test_a_rate_the_generator_cannot_reach_decides_nothing():
     assert target["pass"] is False
 
 
+def stats_run(cfg, frames, programs):
+    """One kernel.bpf_stats_enabled flood as overhead.py saves it: programs are
+    (id, runs, total run time in ns), read as bpftool shows them before and after."""
+    return {"cfg": cfg, "frames": frames, "cpu_ns_per_frame": 2000, "tracepoint_of": {},
+            "before": [{"id": i, "name": "p%d" % i, "run_cnt": 7, "run_time_ns": 100}
+                       for i, _, _ in programs],
+            "after": [{"id": i, "name": "p%d" % i, "run_cnt": 7 + n, "run_time_ns": 100 + t}
+                      for i, n, t in programs]}
+
+
+def test_report_lower_bound_from_known_numbers():
+    """Histogram mode runs 5 programs a frame and reads the clock at 3 stages: its least
+    BPF time is 5 empty runs plus 3 clock reads, whatever its programs do."""
+    raw = synthetic_raw()
+    frames = 1000
+    raw["bpf_stats"] = [
+        # 2 + 1 + 1 + 1 runs a frame, 400 ns a frame in all
+        stats_run("tool_hist", frames, [(1, 2000, 160000), (2, 1000, 90000),
+                                        (3, 1000, 90000), (4, 1000, 60000)]),
+        stats_run("floor", frames, [(5, 2000, 80000), (6, 1000, 40000), (7, 1000, 40000)]),
+        # an empty run: 30 ns; a run that reads the clock: 65 ns, so a read is 35
+        stats_run("floor_empty", frames, [(8, 2000, 60000), (9, 2000, 60000)]),
+        stats_run("floor_clock", frames, [(10, 2000, 130000), (11, 2000, 130000)]),
+    ]
+    lb = report.analyse(raw)["bpf_lower_bound"]
+    assert lb["empty_ns_per_run"] == 30 and lb["clock_read_ns"] == 35
+    assert lb["tool_hist_runs_per_frame"] == 5 and lb["clock_reads_per_frame"] == 3
+    assert lb["bound_ns_per_frame"] == 5 * 30 + 3 * 35
+    assert lb["bound_to_floor"] == pytest.approx(255 / 160.0)
+    assert lb["tool_hist_to_floor"] == 2.5
+    assert lb["tool_hist_to_bound"] == pytest.approx(400 / 255.0)
+    text = report.render(report.analyse(raw))
+    assert "= 255 ns/frame, 1.59 x the floor's; histogram mode: 2.50 x the floor" in text
+    # without the variants' runs there is no bound, and the report prints none
+    raw["bpf_stats"] = raw["bpf_stats"][:2]
+    assert report.analyse(raw)["bpf_lower_bound"] is None
+    assert "the least histogram mode can cost" not in report.render(report.analyse(raw))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark needs root")
 def test_a_short_benchmark_run_counts_every_frame(tmp_path):
     out = str(tmp_path / "bench.json")
     frames = 20000
     p = subprocess.run([PYTHON, os.path.join(BENCH, "overhead.py"), "-r", "1", "-n",
                         str(frames), "--keepup-rates", "10000", "--keepup-seconds", "1",
-                        "--startup-runs", "1", "--no-bpf-stats", "-o", out,
+                        "--startup-runs", "1", "-o", out,
                         "--max-seconds", "600"],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, timeout=700)
@@ -111,6 +150,15 @@ def test_a_short_benchmark_run_counts_every_frame(tmp_path):
     # driver has none: the keep-up floods then ran on the long path, counted above)
     assert k["sink_kind"] in ("dummy", "ifb", None)
     assert k["sink_count"] == (10000 if k["sink_kind"] else None)
+    # the BPF run-time breakdown: every configuration's programs ran, the floor's
+    # variants too, and the least histogram mode can cost is below what it costs
+    stats = saved["result"]["bpf_stats"]
+    assert set(stats) >= {"tool_hist", "floor", "floor_empty", "floor_clock"}
+    assert all(s["bpf_ns_per_frame_total"] > 0 for s in stats.values())
+    lb = saved["result"]["bpf_lower_bound"]
+    assert lb["tool_hist_runs_per_frame"] == pytest.approx(5, abs=0.01)
+    assert lb["clock_read_ns"] > 0
+    assert lb["bound_ns_per_frame"] < stats["tool_hist"]["bpf_ns_per_frame_total"]
     # the table printed is the saved analysis, rendered again
     again = subprocess.run([PYTHON, os.path.join(BENCH, "report.py"), out],
                            stdout=subprocess.PIPE, universal_newlines=True, check=True)
