@@ -310,6 +310,14 @@ def test_buckets_contain_their_values(tool, kernel_buckets):
     values = [0, 1, 15, 16, 31, 32, 999, 1000, 1023, 1024, 70 * 10 ** 6, 5 * 10 ** 9,
               3600 * 10 ** 9, 2 ** 62]
     values += [rng.randrange(1, 10 ** 12) for _ in range(3000)]
+    # below 2^31 / 3 ns the kernel divides by 125 with a multiply and a shift: every
+    # remainder, values either side of the switch to a real division, and where v
+    # crosses a bucket boundary
+    edge = (2 ** 31) // 3
+    values += [edge - 2, edge - 1, edge, edge + 1, edge + 2]
+    values += [rng.randrange(1, edge) for _ in range(3000)]
+    values += [125 * k + r for k in (1, 8, 4095, 5726623) for r in range(0, 125, 7)]
+    values += [(1 << b) * 1000 // 1024 + d for b in range(4, 30) for d in (-1, 0, 1)]
     for ns in values:
         bucket = kernel_buckets.bucket(ns)
         lo, hi = tool.bucket_bounds(bucket)
