@@ -1975,7 +1975,7 @@ static __always_inline int parse_frame(u32 len, u32 data_len, u32 mac, u8 *head,
     if (mac == 0xffff || !head || data_len > len)
         return 0;
     u32 headlen = len - data_len;     // skb->data is past the Ethernet header here
-    u8 b[64] = {};
+    u8 b[64];       // not zeroed first: the read fills it (with zeros if it faults)
     if (bpf_probe_read_kernel(b, sizeof(b), head + mac))
         return 0;
 #if TUNNELS
