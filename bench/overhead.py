@@ -40,7 +40,10 @@ sends 0 packets, UdpNoPorts counts every frame).
 The whole host path runs in the writer's thread, so the generator's own CPU time per
 frame (getrusage, user+sys) is the cost of the path, tracers' BPF programs included.
 Each configuration is measured REPS times, interleaved (rotating order); report.py turns
-the raw measurements into the table (medians, ratios, targets).
+the raw measurements into the table (medians, ratios, targets). With BPF statistics on
+(kernel.bpf_stats_enabled, one flood each), the run time of every program, and two
+variants of the floor's (floor.py empty, clock): what a program run and a clock read
+cost, from which report.py gives the least histogram mode can cost on this machine.
 
 The devices and namespace are made with the test suite's own tests/topology.py; the
 tool's counts come from its --output json summary. Everything created (devices,
