@@ -14,6 +14,15 @@ import time
 
 from conftest import PYTHON, TOOL
 from pcap import parse_frame, read_pcap
+from procs import LIBC, PR_SET_PDEATHSIG
+
+
+def stop_with_parent():
+    """preexec_fn: SIGTERM (the tool's clean stop: it detaches and prints its summary)
+    when the test run that started it dies, however it dies: the tool runs in a session
+    of its own, so a Ctrl-C of the run does not reach it."""
+    if LIBC is not None:
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class Trace(object):
@@ -27,10 +36,15 @@ class Trace(object):
         argv = [PYTHON, TOOL, "--output", output] + [str(a) for a in args]
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=stop_with_parent)
         self.returncode = None
-        self._wait_ready(ready_timeout)
-        self.prog_ids = programs_of(self.proc.pid)
+        try:
+            self._wait_ready(ready_timeout)
+            self.prog_ids = programs_of(self.proc.pid)
+        except BaseException:       # Ctrl-C while it starts: the fixture never saw it
+            self.kill()
+            raise
 
     def _wait_ready(self, timeout):
         deadline = time.monotonic() + timeout
@@ -141,7 +155,8 @@ class Capture(object):
         if netns:
             argv = ["ip", "netns", "exec", netns] + argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     universal_newlines=True, start_new_session=True)
+                                     universal_newlines=True, start_new_session=True,
+                                     preexec_fn=stop_with_parent)
         deadline = time.monotonic() + 10
         while not os.path.exists(self.path) and time.monotonic() < deadline:
             time.sleep(0.05)
