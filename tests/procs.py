@@ -17,10 +17,18 @@ except OSError:  # pragma: no cover
     LIBC = None
 
 
-def die_with_parent():
-    """preexec_fn: the child gets SIGKILL when the (forking thread of the) lab dies."""
+def die_with_parent(sig=signal.SIGKILL):
+    """preexec_fn: the child gets sig (SIGKILL unless said) when the (forking thread of
+    the) lab dies."""
     if LIBC is not None:
-        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        LIBC.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def stop_with_parent():
+    """preexec_fn: SIGTERM, the child's clean stop (the tool detaches and prints its
+    summary; run_lane.sh kills its QEMU), when the test run that started it dies,
+    however it dies."""
+    die_with_parent(signal.SIGTERM)
 
 
 def run(argv, check=True, timeout=30, **kw):

@@ -35,7 +35,6 @@ KGUEST_RESULTS=DIR checks the results of an earlier `run_lane.sh --results DIR` 
 running the lane (the same checks; nothing is skipped).
 """
 import collections
-import ctypes
 import json
 import math
 import os
@@ -48,6 +47,7 @@ import subprocess
 import pytest
 
 from pcap import parse_frame, read_pcap
+from procs import stop_with_parent
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LANE_SCRIPT = os.path.join(HERE, "kguest", "run_lane.sh")
@@ -282,23 +282,15 @@ class Lane(object):
         return self._runs[name]
 
 
-def _die_with_parent():
-    """In the child before exec: SIGTERM when pytest dies (even by SIGKILL); run_lane.sh
-    traps it and kills its QEMU."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)        # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _run_lane(suite, results):
     """run_lane.sh in pytest's process group, so a Ctrl-C reaches it too; on a timeout or
     an interrupt it gets SIGTERM, on which it kills its QEMU (never leave one behind)."""
+    # stop_with_parent: SIGTERM when pytest dies, even by SIGKILL; run_lane.sh traps it
+    # and kills its QEMU
     proc = subprocess.Popen([LANE_SCRIPT, "--suite", suite, "--results", results],
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, universal_newlines=True,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=stop_with_parent)
     try:
         out, _ = proc.communicate(timeout=LANE_PROCESS_TIMEOUT_S)
     except BaseException:

@@ -14,15 +14,8 @@ import time
 
 from conftest import PYTHON, TOOL
 from pcap import parse_frame, read_pcap
-from procs import LIBC, PR_SET_PDEATHSIG
-
-
-def stop_with_parent():
-    """preexec_fn: SIGTERM (the tool's clean stop: it detaches and prints its summary)
-    when the test run that started it dies, however it dies: the tool runs in a session
-    of its own, so a Ctrl-C of the run does not reach it."""
-    if LIBC is not None:
-        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+from procs import stop_with_parent   # the tool runs in a session of its own: a Ctrl-C
+                                     # of the run does not reach it, this does
 
 
 class Trace(object):
