@@ -42,6 +42,7 @@ import array
 import binascii
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import json
 import math
@@ -53,9 +54,11 @@ import resource
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import namedtuple
@@ -104,10 +107,41 @@ EXAMPLES = """examples:
 # IP protocol numbers (PROTO_* in C); names as tcpdump's: icmp is ICMPv4, icmp6 ICMPv6
 PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58}
 PROTO_NAMES = dict((v, k) for k, v in PROTOCOLS.items())
+PROTOCOL_CHOICES = ["tcp", "udp", "icmp", "icmp6", "all"]
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: one line on stderr, exit 2."""
+
+
+# Names come from outside the tool: a VM's name from its QEMU command line (which
+# tenants influence on many clouds), process and device names, recordings. In text an
+# escape sequence in one could retitle or clear the operator's terminal, a carriage
+# return forge an output line: text output shows them through printable().
+NAME_LIMIT = 64         # characters of a name in text output
+
+
+def _escape_char(c):
+    code = ord(c)
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code if code < 0x10000 \
+        else "\\U%08x" % code
+
+
+def printable(text, limit=None):
+    """text with every character a terminal would act on (control characters, bidi
+    overrides, anything str.isprintable() refuses) written as \\xNN or \\uNNNN, as
+    repr() writes them; cut to `limit` characters ("..." at the end) when longer."""
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escape_char(c) for c in text)
+    if limit and len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return text
+
+
+def shown_name(text):
+    """A name (a VM's, a process's, a device's) as text output shows it."""
+    return printable(text, NAME_LIMIT)
 
 
 def _int_in(lo, hi, what):
@@ -183,10 +217,30 @@ def _device(text):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        # argparse's usage line plus one line saying what is wrong, exit 2
-        self.print_usage(sys.stderr)
-        sys.stderr.write("%s: error: %s\n" % (self.prog, message))
+        # what is wrong and where help is, exit 2: argparse's own 16-line usage would
+        # push the one line that matters off a small terminal
+        sys.stderr.write("%s: error: %s\nTry '%s -h' for help.\n"
+                         % (self.prog, printable(message), self.prog))
         sys.exit(2)
+
+
+def _path(text):
+    """An argparse type: a file name, which cannot be empty."""
+    if not text:
+        raise argparse.ArgumentTypeError("the file name is empty")
+    return text
+
+
+# a day: a longer threshold is a typo, and ns of it must fit the C's unsigned 64 bits
+LATENCY_THRESHOLD_MAX_US = 86400 * 10 ** 6
+
+
+def _threshold(text):
+    value = _non_negative_float(text)
+    if value > LATENCY_THRESHOLD_MAX_US:
+        raise argparse.ArgumentTypeError("%r is more than a day (%d us)"
+                                         % (text, LATENCY_THRESHOLD_MAX_US))
+    return value
 
 
 def build_parser():
@@ -204,7 +258,7 @@ def build_parser():
                         help="source port filter (TCP/UDP)")
     parser.add_argument("--dst-port", type=_port, metavar="PORT",
                         help="destination port filter (TCP/UDP)")
-    parser.add_argument("--protocol", choices=["tcp", "udp", "icmp", "icmp6", "all"],
+    parser.add_argument("--protocol", choices=PROTOCOL_CHOICES,
                         default="all", type=str.lower,
                         help="protocol filter (default: all)")
     parser.add_argument("--vni", type=_int_in(0, 16777215, "VNI"), metavar="N",
@@ -231,13 +285,32 @@ def build_parser():
                         help="histogram mode: serve the distributions and counters as "
                              "Prometheus metrics on http://ADDR:PORT/metrics (default "
                              "address 127.0.0.1; needs python3-prometheus-client)")
-    parser.add_argument("--prometheus-textfile", metavar="PATH",
+    parser.add_argument("--prometheus-tls-cert", metavar="FILE", type=_path,
+                        help="serve the metrics over HTTPS with this certificate (PEM; "
+                             "with --prometheus-tls-key)")
+    parser.add_argument("--prometheus-tls-key", metavar="FILE", type=_path,
+                        help="the certificate's private key (PEM)")
+    parser.add_argument("--prometheus-client-ca", metavar="FILE", type=_path,
+                        help="with TLS: only clients with a certificate this CA signed "
+                             "may scrape (Prometheus: tls_config cert_file, key_file)")
+    parser.add_argument("--forget-after", type=_positive_float, default=300.0,
+                        metavar="SECONDS",
+                        help="--per-vm and metrics: a VM's counts leave the kernel's table "
+                             "and the metrics this long after its taps are gone "
+                             "(default: 300)")
+    parser.add_argument("--vm-table-size", type=_int_in(64, 4194304, "table size"),
+                        default=VM_HIST_ENTRIES, metavar="N",
+                        help="--per-vm and metrics: (VM, segment, bucket) counters the "
+                             "kernel keeps, about 70 bytes each (default: %d); when full, "
+                             "counts are not kept and the summary and metrics say how "
+                             "many" % VM_HIST_ENTRIES)
+    parser.add_argument("--prometheus-textfile", metavar="PATH", type=_path,
                         help="histogram mode: write the same metrics to PATH every interval "
                              "(atomically), for node_exporter's textfile collector")
     parser.add_argument("--quiet", action="store_true",
                         help="no output each interval (the metrics and the exit summary "
                              "remain)")
-    parser.add_argument("--latency-threshold", type=_non_negative_float, default=0.0,
+    parser.add_argument("--latency-threshold", type=_threshold, default=0.0,
                         metavar="US",
                         help="only packets whose total latency is at least this many "
                              "microseconds (filtered in the kernel)")
@@ -272,16 +345,16 @@ def build_parser():
                              "250 bytes each; beyond it, or when the %d slots an sk_buff "
                              "can use are taken, packets are counted as not tracked; "
                              "default: 65536)" % INFLIGHT_WAYS)
-    parser.add_argument("--btf", metavar="FILE", default=DEFAULT_BTF,
+    parser.add_argument("--btf", metavar="FILE", default=DEFAULT_BTF, type=_path,
                         help="kernel BTF to take struct layouts from ('none': use the "
                              "kernel headers, only if they match the running kernel)")
     parser.add_argument("--verbose", action="store_true",
                         help="say what was attached where and how layouts were found")
     parser.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--write-events", metavar="FILE",
+    parser.add_argument("--write-events", metavar="FILE", type=_path,
                         help="also save the run's raw events and final counters to FILE, "
                              "for --read-events")
-    parser.add_argument("--read-events", metavar="FILE",
+    parser.add_argument("--read-events", metavar="FILE", type=_path,
                         help="report a run saved with --write-events again (its records, "
                              "histograms and summary), offline: no root, no BPF")
     # tests: the perf-buffer path of kernels without a BPF ring buffer (before 5.8)
@@ -301,6 +374,10 @@ def parse_args(argv):
     if args.read_events and given_besides("read_events", "output"):
         parser.error("--read-events replays a recording: only --output goes with it "
                      "(not %s)" % ", ".join(given_besides("read_events", "output")))
+    if args.write_events and (args.list_stages or args.dry_run or args.ebpf):
+        parser.error("--write-events records a trace: not with %s" % next(
+            o for o in ("--list-stages", "--dry-run", "--ebpf")
+            if getattr(args, o[2:].replace("-", "_"))))
     if args.list_vms and given_besides("list_vms", "output"):
         parser.error("--list-vms only lists the VMs: only --output goes with it (not %s)"
                      % ", ".join(given_besides("list_vms", "output")))
@@ -310,6 +387,19 @@ def parse_args(argv):
         if getattr(args, opt) and args.mode != "histogram":
             parser.error("--%s exports the histograms: it needs --mode histogram"
                          % opt.replace("_", "-"))
+    for opt in ("prometheus_tls_cert", "prometheus_tls_key", "prometheus_client_ca"):
+        if getattr(args, opt) and not args.prometheus:
+            parser.error("--%s secures the metrics endpoint: it needs --prometheus"
+                         % opt.replace("_", "-"))
+    for opt in ("forget_after", "vm_table_size"):
+        if getattr(args, opt) != parser.get_default(opt) and not per_vm_kernel(args):
+            parser.error("--%s sizes the per-VM counts: it needs --per-vm, --prometheus "
+                         "or --prometheus-textfile" % opt.replace("_", "-"))
+    if bool(args.prometheus_tls_cert) != bool(args.prometheus_tls_key):
+        parser.error("--prometheus-tls-cert and --prometheus-tls-key go together")
+    if args.prometheus_client_ca and not args.prometheus_tls_cert:
+        parser.error("--prometheus-client-ca checks clients over TLS: it needs "
+                     "--prometheus-tls-cert and --prometheus-tls-key")
     if args.prometheus_textfile:
         where = os.path.dirname(os.path.abspath(args.prometheus_textfile))
         if not os.path.isdir(where):
@@ -687,6 +777,8 @@ def find_layout(btf_path, release):
         raise UsageError("--btf %s: no such file (the running kernel's BTF is %s; "
                          "'--btf none' uses the kernel headers)" % (btf_path, DEFAULT_BTF))
     if btf_path != "none" and os.path.exists(btf_path):
+        if not stat.S_ISREG(os.stat(btf_path).st_mode):     # /dev/zero would never end
+            raise UsageError("--btf %s: not a regular file" % btf_path)
         try:
             return layout_from_btf(BTF.from_file(btf_path))
         except (BTFError, IOError, OSError, struct.error, ValueError, IndexError) as e:
@@ -993,6 +1085,7 @@ PATH_ORDER = dict((d, [s.name for s in STAGES if s.direction in (d, "both")])
                   for d in DIRECTIONS)
 START_STAGE = dict((s.direction, s.name) for s in STAGES
                    if s.hook == "start" and s.role in ("vm", "phy"))
+START_SID = [STAGE_BY_NAME[START_STAGE[d]].sid for d in DIRECTIONS]
 # the ends of each direction's path, most wanted first (final_stage picks the first traced)
 END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
                        if s.end and s.direction == d]) for d in DIRECTIONS)
@@ -1292,7 +1385,7 @@ def _read_proc(pid, what):
 
 
 def tun_fds(pid):
-    """The tap names of the /dev/net/tun descriptors a process holds."""
+    """[(fd, tap name)] of the /dev/net/tun descriptors a process holds."""
     fddir = "/proc/%d/fd" % pid
     out = []
     try:
@@ -1306,21 +1399,64 @@ def tun_fds(pid):
             with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
                 for line in f:
                     if line.startswith("iff:"):
-                        out.append(line.split(None, 1)[1].strip())
-        except (IOError, OSError, IndexError):
+                        out.append((int(fd), line.split(None, 1)[1].strip()))
+        except (IOError, OSError, IndexError, ValueError):
             continue
     return out
 
 
+# pidfd_open and pidfd_getfd have one number on every architecture (5.3+, 5.6+)
+SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438
+TUNGETDEVNETNS = 0x54e3     # _IO('T', 227): the tap's network namespace as an fd (5.2+)
+
+
+def tap_netns(pid, fd):
+    """The network namespace (inode) of the tap behind a process's tun descriptor.
+
+    A tap's name is only unique within its namespace: a process in another one can
+    hold a tap of the same name as a host's. So the descriptor itself is asked which
+    namespace its device is in (a copy of it, pidfd_getfd, 5.6+; TUNGETDEVNETNS,
+    5.2+). Where the kernel cannot say, the holder's own namespace stands in for it:
+    a tap is created in its creator's namespace, and moving it needs privileges there."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    pidfd = libc.syscall(ctypes.c_long(SYS_PIDFD_OPEN), ctypes.c_int(pid), ctypes.c_uint(0))
+    if pidfd >= 0:
+        copy = libc.syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
+                            ctypes.c_int(fd), ctypes.c_uint(0))
+        os.close(pidfd)
+        if copy >= 0:
+            try:
+                nsfd = fcntl.ioctl(copy, TUNGETDEVNETNS)
+                try:
+                    return os.fstat(nsfd).st_ino
+                finally:
+                    os.close(nsfd)
+            except (IOError, OSError):
+                pass
+            finally:
+                os.close(copy)
+    try:
+        return os.stat("/proc/%d/ns/net" % pid).st_ino
+    except OSError:
+        return None
+
+
+def host_netns_inum():
+    return os.stat("/proc/self/ns/net").st_ino
+
+
 def find_vms():
-    """{tap: VmInfo} for every tap some process holds. Where several hold one (a
-    management daemon passing the descriptor on), a named VM wins, then the lowest pid."""
+    """{tap: VmInfo} for every tap of this network namespace some process holds. Where
+    several hold one (a management daemon passing the descriptor on), a named VM wins,
+    then the lowest pid."""
     found = {}
+    here = host_netns_inum()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         pid = int(entry)
-        taps = tun_fds(pid)
+        taps = [name for fd, name in tun_fds(pid) if tap_netns(pid, fd) == here]
         if not taps:
             continue
         argv = (_read_proc(pid, "cmdline") or b"").split(b"\0")
@@ -1371,8 +1507,9 @@ def list_vms_report(owners, out_json, reporter):
     reporter.write("%-24s %-36s %-8s %-16s %-12s %s\n" % ("VM", "UUID", "PID", "PROCESS",
                                                          "TAP", "SWITCH"))
     for tap, vm in rows:
-        reporter.write("%-24s %-36s %-8d %-16s %-12s %s\n" % (
-            vm.name or "-", vm.uuid or "-", vm.pid, vm.comm, tap, switch_of(tap)))
+        reporter.write("%-24s %-36s %-8d %-16s %-12s %s\n" % tuple(
+            printable(v, NAME_LIMIT) if isinstance(v, str) else v for v in (
+                vm.name or "-", vm.uuid or "-", vm.pid, vm.comm, tap, switch_of(tap))))
     if not rows:
         reporter.write("(no process holds a tap device)\n")
 
@@ -1509,6 +1646,7 @@ VM_HIST_ENTRIES = 131072   # --per-vm: (tap, segment, bucket) counters in use, ~
 VM_HIST_ROW = HIST_BUCKETS + 1   # per tap and segment: the buckets, then the sum of ns
 DEVROLE_SLOTS = 65536      # ifindexes below this are looked up in an array, above in a hash
 INFLIGHT_WAYS = 4          # slots per hash of an sk_buff address in the in-flight table
+INFLIGHT_EXAMPLES = 10     # packets still in flight at the end that the summary shows
 
 # The kernel's histogram bucketing (bucket_bounds() below says what a bucket holds;
 # the unit tests run this C in the kernel, through BPF_PROG_TEST_RUN, against it).
@@ -2715,7 +2853,7 @@ def generate_program(args, plans, layout, config):
         ("INFLIGHT_WAYS", INFLIGHT_WAYS),
         ("INFLIGHT_GROUPS", -(-config.max_inflight // INFLIGHT_WAYS)),
         ("HISTOGRAM", int(args.mode == "histogram")), ("SAMPLE", args.sample),
-        ("PER_VM", int(per_vm_kernel(args))), ("VM_HIST_ENTRIES", VM_HIST_ENTRIES),
+        ("PER_VM", int(per_vm_kernel(args))), ("VM_HIST_ENTRIES", args.vm_table_size),
         ("VM_HIST_ROW", VM_HIST_ROW), ("HIST_SUMS", int(bool(args.prometheus or
                                                             args.prometheus_textfile))),
         ("USE_RINGBUF", int(config.ringbuf)), ("RINGBUF_PAGES", config.ringbuf_pages),
@@ -3201,7 +3339,7 @@ def log2_rows(buckets):
 # ============================================================================
 
 def log(msg):
-    sys.stderr.write(msg + "\n")
+    sys.stderr.write(printable(msg) + "\n")
     sys.stderr.flush()
 
 
@@ -3283,9 +3421,9 @@ class Reporter(object):
                                  endpoint(rec["dst_ip"], rec["dst_port"]))
         ends = (rec["vm_dev"], rec["phy_dev"]) if rec["direction"] == "tx" else \
             (rec["phy_dev"], rec["vm_dev"])
-        path = " -> ".join(d for d in ends if d)
+        path = " -> ".join(shown_name(d) for d in ends if d)
         if rec["vm"]:
-            path = "%s %s" % (rec["vm"], path)
+            path = "%s %s" % (shown_name(rec["vm"]), path)
         vlan = " vlan=%d" % rec["vlan"] if rec["vlan"] is not None else ""
         tun = rec["tunnel"]
         if tun:
@@ -3294,10 +3432,11 @@ class Reporter(object):
         if rec["type"] == "drop":
             return "[%s] DROP %s %s%s %s %s after %s: %s at %s\n" % (
                 when, proto, what, vlan, rec["direction"].upper(), path, rec["last_stage"],
-                rec["reason"], rec["location"])
+                shown_name(rec["reason"]), printable(rec["location"], 2 * NAME_LIMIT))
         segs = " | ".join("%s->%s: %s" % (s["from"], s["to"], fmt_us(s["us"]))
                           for s in rec["segments"])
-        who = " | PID: %d (%s)" % (rec["pid"], rec["comm"]) if rec["pid"] else ""
+        who = " | PID: %d (%s)" % (rec["pid"], shown_name(rec["comm"])) \
+            if rec["pid"] else ""
         return "[%s] %s %s%s %s %s\n  %s\n  Total Latency: %s%s\n" % (
             when, proto, what, vlan, rec["direction"].upper(), path, segs or "-",
             fmt_us(rec["total_us"]), who)
@@ -3324,7 +3463,8 @@ class Reporter(object):
                 })
                 self.emit_json(obj)
             return
-        who = "VM %s (%s): " % (vm[0], ", ".join(vm[2])) if vm else ""
+        who = "VM %s (%s): " % (shown_name(vm[0]), ", ".join(
+            shown_name(d) for d in vm[2])) if vm else ""
         if not tables:
             self.write("[%s] %sno packets completed the path in this interval\n\n"
                        % (stamp, who))
@@ -3363,12 +3503,13 @@ class Reporter(object):
                        "those\n" % s["sample"])
         for f in s["fates"]:
             what = "left the traced path" if f["fate"] == "left_path" else \
-                "dropped (%s)" % f["reason"]
+                "dropped (%s)" % shown_name(f["reason"])
             self.write("  %s %s after %s: %d\n" % (f["direction"].upper(), what,
                                                    f["last_stage"], f["count"]))
         for v in s["vms"]:
-            self.write("  VM %s (%s): %d packets reported\n" % (v["label"], ", ".join(v["vm_dev"]),
-                                                            v["reported"]))
+            self.write("  VM %s (%s): %d packets reported\n" % (
+                shown_name(v["label"]), ", ".join(shown_name(d) for d in v["vm_dev"]),
+                v["reported"]))
         if s["other_vni"]:
             self.write("  %d of another VXLAN/Geneve network (--vni): not followed further\n"
                        % s["other_vni"])
@@ -3450,9 +3591,108 @@ def bpf_prog_stats(fd, prog_info):
                 for f in PROG_INFO_FIELDS if f in prog_info)
 
 
+def write_file_atomically(path, data, mode=0o644):
+    """data as the whole of path, atomically, never through a link: a new file of a
+    random name in the same directory (O_EXCL), then renamed over path (rename replaces
+    a symbolic link there, it does not follow it)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + base + ".", dir=directory)
+    try:
+        os.fchmod(fd, mode)     # node_exporter reads it as its own user
+        write_all(fd, data)
+        os.close(fd)
+        fd = None
+        os.rename(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(tmp)
+        raise
+
+
+class MetricsServer(object):
+    """/metrics over HTTP, or HTTPS with --prometheus-tls-cert/-key, verifying client
+    certificates against --prometheus-client-ca (Prometheus's tls_config: cert_file,
+    key_file, ca_file). The standard library's server: each scrape in a thread of its
+    own, which only hands out the last interval's exposition."""
+    TIMEOUT = 10.0      # seconds a client may take (a TLS handshake included)
+
+    def __init__(self, addr, port, body, content_type, tls=None):
+        import http.server
+        import socketserver
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = self.TIMEOUT
+
+            def setup(handler):
+                http.server.BaseHTTPRequestHandler.setup(handler)
+                if tls:     # here, in the request's thread: a slow client holds no other
+                    handler.request.do_handshake()
+
+            def do_GET(handler):
+                if handler.path.split("?", 1)[0] not in ("/metrics", "/"):
+                    handler.send_error(404)
+                    return
+                data = body()
+                handler.send_response(200)
+                handler.send_header("Content-Type", content_type)
+                handler.send_header("Content-Length", str(len(data)))
+                handler.end_headers()
+                handler.wfile.write(data)
+
+            def log_message(handler, *_args):
+                pass            # a line per scrape would bury the tool's own output
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+            def handle_error(server, request, client_address):
+                pass    # a client without a certificate, a dropped connection: its own
+
+        try:
+            self.server = Server((addr, port), Handler)
+        except OSError as e:
+            why = "not an address of this host" if e.errno == errno.EADDRNOTAVAIL else \
+                e.strerror or str(e)
+            raise UsageError("--prometheus %s:%d: %s" % (addr, port, why))
+        if tls:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True,
+                                                 do_handshake_on_connect=False)
+        thread = threading.Thread(target=self.server.serve_forever, name="metrics")
+        thread.daemon = True
+        thread.start()
+
+
+def tls_context(cert, key, client_ca):
+    """The server's TLS settings, or None without a certificate: UsageError when a
+    file is missing or not what it should be."""
+    if not cert:
+        return None
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if hasattr(ssl, "TLSVersion"):      # Python 3.7+; 3.6's default refuses SSLv3 already
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2   # novermin
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError("--prometheus-tls-cert %s, --prometheus-tls-key %s: %s"
+                         % (cert, key, getattr(e, "strerror", None) or e))
+    if client_ca:
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError("--prometheus-client-ca %s: %s"
+                             % (client_ca, getattr(e, "strerror", None) or e))
+        ctx.verify_mode = ssl.CERT_REQUIRED    # no certificate, no metrics
+    return ctx
+
+
 class Metrics(object):
-    """A prometheus_client collector: at each scrape (or text-file write) it reads the
-    kernel's cumulative counters. Counters are since the tool started."""
+    """The run's counters for Prometheus. The main loop renders them once per interval
+    (snapshot()): a scrape, or the text file, gets that rendering, never a walk of the
+    kernel's maps. Counters are since the tool started; a VM whose taps are gone for
+    --forget-after seconds leaves them (retire())."""
 
     def __init__(self, args, release):
         self.prom, self.core = import_prometheus()
@@ -3460,63 +3700,85 @@ class Metrics(object):
         self.registry = self.prom.CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self.run = self.plans = self.tracer = self.prog_info = None
-        self.lock = threading.Lock()        # the main loop reads the same maps
         self.bucket_index = _prom_bucket_index()
+        self.families = []      # the last snapshot's
+        self.body = b""         # and its exposition
+        self.retired = {}       # {(vm label, slot): count} of taps forgotten, their VM alive
+        self.server = None
 
-    def serve(self, addr, port):
+    def serve(self, addr, port, tls=None):
         """Bind now, before any BPF is compiled: a port in use is bad input."""
-        try:
-            self.prom.start_http_server(port, addr, self.registry)
-        except OSError as e:
-            why = "not an address of this host" if e.errno == errno.EADDRNOTAVAIL else \
-                e.strerror or str(e)
-            raise UsageError("--prometheus %s:%d: %s" % (addr, port, why))
+        self.body = self.prom.generate_latest(self.registry)
+        self.server = MetricsServer(addr, port, lambda: self.body,
+                                    self.prom.CONTENT_TYPE_LATEST, tls)
 
     def attach(self, run, tracer, plans, layout):
         self.run, self.tracer, self.plans, self.prog_info = run, tracer, plans, layout.prog_info
 
-    def write_textfile(self):
-        """The metrics to the text file, atomically (a temporary file, then renamed)."""
+    def snapshot(self, counts, table_size):
+        """Render the metrics of this moment ({(tap, slot): count} of the kernel's per-VM
+        table); write the text file. Reference assignments: a scrape thread sees the
+        old rendering or the new one, whole."""
+        stats = stats_by_direction(self.run.counters.stats())
+        fates = self.run.counters.fates() if self.args.drops else []
+        families = [self.stage_info()]
+        families += list(self.histograms(counts))
+        families += list(self.packet_counters(stats, fates))
+        families += list(self.table_usage(len(counts), table_size, stats))
+        families += list(self.own_cost())
+        self.families = families
+        self.body = self.prom.generate_latest(self.registry)
         if self.args.prometheus_textfile:
-            self.prom.write_to_textfile(self.args.prometheus_textfile, self.registry)
+            try:
+                write_file_atomically(self.args.prometheus_textfile, self.body)
+            except (IOError, OSError) as e:
+                log("warning: --prometheus-textfile %s: %s" % (
+                    self.args.prometheus_textfile, e.strerror or e))
 
     def collect(self):
-        core = self.core
-        info = core.GaugeMetricFamily("vm_network_latency_info", "The tool and the kernel "
-                                      "(sample: 1 packet in N is counted)",
-                                      labels=["version", "kernel", "sample"])
+        info = self.core.GaugeMetricFamily("vm_network_latency_info", "The tool and the "
+                                           "kernel (sample: 1 packet in N is counted)",
+                                           labels=["version", "kernel", "sample"])
         info.add_metric([VERSION, self.release, str(self.args.sample)], 1)
         yield info
-        if self.run is None or self.run.counters is None:
-            return
-        stage = core.GaugeMetricFamily("vm_network_latency_stage_info",
-                                       "How each traced stage is attached",
-                                       labels=["stage", "direction", "method", "probe"])
+        for family in self.families:
+            yield family
+
+    def stage_info(self):
+        stage = self.core.GaugeMetricFamily("vm_network_latency_stage_info",
+                                            "How each traced stage is attached",
+                                            labels=["stage", "direction", "method", "probe"])
         for p in self.plans:
             if p.method:
                 stage.add_metric([p.stage.name, p.stage.direction, p.method,
                                   ",".join(n for n, _a in p.probes)], 1)
-        yield stage
-        with self.lock:
-            counts = self.run.counters.vm_hist()
-            stats = stats_by_direction(self.run.counters.stats())
-            fates = self.run.counters.fates() if self.args.drops else []
-        for family in self.histograms(counts):
-            yield family
-        for family in self.packet_counters(stats, fates):
-            yield family
-        for family in self.own_cost():
-            yield family
+        return stage
+
+    def label(self, vm_if):
+        """A tap's VM as the "vm" label: its name, else the tap's; "" for the host."""
+        if not vm_if:
+            return ""
+        vm = self.run.vms.get(vm_if)
+        return printable(vm.name if vm and vm.name else self.run.names.get(vm_if, str(vm_if)))
+
+    def retire(self, counts, gone):
+        """Taps gone for good: their counts stay in their VM's series while the VM has
+        another tap in the table (a VM restarted), so that its counters never go back;
+        a VM with none left leaves the metrics."""
+        alive = set(self.label(tap) for tap, _slot in counts if tap not in gone)
+        for (tap, slot), count in counts.items():
+            label = self.label(tap)
+            if tap in gone and label in alive:
+                self.retired[(label, slot)] = self.retired.get((label, slot), 0) + count
+        for key in [k for k in self.retired if k[0] not in alive]:
+            del self.retired[key]
 
     def histograms(self, counts):
-        names, vms = dict(self.run.names), dict(self.run.vms)
         rows = {}       # (vm, direction, segment) -> [per Prometheus bucket], sum ns
-        for (vm_if, slot), count in counts.items():
+        by_label = [((self.label(tap), slot), count) for (tap, slot), count in counts.items()]
+        for (label, slot), count in by_label + list(self.retired.items()):
             seg, bucket = divmod(slot, VM_HIST_ROW)
             direction, segment = self.run.segments[seg]
-            vm = vms.get(vm_if)
-            label = (vm.name if vm and vm.name else names.get(vm_if, str(vm_if))) \
-                if vm_if else ""
             row = rows.setdefault((label, direction, segment),
                                   [[0] * (len(PROM_BUCKETS_US) + 1), 0])
             if bucket == HIST_BUCKETS:
@@ -3534,6 +3796,23 @@ class Metrics(object):
             buckets.append(("+Inf", cum + per[-1]))
             fam.add_metric([direction, segment, label], buckets, sum_ns / 1e9)
         yield fam
+
+    def table_usage(self, used, size, stats):
+        full = self.core.CounterMetricFamily(
+            "vm_network_latency_vm_table_full", "Histogram counts not kept because the "
+            "kernel's per-VM table was full (--vm-table-size)", labels=["direction"])
+        for d, direction in enumerate(DIRECTIONS):
+            full.add_metric([direction], stats["vm_hist_full"][d])
+        yield full
+        entries = self.core.GaugeMetricFamily(
+            "vm_network_latency_vm_table_entries", "Entries of the kernel's per-VM table "
+            "in use (its size: vm_network_latency_vm_table_size)")
+        entries.add_metric([], used)
+        yield entries
+        cap = self.core.GaugeMetricFamily("vm_network_latency_vm_table_size",
+                                          "Entries the kernel's per-VM table holds")
+        cap.add_metric([], size)
+        yield cap
 
     def packet_counters(self, stats, fates):
         core = self.core
@@ -3611,10 +3890,6 @@ def list_stages_report(plans, layout, out_json, reporter):
     reporter.write("struct layouts: %s\n" % layout.source)
 
 
-def host_netns_inum():
-    return os.stat("/proc/self/ns/net").st_ino
-
-
 # --- where a run's counters come from: the kernel's maps, or a recording of them ---
 
 class KernelCounters(object):
@@ -3635,6 +3910,14 @@ class KernelCounters(object):
         """--per-vm: {(tap ifindex, slot): cumulative count}."""
         return dict(((k.vm_ifindex, k.slot), v.value) for k, v in self.bpf["vm_hist"].items())
 
+    def forget_vm_counts(self, keys):
+        table = self.bpf["vm_hist"]
+        for tap, slot in keys:
+            try:
+                del table[table.Key(tap, slot)]
+            except KeyError:
+                pass
+
     def stats(self):
         values = [0] * (2 * len(STAT_NAMES))
         for k, v in self.bpf["stats"].items():
@@ -3647,25 +3930,32 @@ class KernelCounters(object):
         return [(k.reason, k.dir, k.last, v.value) for k, v in self.bpf["fates"].items()]
 
     def inflight(self):
-        """The raw records of the packets still being tracked (slots with a tag)."""
+        """The packets still being tracked (slots with a tag): (how many, how many of
+        them wait for ovs-vswitchd to return a copy, the raw records of the first
+        INFLIGHT_EXAMPLES)."""
         tags = self.bpf["inflight_tags"]
         size = len(tags)
         raw = read_array_bytes(tags, size, ctypes.sizeof(tags.Leaf))
         records = self.bpf["inflight"]
-        out = []
+        count, upcalled, first = 0, 0, []
         for group, value in enumerate(raw):
             for way in range(INFLIGHT_WAYS):
                 if struct.unpack_from("<Q", value, 8 * way)[0]:
                     rec = records[ctypes.c_uint32(group * INFLIGHT_WAYS + way)]
-                    out.append(ctypes.string_at(ctypes.addressof(rec), PKT.size))
-        return out
+                    data = ctypes.string_at(ctypes.addressof(rec), PKT.size)
+                    count += 1
+                    upcalled += PKT.unpack(data)[P_UPCALLED]
+                    if len(first) < INFLIGHT_EXAMPLES:
+                        first.append(data)
+        return count, upcalled, first
 
     def upcalls_waiting(self):
         return sum(1 for _ in self.bpf["upcalls"].keys()) if self.upcalls else 0
 
 
 class RecordedCounters(object):
-    """The counters a recording ended with (its "final" line)."""
+    """The counters a run ended with: read once from the kernel (final_counters()), or
+    a recording's "final" line."""
 
     def __init__(self, final):
         self.final = final
@@ -3677,35 +3967,121 @@ class RecordedCounters(object):
         return [tuple(f) for f in self.final["fates"]]
 
     def inflight(self):
-        return [bytes(bytearray.fromhex(h)) for h in self.final["inflight"]]
+        return (self.final["inflight_count"], self.final["inflight_upcalled"],
+                self.final["inflight"])
 
     def upcalls_waiting(self):
         return self.final["upcalls_waiting"]
 
 
+def create_private_file(path, option):
+    """A file the tool writes as root, opened safely: never through a symbolic link
+    (a user who can write to /tmp could point one at a file of root's), never a file
+    of another user or one with other hard links, not a FIFO or device; mode 0600 (a
+    recording holds every packet's addresses and the VMs' names). Emptied. An fd."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | \
+        getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError("%s %s: a symbolic link, which the tool does not follow: "
+                             "give the file's own path" % (option, path))
+        raise UsageError("%s %s: %s" % (option, path, e.strerror or e))
+    st = os.fstat(fd)
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "not a regular file"
+    elif st.st_uid != os.geteuid():
+        why = "the file belongs to another user (uid %d): not overwritten" % st.st_uid
+    elif st.st_nlink != 1:
+        why = "the file has other hard links: not overwritten"
+    if why:
+        os.close(fd)
+        raise UsageError("%s %s: %s" % (option, path, why))
+    os.ftruncate(fd, 0)
+    os.fchmod(fd, 0o600)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def write_all(fd, data):
+    """os.write until all of data is written: the count written, or OSError with
+    .written set to how much was."""
+    done = 0
+    while done < len(data):
+        try:
+            done += os.write(fd, data[done:])
+        except OSError as e:
+            e.written = done
+            raise
+    return done
+
+
 class Recorder(object):
     """--write-events: the run's raw events and what is needed to read them again.
 
-    One JSON object a line: "meta" first; "names" (ifindex -> device), "comm",
-    "thread", "reason" and "location" the first time each is resolved; "event" (the
-    raw record, hex) as each arrives; "hist" (the kernel's cumulative counts) at each
-    interval; "final" (counters, in-flight records) last. --read-events replays it."""
+    One JSON object a line: "meta" first; "names" (ifindex -> device), "vms", "comm",
+    "thread" and "location" the first time each is resolved, always before the first
+    event that needs it; "event" (the raw record, hex) as each arrives; "hist" and
+    "vmhist" (the kernel's cumulative counts) at each interval, "prune" when per-VM
+    counts of taps that are gone are forgotten; "final" (counters, the first few
+    packets still in flight) last. --read-events replays it (RecordingReader).
+
+    The file is opened before anything is compiled (a bad path is reported at once).
+    A write that fails (a full disk) ends the recording, not the run: what was written
+    is cut back to its last whole line and marked "truncated", so it still replays."""
+    FLUSH_BYTES = 1 << 16
 
     def __init__(self, path):
-        try:
-            self.f = open(path, "w")
-        except (IOError, OSError) as e:
-            raise UsageError("--write-events %s: %s" % (path, e.strerror or e))
+        self.path = path
+        self.fd = create_private_file(path, "--write-events")
         self._json = json.JSONEncoder(check_circular=False, sort_keys=True)
+        self.pending, self.pending_bytes = [], 0
+        self.written = 0            # bytes of whole lines in the file
+        self.failed = None
 
     def write(self, obj):
-        self.f.write(self._json.encode(obj) + "\n")
+        self._line(self._json.encode(obj) + "\n")
 
     def event(self, raw):
-        self.f.write('{"kind": "event", "raw": "%s"}\n' % binascii.hexlify(raw).decode())
+        self._line('{"kind": "event", "raw": "%s"}\n' % binascii.hexlify(raw).decode())
+
+    def _line(self, text):
+        if self.failed is None:
+            self.pending.append(text)
+            self.pending_bytes += len(text)
+            if self.pending_bytes >= self.FLUSH_BYTES:
+                self.flush()
+
+    def flush(self):
+        if not self.pending or self.failed is not None:
+            return
+        data = "".join(self.pending).encode()
+        del self.pending[:]
+        self.pending_bytes = 0
+        try:
+            self.written += write_all(self.fd, data)
+        except OSError as e:
+            self.fail(e, data[:e.written])
+
+    def fail(self, error, partial):
+        """Keep what was written up to its last whole line, mark the cut, say so once."""
+        self.failed = error
+        self.written += partial.rfind(b"\n") + 1
+        why = error.strerror or str(error)
+        try:
+            os.ftruncate(self.fd, self.written)
+            write_all(self.fd, (self._json.encode({"kind": "truncated", "why": why}) +
+                                "\n").encode())
+        except OSError:
+            pass        # no room even for that: a recording without its end says the same
+        log("warning: --write-events %s: %s: the recording stops here (it replays up to "
+            "this point); tracing goes on" % (self.path, why))
 
     def close(self):
-        self.f.close()
+        self.flush()
+        os.close(self.fd)
 
 
 class Run(object):
@@ -3714,7 +4090,7 @@ class Run(object):
     recording (--read-events); the output is the same either way."""
 
     def __init__(self, args, reporter, names, segments, kfree_skb_reason, drop_reasons,
-                 wall_offset, recorder=None, ksym=None):
+                 wall_offset, recorder=None, ksym=None, live=True):
         self.args = args
         self.reporter = reporter
         self.names = names              # {ifindex: device name}
@@ -3725,7 +4101,10 @@ class Run(object):
         self.drop_reasons = drop_reasons
         self.wall_offset = wall_offset
         self.recorder = recorder
-        self.ksym = ksym                # BCC's BPF.ksym, None when replaying
+        self.ksym = ksym                # BCC's BPF.ksym (None: addresses as numbers)
+        # live: names are looked up (/proc, kernel symbols); a replay (False) has only
+        # the recording's, never this machine's, whose processes may be others now
+        self.live = live
         self.counters = None            # KernelCounters or RecordedCounters
         self.reported = {"tx": 0, "rx": 0}
         self.hist_totals = {"tx": 0, "rx": 0}
@@ -3738,18 +4117,19 @@ class Run(object):
         self.formatter = PacketFormatter(reporter, wall_offset)
         self.pending = []               # outputs of on_times(), written by write_pending()
         self.roles = {}
-        self.known = {"comm": {}, "thread": {}, "reason": {}, "location": {}}
+        self.known = {"comm": {}, "thread": {}, "location": {}}
         self.events = None              # EventSource while tracing detailed or drops
         self.owners = {}                # {tap name: VmInfo}, from find_vms()
         self.taps_seen = set()          # the taps when owners were last looked for
         self.owners_at = 0.0            # and when (monotonic)
+        self.gone_since = {}            # {tap ifindex: since when (monotonic) it is gone}
 
-    # -- names, resolved once each (and recorded, so that a replay has them) --
+    # -- names, resolved once each and recorded before the event that needs them --
     def _resolve(self, kind, key, lookup):
         cache = self.known[kind]
         name = cache.get(key)
         if name is None:
-            name = lookup()
+            name = lookup() if self.live else "?"
             if len(cache) > 4096:
                 cache.clear()
             cache[key] = name
@@ -3808,8 +4188,6 @@ class Run(object):
         would only be printed."""
         if self.output_broken:
             return
-        if self.recorder:
-            self.recorder.event(bytes(buf[off:off + PKT.size]))
         fields = PKT.unpack_from(buf, off)
 
         def record():
@@ -3827,6 +4205,8 @@ class Run(object):
             if rec["type"] == "drop":
                 rec["reason"] = self.reason_name(fields[P_REASON])
                 rec["location"] = self.location(fields[P_LOCATION])
+        if self.recorder:       # after the names it needed: a replay meets them first
+            self.recorder.event(bytes(buf[off:off + PKT.size]))
         self.write_pending()
         try:
             if text is None:
@@ -3920,6 +4300,25 @@ class Run(object):
         self.vm_hist_prev = dict(counts)
         return [(who, order_tables(tables)) for _l, (who, tables) in sorted(per.items())]
 
+    def taps_gone(self, counts, now, grace):
+        """Taps in the per-VM counts that are no VM device any more, for grace seconds."""
+        present = set(i for i, role in self.roles.items() if role == ROLE_VM)
+        in_table = set(tap for tap, _slot in counts if tap)
+        for tap in in_table - present:
+            self.gone_since.setdefault(tap, now)
+        for tap in [t for t in self.gone_since if t in present or t not in in_table]:
+            del self.gone_since[tap]
+        return set(t for t, since in self.gone_since.items() if now - since >= grace)
+
+    def forget_taps(self, taps):
+        """The per-VM counts of these taps were taken out of the kernel's table."""
+        if self.recorder:
+            self.recorder.write({"kind": "prune", "taps": sorted(taps)})
+        for key in [k for k in self.vm_hist_prev if k[0] in taps]:
+            del self.vm_hist_prev[key]
+        for tap in taps:
+            self.gone_since.pop(tap, None)
+
     def summary(self, now):
         """Every packet accounted for; `now` (monotonic) dates the in-flight ones."""
         st = stats_by_direction(self.counters.stats())
@@ -3966,32 +4365,36 @@ class Run(object):
     def packets_in_flight(self, now):
         """(in flight, of which waiting for ovs-vswitchd, the first few): each packet
         counted once (an upcalled one is counted by its copy, not by the original)."""
-        upcalled, count, stuck = 0, 0, []
-        for raw in self.counters.inflight():
+        count, upcalled, first = self.counters.inflight()
+        stuck = []
+        for raw in first:       # to say where they are waiting
             fields = PKT.unpack(raw)
-            count += 1
-            upcalled += fields[P_UPCALLED]
-            if len(stuck) < 10:    # the first few, to say where they are waiting
-                rec = packet_record(fields, self.names, self.process_name, self.thread_name,
-                                    self.wall_offset)
-                last = STAGE_NAMES[fields[P_LAST]]
-                stuck.append({
-                    "direction": rec["direction"], "protocol": rec["protocol"],
-                    "src_ip": rec["src_ip"], "dst_ip": rec["dst_ip"],
-                    "src_port": rec["src_port"], "dst_port": rec["dst_port"],
-                    "icmp_seq": rec["icmp_seq"], "last_stage": last,
-                    "waiting_us": round((now - fields[STAGE_BY_NAME[last].sid] / 1e9) * 1e6, 1)})
+            rec = packet_record(fields, self.names, self.process_name, self.thread_name,
+                                self.wall_offset)
+            last = STAGE_NAMES[fields[P_LAST]]
+            stuck.append({
+                "direction": rec["direction"], "protocol": rec["protocol"],
+                "src_ip": rec["src_ip"], "dst_ip": rec["dst_ip"],
+                "src_port": rec["src_port"], "dst_port": rec["dst_port"],
+                "icmp_seq": rec["icmp_seq"], "last_stage": last,
+                "waiting_us": round((now - fields[STAGE_BY_NAME[last].sid] / 1e9) * 1e6, 1)})
         waiting = self.counters.upcalls_waiting()
         return count - upcalled + waiting, waiting, stuck
 
-    def record_final(self, now):
+    def record_final(self, final):
         if self.recorder:
-            c = self.counters
-            self.recorder.write({
-                "kind": "final", "now": now, "stats": c.stats(),
-                "fates": [list(f) for f in c.fates()],
-                "inflight": [binascii.hexlify(r).decode() for r in c.inflight()],
-                "upcalls_waiting": c.upcalls_waiting(), "perf_lost": self.perf_lost})
+            self.recorder.write(dict(final, inflight=[binascii.hexlify(r).decode()
+                                                      for r in final["inflight"]]))
+
+
+def final_counters(counters, now, perf_lost):
+    """What a run's summary accounts with, read once from the kernel after detaching
+    (the summary and the recording's "final" line both use it, as a replay does)."""
+    count, upcalled, first = counters.inflight()
+    return {"kind": "final", "now": now, "stats": counters.stats(),
+            "fates": [list(f) for f in counters.fates()], "inflight": first,
+            "inflight_count": count, "inflight_upcalled": upcalled,
+            "upcalls_waiting": counters.upcalls_waiting(), "perf_lost": perf_lost}
 
 
 def stats_by_direction(values):
@@ -4060,7 +4463,9 @@ def kernel_view(args, layout):
                       tp_btf_refused(layout.tracepoints.get("netif_receive_skb")))
         if args.attach == "tp_btf" and tp_btf_why:
             raise Fatal("--attach tp_btf: %s" % tp_btf_why)
-    if args.dry_run:    # every probe point as if it existed; tp_btf as the kernel says
+    if args.dry_run and not args.list_stages:
+        # every probe point as if it existed (tp_btf as the kernel says), so that the
+        # verifier sees every stage; --list-stages says what this kernel really has
         return KernelView(True, "assumed for --dry-run", dict((f, f) for f in wanted),
                           TRACEPOINTS_USED, tp_btf_why)
     symbols = kernel_symbols(wanted) if (kprobes_ok or args.list_stages) else {}
@@ -4092,12 +4497,17 @@ def run(args):
     if os.geteuid() != 0:
         raise Fatal("must run as root (BPF programs need CAP_BPF and CAP_PERFMON): "
                     "sudo %s" % " ".join([sys.argv[0]] + sys.argv[1:]))
+    # the recording's file first: a path it cannot have is reported before a compile
+    recorder = Recorder(args.write_events) if args.write_events else None
     release = os.uname()[2]
     metrics = None
     if args.prometheus or args.prometheus_textfile:
         metrics = Metrics(args, release)
         if args.prometheus:
-            metrics.serve(*args.prometheus)     # bound before any BPF is compiled
+            # bound before any BPF is compiled: a port in use is bad input
+            metrics.serve(args.prometheus[0], args.prometheus[1], tls_context(
+                args.prometheus_tls_cert, args.prometheus_tls_key,
+                args.prometheus_client_ca))
     layout = find_layout(args.btf, release)
     view = kernel_view(args, layout)
     plans = plan_stages(args, layout, view)
@@ -4126,7 +4536,6 @@ def run(args):
         raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
     if args.dry_run:
         return verify_only(args, tracer)
-    recorder = Recorder(args.write_events) if args.write_events else None
     segments = histogram_segments(plans)
     this = Run(args, reporter, {}, segments, layout.kfree_skb_reason, layout.drop_reasons,
                wall_clock_offset(), recorder, bcc.BPF.ksym)
@@ -4140,8 +4549,21 @@ def run(args):
     return trace(args, tracer, this, roles, metrics)
 
 
+def host_identity():
+    """Which host made a recording: its name, this boot of it, its kernel."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+    except (IOError, OSError):
+        boot_id = ""
+    u = os.uname()
+    return {"hostname": socket.gethostname(), "boot_id": boot_id, "kernel": u[2],
+            "machine": u[4]}
+
+
 def recording_meta(args, plans, segments, layout, wall_offset):
     return {"kind": "meta", "tool": "vm_network_latency", "version": VERSION,
+            "format": RECORDING_FORMAT, "host": host_identity(),
             "record": PKT.format, "record_fields": [[n, t, c] for n, t, c, _w in RECORD_FIELDS],
             "stages": STAGE_NAMES, "plans": dict((p.stage.name, p.method) for p in plans),
             "segments": [list(x) for x in segments], "mode": args.mode,
@@ -4212,7 +4634,10 @@ def trace(args, tracer, this, roles, metrics=None):
     def on_signal(signum, _frame):
         this.stop_reason = signum
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+        # a signal ignored when the tool started stays ignored: nohup's SIGHUP (else
+        # the run would end at logout), a background job's SIGINT
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, on_signal)
     try:
         this.counters = KernelCounters(tracer)
         try:
@@ -4301,27 +4726,45 @@ def attach_and_report(args, tracer, this, roles, metrics=None):
             next_interval += args.interval
             report_interval(args, this, hist_size, metrics=metrics)
             reporter.flush()
-        if (args.vm or not args.vm_dev) and now >= next_refresh:
+        if now >= next_refresh:
+            # (named devices too: a VM restarted has a new tap of the same name)
             next_refresh = now + 1.0
             refresh_devices(args, tracer, this)
         if args.mode == "detailed":
             reporter.flush()
+        if this.recorder:
+            this.recorder.flush()
 
 
 def report_interval(args, this, hist_size, last=False, metrics=None):
     """One interval's histograms (all of them, or one set per VM with --per-vm); the
-    last read, after detaching, is reported only where it added anything."""
+    last read, after detaching, is reported only where it added anything. The metrics
+    are rendered from the same read."""
     when = time.time()
     if per_vm_kernel(args):
-        with metrics.lock if metrics else NO_LOCK:
-            counts = this.counters.vm_hist()
+        counts = this.counters.vm_hist()
         report_vm_histograms(args, this, when, this.vm_histograms(when, counts, last), last)
+        counts = forget_gone_taps(args, this, counts, metrics)
+        if metrics:
+            metrics.snapshot(counts, args.vm_table_size)
     else:
         tables = this.histograms(when, this.counters.hist(hist_size), last)
         if (tables or not last) and not args.quiet:
             this.reporter.histograms(when, tables)
+
+
+def forget_gone_taps(args, this, counts, metrics):
+    """The per-VM counts of taps gone for --forget-after seconds leave the kernel's
+    table, which then has room for the VMs that come (a long-running exporter sees
+    many). The counts without them."""
+    gone = this.taps_gone(counts, time.monotonic(), args.forget_after)
+    if not gone:
+        return counts
+    this.counters.forget_vm_counts([k for k in counts if k[0] in gone])
     if metrics:
-        metrics.write_textfile()
+        metrics.retire(counts, gone)
+    this.forget_taps(gone)
+    return dict((k, v) for k, v in counts.items() if k[0] not in gone)
 
 
 def report_vm_histograms(args, this, when, per_vm, last):
@@ -4344,17 +4787,6 @@ def report_vm_histograms(args, this, when, per_vm, last):
         this.reporter.histograms(when, [])
 
 
-class _NoLock(object):
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-NO_LOCK = _NoLock()
-
-
 def final_report(args, tracer, this, metrics=None):
     """Nothing is attached any more: drain what is left, then the summary."""
     reporter = this.reporter
@@ -4363,8 +4795,10 @@ def final_report(args, tracer, this, metrics=None):
         if args.mode == "histogram" and not this.output_broken:
             report_interval(args, this, len(this.hist_prev), last=True, metrics=metrics)
         now = time.monotonic()
-        this.record_final(now)
-        summary = this.summary(now)
+        final = final_counters(this.counters, now, this.perf_lost)
+        this.counters = RecordedCounters(final)
+        summary = this.summary(now)         # (the names it resolves are recorded first)
+        this.record_final(final)
         if args.verbose and this.perf_lost:
             log("perf buffer: the kernel lost %d samples (in the summary's 'lost')"
                 % this.perf_lost)
@@ -4543,68 +4977,401 @@ def poll_events(events, seconds):
 
 
 # --- --read-events: a recorded run, reported again without root or BPF ---
+# A recording is input from outside: it travels with tickets and may be anything. Every
+# line is parsed and checked before it is used; what is wrong is one line naming the
+# file's line, exit 2. Impossible values (a stage time beyond any uptime, a direction
+# that is neither, counts that go backwards) are refused, never printed.
 
-def read_recording(path):
+RECORDING_FORMAT = 2            # 2: names before the events; host; "final" in summary
+RECORDING_LINE_MAX = 64 << 20   # bytes: the longest line a run writes is far below
+TIME_MAX_NS = 1 << 60           # 36 years of uptime: a monotonic stamp is below it
+WALL_MAX_S = 1 << 34            # the wall clock's offset from it: before year 2514
+COUNT_MAX = (1 << 64) - 1
+
+
+class BadRecording(Exception):
+    """What is wrong with one line of a recording (the reader adds where)."""
+
+
+def _want(ok, what, *args):
+    if not ok:
+        raise BadRecording(what % args if args else what)
+
+
+def _int(v, lo, hi, what):
+    _want(isinstance(v, int) and not isinstance(v, bool), "%s is not a whole number: %s",
+          what, _shown(v))
+    _want(lo <= v <= hi, "%s %d is outside %d-%d", what, v, lo, hi)
+    return v
+
+
+def _number(v, lo, hi, what):
+    _want(isinstance(v, (int, float)) and not isinstance(v, bool) and
+          not (isinstance(v, float) and (math.isnan(v) or math.isinf(v))),
+          "%s is not a number: %s", what, _shown(v))
+    _want(lo <= v <= hi, "%s %s is outside %s-%s", what, _shown(v), lo, hi)
+    return v
+
+
+def _text(v, what, limit=4096):
+    _want(isinstance(v, str), "%s is not a string: %s", what, _shown(v))
+    _want(len(v) <= limit, "%s is longer than %d characters", what, limit)
+    return v
+
+
+def _bool(v, what):
+    _want(isinstance(v, bool), "%s is not true or false: %s", what, _shown(v))
+    return v
+
+
+def _list(v, what, length=None, limit=1 << 20):
+    _want(isinstance(v, list), "%s is not a list: %s", what, _shown(v))
+    _want(length is None or len(v) == length, "%s has %d items, not %s", what, len(v),
+          length)
+    _want(len(v) <= limit, "%s has more than %d items", what, limit)
+    return v
+
+
+def _dict(v, what):
+    _want(isinstance(v, dict), "%s is not an object: %s", what, _shown(v))
+    return v
+
+
+def _key(obj, key, kind):
+    _want(key in obj, "%s without %r", kind, key)
+    return obj[key]
+
+
+def _int_key(text, lo, hi, what):
+    """A number that JSON could only hold as an object's key (a string)."""
+    _want(re.match(r"^(0|[1-9][0-9]{0,19})$", text) is not None,
+          "%s %s is not a whole number", what, _shown(text))
+    return _int(int(text), lo, hi, what)
+
+
+def _shown(v):
+    """A value of a recording in a message (json's and repr()'s text is printable)."""
+    return printable(json.dumps(v) if not isinstance(v, str) else repr(v), 40)
+
+
+def _hex_record(v, what):
+    _text(v, what, 2 * PKT.size)
+    _want(len(v) == 2 * PKT.size, "%s has %d bytes, a record has %d", what, len(v) // 2,
+          PKT.size)
     try:
-        with open(path) as f:
-            first = f.readline()
-            meta = json.loads(first) if first.strip() else None
-            if not isinstance(meta, dict) or meta.get("kind") != "meta" or \
-                    meta.get("tool") != "vm_network_latency":
-                raise UsageError("--read-events %s: not a recording of this tool" % path)
-            if meta["record"] != PKT.format or meta["stages"] != STAGE_NAMES:
-                raise UsageError("--read-events %s: recorded by version %s, whose record "
-                                 "or stages differ from this version's" % (path, meta["version"]))
-            for line in f:
-                if line.strip():
-                    yield meta, json.loads(line)
-    except (IOError, OSError) as e:
-        raise UsageError("--read-events %s: %s" % (path, e.strerror or e))
-    except (ValueError, KeyError) as e:
-        raise UsageError("--read-events %s: not a recording of this tool (%s)" % (path, e))
+        raw = binascii.unhexlify(v)
+    except (binascii.Error, TypeError, ValueError):
+        raise BadRecording("%s is not hexadecimal" % what)
+    return raw
+
+
+def check_packet_fields(fields, what, event=True):
+    """A record's values as the kernel writes them, or BadRecording."""
+    d = fields[P_DIR]
+    _want(d in (DIR_TX, DIR_RX), "%s: direction %d is neither tx (0) nor rx (1)", what, d)
+    if event:
+        _want(fields[P_TYPE] in (EV_PACKET, EV_DROP), "%s: type %d is neither a packet "
+              "(%d) nor a drop (%d)", what, fields[P_TYPE], EV_PACKET, EV_DROP)
+    _want(fields[P_LAST] < NSTAGES, "%s: stage %d does not exist (%d stages)", what,
+          fields[P_LAST], NSTAGES)
+    _want(fields[P_IP_VERSION] in (4, 6), "%s: IP version %d", what, fields[P_IP_VERSION])
+    _want(fields[P_OUTER_VERSION] in (0, 4, 6), "%s: outer IP version %d", what,
+          fields[P_OUTER_VERSION])
+    _want(fields[P_TUNNEL] in (0,) + tuple(TUNNEL_NAMES), "%s: tunnel type %d", what,
+          fields[P_TUNNEL])
+    seen = 0
+    for sid in range(NSTAGES):
+        t = fields[sid]
+        _want(t < TIME_MAX_NS, "%s: the time of stage %s (%d ns) is beyond any uptime",
+              what, STAGE_NAMES[sid], t)
+        if t:
+            seen |= 1 << sid
+    path = _PATH_SIDS[d]
+    _want(not seen & ~sum(1 << sid for sid in path), "%s: a stage off the %s path has a "
+          "time", what, DIRECTIONS[d])
+    _want(fields[P_SEEN] == seen, "%s: the stages marked seen are not those with a time",
+          what)
+    _want(fields[START_SID[d]], "%s: no time where the %s path starts", what, DIRECTIONS[d])
+    times = [fields[sid] for sid in path if fields[sid]]
+    _want(times == sorted(times), "%s: stage times out of path order", what)
+    return fields
+
+
+class RecordingReader(object):
+    """A recording's lines, parsed and checked: .meta, then (line number, kind, value)
+    from iterating. UsageError (the file, the line, what is wrong) for anything else."""
+
+    def __init__(self, path):
+        self.path = path
+        self.line = 0
+        try:
+            self.f = open(path, "rb")
+        except (IOError, OSError) as e:
+            raise UsageError("--read-events %s: %s" % (path, e.strerror or e))
+        if not stat.S_ISREG(os.fstat(self.f.fileno()).st_mode):
+            self.f.close()
+            raise UsageError("--read-events %s: not a regular file" % path)
+        self.hist_slots = self.vm_slots = 0
+        first = self._next()
+        if first is None:
+            self.fail("an empty file, not a recording of this tool", line=False)
+        try:
+            self.meta = self.check_meta(first)
+        except BadRecording as e:
+            self.fail(str(e))
+
+    def fail(self, what, line=True):
+        self.f.close()
+        raise UsageError("--read-events %s: %s%s" % (
+            self.path, "line %d: " % self.line if line else "", what))
+
+    def _next(self):
+        """The next line's object (None at the end); events' fixed form without JSON."""
+        while True:
+            data = self.f.readline(RECORDING_LINE_MAX + 1)
+            if not data:
+                return None
+            self.line += 1
+            if len(data) > RECORDING_LINE_MAX:
+                self.fail("longer than %d bytes" % RECORDING_LINE_MAX)
+            if data.startswith(b'{"kind": "event", "raw": "') and data.endswith(b'"}\n') \
+                    and len(data) == 2 * PKT.size + 30:
+                return {"kind": "event", "raw": data[26:-3].decode("ascii", "replace")}
+            if data.strip():
+                break
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            self.fail("not UTF-8 text")
+        except RecursionError:
+            self.fail("JSON nested too deeply")
+        except ValueError as e:
+            self.fail("not JSON (%s)" % printable(e, 80))
+        if not isinstance(obj, dict):
+            self.fail("not a JSON object but %s" % _shown(obj))
+        return obj
+
+    def __iter__(self):
+        with self.f:
+            while True:
+                obj = self._next()
+                if obj is None:
+                    return
+                try:
+                    kind = _text(_key(obj, "kind", "an object"), "kind", 32)
+                    check = self.CHECKS.get(kind)
+                    _want(check is not None, "unknown kind %s", _shown(kind))
+                    value = check(self, obj)
+                except BadRecording as e:
+                    self.fail("%s" % e)
+                yield self.line, kind, value
+
+    # -- one check per kind; each returns what replay() uses --
+    def check_meta(self, obj):
+        _want(obj.get("kind") == "meta" and obj.get("tool") == "vm_network_latency",
+              "not a recording of this tool")
+        version = _text(_key(obj, "version", "meta"), "version", 64)
+        fmt = obj.get("format", 1)
+        _want(fmt == RECORDING_FORMAT, "recorded by version %s in format %s; this version "
+              "reads format %d: replay it with the version that made it", version,
+              _shown(fmt), RECORDING_FORMAT)
+        _want(obj.get("record") == PKT.format and obj.get("stages") == STAGE_NAMES,
+              "recorded by version %s, whose record or stages differ from this version's",
+              version)
+        segments = []
+        for seg in _list(_key(obj, "segments", "meta"), "segments", limit=4096):
+            _list(seg, "a segment", 2)
+            _want(seg[0] in DIRECTIONS, "segment direction %s", _shown(seg[0]))
+            names = _text(seg[1], "a segment's name", 64)
+            _want(names == "total" or all(n in STAGE_NAMES for n in names.split("->")),
+                  "segment %s", _shown(names))
+            segments.append((seg[0], names))
+        meta = {
+            "version": version, "segments": segments,
+            "mode": _key(obj, "mode", "meta"), "protocol": _key(obj, "protocol", "meta"),
+            "drops": _bool(_key(obj, "drops", "meta"), "drops"),
+            "per_vm": _bool(_key(obj, "per_vm", "meta"), "per_vm"),
+            "sample": _int(_key(obj, "sample", "meta"), 1, 1000000, "sample"),
+            "kfree_skb_reason": _bool(_key(obj, "kfree_skb_reason", "meta"),
+                                      "kfree_skb_reason"),
+            "wall_offset": _number(_key(obj, "wall_offset", "meta"), 0, WALL_MAX_S,
+                                   "wall_offset"),
+            "drop_reasons": dict(
+                (_int_key(k, 0, 0xffffffff, "a drop reason"), _text(v, "a drop reason"))
+                for k, v in _dict(_key(obj, "drop_reasons", "meta"),
+                                  "drop_reasons").items()),
+            "host": dict((_text(k, "host", 64), _text(v, "host", 256)) for k, v in
+                         _dict(_key(obj, "host", "meta"), "host").items()),
+        }
+        _want(meta["mode"] in ("detailed", "histogram"), "mode %s", _shown(meta["mode"]))
+        _want(meta["protocol"] in PROTOCOL_CHOICES, "protocol %s", _shown(meta["protocol"]))
+        self.hist_slots = hist_slots(segments)
+        self.vm_slots = max(1, len(segments)) * VM_HIST_ROW
+        return meta
+
+    def check_event(self, obj):
+        raw = _hex_record(_key(obj, "raw", "an event"), "the event")
+        check_packet_fields(PKT.unpack(raw), "the event")
+        return raw
+
+    def check_names(self, obj):
+        return dict((_int_key(k, 0, 0xffffffff, "an ifindex"), _text(v, "a device name"))
+                    for k, v in _dict(_key(obj, "names", "names"), "names").items())
+
+    def check_vms(self, obj):
+        vms = {}
+        for k, v in _dict(_key(obj, "vms", "vms"), "vms").items():
+            name, uuid, pid, comm = _list(v, "a VM", 4)
+            vms[_int_key(k, 0, 0xffffffff, "an ifindex")] = VmInfo(
+                None if name is None else _text(name, "a VM's name"),
+                None if uuid is None else _text(uuid, "a VM's UUID"),
+                None if pid is None else _int(pid, 0, 0xffffffff, "a VM's pid"),
+                None if comm is None else _text(comm, "a VM's process name"))
+        return vms
+
+    def check_name(self, obj):
+        limit = COUNT_MAX if obj["kind"] == "location" else 0xffffffff
+        return (_int(_key(obj, "key", obj["kind"]), 0, limit, "the key"),
+                _text(_key(obj, "name", obj["kind"]), "the name"))
+
+    def _counts(self, obj):
+        return (_number(_key(obj, "when", obj["kind"]), 0, WALL_MAX_S, "when"),
+                _bool(_key(obj, "last", obj["kind"]), "last"),
+                _dict(_key(obj, "counts", obj["kind"]), "counts"))
+
+    def check_hist(self, obj):
+        when, last, counts = self._counts(obj)
+        _want(self.hist_slots, "histogram counts, but the run has no histograms")
+        return when, last, dict(
+            (_int_key(k, 0, self.hist_slots - 1, "a histogram index"),
+             _int(v, 0, COUNT_MAX, "a count")) for k, v in counts.items())
+
+    def check_vmhist(self, obj):
+        when, last, counts = self._counts(obj)
+        out = {}
+        for k, v in counts.items():
+            tap, sep, slot = k.partition(":")
+            _want(sep, "per-VM key %s is not TAP:SLOT", _shown(k))
+            out[(_int_key(tap, 0, 0xffffffff, "a per-VM ifindex"),
+                 _int_key(slot, 0, self.vm_slots - 1, "a per-VM slot"))] = \
+                _int(v, 0, COUNT_MAX, "a count")
+        return when, last, out
+
+    def check_prune(self, obj):
+        return [_int(t, 0, 0xffffffff, "an ifindex") for t in
+                _list(_key(obj, "taps", "prune"), "taps")]
+
+    def check_final(self, obj):
+        def count(key):
+            return _int(_key(obj, key, "final"), 0, COUNT_MAX, key)
+        stats = [_int(v, 0, COUNT_MAX, "a counter") for v in
+                 _list(_key(obj, "stats", "final"), "stats", 2 * len(STAT_NAMES))]
+        fates = []
+        for f in _list(_key(obj, "fates", "final"), "fates"):
+            reason, d, last, n = _list(f, "a fate", 4)
+            fates.append((_int(reason, 0, 0xffffffff, "a drop reason"),
+                          _int(d, 0, 1, "a direction"),
+                          _int(last, 0, NSTAGES - 1, "a stage"),
+                          _int(n, 0, COUNT_MAX, "a count")))
+        inflight = []
+        for h in _list(_key(obj, "inflight", "final"), "inflight", limit=INFLIGHT_EXAMPLES):
+            raw = _hex_record(h, "a record in flight")
+            check_packet_fields(PKT.unpack(raw), "a record in flight", event=False)
+            inflight.append(raw)
+        final = {"now": _number(_key(obj, "now", "final"), 0, TIME_MAX_NS / 1e9, "now"),
+                 "stats": stats, "fates": fates, "inflight": inflight,
+                 "inflight_count": count("inflight_count"),
+                 "inflight_upcalled": count("inflight_upcalled"),
+                 "upcalls_waiting": count("upcalls_waiting"),
+                 "perf_lost": count("perf_lost")}
+        _want(final["inflight_upcalled"] <= final["inflight_count"] >= len(inflight),
+              "more packets in flight listed than counted")
+        return final
+
+    def check_truncated(self, obj):
+        return _text(_key(obj, "why", "truncated"), "why", 256)
+
+    CHECKS = {"event": check_event, "names": check_names, "vms": check_vms,
+              "comm": check_name, "thread": check_name, "location": check_name,
+              "hist": check_hist, "vmhist": check_vmhist, "prune": check_prune,
+              "final": check_final, "truncated": check_truncated}
 
 
 def replay(args):
-    """Produce the recorded run's output again, from its raw events."""
-    this = None
-    for meta, obj in read_recording(args.read_events):
-        if this is None:
-            args.mode, args.per_vm = meta["mode"], meta.get("per_vm", False)
-            args.quiet = False
-            args.sample = meta.get("sample", 1)
-            this = Run(args, Reporter(args.output, meta["protocol"], sample=args.sample), {},
-                       [tuple(x) for x in meta["segments"]], meta["kfree_skb_reason"],
-                       dict((int(k), v) for k, v in meta["drop_reasons"].items()),
-                       meta["wall_offset"])
-        kind = obj["kind"]
-        if kind == "event":
-            this.on_event(bytes(bytearray.fromhex(obj["raw"])))
-        elif kind == "names":
-            this.names.update((int(k), v) for k, v in obj["names"].items())
-        elif kind == "vms":
-            this.vms = dict((int(k), VmInfo(*v)) for k, v in obj["vms"].items())
-        elif kind == "vmhist":
-            counts = dict((tuple(int(x) for x in k.split(":")), c)
-                          for k, c in obj["counts"].items())
-            report_vm_histograms(args, this, obj["when"],
-                                 this.vm_histograms(obj["when"], counts), obj["last"])
-        elif kind in this.known:
-            this.known[kind][obj["key"]] = obj["name"]
-        elif kind == "hist":
-            counts = [0] * len(this.hist_prev)
-            for idx, c in obj["counts"].items():
-                counts[int(idx)] = c
-            tables = this.histograms(obj["when"], counts)
-            if tables or not obj["last"]:
-                this.reporter.histograms(obj["when"], tables)
-        elif kind == "final":
-            this.counters = RecordedCounters(obj)
-            this.perf_lost = obj["perf_lost"]
-            this.reporter.summary(this.summary(obj["now"]))
-            this.reporter.flush()
+    """Produce the recorded run's output again, from its raw events and nothing else:
+    every name from the recording, none from this machine."""
+    reader = RecordingReader(args.read_events)
+    meta = reader.meta
+    replayed = ReplayArgs(meta, args.output)
+    this = Run(replayed, Reporter(args.output, meta["protocol"], sample=meta["sample"]),
+               {}, meta["segments"], meta["kfree_skb_reason"], meta["drop_reasons"],
+               meta["wall_offset"], live=False)
+    truncated = final = None
+    for line, kind, value in reader:
+        if this.output_broken:
             return 0
-    raise UsageError("--read-events %s: the recording ends before the run did (no "
-                     "final counters)" % args.read_events)
+        if truncated is not None or final is not None:
+            reader.fail("%s after the recording's %s" % (
+                kind, "end" if final is not None else "mark that it was cut short"))
+        if kind == "event":
+            this.on_event(value)
+        elif kind == "names":
+            this.names.update(value)
+            this.formatter.clear()
+        elif kind == "vms":
+            this.vms = value
+            this.formatter.clear()
+        elif kind in this.known:
+            this.known[kind][value[0]] = value[1]
+        elif kind == "hist":
+            when, last, counts = value
+            full = [0] * len(this.hist_prev)
+            for idx, c in counts.items():
+                full[idx] = c
+            if any(c < p for c, p in zip(full, this.hist_prev)):
+                reader.fail("histogram counts go backwards")
+            tables = this.histograms(when, full)
+            if tables or not last:
+                this.reporter.histograms(when, tables)
+        elif kind == "vmhist":
+            when, last, counts = value
+            prev = this.vm_hist_prev
+            if any(c < prev.get(k, 0) for k, c in counts.items()):
+                reader.fail("per-VM histogram counts go backwards")
+            report_vm_histograms(replayed, this, when, this.vm_histograms(when, counts),
+                                 last)
+        elif kind == "prune":
+            this.forget_taps(value)
+        elif kind == "final":
+            final = value
+        elif kind == "truncated":
+            truncated = (line, value)
+        this.write_pending()
+    if final is not None:
+        this.counters = RecordedCounters(final)
+        this.perf_lost = final["perf_lost"]
+        this.reporter.summary(this.summary(final["now"]))
+        this.reporter.flush()
+        return 0
+    this.reporter.flush()
+    if truncated:
+        log("vm_network_latency.py: warning: --read-events %s: the recording was cut "
+            "short at line %d (%s) while the run went on: no summary"
+            % (args.read_events, truncated[0], truncated[1]))
+        return 0
+    raise UsageError("--read-events %s: the recording ends at line %d, before the run did "
+                     "(no final counters: the tool was killed, or the file is cut)"
+                     % (args.read_events, reader.line))
+
+
+class ReplayArgs(object):
+    """The options a replayed run had, from its recording's meta (only those the
+    reporting uses), and the output asked for now."""
+
+    def __init__(self, meta, output):
+        self.mode, self.per_vm, self.sample = meta["mode"], meta["per_vm"], meta["sample"]
+        self.drops, self.protocol, self.output = meta["drops"], meta["protocol"], output
+        self.quiet = False
 
 
 def main(argv=None):
@@ -4612,10 +5379,22 @@ def main(argv=None):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         return run(args)
     except (UsageError, Fatal) as e:
-        sys.stderr.write("vm_network_latency.py: error: %s\n" % e)
+        sys.stderr.write("vm_network_latency.py: error: %s\n" % printable(e))
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:       # Ctrl-C before tracing started: nothing to undo
+        return 130
+    except BrokenPipeError:         # the reader went away (| head): end quietly
+        silence_stdout()
         return 0
+
+
+def silence_stdout():
+    """stdout's pipe is closed: what is still buffered goes nowhere, instead of into a
+    second BrokenPipeError when Python flushes it at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -280,7 +280,8 @@ def test_summary_accounts_for_every_packet(tool):
         "stats": [v for n in tool.STAT_NAMES for v in stats[n]],
         "fates": [[tool.FATE_LEFT, tool.DIR_RX, tool.STAGE_BY_NAME["phy_rx"].sid, 1],
                   [64, tool.DIR_TX, tool.STAGE_BY_NAME["phy_queue"].sid, 1]],
-        "inflight": [waiting.hex(), upcalled.hex()], "upcalls_waiting": 1})
+        "inflight": [waiting, upcalled], "inflight_count": 2, "inflight_upcalled": 1,
+        "upcalls_waiting": 1})
     run.perf_lost = 2     # the perf buffer's own tally of the same 2 losses: not added
     s = run.summary(300.0)
     assert (s["reported"], s["reported_tx"], s["reported_rx"]) == (2, 1, 1)
@@ -319,20 +320,33 @@ def test_histogram_intervals_report_what_each_added(tool):
 
 # --- --read-events as a process, as nobody ---
 
-def write_recording(tool, path, lines, final=True):
+def recording_meta(tool, **over):
     meta = {"kind": "meta", "tool": "vm_network_latency", "version": tool.VERSION,
-            "record": tool.PKT.format, "stages": tool.STAGE_NAMES, "plans": {},
-            "segments": [], "mode": "detailed", "protocol": "all", "drops": False,
-            "kfree_skb_reason": False, "drop_reasons": {}, "wall_offset": WALL}
+            "format": tool.RECORDING_FORMAT, "record": tool.PKT.format,
+            "stages": tool.STAGE_NAMES, "plans": {}, "segments": [], "mode": "detailed",
+            "protocol": "all", "drops": False, "per_vm": False, "sample": 1,
+            "kfree_skb_reason": False, "drop_reasons": {}, "wall_offset": WALL,
+            "host": {"hostname": "hv-01", "boot_id": "b", "kernel": "6.1", "machine": "x"}}
+    meta.update(over)
+    return meta
+
+
+def recording_final(tool, **over):
     stats = dict.fromkeys(tool.STAT_NAMES, (0, 0))
     stats.update(started=(1, 0), completed=(1, 0))
+    final = {"kind": "final", "now": 200.0, "perf_lost": 0,
+             "stats": [v for n in tool.STAT_NAMES for v in stats[n]], "fates": [],
+             "inflight": [], "inflight_count": 0, "inflight_upcalled": 0,
+             "upcalls_waiting": 0}
+    final.update(over)
+    return final
+
+
+def write_recording(tool, path, lines, final=True, meta=None):
     with open(path, "w") as f:
-        for obj in [meta] + lines + ([{"kind": "final", "now": 200.0, "perf_lost": 0,
-                                       "stats": [v for n in tool.STAT_NAMES
-                                                 for v in stats[n]],
-                                       "fates": [], "inflight": [],
-                                       "upcalls_waiting": 0}] if final else []):
-            f.write(json.dumps(obj) + "\n")
+        for obj in [meta or recording_meta(tool)] + lines + \
+                ([recording_final(tool)] if final else []):
+            f.write(obj if isinstance(obj, str) else json.dumps(obj) + "\n")
     os.chmod(path, 0o644)
 
 
@@ -359,9 +373,9 @@ def test_read_events_replays_a_recording_without_root(tool, recording_dir):
 
 
 @pytest.mark.parametrize("content,message", [
-    ("", "not a recording of this tool"),
-    ('{"kind": "meta", "tool": "other"}\n', "not a recording of this tool"),
-    ("garbage\n", "not a recording of this tool"),
+    ("", "an empty file, not a recording of this tool"),
+    ('{"kind": "meta", "tool": "other"}\n', "line 1: not a recording of this tool"),
+    ("garbage\n", "line 1: not JSON"),
 ])
 def test_read_events_refuses_what_is_not_a_recording(recording_dir, content, message):
     path = os.path.join(recording_dir, "bad.vnl")
@@ -377,8 +391,8 @@ def test_read_events_says_when_a_recording_is_cut_short(tool, recording_dir):
     path = os.path.join(recording_dir, "cut.vnl")
     write_recording(tool, path, [{"kind": "event", "raw": udp_tx(tool).hex()}], final=False)
     r = as_nobody("--read-events", path, "--output", "json")
-    assert r.returncode == 2 and "ends before the run did" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 2 and "ends at line 2, before the run did" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 # --- which VM owns a tap: the /proc parsing ---
@@ -459,3 +473,358 @@ def test_timestamps_are_exact_to_the_microsecond_and_print_as_json_prints_them(t
     wall = 1796119100.25
     assert tool.wall_us(wall, 100 * 10 ** 9 + 1499) == base + 250001   # 1.499 us
     assert tool.wall_us(wall, 100 * 10 ** 9 + 1500) == base + 250002   # 1.5: half up
+
+
+# --- recordings are input from outside: every malformed one is one line, exit 2 ---
+
+def valid_lines(tool):
+    """The lines of a small recording of every kind, after its meta."""
+    return [{"kind": "names", "names": {"7": "vnet0", "3": "eth1"}},
+            {"kind": "vms", "vms": {"7": ["web-03", None, 4242, "qemu-system-x86"]}},
+            {"kind": "comm", "key": 4242, "name": "qemu-system-x86"},
+            {"kind": "thread", "key": 4243, "name": "CPU 0/KVM"},
+            {"kind": "thread", "key": 4244, "name": "worker"},
+            {"kind": "event", "raw": udp_tx(tool).hex()},
+            {"kind": "event", "raw": icmp_rx(tool).hex()}]
+
+
+def run_main(tool, argv):
+    """The tool's main() in this process (fast, for many files): (status, out, err)."""
+    import contextlib
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = tool.main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+def replace_in(obj, key, value):
+    obj = dict(obj)
+    obj[key] = value
+    return obj
+
+
+def malformed(tool):
+    """(what, meta, lines after it, message expected), the issue's list and more."""
+    meta = recording_meta(tool)
+    lines = valid_lines(tool)
+    event = lines[5]
+    ev = dict(raw=lambda **kw: {"kind": "event", "raw": udp_tx(tool, **kw).hex()})
+    hist_meta = recording_meta(tool, mode="histogram", segments=[["tx", "total"],
+                                                                 ["rx", "total"]])
+    cases = [
+        ("a JSON list", meta, ["[1, 2]\n"], "line 2: not a JSON object"),
+        ("no kind", meta, [{"names": {}}], "line 2: an object without 'kind'"),
+        ("an unknown kind", meta, [{"kind": "telemetry"}], "line 2: unknown kind"),
+        ("a 50-byte record", meta, [{"kind": "event", "raw": "00" * 50}],
+         "line 2: the event has 50 bytes, a record has %d" % tool.PKT.size),
+        ("direction 9", meta, [ev["raw"](dir=9)], "direction 9 is neither"),
+        ("stage 200", meta, [ev["raw"](last=200)], "stage 200 does not exist"),
+        ("a time of 2^64-1 ns", meta, [ev["raw"](ts={"tap_rx": 100, "phy_xmit": 2 ** 64 - 1})],
+         "is beyond any uptime"),
+        ("times out of path order", meta,
+         [ev["raw"](ts={"tap_rx": 500, "phy_queue": 400, "phy_xmit": 600})],
+         "stage times out of path order"),
+        ("a stage of the other direction", meta,
+         [ev["raw"](ts={"tap_rx": 100, "phy_xmit": 200, "vm_read": 300})],
+         "a stage off the tx path has a time"),
+        ("no start stage", meta, [ev["raw"](ts={"phy_queue": 100, "phy_xmit": 200})],
+         "no time where the tx path starts"),
+        ("IP version 5", meta, [ev["raw"](ip_version=5)], "IP version 5"),
+        ("type 7", meta, [ev["raw"](type=7)], "type 7 is neither"),
+        ("a histogram index of 99,999,999", hist_meta,
+         [{"kind": "hist", "when": 1.0, "last": False, "counts": {"99999999": 1}}],
+         "a histogram index 99999999 is outside"),
+        ("histogram counts going backwards", hist_meta,
+         [{"kind": "hist", "when": 1.0, "last": False, "counts": {"5": 3}},
+          {"kind": "hist", "when": 2.0, "last": False, "counts": {"5": 2}}],
+         "line 3: histogram counts go backwards"),
+        ("a negative count", hist_meta,
+         [{"kind": "hist", "when": 1.0, "last": False, "counts": {"5": -1}}],
+         "a count -1 is outside"),
+        ("a non-numeric per-VM key", recording_meta(tool, mode="histogram", per_vm=True,
+                                                    segments=[["tx", "total"]]),
+         [{"kind": "vmhist", "when": 1.0, "last": False, "counts": {"vnet0:3": 1}}],
+         "a per-VM ifindex 'vnet0' is not a whole number"),
+        ("a per-VM key without a slot", recording_meta(tool, mode="histogram", per_vm=True,
+                                                       segments=[["tx", "total"]]),
+         [{"kind": "vmhist", "when": 1.0, "last": False, "counts": {"7": 1}}],
+         "is not TAP:SLOT"),
+        ("names given as a list", meta, [{"kind": "names", "names": ["vnet0"]}],
+         "names is not an object"),
+        ("an ifindex that is not a number", meta,
+         [{"kind": "names", "names": {"x7": "vnet0"}}], "an ifindex 'x7' is not"),
+        ("a device name that is a number", meta, [{"kind": "names", "names": {"7": 7}}],
+         "a device name is not a string"),
+        ("raw as a number", meta, [{"kind": "event", "raw": 12}], "the event is not a string"),
+        ("bad hex", meta, [{"kind": "event", "raw": "zz" * tool.PKT.size}],
+         "the event is not hexadecimal"),
+        ("short stats", meta, [event, recording_final(tool, stats=[1, 2, 3])],
+         "stats has 3 items, not %d" % (2 * len(tool.STAT_NAMES))),
+        ("a fate at stage 200", meta, [recording_final(tool, fates=[[0, 0, 200, 1]])],
+         "a stage 200 is outside"),
+        ("more in flight listed than counted", meta,
+         [recording_final(tool, inflight=[udp_tx(tool).hex()], inflight_count=0)],
+         "more packets in flight listed than counted"),
+        ("meta without mode", dict((k, v) for k, v in meta.items() if k != "mode"), [],
+         "line 1: meta without 'mode'"),
+        ("mode 'fast'", replace_in(meta, "mode", "fast"), [], "line 1: mode 'fast'"),
+        ("wall_offset 1e300", replace_in(meta, "wall_offset", 1e300), [],
+         "line 1: wall_offset 1e+300 is outside"),
+        ("wall_offset NaN", replace_in(meta, "wall_offset", float("nan")), [],
+         "line 1: wall_offset is not a number: NaN"),
+        ("sample true", replace_in(meta, "sample", True), [],
+         "line 1: sample is not a whole number: true"),
+        ("an older format", replace_in(meta, "format", 1), [],
+         "line 1: recorded by version %s in format 1" % tool.VERSION),
+        ("deeply nested JSON", meta, ["[" * 100000 + "]" * 100000 + "\n"],
+         "line 2: JSON nested too deeply"),
+        ("not UTF-8", meta, [b"\xff\xfe{}\n".decode("latin-1")], "line 2: not"),
+        ("NaN as a count", hist_meta, ['{"kind": "hist", "when": 1, "last": false, '
+                                       '"counts": {"5": NaN}}\n'], "a count is not a whole"),
+        ("an event after the final counters", meta, [recording_final(tool), event],
+         "line 3: event after the recording's end"),
+        ("a line cut in the middle", meta, ['{"kind": "names", "nam'],
+         "line 2: not JSON"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(36))
+def test_malformed_recordings_are_one_line_and_exit_2(tool, tmp_path, case):
+    cases = malformed(tool)
+    assert len(cases) == 36
+    what, meta, lines, message = cases[case]
+    path = str(tmp_path / "bad.vnl")
+    with open(path, "w", encoding="latin-1") as f:
+        for obj in [meta] + lines:
+            f.write(obj if isinstance(obj, str) else json.dumps(obj) + "\n")
+    for output in ("text", "json"):
+        status, _out, err = run_main(tool, ["--read-events", path, "--output", output])
+        assert status == 2, (what, err)
+        assert len(err.splitlines()) == 1 and message in err, (what, err)
+        assert err.startswith("vm_network_latency.py: error: --read-events %s: " % path)
+
+
+def test_files_that_are_not_recordings_at_all(tool, tmp_path):
+    for path, message in [("/dev/zero", "not a regular file"), (str(tmp_path), "Is a "
+                          "directory"), (str(tmp_path / "none"), "No such file")]:
+        status, out, err = run_main(tool, ["--read-events", path])
+        assert status == 2 and out == "" and message in err and len(err.splitlines()) == 1
+
+
+def test_a_line_beyond_the_longest_a_run_writes_is_refused(tool, tmp_path, monkeypatch):
+    monkeypatch.setattr(tool, "RECORDING_LINE_MAX", 1000)
+    path = str(tmp_path / "long.vnl")
+    write_recording(tool, path, [{"kind": "comm", "key": 1, "name": "x" * 2000}])
+    status, _out, err = run_main(tool, ["--read-events", path])
+    assert status == 2 and "line 2: longer than 1000 bytes" in err
+
+
+def test_a_valid_recording_of_every_kind_replays(tool, tmp_path):
+    """The base the malformed cases and the fuzzing start from is itself accepted."""
+    path = str(tmp_path / "ok.vnl")
+    write_recording(tool, path, valid_lines(tool))
+    status, out, err = run_main(tool, ["--read-events", path, "--output", "json"])
+    assert (status, err) == (0, "")
+    objs = [json.loads(l) for l in out.splitlines()]
+    assert [o["type"] for o in objs] == ["packet", "packet", "summary"]
+    assert objs[0]["vm"] == "web-03" and objs[1]["thread"] == "worker"
+
+
+def test_replay_names_come_from_the_recording_not_this_machine(tool, tmp_path):
+    """A pid the recording names is some other process here (this test's own): the
+    replay must print the recorded name, and '?' where the recording has none."""
+    me = os.getpid()
+    lines = [{"kind": "names", "names": {"7": "vnet0", "3": "eth1"}},
+             {"kind": "comm", "key": me, "name": "qemu-system-x86"},
+             {"kind": "thread", "key": me + 1, "name": "IO iothread1"},
+             {"kind": "event", "raw": udp_tx(tool, pid=me, tid=me + 1).hex()},
+             {"kind": "event", "raw": udp_tx(tool, pid=1, tid=1).hex()}]
+    path = str(tmp_path / "names.vnl")
+    write_recording(tool, path, lines)
+    status, out, _err = run_main(tool, ["--read-events", path, "--output", "json"])
+    recs = [json.loads(l) for l in out.splitlines()][:2]
+    assert status == 0
+    assert (recs[0]["comm"], recs[0]["thread"]) == ("qemu-system-x86", "IO iothread1")
+    assert (recs[1]["comm"], recs[1]["thread"]) == ("?", "?")     # pid 1 is init here
+
+
+def test_a_recording_cut_short_by_a_full_disk_replays_what_it_has(tool, tmp_path):
+    path = str(tmp_path / "cut.vnl")
+    write_recording(tool, path, valid_lines(tool) + [
+        {"kind": "truncated", "why": "No space left on device"}], final=False)
+    status, out, err = run_main(tool, ["--read-events", path, "--output", "json"])
+    assert status == 0 and [json.loads(l)["type"] for l in out.splitlines()] == \
+        ["packet", "packet"]
+    assert len(err.splitlines()) == 1 and "cut short at line 9 (No space left on " \
+        "device)" in err and "no summary" in err
+
+
+def test_replay_into_a_closed_pipe_ends_quietly(tool, recording_dir):
+    path = os.path.join(recording_dir, "many.vnl")
+    write_recording(tool, path, valid_lines(tool)[:5] + [
+        {"kind": "event", "raw": udp_tx(tool, sport=40000 + i % 2).hex()}
+        for i in range(20000)])
+    r = subprocess.run("%s %s --read-events %s | head -1" % (PYTHON, TOOL, path),
+                       shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, timeout=60)
+    assert r.stdout.startswith("[") and len(r.stdout.splitlines()) == 1
+    assert r.stderr == "", r.stderr
+
+
+# --- fuzzing: no recording, however broken, ends in a traceback ---
+
+JSON_VALUES = None
+
+
+def json_values():
+    from hypothesis import strategies as st
+    leaves = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70),
+                       st.floats(allow_nan=True, allow_infinity=True),
+                       st.text(max_size=20), st.sampled_from(["7", "7:3", "-1", "tx", "rx",
+                                                              "total", "ff" * 8]))
+    return st.recursive(leaves, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                    st.dictionaries(st.text(max_size=8), c,
+                                                                    max_size=4)),
+                        max_leaves=12)
+
+
+def fuzz_base(tool):
+    meta = recording_meta(tool, mode="histogram", per_vm=True,
+                          segments=[["tx", "tap_rx->phy_xmit"], ["tx", "total"],
+                                    ["rx", "total"]], drops=True, kfree_skb_reason=True,
+                          drop_reasons={"2": "SKB_DROP_REASON_NOT_SPECIFIED"})
+    return [meta] + valid_lines(tool) + [
+        {"kind": "location", "key": 18446744072000000000, "name": "kfree_skb+0x1"},
+        {"kind": "hist", "when": 1.5, "last": False, "counts": {"5": 1, "800": 2}},
+        {"kind": "vmhist", "when": 1.5, "last": False, "counts": {"7:5": 1, "0:800": 2}},
+        {"kind": "prune", "taps": [7]},
+        recording_final(tool, fates=[[2, 0, 8, 1], [0xffffffff, 1, 1, 2]],
+                        inflight=[udp_tx(tool).hex()], inflight_count=3,
+                        inflight_upcalled=1)]
+
+
+def test_fuzzed_recordings_never_end_in_a_traceback(tool, tmp_path):
+    from hypothesis import given, settings, HealthCheck, strategies as st
+
+    base = fuzz_base(tool)
+    path = str(tmp_path / "fuzz.vnl")
+    status, _o, err = run_main(tool, ["--read-events", _write(path, base)])
+    assert status == 0, err
+
+    def mutate(draw_lines, data):
+        lines = [dict(o) for o in base]
+        op = data.draw(st.sampled_from(["value", "value", "value", "drop key", "line",
+                                        "bytes", "cut", "swap", "event field",
+                                        "event field"]))
+        i = data.draw(st.integers(0, len(lines) - 1))
+        if op == "value" or op == "drop key":
+            key = data.draw(st.sampled_from(sorted(lines[i])))
+            if op == "value":
+                lines[i][key] = data.draw(json_values())
+            else:
+                del lines[i][key]
+        elif op == "line":
+            lines[i] = json.dumps(data.draw(json_values())) + "\n"
+        elif op == "bytes":
+            lines[i] = data.draw(st.binary(max_size=60)).decode("latin-1") + "\n"
+        elif op == "swap":
+            j = data.draw(st.integers(0, len(lines) - 1))
+            lines[i], lines[j] = lines[j], lines[i]
+        elif op == "event field":
+            name = data.draw(st.sampled_from([f[0] for f in tool.RECORD_FIELDS]))
+            flat = list(tool.PKT.unpack(udp_tx(tool)))
+            at = tool.PKT_INDEX[name]
+            if isinstance(flat[at], bytes):
+                flat[at] = data.draw(st.binary(min_size=16, max_size=16))
+            else:
+                bits = {"u64": 64, "u32": 32, "u16": 16, "u8": 8}[
+                    [f[1] for f in tool.RECORD_FIELDS if f[0] == name][0]]
+                flat[at] = data.draw(st.integers(0, 2 ** bits - 1))
+            lines[6] = {"kind": "event", "raw": tool.PKT.pack(*flat).hex()}
+        text = "".join(o if isinstance(o, str) else json.dumps(o) + "\n" for o in lines)
+        if op == "cut":
+            text = text[:data.draw(st.integers(0, len(text)))]
+        return text
+
+    @settings(max_examples=1500, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def fuzz(data):
+        with open(path, "w", encoding="latin-1") as f:
+            f.write(mutate(None, data))
+        for output in ("text", "json"):
+            status, _out, err = run_main(tool, ["--read-events", path, "--output", output])
+            assert status in (0, 2), err
+            if status == 2:
+                assert len(err.splitlines()) == 1, err
+    fuzz()
+
+
+def _write(path, objs):
+    with open(path, "w") as f:
+        for o in objs:
+            f.write(json.dumps(o) + "\n")
+    return path
+
+
+# --- names reach the terminal escaped ---
+
+HOSTILE = "\x1b]0;pwned\x07web\x1b[2J\rforged\u202e" + "x" * 80
+
+
+def terminal_safe(text):
+    """No character a terminal acts on, but the newlines between lines."""
+    return all(c == "\n" or c.isprintable() for c in text)
+
+
+def test_printable_escapes_what_a_terminal_would_act_on(tool):
+    assert tool.printable("web-03") == "web-03"
+    assert tool.printable("\x1b[2J\r\x07\x7f\x9b\u202e\t") == \
+        "\\x1b[2J\\x0d\\x07\\x7f\\x9b\\u202e\\x09"
+    assert tool.printable("é ü 中") == "é ü 中"
+    assert tool.printable("x" * 100, 64) == "x" * 61 + "..."
+
+
+def test_hostile_names_are_escaped_in_every_text_path(tool):
+    out = io.StringIO()
+    run = new_run(tool, output="text", out=out, mode="histogram",
+                  drop_reasons={64: HOSTILE})
+    run.names.update({7: "vnet\x1b[1m", 3: "eth\r1"})
+    run.vms = {7: tool.VmInfo(HOSTILE, None, 4242, "q\x1b]2;t\x07")}
+    run.known["comm"][4242] = HOSTILE
+    run.known["location"][0xffffffff81000000] = "kfree_skb\x1b[31m+0x1"
+    run.args.mode = "detailed"
+    run.on_event(udp_tx(tool))
+    run.on_event(udp_tx(tool, sport=1))             # the templated path as well
+    run.on_event(udp_tx(tool, type=tool.EV_DROP, reason=64, location=0xffffffff81000000,
+                        ts={"tap_rx": 100000000000, "phy_queue": 100000012500}))
+    run.reporter.histograms(1.0, [("tx", "total", {40: 1})],
+                            (tool.vm_label(run.vms[7], "vnet0"), HOSTILE, ["vnet\x1b[1m"]))
+    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0))
+    run.counters = tool.RecordedCounters({
+        "stats": [v for n in tool.STAT_NAMES for v in stats[n]], "fates": [[64, 0, 7, 1]],
+        "inflight": [], "inflight_count": 0, "inflight_upcalled": 0, "upcalls_waiting": 0})
+    run.per_vm_reported = {7: 2, 8: 1}
+    run.names[8] = "tap\x1b8"
+    run.reporter.summary(run.summary(300.0))
+    text = out.getvalue()
+    assert terminal_safe(text), [l for l in text.splitlines() if not terminal_safe(l)]
+    assert "\\x1b]0;pwned\\x07web\\x1b[2J\\x0dforged\\u202e" in text
+    assert "at kfree_skb\\x1b[31m+0x1" in text
+    assert "x" * 80 not in text and "..." in text      # long names are cut
+    assert text.count("\n") == len(text.splitlines())  # no line was forged
+    # JSON carries the names whole: its escapes are safe for a terminal already
+    out = io.StringIO()
+    run = new_run(tool, output="json", out=out)
+    run.vms = {7: tool.VmInfo(HOSTILE, None, 4242, "qemu")}
+    run.on_event(udp_tx(tool))
+    line = out.getvalue()
+    assert terminal_safe(line) and json.loads(line)["vm"] == HOSTILE
+
+
+def test_list_vms_escapes_names(tool):
+    out = io.StringIO()
+    tool.list_vms_report({"vnet0": tool.VmInfo(HOSTILE, "u\x1bu", 7, "c\rc")}, False,
+                         tool.Reporter("text", "all", out=out))
+    assert terminal_safe(out.getvalue()) and "\\x1b]0;pwned" in out.getvalue()
