@@ -721,8 +721,11 @@ def layout_from_btf(btf):
     # {tracepoint: its BTF type id} for those vmlinux has (a module's are in its own BTF)
     type_ids = dict((tp, btf.tracepoint_type(tp)) for tp in TRACEPOINTS_USED)
     tracepoints = dict((tp, tid) for tp, tid in type_ids.items() if tid is not None)
-    return Layout("BTF", offsets, sizes, netns,
-                  btf.enum_values("skb_drop_reason") if has_reason else {},
+    # the kernel passes a reason as a u32 (BTF's values are signed: the subsystem mask
+    # 0xffff0000 reads as -65536)
+    reasons = dict((code & 0xffffffff, name) for code, name in
+                   btf.enum_values("skb_drop_reason").items()) if has_reason else {}
+    return Layout("BTF", offsets, sizes, netns, reasons,
                   has_reason, tracepoints, prog_info_layout(btf))
 
 
@@ -4021,25 +4024,35 @@ def write_all(fd, data):
 class Recorder(object):
     """--write-events: the run's raw events and what is needed to read them again.
 
-    One JSON object a line: "meta" first; "names" (ifindex -> device), "vms", "comm",
-    "thread" and "location" the first time each is resolved, always before the first
-    event that needs it; "event" (the raw record, hex) as each arrives; "hist" and
-    "vmhist" (the kernel's cumulative counts) at each interval, "prune" when per-VM
-    counts of taps that are gone are forgotten; "final" (counters, the first few
-    packets still in flight) last. --read-events replays it (RecordingReader).
+    One JSON object a line: "meta" first, then a blank line held in reserve; "names"
+    (ifindex -> device), "vms", "comm", "thread" and "location" the first time each is
+    resolved, always before the first event that needs it; "event" (the raw record,
+    hex) as each arrives; "hist" and "vmhist" (the kernel's cumulative counts) at each
+    interval, "prune" when per-VM counts of taps that are gone are forgotten; "final"
+    (counters, the first few packets still in flight) last. --read-events replays it
+    (RecordingReader).
 
     The file is opened before anything is compiled (a bad path is reported at once).
-    A write that fails (a full disk) ends the recording, not the run: what was written
-    is cut back to its last whole line and marked "truncated", so it still replays."""
+    A write that fails (a full disk) ends the recording, not the run: the file is cut
+    back to its last whole line, and the reserved line is overwritten in place (no new
+    space needed) with a "truncated" mark saying where and why, so it still replays."""
     FLUSH_BYTES = 1 << 16
+    RESERVE = 255           # bytes of the reserved line, before its newline
 
     def __init__(self, path):
         self.path = path
         self.fd = create_private_file(path, "--write-events")
         self._json = json.JSONEncoder(check_circular=False, sort_keys=True)
         self.pending, self.pending_bytes = [], 0
-        self.written = 0            # bytes of whole lines in the file
+        self.written = self.lines = 0   # whole lines in the file, and their bytes
+        self.reserved_at = None
         self.failed = None
+
+    def write_meta(self, meta):
+        self.write(meta)
+        self.flush()
+        self.reserved_at = self.written
+        self._line(" " * self.RESERVE + "\n")
 
     def write(self, obj):
         self._line(self._json.encode(obj) + "\n")
@@ -4058,24 +4071,30 @@ class Recorder(object):
         if not self.pending or self.failed is not None:
             return
         data = "".join(self.pending).encode()
+        count = len(self.pending)
         del self.pending[:]
         self.pending_bytes = 0
         try:
             self.written += write_all(self.fd, data)
+            self.lines += count
         except OSError as e:
             self.fail(e, data[:e.written])
 
     def fail(self, error, partial):
         """Keep what was written up to its last whole line, mark the cut, say so once."""
         self.failed = error
-        self.written += partial.rfind(b"\n") + 1
+        whole = partial[:partial.rfind(b"\n") + 1]
+        self.written += len(whole)
+        self.lines += whole.count(b"\n")
         why = error.strerror or str(error)
+        mark = self._json.encode({"kind": "truncated", "why": why[:100],
+                                  "after_line": self.lines}).encode()
         try:
             os.ftruncate(self.fd, self.written)
-            write_all(self.fd, (self._json.encode({"kind": "truncated", "why": why}) +
-                                "\n").encode())
+            if self.reserved_at is not None:
+                os.pwrite(self.fd, mark.ljust(self.RESERVE), self.reserved_at)
         except OSError:
-            pass        # no room even for that: a recording without its end says the same
+            pass        # then the replay says the recording ends before the run did
         log("warning: --write-events %s: %s: the recording stops here (it replays up to "
             "this point); tracing goes on" % (self.path, why))
 
@@ -4542,7 +4561,7 @@ def run(args):
     if metrics:
         metrics.attach(this, tracer, plans, layout)
     if recorder:
-        recorder.write(recording_meta(args, plans, segments, layout, this.wall_offset))
+        recorder.write_meta(recording_meta(args, plans, segments, layout, this.wall_offset))
     this.set_names(names)
     this.owners, this.taps_seen, this.owners_at = owners, taps_seen, time.monotonic()
     this.set_vms(owners)
@@ -5289,7 +5308,8 @@ class RecordingReader(object):
         return final
 
     def check_truncated(self, obj):
-        return _text(_key(obj, "why", "truncated"), "why", 256)
+        return (_text(_key(obj, "why", "truncated"), "why", 256),
+                _int(_key(obj, "after_line", "truncated"), 1, COUNT_MAX, "after_line"))
 
     CHECKS = {"event": check_event, "names": check_names, "vms": check_vms,
               "comm": check_name, "thread": check_name, "location": check_name,
@@ -5310,9 +5330,10 @@ def replay(args):
     for line, kind, value in reader:
         if this.output_broken:
             return 0
-        if truncated is not None or final is not None:
-            reader.fail("%s after the recording's %s" % (
-                kind, "end" if final is not None else "mark that it was cut short"))
+        if final is not None:
+            reader.fail("%s after the recording's end" % kind)
+        if truncated and line > truncated[1]:
+            reader.fail("%s after the line where the recording was cut short" % kind)
         if kind == "event":
             this.on_event(value)
         elif kind == "names":
@@ -5343,9 +5364,13 @@ def replay(args):
         elif kind == "prune":
             this.forget_taps(value)
         elif kind == "final":
+            if truncated:
+                reader.fail("final counters in a recording that was cut short")
             final = value
         elif kind == "truncated":
-            truncated = (line, value)
+            if truncated or line != 2:
+                reader.fail("a mark of a cut where the recording keeps none")
+            truncated = value
         this.write_pending()
     if final is not None:
         this.counters = RecordedCounters(final)
@@ -5356,8 +5381,8 @@ def replay(args):
     this.reporter.flush()
     if truncated:
         log("vm_network_latency.py: warning: --read-events %s: the recording was cut "
-            "short at line %d (%s) while the run went on: no summary"
-            % (args.read_events, truncated[0], truncated[1]))
+            "short after line %d (%s) while the run went on: no summary"
+            % (args.read_events, truncated[1], truncated[0]))
         return 0
     raise UsageError("--read-events %s: the recording ends at line %d, before the run did "
                      "(no final counters: the tool was killed, or the file is cut)"

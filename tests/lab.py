@@ -74,9 +74,11 @@ class Lab:
     PREFIX = 24
     GUEST_TRAFFIC = GUEST_TRAFFIC
     # every device a lab may create (a stand-in VM vnltap1, more guests vnltap2...)
-    DEVICES = (TAP, PHY, BRIDGE) + tuple("vnltap%d" % i for i in range(1, 8)) + \
+    # a tap whose name holds an escape sequence (the tests of names printed to a terminal)
+    HOSTILE_TAP = "vnl\x1b[7mX"
+    DEVICES = (TAP, PHY, BRIDGE, HOSTILE_TAP) + tuple("vnltap%d" % i for i in range(1, 8)) + \
         ("vnlbr1", "vnlvx0", "vnlund0")     # the overlay topology (test_tunnels)
-    EXTRA_NS = ("vnl-vtep",)
+    EXTRA_NS = ("vnl-vtep", "vnl-evil")
 
     def __init__(self, cache_dir=None, memory_mb=512, boot_timeout=60, build=True,
                  qemu="qemu-system-x86_64", lock_timeout=120, verbose=False,
@@ -338,6 +340,7 @@ class Lab:
         topology.in_ns(self.NS, "ip", "neigh", "replace", ip_addr, "lladdr", mac, "dev",
                        self.NS_DEV, "nud", "permanent")
         workdir = os.path.join(self.workdir, tap)
+        shutil.rmtree(workdir, True)        # a guest of this index before, removed
         os.mkdir(workdir)
         append = "vnl.ip=%s" % ip_addr + (" vnl.ip6=%s" % ip6 if ip6 else "")
         vm = self.new_guest(tap, mac, workdir, name=name, uuid=uuid, append=append)

@@ -115,3 +115,48 @@ class TapWriter(object):
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class TapHolder(object):
+    """A stand-in VM in a process of its own (tapholder.py), with the command line and
+    process name a test gives it, holding tap NAME (in network namespace netns, if
+    given). The caller puts the tap on a bridge; write() sends a frame from the 'VM'."""
+
+    def __init__(self, name, argv=(), comm=None, netns=None):
+        from procs import die_with_parent
+        here = os.path.dirname(os.path.abspath(__file__))
+        cmd = ["/usr/bin/python3", os.path.join(here, "tapholder.py"), name] + \
+            (["--comm", comm] if comm else []) + list(argv)
+        if netns:
+            cmd = ["ip", "netns", "exec", netns] + cmd
+        self.name, self.netns = name, netns
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     universal_newlines=True, preexec_fn=die_with_parent)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise RuntimeError("tapholder.py did not start: %s" % cmd)
+        self.pid = self.proc.pid        # (ip netns exec execs the command: the same)
+
+    def write(self, frame):
+        self.proc.stdin.write(frame.hex() + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "ok"
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -32,16 +33,21 @@ def free_port():
 
 
 class Prometheus(object):
-    """A real Prometheus server on loopback that scrapes one target every second."""
+    """A real Prometheus server on loopback that scrapes one target every second
+    (over HTTPS with a client certificate when tls gives the files)."""
 
-    def __init__(self, target_port):
+    def __init__(self, target_port, tls=None):
         self.dir = tempfile.mkdtemp(prefix="vnl-prom-")
         self.port = free_port()
         config = os.path.join(self.dir, "prometheus.yml")
         with open(config, "w") as f:
             f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                    "scrape_configs:\n  - job_name: vnl\n    static_configs:\n"
-                    "      - targets: ['127.0.0.1:%d']\n" % target_port)
+                    "scrape_configs:\n  - job_name: vnl\n")
+            if tls:
+                f.write("    scheme: https\n    tls_config:\n      ca_file: %s\n"
+                        "      cert_file: %s\n      key_file: %s\n" % (
+                            tls["ca"], tls["client_cert"], tls["client_key"]))
+            f.write("    static_configs:\n      - targets: ['127.0.0.1:%d']\n" % target_port)
         self.log = open(os.path.join(self.dir, "log"), "w")
         self.proc = subprocess.Popen(
             ["prometheus", "--config.file=" + config,
@@ -99,8 +105,8 @@ class Prometheus(object):
 def prometheus():
     servers = []
 
-    def start(target_port):
-        p = Prometheus(target_port)
+    def start(target_port, tls=None):
+        p = Prometheus(target_port, tls)
         servers.append(p)
         return p
     yield start
@@ -129,8 +135,10 @@ def le_bucket_width_us(value_us):
 def test_prometheus_counts_every_packet_and_agrees_on_p99(lab, traces, prometheus):
     n = 20
     port = free_port()
+    # the metrics are rendered once per interval: 10 s holds all 20 pings (4 s) in the
+    # first one, whose text histograms then hold exactly what Prometheus has
     t = traces("--phy-dev", PHY, "--protocol", "icmp", "--mode", "histogram",
-               "--interval", "3600", "--prometheus", "127.0.0.1:%d" % port, "--drops")
+               "--interval", "10", "--prometheus", "127.0.0.1:%d" % port, "--drops")
     prom = prometheus(port)
     ping(lab.vm, n)
     sel = 'segment="total",vm="%s"' % Lab.GUEST_NAME
@@ -218,7 +226,7 @@ def test_endpoint_stays_up_across_a_vm_start_and_stop(lab, traces):
     try:
         time.sleep(1.5)                         # the tool's device refresh
         ping(vm, 3)
-        time.sleep(0.5)
+        time.sleep(1.5)                     # the metrics are as fresh as --interval
         text = scrape(port)
         assert 'vm_network_latency_seconds_count{direction="tx",segment="total",vm="db-02"} ' \
                '3.0' in text, [l for l in text.splitlines() if "db-02" in l][:5]
@@ -226,7 +234,7 @@ def test_endpoint_stays_up_across_a_vm_start_and_stop(lab, traces):
         lab.remove_guest(vm)
     time.sleep(1.5)
     ping(lab.vm, 2)
-    time.sleep(0.5)
+    time.sleep(1.5)
     text = scrape(port)                         # still up; counters are since the start
     assert 'vm="db-02"} 3.0' in text
     assert 'vm_network_latency_seconds_count{direction="tx",segment="total",vm="%s"} 2.0' \
@@ -260,3 +268,132 @@ def test_a_port_in_use_is_refused_before_any_bpf():
         s.close()
     assert r.returncode == 2 and "Address already in use" in r.stderr
     assert "struct layouts" not in r.stderr and "Traceback" not in r.stderr
+
+
+# --- a long-running exporter: the per-VM table full, VMs that are gone forgotten ---
+
+def test_a_full_per_vm_table_is_counted_and_gone_vms_make_room(lab, traces, prometheus):
+    """A small per-VM table fills up: the counts it could not keep are a metric (and
+    the summary's), never silent. A VM that stops leaves the table and the metrics
+    --forget-after seconds later, and the room it made keeps the next packets; the
+    VM that stays never sees its counters go back."""
+    port = free_port()
+    vm, _ip = lab.add_guest(4, "db-04")
+    try:
+        t = traces("--phy-dev", PHY, "--protocol", "icmp", "--mode", "histogram",
+                   "--interval", "1", "--prometheus", "%d" % port, "--vm-table-size", "64",
+                   "--forget-after", "2", "--quiet")
+        prom = prometheus(port)
+        full = 0
+        for _ in range(10):         # until the table is full: latencies spread over
+            ping(vm, 10)            # buckets, each (VM, segment, bucket) an entry
+            ping(lab.vm, 5)
+            time.sleep(1.5)         # an interval, and a scrape
+            full = prom.value("sum(vm_network_latency_vm_table_full_total)")
+            if full:
+                break
+        assert full, prom.query("vm_network_latency_vm_table_entries")
+        assert prom.value("vm_network_latency_vm_table_entries") == 64
+        assert prom.value('count(vm_network_latency_seconds_count{vm="db-04"})') > 0
+    finally:
+        lab.remove_guest(vm)
+    # db-04 is gone: after --forget-after its series and its entries leave
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and \
+            prom.value('count(vm_network_latency_seconds_count{vm="db-04"})'):
+        time.sleep(0.5)
+    assert prom.value('count(vm_network_latency_seconds_count{vm="db-04"})') is None
+    entries = prom.value("vm_network_latency_vm_table_entries")
+    assert entries < 64
+    full_before = prom.value("sum(vm_network_latency_vm_table_full_total)")
+    sel = 'vm_network_latency_seconds_count{vm="%s",segment="total",direction="tx"}' \
+        % Lab.GUEST_NAME
+    before = prom.value(sel)
+    ping(lab.vm, 5)
+    assert prom.wait_value(sel, before + 5) == before + 5      # kept, every one
+    assert prom.value("sum(vm_network_latency_vm_table_full_total)") == full_before
+    # the lab VM's counters never went back while db-04 was forgotten
+    assert prom.value('sum(resets(vm_network_latency_seconds_count{vm="%s"}[5m]))'
+                      % Lab.GUEST_NAME) == 0
+    t.stop()
+    assert t.returncode == 0, t.stderr
+    s = t.summary()
+    assert s["vm_hist_full"] == full_before > 0
+
+
+# --- the endpoint over TLS, for a client with a certificate of the right CA only ---
+
+def make_pki(d):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed,
+    and a client certificate of another CA: openssl, as an operator makes them."""
+    def ssl(*argv):
+        subprocess.run(["openssl"] + list(argv), cwd=d, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    files = {}
+    for ca in ("ca", "other-ca"):
+        ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", ca + ".key", "-out", ca + ".pem", "-days", "2",
+            "-subj", "/CN=vnl test %s" % ca)
+    for name, ca, ext in (("server", "ca", "subjectAltName=IP:127.0.0.1"),
+                          ("client", "ca", "extendedKeyUsage=clientAuth"),
+                          ("stranger", "other-ca", "extendedKeyUsage=clientAuth")):
+        ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", name + ".key", "-out", name + ".csr", "-subj", "/CN=vnl " + name)
+        with open(os.path.join(d, name + ".ext"), "w") as f:
+            f.write(ext + "\n")
+        ssl("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey", ca + ".key",
+            "-CAcreateserial", "-out", name + ".pem", "-days", "2", "-extfile", name + ".ext")
+    for name in ("ca", "server", "client", "stranger"):
+        files[name + "_cert" if name != "ca" else "ca"] = os.path.join(d, name + ".pem")
+        files[name + "_key"] = os.path.join(d, name + ".key")
+    return files
+
+
+def test_metrics_over_tls_only_for_clients_with_a_certificate(lab, traces, prometheus):
+    import ssl
+    d = tempfile.mkdtemp(prefix="vnl-pki-")
+    try:
+        pki = make_pki(d)
+        os.chmod(d, 0o755)
+        for f in os.listdir(d):
+            os.chmod(os.path.join(d, f), 0o644)     # Prometheus runs as this user here
+        port = free_port()
+        t = traces("--phy-dev", PHY, "--protocol", "icmp", "--mode", "histogram",
+                   "--interval", "1", "--quiet", "--prometheus", "127.0.0.1:%d" % port,
+                   "--prometheus-tls-cert", pki["server_cert"], "--prometheus-tls-key",
+                   pki["server_key"], "--prometheus-client-ca", pki["ca"])
+        prom = prometheus(port, tls={"ca": pki["ca"], "client_cert": pki["client_cert"],
+                                     "client_key": pki["client_key"]})
+        ping(lab.vm, 4)
+        sel = 'vm_network_latency_seconds_count{vm="%s",segment="total",direction="rx"}' \
+            % Lab.GUEST_NAME
+        assert prom.wait_value(sel, 4) == 4, prom.query("up")
+        assert prom.value('up{job="vnl"}') == 1
+        url = "https://127.0.0.1:%d/metrics" % port
+
+        def fetch(cert=None, key=None):
+            ctx = ssl.create_default_context(cafile=pki["ca"])
+            if cert:
+                ctx.load_cert_chain(cert, key)
+            return urllib.request.urlopen(url, context=ctx, timeout=10).read().decode()
+        assert sel.split("{")[0] in fetch(pki["client_cert"], pki["client_key"])
+        for cert, key in ((None, None), (pki["stranger_cert"], pki["stranger_key"])):
+            with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+                fetch(cert, key)
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10).read()
+        assert prom.value('up{job="vnl"}') == 1      # the refused ones did it no harm
+        t.stop()
+        assert t.returncode == 0 and "Traceback" not in t.stderr, t.stderr
+    finally:
+        shutil.rmtree(d)
+
+
+def test_a_bad_certificate_is_refused_before_any_bpf(tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not a certificate\n")
+    r = run_tool("--mode", "histogram", "--prometheus", "%d" % free_port(),
+                 "--prometheus-tls-cert", str(cert), "--prometheus-tls-key", str(cert),
+                 "--verbose", "--timeout", "1", timeout=60)
+    assert r.returncode == 2 and "--prometheus-tls-cert %s" % cert in r.stderr
+    assert "Traceback" not in r.stderr and "struct layouts" not in r.stderr

@@ -651,13 +651,23 @@ def test_replay_names_come_from_the_recording_not_this_machine(tool, tmp_path):
 
 def test_a_recording_cut_short_by_a_full_disk_replays_what_it_has(tool, tmp_path):
     path = str(tmp_path / "cut.vnl")
-    write_recording(tool, path, valid_lines(tool) + [
-        {"kind": "truncated", "why": "No space left on device"}], final=False)
+    # the mark overwrites the line the recorder keeps in reserve, after the meta
+    write_recording(tool, path, [{"kind": "truncated", "why": "No space left on device",
+                                  "after_line": 9}] + valid_lines(tool), final=False)
     status, out, err = run_main(tool, ["--read-events", path, "--output", "json"])
     assert status == 0 and [json.loads(l)["type"] for l in out.splitlines()] == \
         ["packet", "packet"]
-    assert len(err.splitlines()) == 1 and "cut short at line 9 (No space left on " \
+    assert len(err.splitlines()) == 1 and "cut short after line 9 (No space left on " \
         "device)" in err and "no summary" in err
+    for lines, after, why in [
+            (valid_lines(tool) + [recording_final(tool)], 10,
+             "line 10: final counters in a recording that was cut short"),
+            (valid_lines(tool) + [{"kind": "comm", "key": 9, "name": "x"}] * 3, 9,
+             "line 10: comm after the line where the recording was cut short")]:
+        write_recording(tool, path, [{"kind": "truncated", "why": "disk full",
+                                      "after_line": after}] + lines, final=False)
+        status, out, err = run_main(tool, ["--read-events", path])
+        assert status == 2 and why in err, err
 
 
 def test_replay_into_a_closed_pipe_ends_quietly(tool, recording_dir):

@@ -172,6 +172,29 @@ BAD_INPUT = [
     (["--per-vm"], "--per-vm splits the histograms by VM: it needs --mode histogram"),
     (["--list-vms", "--protocol", "tcp"], "--list-vms only lists the VMs"),
     (["--vm-d", "vnltap0"], "unrecognized arguments"),     # no abbreviations
+    (["--latency-threshold", "1e308"], "more than a day"),
+    (["--latency-threshold", "inf"], "zero or a positive"),
+    (["--read-events", ""], "--read-events: the file name is empty"),
+    (["--write-events", ""], "--write-events: the file name is empty"),
+    (["--mode", "histogram", "--prometheus-textfile", ""],
+     "--prometheus-textfile: the file name is empty"),
+    (["--btf", ""], "--btf: the file name is empty"),
+    (["--btf", "/dev/zero", "--dry-run"], "--btf /dev/zero: not a regular file"),
+    (["--write-events", "/tmp/x.vnl", "--dry-run"], "--write-events records a trace: "
+                                                    "not with --dry-run"),
+    (["--write-events", "/tmp", "--timeout", "1"], "--write-events /tmp: Is a directory"),
+    (["--write-events", "/no/such/dir/x.vnl", "--btf", "/no/such/vmlinux"],
+     "--write-events /no/such/dir/x.vnl: No such file"),   # opened before anything else
+    (["--mode", "histogram", "--prometheus-tls-cert", "c.pem"],
+     "--prometheus-tls-cert secures the metrics endpoint: it needs --prometheus"),
+    (["--mode", "histogram", "--prometheus", "9999", "--prometheus-tls-cert", "c.pem"],
+     "--prometheus-tls-cert and --prometheus-tls-key go together"),
+    (["--mode", "histogram", "--prometheus", "9999", "--prometheus-client-ca", "ca.pem"],
+     "--prometheus-client-ca checks clients over TLS"),
+    (["--mode", "histogram", "--vm-table-size", "1000"],
+     "--vm-table-size sizes the per-VM counts: it needs --per-vm"),
+    (["--mode", "histogram", "--per-vm", "--vm-table-size", "10"], "outside 64-4194304"),
+    (["--forget-after", "0", "--mode", "histogram", "--per-vm"], "positive"),
 ]
 
 
@@ -184,6 +207,8 @@ def test_bad_input_exits_2_with_one_clear_line(argv, message):
     errors = [l for l in r.stderr.splitlines() if "error:" in l]
     assert len(errors) == 1, r.stderr
     assert r.stdout == ""
+    # what is wrong and where help is: never argparse's whole usage (16 lines)
+    assert len(r.stderr.splitlines()) <= 2, r.stderr
 
 
 def test_not_root_exits_2():
@@ -451,3 +476,89 @@ def test_runs_on_python_36_and_newer():
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        universal_newlines=True)
     assert r.returncode == 0, r.stdout
+
+
+# ---------------------------------------------------------------------------
+# Files the tool writes as root
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def users_dir():
+    """A directory of an unprivileged user's (nobody's), as a home directory is: what
+    is in it that user made, and root writes there when asked to."""
+    d = tempfile.mkdtemp(prefix="vnl-user-")
+    os.chown(d, 65534, 65534)
+    victim = tempfile.NamedTemporaryFile(prefix="vnl-root-", delete=False)
+    victim.write(b"root's own file\n")
+    victim.close()
+    os.chmod(victim.name, 0o600)
+    yield d, victim.name
+    shutil.rmtree(d)
+    os.unlink(victim.name)
+
+
+def as_user(*argv):
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] +
+                          list(argv), check=True)
+
+
+def stops_early():
+    """Options that make the tool stop, exit 2, right after it opened its files."""
+    return ["--vm", "no-such-vm-for-this-test", "--timeout", "1"]
+
+
+def test_write_events_never_follows_a_symlink(users_dir):
+    d, victim = users_dir
+    link = os.path.join(d, "run.vnl")
+    as_user("ln", "-s", victim, link)
+    r = run_tool(*(["--write-events", link] + stops_early()))
+    assert r.returncode == 2 and "a symbolic link, which the tool does not follow" in r.stderr
+    with open(victim, "rb") as f:
+        assert f.read() == b"root's own file\n"
+    assert os.path.islink(link)
+
+
+def test_write_events_leaves_another_users_file_alone(users_dir):
+    d, _victim = users_dir
+    planted = os.path.join(d, "run.vnl")
+    as_user("sh", "-c", "umask 0; echo planted > %s" % planted)
+    r = run_tool(*(["--write-events", planted] + stops_early()))
+    assert r.returncode == 2 and "belongs to another user (uid 65534): not overwritten" \
+        in r.stderr
+    with open(planted) as f:
+        assert f.read() == "planted\n"
+
+
+def test_write_events_refuses_a_hard_link_of_roots(users_dir):
+    d, victim = users_dir
+    link = os.path.join(d, "run.vnl")
+    os.link(victim, link)           # (root can; protected_hardlinks stops other users)
+    r = run_tool(*(["--write-events", link] + stops_early()))
+    assert r.returncode == 2 and "other hard links" in r.stderr
+    with open(victim, "rb") as f:
+        assert f.read() == b"root's own file\n"
+
+
+def test_a_recording_is_private_to_root(users_dir):
+    d, _victim = users_dir
+    new = os.path.join(d, "new.vnl")
+    r = run_tool(*(["--write-events", new] + stops_early()))
+    assert r.returncode == 2 and "no running VM" in r.stderr     # (opened first)
+    st = os.stat(new)
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+    os.chmod(new, 0o644)                # an old one, readable by all: made private again
+    run_tool(*(["--write-events", new] + stops_early()))
+    assert os.stat(new).st_mode & 0o777 == 0o600
+
+
+def test_the_textfile_is_written_through_no_link(tool, users_dir):
+    """--prometheus-textfile replaces the file by a rename: a symbolic link at its path
+    is replaced, never followed; the temporary file has a name nobody can guess."""
+    d, victim = users_dir
+    path = os.path.join(d, "vm.prom")
+    os.symlink(victim, path)
+    tool.write_file_atomically(path, b"# metrics\n")
+    with open(victim, "rb") as f:
+        assert f.read() == b"root's own file\n"
+    assert not os.path.islink(path) and open(path).read() == "# metrics\n"
+    assert os.stat(path).st_mode & 0o777 == 0o644 and os.listdir(d) == ["vm.prom"]

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import PYTHON, TOOL
 from lab import Lab
+from tapwriter import TapWriter, ether, ipv4, udp
 from tracing import Capture, exact_percentile, wait_qdisc_empty
 
 TAP, PHY = Lab.TAP, Lab.PHY
@@ -289,6 +290,78 @@ def test_every_stop_detaches_and_summarises(lab, traces, how):
     assert "Traceback" not in t.stderr
     assert t.summary()["reported"] == 2
     assert t.prog_ids and t.leftover_programs() == []
+
+
+def test_a_sighup_ignored_at_start_stays_ignored(lab, traces):
+    """nohup's run goes on at logout: the SIGHUP it ignores, the tool ignores too."""
+    t = traces(*DEVS, pre=["nohup"])
+    t.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert t.proc.poll() is None, t.stderr
+    guest_ok(lab, "ping -c 2 -i 0.2 -W 2 %s" % REMOTE)
+    t.stop(signal.SIGINT)
+    assert t.returncode == 0 and t.summary()["reported"] == 4
+
+
+def test_ctrl_c_before_tracing_exits_130():
+    proc = subprocess.Popen([PYTHON, TOOL] + list(DEVS), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    time.sleep(0.3)                 # long before BCC's compile is done
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Tracing" not in err and "Traceback" not in err, err
+    assert proc.returncode == 130
+
+
+def test_a_named_tap_recreated_while_tracing_is_followed(lab, traces):
+    """--vm-dev names a tap; the VM restarts, its tap is made again (a new ifindex):
+    the tool follows the new one."""
+    stand_in, mac, ip = "vnltap1", "52:54:00:77:00:09", "10.77.0.9"
+    frame = ether(Lab.REMOTE_MAC, mac, 0x0800, ipv4(ip, REMOTE, 17, udp(40530, 9530, b"x")))
+    with TapWriter(stand_in, Lab.BRIDGE) as writer:
+        t = traces("--vm-dev", stand_in, "--phy-dev", PHY, "--direction", "tx")
+        subprocess.run(["bridge", "fdb", "replace", mac, "dev", stand_in, "master",
+                        "static"], check=True)
+        for _ in range(3):
+            writer.write(frame)
+    with TapWriter(stand_in, Lab.BRIDGE) as writer:
+        subprocess.run(["bridge", "fdb", "replace", mac, "dev", stand_in, "master",
+                        "static"], check=True)
+        time.sleep(1.5)             # the tool's device refresh (1 s)
+        for _ in range(4):
+            writer.write(frame)
+        t.stop()
+    assert len(t.packets(vm_dev=stand_in)) == 7, t.stderr
+
+
+def test_a_full_disk_cuts_the_recording_not_the_run(lab, traces, tmp_path):
+    """The recording's file system fills up: one warning, tracing goes on to its
+    summary, and the recording replays what it holds, marked as cut short."""
+    mnt = str(tmp_path / "small")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt], check=True)
+    try:
+        rec = os.path.join(mnt, "run.vnl")
+        sink = lab.start_udp_sink(9110)
+        t = traces(*(DEVS + ("--protocol", "udp", "--write-events", rec)), output="text")
+        guest_ok(lab, "vnl-traffic udp %s 9110 1000 40012" % REMOTE)
+        assert sink.wait_count(1000) == 1000
+        sink.stop()
+        t.stop()
+        assert t.returncode == 0, t.stderr
+        warnings = [l for l in t.stderr.splitlines() if "--write-events" in l]
+        assert len(warnings) == 1 and "No space left on device" in warnings[0], t.stderr
+        assert "Summary: 1000 packets reported" in t.stdout
+        replay = subprocess.run([PYTHON, TOOL, "--read-events", rec],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=60)
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+    assert replay.returncode == 0, replay.stderr
+    assert "cut short after line" in replay.stderr and "No space left" in replay.stderr
+    replayed = replay.stdout.splitlines()
+    assert 0 < len(replayed) < len(t.stdout.splitlines())
+    assert replayed == t.stdout.splitlines()[:len(replayed)]      # what it has, exact
 
 
 def test_verbose_says_what_is_attached_and_where_layouts_come_from(lab, traces):

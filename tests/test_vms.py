@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from conftest import run_tool
+from conftest import PYTHON, TOOL, run_tool
 from lab import Lab
-from tapwriter import TapWriter, ether, ipv4, udp
+from tapwriter import TapHolder, TapWriter, ether, ipv4, udp
 
 TAP, PHY, BRIDGE = Lab.TAP, Lab.PHY, Lab.BRIDGE
 REMOTE = Lab.REMOTE_IP
@@ -165,3 +165,139 @@ def test_a_tap_held_by_another_process_has_no_vm_name(lab, traces):
     assert all((r["vm"], r["vm_uuid"], r["vm_pid"]) == (None, None, os.getpid())
                for r in recs), recs[0]
     assert "Traceback" not in t.stderr
+
+
+# --- what a tenant controls: its VM's name, its process's name, the tap's name ---
+
+HOSTILE_NAME = "\x1b]0;pwned\x07evil\x1b[2J\rvm-" + "x" * 70
+HOSTILE_COMM = "q\x1b[2Jemu"
+
+
+def terminal_safe(text):
+    return all(c == "\n" or c.isprintable() for c in text)
+
+
+@pytest.fixture
+def hostile_vm(lab):
+    """A stand-in VM on a tap named with an escape sequence, its process started with a
+    -name full of them and named with one: (holder, its MAC, its IP)."""
+    tap, mac, ip = Lab.HOSTILE_TAP, "52:54:00:77:00:0a", "10.77.0.10"
+    holder = TapHolder(tap, ["-name", "guest=%s,debug-threads=on" % HOSTILE_NAME],
+                       comm=HOSTILE_COMM)
+    try:
+        for cmd in (["ip", "link", "set", tap, "master", BRIDGE], ["ip", "link", "set", tap,
+                                                                  "up"],
+                    ["bridge", "fdb", "replace", mac, "dev", tap, "master", "static"]):
+            subprocess.run(cmd, check=True)
+        yield holder, mac, ip
+    finally:
+        holder.close()
+        subprocess.run(["ip", "link", "del", tap], stderr=subprocess.DEVNULL)
+
+
+def test_hostile_names_reach_no_terminal_raw(lab, traces, hostile_vm):
+    """Every text path: --list-vms, detailed records and the summary, per-VM histograms,
+    an error naming the running VMs, --verbose."""
+    holder, mac, ip = hostile_vm
+    frame = ether(Lab.REMOTE_MAC, mac, 0x0800, ipv4(ip, REMOTE, 17, udp(40510, 9510, b"x")))
+    listed = run_tool("--list-vms")
+    refused = run_tool("--vm", "no-such-vm", "--timeout", "1")
+    assert refused.returncode == 2 and "no running VM is named" in refused.stderr
+    detailed = traces("--vm-dev", Lab.HOSTILE_TAP, "--phy-dev", PHY, "--direction", "tx",
+                      "--verbose", output="text")
+    hist = traces("--phy-dev", PHY, "--direction", "tx", "--protocol", "udp", "--mode",
+                  "histogram", "--per-vm", "--interval", "60", output="text")
+    for _ in range(3):
+        holder.write(frame)
+    detailed.stop()
+    hist.stop()
+    texts = {"--list-vms": listed.stdout, "the error": refused.stderr,
+             "records": detailed.stdout, "--verbose": detailed.stderr,
+             "per-VM histograms": hist.stdout}
+    for what, text in texts.items():
+        assert terminal_safe(text), (what, [l for l in text.splitlines()
+                                            if not terminal_safe(l)])
+    escaped = "\\x1b]0;pwned\\x07evil\\x1b[2J\\x0dvm-"
+    assert escaped in listed.stdout and escaped in refused.stderr
+    assert "q\\x1b[2Jemu" in listed.stdout and "vnl\\x1b[7mX" in listed.stdout
+    firsts = [l for l in detailed.stdout.splitlines() if l.startswith("[")]
+    assert len(firsts) == 3 and all(escaped in l and "vnl\\x1b[7mX" in l and "..." in l
+                                    for l in firsts), firsts
+    assert "x" * 70 not in detailed.stdout          # a name's length is capped
+    assert "VM %s" % escaped in hist.stdout
+    assert "vnl\\x1b[7mX" in detailed.stderr        # --verbose names the devices
+    # JSON keeps the name whole, escaped as JSON escapes it
+    listed = run_tool("--list-vms", "--output", "json")
+    assert terminal_safe(listed.stdout)
+    assert HOSTILE_NAME in [json.loads(l)["name"] for l in listed.stdout.splitlines()]
+
+
+def test_a_tap_of_the_same_name_in_another_namespace_claims_no_vm(lab, traces):
+    """A process in another network namespace holds a tap named as the host's stand-in
+    VM's, and claims a VM name: the host's tap keeps its own holder (unnamed here)."""
+    stand_in, mac, ip = "vnltap1", "52:54:00:77:00:09", "10.77.0.9"
+    subprocess.run(["ip", "netns", "add", "vnl-evil"], check=True)
+    try:
+        with TapWriter(stand_in, BRIDGE) as writer, \
+                TapHolder(stand_in, ["-name", "evil-vm"], netns="vnl-evil") as evil:
+            # the other namespace has its own vnltap1, held by the claimant
+            ns_taps = subprocess.run(["ip", "netns", "exec", "vnl-evil", "ip", "-o", "link"],
+                                     stdout=subprocess.PIPE, universal_newlines=True).stdout
+            assert stand_in in ns_taps
+            listed = run_tool("--list-vms", "--output", "json")
+            t = traces("--vm-dev", stand_in, "--phy-dev", PHY, "--direction", "tx")
+            subprocess.run(["bridge", "fdb", "replace", mac, "dev", stand_in, "master",
+                            "static"], check=True)
+            frame = ether(Lab.REMOTE_MAC, mac, 0x0800,
+                          ipv4(ip, REMOTE, 17, udp(40520, 9520, b"x")))
+            for _ in range(3):
+                writer.write(frame)
+            t.stop()
+            assert evil.proc.poll() is None
+    finally:
+        subprocess.run(["ip", "netns", "del", "vnl-evil"], check=False)
+    vms = [json.loads(l) for l in listed.stdout.splitlines()]
+    assert "evil-vm" not in [v["name"] for v in vms], vms
+    mine = [v for v in vms if {"dev": stand_in, "switch": BRIDGE} in v["taps"]]
+    assert [(v["name"], v["pid"]) for v in mine] == [(None, os.getpid())], vms
+    recs = t.packets()
+    assert len(recs) == 3 and all((r["vm"], r["vm_pid"]) == (None, os.getpid())
+                                  for r in recs), recs[0]
+
+
+def _as_nobody(*argv):
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           PYTHON, TOOL] + list(argv), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+
+def test_a_replay_after_the_vm_is_gone_is_the_live_run(lab, traces, recording_dir):
+    """Record 10 pings of a named VM, let the VM exit (its QEMU process gone, its tap
+    removed), replay as an unprivileged user: text and JSON exactly as printed live,
+    names included, none looked up on this machine."""
+    vm, ip = lab.add_guest(7, "gone-07")
+    qemu_pid = vm.qemu.pid
+    runs = {}
+    try:
+        for output in ("json", "text"):
+            rec = os.path.join(recording_dir, "%s.vnl" % output)
+            runs[output] = (rec, traces("--vm", "gone-07", "--phy-dev", PHY, "--protocol",
+                                        "icmp", "--write-events", rec, output=output))
+        rc, out = vm.guest("ping -c 10 -i 0.2 -W 2 %s" % REMOTE)
+        assert rc == 0 and "10 packets received" in out, out
+        for _rec, t in runs.values():
+            t.stop()
+    finally:
+        lab.remove_guest(vm)
+    assert not os.path.exists("/proc/%d" % qemu_pid)
+    for output, (rec, t) in runs.items():
+        assert t.returncode == 0, t.stderr
+        assert os.stat(rec).st_mode & 0o777 == 0o600     # every packet's addresses
+        os.chmod(rec, 0o644)                              # shared, as with a ticket
+        replay = _as_nobody("--read-events", rec, "--output", output)
+        assert replay.returncode == 0 and replay.stderr == "", replay.stderr
+        assert replay.stdout == t.stdout
+    recs = runs["json"][1].packets()
+    assert len(recs) == 20 and all((r["vm"], r["comm"]) == ("gone-07", "qemu-system-x86")
+                                   for r in recs), recs[0]
+    assert all(r["thread"] not in (None, "?") for r in recs)

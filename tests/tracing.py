@@ -21,12 +21,13 @@ from procs import stop_with_parent   # the tool runs in a session of its own: a 
 class Trace(object):
     """The real tool, attached and tracing until stop()."""
 
-    def __init__(self, *args, output="json", ready_timeout=90):
+    def __init__(self, *args, output="json", ready_timeout=90, pre=()):
         self.args = list(args)
         self.dir = tempfile.mkdtemp(prefix="vnl-trace-")
         self.out_path = os.path.join(self.dir, "stdout")
         self.err_path = os.path.join(self.dir, "stderr")
-        argv = [PYTHON, TOOL, "--output", output] + [str(a) for a in args]
+        # pre: a command the tool runs under (nohup, setpriv)
+        argv = list(pre) + [PYTHON, TOOL, "--output", output] + [str(a) for a in args]
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
