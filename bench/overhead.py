@@ -105,6 +105,14 @@ TOOL_ARGS = {
     "tool_keepup": ["--vm-dev", FAST_TAP, "--phy-dev", SINK, "--output", "json",
                     "--mode", "detailed"],
 }
+# the soaks: is resident memory flat once warm, at full rate for half an hour?
+SOAK_PORT = 9478
+SOAK_ARGS = {
+    "histogram": DEVS + ["--mode", "histogram", "--interval", "1"],
+    "exporter": DEVS + ["--mode", "histogram", "--interval", "1", "--quiet",
+                        "--prometheus", "127.0.0.1:%d" % SOAK_PORT],
+}
+SOAK_SAMPLE_S = 10
 STATS_CONFIGS = ["tool_hist", "tool_hist_raw", "tool_detail", "tool_filtered",
                  "tool_sample", "floor", "floor_empty", "floor_clock"]
 # the floor's program on its four tracepoints, and its two variants that measure what
@@ -167,8 +175,21 @@ def parse_args(argv):
     g.add_argument("--rev", help="measure the tool as committed at git revision REV "
                                  "(read with 'git show', the working tree is not touched)")
     p.add_argument("--max-seconds", type=pos, default=900,
-                   help="hard limit for the whole run (default 900)")
-    return p.parse_args(argv)
+                   help="hard limit for the whole run (default 900; a soak adds its own)")
+    p.add_argument("--soak", type=pos, metavar="MINUTES",
+                   help="instead of the cost runs: histogram mode (--interval 1) at full "
+                        "rate for MINUTES, its resident memory sampled every %d s, and "
+                        "its growth after warm-up reported; then the same as an exporter "
+                        "(--prometheus, scraped every second)" % SOAK_SAMPLE_S)
+    p.add_argument("--soak-configs", default="histogram,exporter", metavar="C[,C]",
+                   help="which soaks (default histogram,exporter)")
+    args = p.parse_args(argv)
+    args.soak_configs = args.soak_configs.split(",")
+    if set(args.soak_configs) - set(SOAK_ARGS):
+        p.error("--soak-configs: one of %s" % ", ".join(sorted(SOAK_ARGS)))
+    if args.soak:
+        args.max_seconds += args.soak * 60 * len(args.soak_configs) + 120
+    return args
 
 
 # ------------------------------------------------------------------ the machine
@@ -774,6 +795,61 @@ def measure_all(args, bench, gen):
     return raw
 
 
+def vm_rss_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def soak(args, bench, gen, cfg):
+    """One soak: the tool attached for args.soak minutes while the generator floods
+    back to back; its resident memory every SOAK_SAMPLE_S seconds (an exporter is
+    scraped every second meanwhile, as Prometheus would)."""
+    import threading
+    import urllib.request
+    log("soak %s: %d minutes at full rate" % (cfg, args.soak))
+    t = Tracer([PY, bench.tool] + SOAK_ARGS[cfg], bench.work, "soak-" + cfg, r"^Tracing")
+    done = threading.Event()
+    flooded = [0]
+
+    def flood():
+        while not done.is_set():
+            r = gen.flood(args.frames, args.ports)
+            flooded[0] += int(r.get("frames", args.frames))
+
+    def scrape():
+        while not done.wait(1.0):
+            try:
+                urllib.request.urlopen("http://127.0.0.1:%d/metrics" % SOAK_PORT,
+                                       timeout=5).read()
+            except OSError as e:
+                log("scrape failed: %s" % e)
+    threads = [threading.Thread(target=flood)] + \
+        ([threading.Thread(target=scrape)] if cfg == "exporter" else [])
+    for th in threads:
+        th.daemon = True
+        th.start()
+    start, samples = time.monotonic(), []
+    try:
+        while time.monotonic() - start < args.soak * 60:
+            time.sleep(SOAK_SAMPLE_S)
+            samples.append([round(time.monotonic() - start, 1), vm_rss_kb(t.pid)])
+            if len(samples) % 6 == 0:
+                log("soak %s: %4.0f s, resident %s kB" % (cfg, samples[-1][0], samples[-1][1]))
+    finally:
+        done.set()
+        for th in threads:
+            th.join(120)
+        t.stop()
+    summary = tool_summary(t)
+    return {"config": cfg, "argv": SOAK_ARGS[cfg], "minutes": args.soak,
+            "sample_s": SOAK_SAMPLE_S, "frames": flooded[0], "samples": samples,
+            "reported": summary and summary.get("reported"),
+            "lost": summary and summary.get("lost")}
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if os.geteuid() != 0:
@@ -802,7 +878,11 @@ def main(argv=None):
         stop_leftover_generators()
         gen, fast, lab = lab_up(gen_binary, work)
         bench = Bench(args, work, tool, gen, fast, lab, tool_offsets(tool))
-        raw = measure_all(args, bench, gen)
+        if args.soak:
+            raw = {"kernel": os.uname().release, "cpus": os.cpu_count(),
+                   "soak": [soak(args, bench, gen, cfg) for cfg in args.soak_configs]}
+        else:
+            raw = measure_all(args, bench, gen)
         raw.update(tool=desc, tool_sha256_prefix=sha,
                    total_seconds=round(time.monotonic() - START, 1))
         result = report.analyse(raw)

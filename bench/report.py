@@ -261,7 +261,57 @@ def targets(res, keepup, startup_med, hwm_max_mb):
     return out
 
 
+SOAK_WARMUP_S = 120     # a soak's first two minutes: compiling, first tables, caches
+
+
+def soak_results(raw_soak):
+    """Resident memory of each soak: at the end of warm-up, at the end, the highest
+    after warm-up, and the growth after warm-up (end minus warm-up, and the slope of a
+    least-squares line through the samples after it, kB per minute)."""
+    out = []
+    for s in raw_soak:
+        after = [(t, kb) for t, kb in s["samples"] if t >= SOAK_WARMUP_S and kb]
+        res = dict((k, s[k]) for k in ("config", "argv", "minutes", "frames", "reported",
+                                       "lost"))
+        res["rate"] = s["frames"] / (60.0 * s["minutes"]) if s["minutes"] else None
+        if len(after) >= 2:
+            n = len(after)
+            mt = sum(t for t, _ in after) / n
+            mk = sum(kb for _, kb in after) / n
+            var = sum((t - mt) ** 2 for t, _ in after)
+            slope = sum((t - mt) * (kb - mk) for t, kb in after) / var if var else 0.0
+            res.update(warm_kb=after[0][1], end_kb=after[-1][1],
+                       max_kb=max(kb for _, kb in after), growth_kb=after[-1][1] - after[0][1],
+                       slope_kb_per_min=slope * 60)
+        out.append(res)
+    return out
+
+
+def render_soak(result):
+    lines = ["", "tool: %s (sha256 %s...)" % (result["tool"], result["tool_sha256_prefix"]),
+             "soak: resident memory at full rate; warm-up is the first %d s; kernel %s, "
+             "%s CPUs" % (SOAK_WARMUP_S, result["kernel"], result["cpus"]), ""]
+    P = lines.append
+    P("%-10s %7s %12s %10s %10s %10s %11s %12s" % (
+        "config", "minutes", "frames/s", "warm MB", "end MB", "max MB", "growth kB",
+        "kB/minute"))
+    for r in result["soak"]:
+        P("%-10s %7d %12s %10s %10s %10s %11s %12s" % (
+            r["config"], r["minutes"], fmt(r["rate"]), fmt(r.get("warm_kb", 0) / 1024.0,
+                                                            "{:.1f}"),
+            fmt(r.get("end_kb", 0) / 1024.0, "{:.1f}"), fmt(r.get("max_kb", 0) / 1024.0,
+                                                            "{:.1f}"),
+            fmt(r.get("growth_kb"), "{:+,.0f}"), fmt(r.get("slope_kb_per_min"), "{:+.1f}")))
+    for r in result["soak"]:
+        P("  %s: %s" % (r["config"], " ".join(r["argv"])))
+    return "\n".join(lines)
+
+
 def analyse(raw):
+    if "soak" in raw:
+        return {"tool": raw.get("tool"), "tool_sha256_prefix": raw.get("tool_sha256_prefix"),
+                "kernel": raw["kernel"], "cpus": raw["cpus"],
+                "soak": soak_results(raw["soak"]), "total_seconds": raw.get("total_seconds")}
     frames = raw["frames"]
     res = config_results(raw["runs"], frames)
     add_min, min_view = min_based(res)
@@ -291,6 +341,8 @@ def summaries(result, cfg, key):
 
 
 def render(result):
+    if "soak" in result:
+        return render_soak(result)
     res = result["configs"]
     lines = []
     P = lines.append

@@ -562,3 +562,17 @@ def test_the_textfile_is_written_through_no_link(tool, users_dir):
         assert f.read() == b"root's own file\n"
     assert not os.path.islink(path) and open(path).read() == "# metrics\n"
     assert os.stat(path).st_mode & 0o777 == 0o644 and os.listdir(d) == ["vm.prom"]
+
+
+def test_list_stages_with_dry_run_says_what_this_kernel_has(tool):
+    """--dry-run plans every probe point as if it existed (for the verifier); with
+    --list-stages it must not: a kernel without kprobes has no bridge stage."""
+    kprobes, _why = tool.kprobes_available()
+    r = run_tool("--list-stages", "--dry-run", "--output", "json")
+    assert r.returncode == 0, r.stderr
+    by = dict((s["name"], s) for s in map(json.loads, r.stdout.splitlines()))
+    plain = dict((s["name"], s) for s in map(json.loads, run_tool(
+        "--list-stages", "--output", "json").stdout.splitlines()))
+    assert by == plain
+    if not kprobes:
+        assert by["bridge"]["method"] is None and "no kprobe support" in by["bridge"]["reason"]
