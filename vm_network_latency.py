@@ -63,12 +63,14 @@ import threading
 import time
 from collections import namedtuple
 
-VERSION = "1.0"
-DEFAULT_BTF = "/sys/kernel/btf/vmlinux"   # the running kernel's own BTF
 
 # ============================================================================
 # Command line
 # ============================================================================
+
+VERSION = "1.0"
+
+DEFAULT_BTF = "/sys/kernel/btf/vmlinux"   # the running kernel's own BTF
 
 EXAMPLES = """examples:
   # every VM packet, both directions, one record per packet
@@ -106,7 +108,9 @@ EXAMPLES = """examples:
 
 # IP protocol numbers (PROTO_* in C); names as tcpdump's: icmp is ICMPv4, icmp6 ICMPv6
 PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58}
+
 PROTO_NAMES = dict((v, k) for k, v in PROTOCOLS.items())
+
 PROTOCOL_CHOICES = ["tcp", "udp", "icmp", "icmp6", "all"]
 
 
@@ -144,6 +148,11 @@ def shown_name(text):
     return printable(text, NAME_LIMIT)
 
 
+def log(msg):
+    sys.stderr.write(printable(msg) + "\n")
+    sys.stderr.flush()
+
+
 def _int_in(lo, hi, what):
     """An argparse type: a whole number from lo to hi."""
     def parse(text):
@@ -158,6 +167,7 @@ def _int_in(lo, hi, what):
 
 
 _port = _int_in(1, 65535, "port number")
+
 _table_size = _int_in(16, 4194304, "table size")
 
 
@@ -420,20 +430,376 @@ def parse_args(argv):
 
 
 # ============================================================================
-# Kernel capabilities and layouts
+# Declarations: the path, the record and the constants both sides share
+# ============================================================================
+
+
+# --- the stages of the path ---
+
+# A stage is one point of the path; the table below owns the path. Its order is the
+# path order of each direction (a stage of "both" directions is on both), a stage's
+# position is its sid (its slot in the record's ts[]), and everything else is derived
+# from it: the path order, the start and the end of each direction, the tracepoints to
+# look for, the C handler each attach point calls.
+#   hook      what the stage's C does (HOOK_HANDLERS):
+#     start    the packet enters the path here: parse, filter, start tracking
+#     dev      stamp only on a device of this stage's role (tap or physical)
+#     plain    stamp any tracked packet that passes (the bridge)
+#     ovs      the OVS datapath; with upcalls traced it also recognises returned packets
+#     upcall   OVS sends the packet to ovs-vswitchd, which returns a copy
+#     vm_read  the VM's backend reads the frame from the tap: RX ends here
+#     host_rcv the host's own stack takes the packet: RX ends here
+#   role      the device role a start/dev stage stamps on ("vm": tap, "phy": physical)
+#   end       where a direction's path ends: 1 first choice, 2, 3 if that is not traced
+#   module    the kernel module without which the stage does not exist
+#   kprobes   [(function, argument number of the skb)]: each one found is attached
+#   tracepoint (category, name, argument number of the skb)
+Stage = namedtuple("Stage", "name sid direction hook role end module kprobes tracepoint "
+                            "meaning")
+
+
+def _stages(*rows):
+    return [Stage(row[0], sid, *row[1:]) for sid, row in enumerate(rows)]
+
+
+STAGES = _stages(
+    ("tap_rx", "tx", "start", "vm", None, None, [("__netif_receive_skb", 1)],
+     ("net", "netif_receive_skb", 0),
+     "the host receives the VM's frame from its tap (tun_get_user -> netif_receive_skb)"),
+    ("phy_rx", "rx", "start", "phy", None, None, [("__netif_receive_skb", 1)],
+     ("net", "netif_receive_skb", 0),
+     "the host receives the frame from the physical NIC (a tunnel's: the outer frame)"),
+    # decap: the tracepoint only: a tunnel hands its inner frames over through GRO
+    # cells, in lists, which the __netif_receive_skb kprobe never sees
+    ("decap", "rx", "start", "tun", None, None, [],
+     ("net", "netif_receive_skb", 0),
+     "the tunnel device (VXLAN, Geneve) receives the inner frame, decapsulated"),
+    ("bridge", "both", "plain", None, None, "bridge", [("br_forward", 2)], None,
+     "the Linux bridge forwards the frame to its output port"),
+    ("ovs_upcall", "both", "upcall", None, None, "openvswitch",
+     [("ovs_dp_upcall", 2), ("ovs_execute_actions", 2)],
+     ("openvswitch", "ovs_dp_upcall", 1),
+     "OVS had no flow for it: sent to ovs-vswitchd (first packet of a flow)"),
+    ("ovs_dp", "both", "ovs", None, None, "openvswitch", [("ovs_dp_process_packet", 1)],
+     ("openvswitch", "ovs_do_execute_action", 1),
+     "the Open vSwitch kernel datapath processes the frame"),
+    ("encap", "tx", "dev", "tun", None, None, [], ("net", "net_dev_start_xmit", 0),
+     "the tunnel device transmits: encapsulation and the underlay's route follow"),
+    ("phy_queue", "tx", "dev", "phy", 2, None, [("__dev_queue_xmit", 1)],
+     ("net", "net_dev_queue", 0),
+     "queued for the physical NIC (__dev_queue_xmit: qdisc)"),
+    ("phy_xmit", "tx", "dev", "phy", 1, None, [], ("net", "net_dev_start_xmit", 0),
+     "handed to the physical NIC's driver"),
+    ("tap_queue", "rx", "dev", "vm", 3, None, [("__dev_queue_xmit", 1)],
+     ("net", "net_dev_queue", 0),
+     "queued for the VM's tap (__dev_queue_xmit: qdisc)"),
+    ("tap_xmit", "rx", "dev", "vm", 2, None, [("tun_net_xmit", 1)],
+     ("net", "net_dev_start_xmit", 0),
+     "put in the tap's ring for the VM (tun_net_xmit)"),
+    ("vm_read", "rx", "vm_read", None, 1, None, [("skb_copy_datagram_iter", 1)],
+     ("skb", "skb_copy_datagram_iovec", 0),
+     "the VM's backend (QEMU or vhost) reads the frame (tun_put_user)"),
+    ("host_rcv", "rx", "host_rcv", None, None, None,
+     [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1), ("tcp_v6_rcv", 1),
+      ("udpv6_rcv", 1), ("icmpv6_rcv", 1)], None,
+     "delivered to the host's own TCP/UDP/ICMP stack (traffic ending on the host)"),
+)
+
+STAGE_BY_NAME = dict((s.name, s) for s in STAGES)
+
+STAGE_NAMES = [s.name for s in STAGES]
+
+NSTAGES = len(STAGES)
+
+DIRECTIONS = ("tx", "rx")
+
+PATH_ORDER = dict((d, [s.name for s in STAGES if s.direction in (d, "both")])
+                  for d in DIRECTIONS)
+
+START_STAGE = dict((s.direction, s.name) for s in STAGES
+                   if s.hook == "start" and s.role in ("vm", "phy"))
+
+START_SID = [STAGE_BY_NAME[START_STAGE[d]].sid for d in DIRECTIONS]
+
+# the ends of each direction's path, most wanted first (final_stage picks the first traced)
+END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
+                       if s.end and s.direction == d]) for d in DIRECTIONS)
+
+# packets freed before their path's end: how each one's fate is learnt
+FREE_TRACEPOINTS = [("skb", "kfree_skb", "packet dropped (with the kernel's reason)"),
+                    ("skb", "consume_skb", "packet freed normally: it left the path")]
+
+TRACEPOINTS_USED = set(s.tracepoint[1] for s in STAGES if s.tracepoint) | \
+    set(name for _cat, name, _what in FREE_TRACEPOINTS)
+
+# Where auto takes a BTF-typed tracepoint (tp_btf) over a raw one: at the stages that
+# read sk_buff or net_device fields, which a typed program reads with plain loads. Its
+# skb's address, the record's key, costs it a probe read (the verifier allows no
+# arithmetic on a typed pointer), which a raw argument has for free: the stages that
+# only want the key (the VM's read, the frees) stay raw. Measured (bench/overhead.py,
+# 6.18, both ways in one run): netif_receive_skb 232 -> 189 ns a run, net_dev_queue
+# 208-220 -> 185, net_dev_start_xmit 177 -> 179.
+TYPED_HOOKS = ("start", "dev")
+
+# The C handler of each hook. Stages of the same role-split hook ("start", "dev") may
+# share an attach point: the handler gets the sid of each role's stage there (-1: none).
+HOOK_HANDLERS = {"start": "on_receive", "dev": "on_device", "plain": "on_switch",
+                 "ovs": "on_switch", "upcall": "on_upcall", "vm_read": "on_vm_read",
+                 "host_rcv": "on_host_rcv"}
+
+ROLE_SPLIT_HOOKS = ("start", "dev")
+
+OVS_EXECUTE = "on_ovs_execute"   # also recognises a packet ovs-vswitchd sends back
+
+
+# --- constants C and Python share ---
+
+# Constants C and Python share, each declared once (they reach C as #defines).
+# device roles: a tunnel device's role says its kind (ROLE_TUN_VXLAN + kind - 1)
+ROLE_VM, ROLE_PHY, ROLE_TUN_VXLAN, ROLE_TUN_GENEVE = 1, 2, 3, 4
+
+TUNNEL_VXLAN, TUNNEL_GENEVE = 1, 2
+
+TUNNEL_NAMES = {TUNNEL_VXLAN: "vxlan", TUNNEL_GENEVE: "geneve"}
+
+TUNNEL_PORTS = {"vxlan": 4789, "geneve": 6081}      # IANA; devices may use others
+
+DIR_TX, DIR_RX = 0, 1
+
+PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
+
+SHARED_CONSTANTS = [
+    ("ROLE_VM", ROLE_VM), ("ROLE_PHY", ROLE_PHY), ("ROLE_TUN_VXLAN", ROLE_TUN_VXLAN),
+    ("ROLE_TUN_GENEVE", ROLE_TUN_GENEVE), ("TUNNEL_VXLAN", TUNNEL_VXLAN),
+    ("TUNNEL_GENEVE", TUNNEL_GENEVE), ("DIR_TX", DIR_TX), ("DIR_RX", DIR_RX),
+    ("PROTO_ICMP", PROTO_ICMP), ("PROTO_TCP", PROTO_TCP), ("PROTO_UDP", PROTO_UDP),
+    ("PROTO_ICMPV6", PROTO_ICMPV6),
+    ("ERR_EEXIST", errno.EEXIST),
+]
+
+# What happened to packets, counted per direction in the kernel (slot 2 * STAT_x + dir)
+STAT_NAMES = ["started", "completed", "below_threshold", "lost", "dropped", "left_path",
+              "not_tracked", "vanished", "vm_hist_full", "other_vni"]
+
+STAT = dict((n, i) for i, n in enumerate(STAT_NAMES))
+
+FATE_LEFT = 0xffffffff     # reason code in the fates map: freed normally, not dropped
+
+EV_PACKET, EV_DROP = 1, 2
+
+ICMP_ECHO, ICMPV6_ECHO = (0, 8), (128, 129)
+
+HIST_SUB_BITS = 4          # 16 sub-buckets per power of two: percentiles within ~3%
+
+HIST_BUCKETS = 720         # up to 2^47 / 1024 us (about 38 hours); longer ones share the last
+
+VM_HIST_ENTRIES = 131072   # --per-vm: (tap, segment, bucket) counters in use, ~9 MB
+
+VM_HIST_ROW = HIST_BUCKETS + 1   # per tap and segment: the buckets, then the sum of ns
+
+DEVROLE_SLOTS = 65536      # ifindexes below this are looked up in an array, above in a hash
+
+INFLIGHT_WAYS = 4          # slots per hash of an sk_buff address in the in-flight table
+
+INFLIGHT_EXAMPLES = 10     # packets still in flight at the end that the summary shows
+
+# 2 MB of ring buffer: ~14,000 events, a quarter second at 50,000 packets/s; user space
+# maps it twice (for wrap-around), so it counts double in resident memory
+RINGBUF_PAGES = 512
+
+# the reader is woken at every WAKE_EVERY-th event of a CPU (and drains every 100 ms):
+# far below the ring's ~14,000 events, far above one wake-up per packet
+WAKE_EVERY = 64
+
+PERF_BUFFER_PAGES = 256
+
+
+# --- the per-packet record ---
+
+# The per-packet record, declared once: the C struct (one per packet in flight, also
+# the event sent to user space) and the Python decoder are both generated from it.
+# (name, C type, count, what it holds). First what differs from packet to packet,
+# then, from KIND_FROM to the end, what makes a packet's kind: detailed mode's reader
+# looks up its output template by those bytes, in one piece. Every field at an offset
+# that is a multiple of its size: no padding inside (record_struct() checks).
+RECORD_FIELDS = [
+    ("ts", "u64", NSTAGES, "when each stage saw the packet, 0 = not seen"),
+    ("location", "u64", 1, "drop events: where the kernel freed it"),
+    ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
+    ("ip_id", "u16", 1, "IPv4 identification"),
+    ("seen", "u16", 1, "bit 1 << stage set for each stage that saw it"),
+    ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
+    ("vm_ifindex", "u32", 1, "the tap"),
+    ("phy_ifindex", "u32", 1, "the physical device"),
+    ("pid", "u32", 1, "VM side: the process that wrote (tx) or read (rx) it"),
+    ("tid", "u32", 1, "and its thread"),
+    ("vni", "u32", 1, "tunnel: VXLAN/Geneve network identifier"),
+    ("tun_ifindex", "u32", 1, "tunnel: the tunnel device"),
+    ("saddr", "u8", 16, "source address, network order (IPv4: the first 4 bytes)"),
+    ("daddr", "u8", 16, "destination address, network order (IPv4: the first 4 bytes)"),
+    ("outer_saddr", "u8", 16, "tunnel: the outer source address (the local VTEP on TX)"),
+    ("outer_daddr", "u8", 16, "tunnel: the outer destination address"),
+    ("sport", "u16", 1, "TCP/UDP source port, or ICMP echo id"),
+    ("dport", "u16", 1, "TCP/UDP destination port, or ICMP echo sequence"),
+    ("vlan", "u16", 1, "802.1Q VLAN id + 1, 0 = untagged"),
+    ("proto", "u8", 1, "IP protocol (the L4 header's, after IPv6 extension headers)"),
+    ("ip_version", "u8", 1, "4 or 6"),
+    ("tunnel", "u8", 1, "0, TUNNEL_VXLAN or TUNNEL_GENEVE"),
+    ("outer_version", "u8", 1, "tunnel: 4 or 6, 0 while the outer headers are unknown"),
+    ("dir", "u8", 1, "DIR_TX or DIR_RX"),
+    ("last", "u8", 1, "the last stage that saw it"),
+    ("type", "u8", 1, "EV_PACKET or EV_DROP"),
+    ("icmp_type", "u8", 1, "ICMP type"),
+    ("upcalled", "u8", 1, "a copy waits for ovs-vswitchd to return it"),
+    ("dev_role", "u8", 1, "ROLE_VM or ROLE_PHY of dev"),
+]
+
+_C_SIZES = {"u64": 8, "u32": 4, "u16": 2, "u8": 1}
+
+_STRUCT_CODES = {"u64": "Q", "u32": "I", "u16": "H", "u8": "B"}
+
+
+def record_c_struct(name="pkt", fields=RECORD_FIELDS):
+    """The C declaration of the record, padded to 8 bytes as the compiler would."""
+    lines = ["struct %s {" % name]
+    size = 0
+    for fname, ctype, count, what in fields:
+        decl = "%s %s%s;" % (ctype, fname, "[%d]" % count if count > 1 else "")
+        lines.append("    %-24s // %s" % (decl, what))
+        size += _C_SIZES[ctype] * count
+    if size % 8:
+        lines.append("    u8 _pad[%d];" % (8 - size % 8))
+    lines.append("};")
+    return "\n".join(lines)
+
+
+def record_struct(fields=RECORD_FIELDS):
+    """struct.Struct of the record and {field: index of its first value}."""
+    fmt, index, i, size = "<", {}, 0, 0
+    for fname, ctype, count, _what in fields:
+        index[fname] = i
+        if ctype == "u8" and count > 1:       # bytes (an address): one value
+            fmt += "%ds" % count
+            i += 1
+        else:
+            fmt += "%d%s" % (count, _STRUCT_CODES[ctype]) if count > 1 else _STRUCT_CODES[ctype]
+            i += count
+        if size % _C_SIZES[ctype]:
+            raise AssertionError("record field %s is not aligned: C would pad" % fname)
+        size += _C_SIZES[ctype] * count
+    if size % 8:
+        fmt += "%dx" % (8 - size % 8)
+    return struct.Struct(fmt), index
+
+
+def record_offset(name, fields=RECORD_FIELDS):
+    """Where a field of the record starts, in bytes."""
+    at = 0
+    for fname, ctype, count, _what in fields:
+        if fname == name:
+            return at
+        at += _C_SIZES[ctype] * count
+    raise KeyError(name)
+
+
+PKT, PKT_INDEX = record_struct()
+
+KIND_FROM = "seen"
+
+KIND_AT = record_offset(KIND_FROM)
+
+assert NSTAGES <= 16, "seen is a u16: one bit per stage"
+
+# Where each field of the record is in a decoded event (PKT.unpack), from RECORD_FIELDS
+P_LOCATION, P_SADDR, P_DADDR = PKT_INDEX["location"], PKT_INDEX["saddr"], PKT_INDEX["daddr"]
+
+P_VM_IF, P_PHY_IF = PKT_INDEX["vm_ifindex"], PKT_INDEX["phy_ifindex"]
+
+P_PID, P_TID, P_REASON = PKT_INDEX["pid"], PKT_INDEX["tid"], PKT_INDEX["reason"]
+
+P_SPORT, P_DPORT, P_VLAN = PKT_INDEX["sport"], PKT_INDEX["dport"], PKT_INDEX["vlan"]
+
+P_PROTO, P_DIR, P_LAST = PKT_INDEX["proto"], PKT_INDEX["dir"], PKT_INDEX["last"]
+
+P_TYPE, P_ICMP_TYPE, P_UPCALLED = PKT_INDEX["type"], PKT_INDEX["icmp_type"], PKT_INDEX["upcalled"]
+
+P_IP_VERSION, P_SEEN = PKT_INDEX["ip_version"], PKT_INDEX["seen"]
+
+P_TUNNEL, P_OUTER_VERSION, P_VNI = PKT_INDEX["tunnel"], PKT_INDEX["outer_version"], PKT_INDEX["vni"]
+
+P_TUN_IF, P_OUTER_SADDR = PKT_INDEX["tun_ifindex"], PKT_INDEX["outer_saddr"]
+
+P_OUTER_DADDR = PKT_INDEX["outer_daddr"]
+
+# (name, index in the event) of each direction's stages, in path order
+_PATH_FIELDS = dict((d, [(n, STAGE_BY_NAME[n].sid) for n in PATH_ORDER[d]]) for d in DIRECTIONS)
+
+_PATH_SIDS = [tuple(sid for _n, sid in _PATH_FIELDS[d]) for d in DIRECTIONS]
+
+# What detailed mode's reader unpacks of an event in the ring buffer: its 8-byte
+# header's length, the times, and the kind (the record from KIND_AT on, as bytes).
+# Packets of one kind print the same but for their times.
+EVENT_TIMES = struct.Struct("<I4x%dQ%dx%ds" % (NSTAGES, KIND_AT - 8 * NSTAGES,
+                                               PKT.size - KIND_AT))
+
+assert EVENT_TIMES.size == 8 + PKT.size, "the record is padded to 8 bytes"
+
+
+# --- the program's types ---
+
+# prog_info: {field: offset} of struct bpf_prog_info's run-time statistics (5.1+;
+# recursion_misses 5.12+), for the metrics of the tool's own cost; None without BTF
+Layout = namedtuple("Layout", "source offsets sizes netns drop_reasons kfree_skb_reason "
+                              "tracepoints prog_info")
+
+Capabilities = namedtuple("Capabilities", "ringbuf probe_read_kernel how")
+
+# A kernel's probe points as the planner sees them. --dry-run plans with every one of
+# them present, so that the verifier checks every stage's program.
+KernelView = namedtuple("KernelView", "kprobes_ok kprobe_why symbols tracepoints "
+                                        "tp_btf_why")
+
+ProgramConfig = namedtuple("ProgramConfig", "ringbuf ringbuf_pages probe_read_kernel "
+                                            "max_inflight netns_inum")
+
+# method None: not traced (reason says why); probes: [(kprobe symbol or "cat:tracepoint", arg)]
+Plan = namedtuple("Plan", "stage method probes reason")
+
+Attachment = namedtuple("Attachment", "method probe arg fn_name stages")
+
+# The tun driver names the device of each descriptor in /proc/PID/fdinfo/FD
+# ("iff:\tvnet3"); the VM's name is the -name QEMU was started with (libvirt, nova,
+# Proxmox all pass one: "-name guest=web-03,debug-threads=on"), its UUID -uuid. No
+# libvirt needed: /proc is enough, for any VMM that holds a tap.
+
+VmInfo = namedtuple("VmInfo", "name uuid pid comm")
+
+NO_VM = VmInfo(None, None, None, None)
+
+# Events reach user space through the ring buffer, or the perf buffer before 5.8.
+EventSource = namedtuple("EventSource", "poll drain")
+
+
+# ============================================================================
+# Kernel: struct layouts, what it can attach to, what its BPF can do
 # ============================================================================
 
 class Fatal(Exception):
     """The tool cannot run here: one line on stderr, exit 2."""
 
 
-# --- BTF: struct layouts of the running kernel, parsed with the standard library ---
+# --- BTF: struct layouts of the running kernel, read with the standard library ---
 
 BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 3, 4, 5
+
 BTF_KIND_ENUM, BTF_KIND_FWD, BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST = 6, 7, 8, 9, 10
+
 BTF_KIND_RESTRICT, BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO, BTF_KIND_VAR = 11, 12, 13, 14
+
 BTF_KIND_DATASEC, BTF_KIND_FLOAT, BTF_KIND_DECL_TAG, BTF_KIND_TYPE_TAG = 15, 16, 17, 18
+
 BTF_KIND_ENUM64 = 19
+
 # bytes that follow the 12-byte common header, per kind: (fixed, per vlen entry)
 _BTF_EXTRA = {
     BTF_KIND_INT: (4, 0), BTF_KIND_PTR: (0, 0), BTF_KIND_ARRAY: (12, 0),
@@ -444,6 +810,7 @@ _BTF_EXTRA = {
     BTF_KIND_FLOAT: (0, 0), BTF_KIND_DECL_TAG: (4, 0), BTF_KIND_TYPE_TAG: (0, 0),
     BTF_KIND_ENUM64: (0, 12),
 }
+
 _MODIFIERS = (BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT,
               BTF_KIND_TYPE_TAG)
 
@@ -679,15 +1046,12 @@ LAYOUT_FIELDS = [
     ("SKB_HEAD", "sk_buff", "head"),
     ("DEV_IFINDEX", "net_device", "ifindex"),
 ]
+
 NETNS_FIELDS = [
     ("DEV_ND_NET", "net_device", "nd_net.net"),
     ("NET_NS_INUM", "net", "ns.inum"),
 ]
 
-# prog_info: {field: offset} of struct bpf_prog_info's run-time statistics (5.1+;
-# recursion_misses 5.12+), for the metrics of the tool's own cost; None without BTF
-Layout = namedtuple("Layout", "source offsets sizes netns drop_reasons kfree_skb_reason "
-                              "tracepoints prog_info")
 PROG_INFO_FIELDS = ("run_time_ns", "run_cnt", "recursion_misses")
 
 
@@ -727,66 +1091,6 @@ def layout_from_btf(btf):
                    btf.enum_values("skb_drop_reason").items()) if has_reason else {}
     return Layout("BTF", offsets, sizes, netns, reasons,
                   has_reason, tracepoints, prog_info_layout(btf))
-
-
-def headers_release(build_dir):
-    path = os.path.join(build_dir, "include/generated/utsrelease.h")
-    try:
-        with open(path) as f:
-            m = re.search(r'UTS_RELEASE\s+"([^"]+)"', f.read())
-            return m.group(1) if m else None
-    except (IOError, OSError):
-        return None
-
-
-def layout_from_headers(release):
-    """Without BTF: trust the kernel headers only if they are the running kernel's."""
-    build = "/lib/modules/%s/build" % release
-    found = headers_release(build)
-    if found is None:
-        raise Fatal("no BTF (%s) and no kernel headers at %s: install the headers of "
-                    "the running kernel (linux-headers-%s / kernel-devel-%s)"
-                    % (DEFAULT_BTF, build, release, release))
-    if found != release:
-        raise Fatal("no BTF, and the kernel headers at %s are for %s, not the running "
-                    "kernel %s: struct layouts from them would be wrong; install the "
-                    "headers of %s or run a kernel with BTF (CONFIG_DEBUG_INFO_BTF)"
-                    % (build, found, release, release))
-    offsets = dict((c, "offsetof(struct %s, %s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
-    sizes = dict((c, "sizeof(((struct %s *)0)->%s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
-    reasons = drop_reasons_from_tracefs()
-    # no BTF to list the tracepoints: tracefs says which exist (tracepoint_exists)
-    return Layout("kernel headers " + found, offsets, sizes, False, reasons or {},
-                  reasons is not None, {}, None)
-
-
-def drop_reasons_from_tracefs():
-    """{code: SKB_DROP_REASON_name} from the kfree_skb tracepoint's format, or None
-    when the tracepoint has no reason field (kernels before drop reasons, 5.17)."""
-    tfs = tracefs_dir()
-    try:
-        with open(os.path.join(tfs or "", "events/skb/kfree_skb/format")) as f:
-            fmt = f.read()
-    except (IOError, OSError):
-        return None
-    if not re.search(r"field:enum skb_drop_reason reason;|field:\S+ reason;", fmt):
-        return None
-    return dict((int(code), "SKB_DROP_REASON_" + name) for code, name in
-                re.findall(r'\{\s*(\d+),\s*"([A-Z0-9_]+)"\s*\}', fmt))
-
-
-def find_layout(btf_path, release):
-    if btf_path not in ("none", DEFAULT_BTF) and not os.path.exists(btf_path):
-        raise UsageError("--btf %s: no such file (the running kernel's BTF is %s; "
-                         "'--btf none' uses the kernel headers)" % (btf_path, DEFAULT_BTF))
-    if btf_path != "none" and os.path.exists(btf_path):
-        if not stat.S_ISREG(os.stat(btf_path).st_mode):     # /dev/zero would never end
-            raise UsageError("--btf %s: not a regular file" % btf_path)
-        try:
-            return layout_from_btf(BTF.from_file(btf_path))
-        except (BTFError, IOError, OSError, struct.error, ValueError, IndexError) as e:
-            raise Fatal("cannot read struct layouts from %s: %s" % (btf_path, e))
-    return layout_from_headers(release)
 
 
 # --- what this kernel can attach to ---
@@ -847,21 +1151,86 @@ def tracepoint_exists(layout, view, category, name):
     return bool(tfs) and os.path.isdir(os.path.join(tfs, "events", category, name))
 
 
+def drop_reasons_from_tracefs():
+    """{code: SKB_DROP_REASON_name} from the kfree_skb tracepoint's format, or None
+    when the tracepoint has no reason field (kernels before drop reasons, 5.17)."""
+    tfs = tracefs_dir()
+    try:
+        with open(os.path.join(tfs or "", "events/skb/kfree_skb/format")) as f:
+            fmt = f.read()
+    except (IOError, OSError):
+        return None
+    if not re.search(r"field:enum skb_drop_reason reason;|field:\S+ reason;", fmt):
+        return None
+    return dict((int(code), "SKB_DROP_REASON_" + name) for code, name in
+                re.findall(r'\{\s*(\d+),\s*"([A-Z0-9_]+)"\s*\}', fmt))
+
+
+def headers_release(build_dir):
+    path = os.path.join(build_dir, "include/generated/utsrelease.h")
+    try:
+        with open(path) as f:
+            m = re.search(r'UTS_RELEASE\s+"([^"]+)"', f.read())
+            return m.group(1) if m else None
+    except (IOError, OSError):
+        return None
+
+
+def layout_from_headers(release):
+    """Without BTF: trust the kernel headers only if they are the running kernel's."""
+    build = "/lib/modules/%s/build" % release
+    found = headers_release(build)
+    if found is None:
+        raise Fatal("no BTF (%s) and no kernel headers at %s: install the headers of "
+                    "the running kernel (linux-headers-%s / kernel-devel-%s)"
+                    % (DEFAULT_BTF, build, release, release))
+    if found != release:
+        raise Fatal("no BTF, and the kernel headers at %s are for %s, not the running "
+                    "kernel %s: struct layouts from them would be wrong; install the "
+                    "headers of %s or run a kernel with BTF (CONFIG_DEBUG_INFO_BTF)"
+                    % (build, found, release, release))
+    offsets = dict((c, "offsetof(struct %s, %s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
+    sizes = dict((c, "sizeof(((struct %s *)0)->%s)" % (s, p)) for c, s, p in LAYOUT_FIELDS)
+    reasons = drop_reasons_from_tracefs()
+    # no BTF to list the tracepoints: tracefs says which exist (tracepoint_exists)
+    return Layout("kernel headers " + found, offsets, sizes, False, reasons or {},
+                  reasons is not None, {}, None)
+
+
+def find_layout(btf_path, release):
+    if btf_path not in ("none", DEFAULT_BTF) and not os.path.exists(btf_path):
+        raise UsageError("--btf %s: no such file (the running kernel's BTF is %s; "
+                         "'--btf none' uses the kernel headers)" % (btf_path, DEFAULT_BTF))
+    if btf_path != "none" and os.path.exists(btf_path):
+        if not stat.S_ISREG(os.stat(btf_path).st_mode):     # /dev/zero would never end
+            raise UsageError("--btf %s: not a regular file" % btf_path)
+        try:
+            return layout_from_btf(BTF.from_file(btf_path))
+        except (BTFError, IOError, OSError, struct.error, ValueError, IndexError) as e:
+            raise Fatal("cannot read struct layouts from %s: %s" % (btf_path, e))
+    return layout_from_headers(release)
+
+
 # --- what this kernel's BPF can do: asked by trial, never read off the version ---
+
 # Distribution kernels backport (RHEL 8's 4.18 has the ring buffer and
 # bpf_probe_read_kernel), so each feature is tried: a map created, a tiny program
 # loaded, then closed again at once. Nothing stays behind.
 
 BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "ppc64": 361,
                "s390x": 351, "riscv64": 280}
+
 BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 17
+
 BPF_MAP_TYPE_RINGBUF = 27
+
 BPF_PROG_TYPE_RAW_TRACEPOINT, BPF_PROG_TYPE_TRACING = 17, 26
+
 BPF_TRACE_RAW_TP = 23       # expected_attach_type of a BTF-typed tracepoint (tp_btf)
+
 BPF_FUNC_probe_read, BPF_FUNC_probe_read_kernel = 4, 113
 
-Capabilities = namedtuple("Capabilities", "ringbuf probe_read_kernel how")
-
+BPF_OBJ_GET_INFO_BY_FD = 15
 
 _memlock_lifted = []
 
@@ -1010,174 +1379,42 @@ def probe_capabilities(force_perf_buffer=False):
     return Capabilities(ringbuf, prk, how)
 
 
-# --- the stages of the path ---
-
-# A stage is one point of the path; the table below owns the path. Its order is the
-# path order of each direction (a stage of "both" directions is on both), a stage's
-# position is its sid (its slot in the record's ts[]), and everything else is derived
-# from it: the path order, the start and the end of each direction, the tracepoints to
-# look for, the C handler each attach point calls.
-#   hook      what the stage's C does (HOOK_HANDLERS):
-#     start    the packet enters the path here: parse, filter, start tracking
-#     dev      stamp only on a device of this stage's role (tap or physical)
-#     plain    stamp any tracked packet that passes (the bridge)
-#     ovs      the OVS datapath; with upcalls traced it also recognises returned packets
-#     upcall   OVS sends the packet to ovs-vswitchd, which returns a copy
-#     vm_read  the VM's backend reads the frame from the tap: RX ends here
-#     host_rcv the host's own stack takes the packet: RX ends here
-#   role      the device role a start/dev stage stamps on ("vm": tap, "phy": physical)
-#   end       where a direction's path ends: 1 first choice, 2, 3 if that is not traced
-#   module    the kernel module without which the stage does not exist
-#   kprobes   [(function, argument number of the skb)]: each one found is attached
-#   tracepoint (category, name, argument number of the skb)
-Stage = namedtuple("Stage", "name sid direction hook role end module kprobes tracepoint "
-                            "meaning")
+def bpf_prog_stats(fd, prog_info):
+    """{run_time_ns, run_cnt, recursion_misses} of a loaded program, from the kernel."""
+    info = ctypes.create_string_buffer(prog_info["size"])
+    attr = struct.pack("<IIQ", fd, prog_info["size"], ctypes.addressof(info))
+    if bpf_call(BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
+        return None
+    return dict((f, struct.unpack_from("<Q", info.raw, prog_info[f])[0])
+                for f in PROG_INFO_FIELDS if f in prog_info)
 
 
-def _stages(*rows):
-    return [Stage(row[0], sid, *row[1:]) for sid, row in enumerate(rows)]
+def kernel_view(args, layout):
+    kprobes_ok, kprobe_why = kprobes_available()
+    wanted = set(f for st in STAGES for f, _a in st.kprobes)
+    tp_btf_why = "not asked for (--attach %s)" % args.attach
+    if args.attach in ("auto", "tp_btf"):
+        tp_btf_why = ("no BTF (struct layouts from %s)" % layout.source
+                      if layout.source != "BTF" else
+                      tp_btf_refused(layout.tracepoints.get("netif_receive_skb")))
+        if args.attach == "tp_btf" and tp_btf_why:
+            raise Fatal("--attach tp_btf: %s" % tp_btf_why)
+    if args.dry_run and not args.list_stages:
+        # every probe point as if it existed (tp_btf as the kernel says), so that the
+        # verifier sees every stage; --list-stages says what this kernel really has
+        return KernelView(True, "assumed for --dry-run", dict((f, f) for f in wanted),
+                          TRACEPOINTS_USED, tp_btf_why)
+    symbols = kernel_symbols(wanted) if (kprobes_ok or args.list_stages) else {}
+    return KernelView(kprobes_ok, kprobe_why, symbols, None, tp_btf_why)
 
 
-STAGES = _stages(
-    ("tap_rx", "tx", "start", "vm", None, None, [("__netif_receive_skb", 1)],
-     ("net", "netif_receive_skb", 0),
-     "the host receives the VM's frame from its tap (tun_get_user -> netif_receive_skb)"),
-    ("phy_rx", "rx", "start", "phy", None, None, [("__netif_receive_skb", 1)],
-     ("net", "netif_receive_skb", 0),
-     "the host receives the frame from the physical NIC (a tunnel's: the outer frame)"),
-    # decap: the tracepoint only: a tunnel hands its inner frames over through GRO
-    # cells, in lists, which the __netif_receive_skb kprobe never sees
-    ("decap", "rx", "start", "tun", None, None, [],
-     ("net", "netif_receive_skb", 0),
-     "the tunnel device (VXLAN, Geneve) receives the inner frame, decapsulated"),
-    ("bridge", "both", "plain", None, None, "bridge", [("br_forward", 2)], None,
-     "the Linux bridge forwards the frame to its output port"),
-    ("ovs_upcall", "both", "upcall", None, None, "openvswitch",
-     [("ovs_dp_upcall", 2), ("ovs_execute_actions", 2)],
-     ("openvswitch", "ovs_dp_upcall", 1),
-     "OVS had no flow for it: sent to ovs-vswitchd (first packet of a flow)"),
-    ("ovs_dp", "both", "ovs", None, None, "openvswitch", [("ovs_dp_process_packet", 1)],
-     ("openvswitch", "ovs_do_execute_action", 1),
-     "the Open vSwitch kernel datapath processes the frame"),
-    ("encap", "tx", "dev", "tun", None, None, [], ("net", "net_dev_start_xmit", 0),
-     "the tunnel device transmits: encapsulation and the underlay's route follow"),
-    ("phy_queue", "tx", "dev", "phy", 2, None, [("__dev_queue_xmit", 1)],
-     ("net", "net_dev_queue", 0),
-     "queued for the physical NIC (__dev_queue_xmit: qdisc)"),
-    ("phy_xmit", "tx", "dev", "phy", 1, None, [], ("net", "net_dev_start_xmit", 0),
-     "handed to the physical NIC's driver"),
-    ("tap_queue", "rx", "dev", "vm", 3, None, [("__dev_queue_xmit", 1)],
-     ("net", "net_dev_queue", 0),
-     "queued for the VM's tap (__dev_queue_xmit: qdisc)"),
-    ("tap_xmit", "rx", "dev", "vm", 2, None, [("tun_net_xmit", 1)],
-     ("net", "net_dev_start_xmit", 0),
-     "put in the tap's ring for the VM (tun_net_xmit)"),
-    ("vm_read", "rx", "vm_read", None, 1, None, [("skb_copy_datagram_iter", 1)],
-     ("skb", "skb_copy_datagram_iovec", 0),
-     "the VM's backend (QEMU or vhost) reads the frame (tun_put_user)"),
-    ("host_rcv", "rx", "host_rcv", None, None, None,
-     [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1), ("tcp_v6_rcv", 1),
-      ("udpv6_rcv", 1), ("icmpv6_rcv", 1)], None,
-     "delivered to the host's own TCP/UDP/ICMP stack (traffic ending on the host)"),
-)
-STAGE_BY_NAME = dict((s.name, s) for s in STAGES)
-STAGE_NAMES = [s.name for s in STAGES]
-NSTAGES = len(STAGES)
-DIRECTIONS = ("tx", "rx")
-PATH_ORDER = dict((d, [s.name for s in STAGES if s.direction in (d, "both")])
-                  for d in DIRECTIONS)
-START_STAGE = dict((s.direction, s.name) for s in STAGES
-                   if s.hook == "start" and s.role in ("vm", "phy"))
-START_SID = [STAGE_BY_NAME[START_STAGE[d]].sid for d in DIRECTIONS]
-# the ends of each direction's path, most wanted first (final_stage picks the first traced)
-END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
-                       if s.end and s.direction == d]) for d in DIRECTIONS)
-# packets freed before their path's end: how each one's fate is learnt
-FREE_TRACEPOINTS = [("skb", "kfree_skb", "packet dropped (with the kernel's reason)"),
-                    ("skb", "consume_skb", "packet freed normally: it left the path")]
-TRACEPOINTS_USED = set(s.tracepoint[1] for s in STAGES if s.tracepoint) | \
-    set(name for _cat, name, _what in FREE_TRACEPOINTS)
-
-# Where auto takes a BTF-typed tracepoint (tp_btf) over a raw one: at the stages that
-# read sk_buff or net_device fields, which a typed program reads with plain loads. Its
-# skb's address, the record's key, costs it a probe read (the verifier allows no
-# arithmetic on a typed pointer), which a raw argument has for free: the stages that
-# only want the key (the VM's read, the frees) stay raw. Measured (bench/overhead.py,
-# 6.18, both ways in one run): netif_receive_skb 232 -> 189 ns a run, net_dev_queue
-# 208-220 -> 185, net_dev_start_xmit 177 -> 179.
-TYPED_HOOKS = ("start", "dev")
-
-# method None: not traced (reason says why); probes: [(kprobe symbol or "cat:tracepoint", arg)]
-Plan = namedtuple("Plan", "stage method probes reason")
+def host_netns_inum():
+    return os.stat("/proc/self/ns/net").st_ino
 
 
-def plan_stages(args, layout, view):
-    """Choose, per stage, how it attaches on this kernel (or why it cannot)."""
-    kprobes_ok, symbols = view.kprobes_ok, view.symbols
-    wanted_dirs = DIRECTIONS if args.direction == "both" else (args.direction,)
-    plans = []
-    for st in STAGES:
-        if st.direction != "both" and st.direction not in wanted_dirs:
-            plans.append(Plan(st, None, [], "not traced: --direction %s" % args.direction))
-            continue
-        tp = typed = None
-        if st.tracepoint and tracepoint_exists(layout, view, st.tracepoint[0], st.tracepoint[1]):
-            tp = Plan(st, "tracepoint", [("%s:%s" % st.tracepoint[:2], st.tracepoint[2])], "")
-            if view.tp_btf_why is None and st.tracepoint[1] in layout.tracepoints and \
-                    (args.attach == "tp_btf" or st.hook in TYPED_HOOKS):
-                typed = tp._replace(method="tp_btf")
-        kp = None
-        syms = [(symbols[f], a) for f, a in st.kprobes if f in symbols]
-        # the upcall stage's kprobes work together: it needs all of them; elsewhere
-        # each is a way to the same point (host_rcv: any of TCP, UDP, ICMP)
-        complete = len(syms) == len(st.kprobes) or st.hook != "upcall"
-        if kprobes_ok and syms and complete:
-            kp = Plan(st, "kprobe", syms, "")
-        # auto prefers the tracepoint: it sits at the same point, costs less, is a
-        # stable ABI, and netif_receive_skb also sees GRO's list receive path, which
-        # the __netif_receive_skb kprobe misses
-        # --attach kprobe: phy_xmit has no kprobe of its own and keeps its tracepoint;
-        # --attach tracepoint never uses a kprobe (bridge and host_rcv are left out)
-        # tp_btf where the kernel has the tracepoint's BTF type (a module's, OVS's, is
-        # not in vmlinux's BTF: attached raw); auto only for the stages it pays for
-        if args.attach == "kprobe":
-            order = [kp] if st.kprobes else [tp]
-        elif args.attach == "tracepoint":
-            order = [tp]
-        elif args.attach == "tp_btf":   # tracepoints only, as --attach tracepoint
-            order = [typed, tp]
-        else:
-            order = [typed, tp, kp]
-        chosen = next((p for p in order if p), None)
-        if chosen:
-            plans.append(chosen)
-            continue
-        plans.append(Plan(st, None, [], why_not(st, args, view)))
-    return plans
-
-
-def why_not(st, args, view):
-    kprobes_ok, kprobe_why, symbols = view.kprobes_ok, view.kprobe_why, view.symbols
-    if args.attach in ("tracepoint", "tp_btf") and not st.tracepoint:
-        return "no tracepoint at this point (needs --attach kprobe or auto)"
-    if st.module == "openvswitch":
-        if not os.path.isdir("/sys/module/openvswitch"):
-            return "the openvswitch module is not loaded (no OVS kernel datapath)"
-        if args.attach in ("tracepoint", "tp_btf"):
-            return "this kernel has no %s:%s tracepoint (--attach kprobe or auto use " \
-                   "the %s kprobe instead)" % (st.tracepoint[0], st.tracepoint[1],
-                                               st.kprobes[0][0])
-        if args.attach != "kprobe":
-            return "this kernel has no %s:%s tracepoint, and %s" % (
-                st.tracepoint[0], st.tracepoint[1], kprobe_why if not kprobes_ok else
-                "no %s symbol" % st.kprobes[0][0])
-    if st.module == "bridge" and not any(f in symbols for f, _a in st.kprobes) and kprobes_ok:
-        return "the bridge module is not loaded (no Linux bridge)"
-    if args.attach == "kprobe" and not st.kprobes:
-        return "no kprobe at this point"
-    if not kprobes_ok:
-        return kprobe_why
-    return "none of %s is in /proc/kallsyms" % ", ".join(f for f, _ in st.kprobes)
+# ============================================================================
+# Host: devices, tunnels, VMs
+# ============================================================================
 
 
 # --- which devices are the VM side and which the physical side ---
@@ -1334,14 +1571,21 @@ def resolve_roles(args, owners=None):
     return roles, names, taps, phys
 
 
+def check_devices_exist(args):
+    for dev in (args.vm_dev or []) + (args.phy_dev or []):
+        if not os.path.isdir(_sysfs(dev)):
+            raise UsageError("device %r does not exist in this network namespace "
+                             "(see 'ip link')" % dev)
+    both = set(args.vm_dev or []) & set(args.phy_dev or [])
+    if both:
+        raise UsageError("device %s cannot be both --vm-dev and --phy-dev" % sorted(both)[0])
+
+
+def all_taps():
+    return set(d for d in list_devices() if is_tap(d))
+
+
 # --- which VM owns a tap: the process holding its /dev/net/tun descriptor ---
-# The tun driver names the device of each descriptor in /proc/PID/fdinfo/FD
-# ("iff:\tvnet3"); the VM's name is the -name QEMU was started with (libvirt, nova,
-# Proxmox all pass one: "-name guest=web-03,debug-threads=on"), its UUID -uuid. No
-# libvirt needed: /proc is enough, for any VMM that holds a tap.
-
-VmInfo = namedtuple("VmInfo", "name uuid pid comm")
-
 
 def qemu_opts(text):
     """QEMU's "a=b,c=d" option syntax, where ",," is a literal comma: [(key, value)];
@@ -1410,6 +1654,7 @@ def tun_fds(pid):
 
 # pidfd_open and pidfd_getfd have one number on every architecture (5.3+, 5.6+)
 SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438
+
 TUNGETDEVNETNS = 0x54e3     # _IO('T', 227): the tap's network namespace as an fd (5.2+)
 
 
@@ -1443,10 +1688,6 @@ def tap_netns(pid, fd):
         return os.stat("/proc/%d/ns/net" % pid).st_ino
     except OSError:
         return None
-
-
-def host_netns_inum():
-    return os.stat("/proc/self/ns/net").st_ino
 
 
 def find_vms():
@@ -1497,159 +1738,166 @@ def switch_of(dev):
     return device_master(dev) or "-"
 
 
-def list_vms_report(owners, out_json, reporter):
-    rows = sorted(owners.items(), key=lambda kv: (vm_label(kv[1], kv[0]), kv[0]))
-    if out_json:
-        by_vm = {}
-        for tap, vm in rows:
-            by_vm.setdefault(vm, []).append({"dev": tap, "switch": switch_of(tap)})
-        for vm, taps in sorted(by_vm.items(), key=lambda kv: vm_label(kv[0], kv[1][0]["dev"])):
-            reporter.emit_json({"type": "vm", "name": vm.name, "uuid": vm.uuid,
-                                "pid": vm.pid, "comm": vm.comm, "taps": taps})
-        return
-    reporter.write("%-24s %-36s %-8s %-16s %-12s %s\n" % ("VM", "UUID", "PID", "PROCESS",
-                                                         "TAP", "SWITCH"))
-    for tap, vm in rows:
-        reporter.write("%-24s %-36s %-8d %-16s %-12s %s\n" % tuple(
-            printable(v, NAME_LIMIT) if isinstance(v, str) else v for v in (
-                vm.name or "-", vm.uuid or "-", vm.pid, vm.comm, tap, switch_of(tap))))
-    if not rows:
-        reporter.write("(no process holds a tap device)\n")
+def read_comm(path):
+    """A process's or thread's name (the kernel side only keeps the ids)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except (IOError, OSError):
+        return "?"    # gone already
 
 
-def check_devices_exist(args):
-    for dev in (args.vm_dev or []) + (args.phy_dev or []):
-        if not os.path.isdir(_sysfs(dev)):
-            raise UsageError("device %r does not exist in this network namespace "
-                             "(see 'ip link')" % dev)
-    both = set(args.vm_dev or []) & set(args.phy_dev or [])
-    if both:
-        raise UsageError("device %s cannot be both --vm-dev and --phy-dev" % sorted(both)[0])
+def ksym_name(ksym, addr):
+    if ksym is None:
+        return "0x%x" % addr
+    try:
+        return ksym(addr, show_offset=True).decode("utf-8", "replace")
+    except Exception:
+        return "0x%x" % addr
+
+
+# ============================================================================
+# Planning: how each stage attaches, and what follows from it
+# ============================================================================
+
+def why_not(st, args, view):
+    kprobes_ok, kprobe_why, symbols = view.kprobes_ok, view.kprobe_why, view.symbols
+    if args.attach in ("tracepoint", "tp_btf") and not st.tracepoint:
+        return "no tracepoint at this point (needs --attach kprobe or auto)"
+    if st.module == "openvswitch":
+        if not os.path.isdir("/sys/module/openvswitch"):
+            return "the openvswitch module is not loaded (no OVS kernel datapath)"
+        if args.attach in ("tracepoint", "tp_btf"):
+            return "this kernel has no %s:%s tracepoint (--attach kprobe or auto use " \
+                   "the %s kprobe instead)" % (st.tracepoint[0], st.tracepoint[1],
+                                               st.kprobes[0][0])
+        if args.attach != "kprobe":
+            return "this kernel has no %s:%s tracepoint, and %s" % (
+                st.tracepoint[0], st.tracepoint[1], kprobe_why if not kprobes_ok else
+                "no %s symbol" % st.kprobes[0][0])
+    if st.module == "bridge" and not any(f in symbols for f, _a in st.kprobes) and kprobes_ok:
+        return "the bridge module is not loaded (no Linux bridge)"
+    if args.attach == "kprobe" and not st.kprobes:
+        return "no kprobe at this point"
+    if not kprobes_ok:
+        return kprobe_why
+    return "none of %s is in /proc/kallsyms" % ", ".join(f for f, _ in st.kprobes)
+
+
+def plan_stages(args, layout, view):
+    """Choose, per stage, how it attaches on this kernel (or why it cannot)."""
+    kprobes_ok, symbols = view.kprobes_ok, view.symbols
+    wanted_dirs = DIRECTIONS if args.direction == "both" else (args.direction,)
+    plans = []
+    for st in STAGES:
+        if st.direction != "both" and st.direction not in wanted_dirs:
+            plans.append(Plan(st, None, [], "not traced: --direction %s" % args.direction))
+            continue
+        tp = typed = None
+        if st.tracepoint and tracepoint_exists(layout, view, st.tracepoint[0], st.tracepoint[1]):
+            tp = Plan(st, "tracepoint", [("%s:%s" % st.tracepoint[:2], st.tracepoint[2])], "")
+            if view.tp_btf_why is None and st.tracepoint[1] in layout.tracepoints and \
+                    (args.attach == "tp_btf" or st.hook in TYPED_HOOKS):
+                typed = tp._replace(method="tp_btf")
+        kp = None
+        syms = [(symbols[f], a) for f, a in st.kprobes if f in symbols]
+        # the upcall stage's kprobes work together: it needs all of them; elsewhere
+        # each is a way to the same point (host_rcv: any of TCP, UDP, ICMP)
+        complete = len(syms) == len(st.kprobes) or st.hook != "upcall"
+        if kprobes_ok and syms and complete:
+            kp = Plan(st, "kprobe", syms, "")
+        # auto prefers the tracepoint: it sits at the same point, costs less, is a
+        # stable ABI, and netif_receive_skb also sees GRO's list receive path, which
+        # the __netif_receive_skb kprobe misses
+        # --attach kprobe: phy_xmit has no kprobe of its own and keeps its tracepoint;
+        # --attach tracepoint never uses a kprobe (bridge and host_rcv are left out)
+        # tp_btf where the kernel has the tracepoint's BTF type (a module's, OVS's, is
+        # not in vmlinux's BTF: attached raw); auto only for the stages it pays for
+        if args.attach == "kprobe":
+            order = [kp] if st.kprobes else [tp]
+        elif args.attach == "tracepoint":
+            order = [tp]
+        elif args.attach == "tp_btf":   # tracepoints only, as --attach tracepoint
+            order = [typed, tp]
+        else:
+            order = [typed, tp, kp]
+        chosen = next((p for p in order if p), None)
+        if chosen:
+            plans.append(chosen)
+            continue
+        plans.append(Plan(st, None, [], why_not(st, args, view)))
+    return plans
+
+
+# the C function of an attach point is named after its method and probe
+ATTACH_PREFIX = {"kprobe": "kp_", "tracepoint": "rtp_", "tp_btf": "tpb_"}
+
+
+def group_attachments(plans):
+    """One BPF function per attach point, calling the handler of each stage there."""
+    groups = {}
+    order = []
+    for p in plans:
+        for probe, arg in p.probes if p.method else []:
+            key = (p.method, probe, arg)
+            if key not in groups:
+                groups[key] = []
+                order.append(key)
+            groups[key].append(p)
+    out = []
+    for method, probe, arg in order:
+        safe = re.sub(r"[^A-Za-z0-9_]", "_", probe)
+        fn = ATTACH_PREFIX[method] + safe
+        out.append(Attachment(method, probe, arg, fn, groups[(method, probe, arg)]))
+    return out
+
+
+def traces_upcalls(plans):
+    return any(p.method for p in plans if p.stage.hook == "upcall")
+
+
+def final_stage(plans, direction):
+    """The last stage of a direction's path that this run can see."""
+    traced = set(p.stage.name for p in plans if p.method)
+    for name in END_STAGES[direction]:
+        if name in traced:
+            return STAGE_BY_NAME[name].sid
+    return -1
+
+
+def histogram_segments(plans):
+    """[(direction, segment name)] by index in the kernel's histogram array.
+
+    Per direction: every pair of traced stages in path order (a packet may skip a
+    stage, e.g. ovs_upcall), then the total. Pair (i, j) of n stages is at
+    i*n - i*(i+1)/2 + j - i - 1, which the C below computes the same way."""
+    traced = set(p.stage.name for p in plans if p.method)
+    out = []
+    for direction in DIRECTIONS:
+        names = [n for n in PATH_ORDER[direction] if n in traced]
+        out += [(direction, "%s->%s" % (a, b)) for i, a in enumerate(names)
+                for b in names[i + 1:]]
+        out.append((direction, "total"))
+    return out
+
+
+def require_path_ends(args, plans):
+    """Each direction traced needs the stage where packets enter and one where they end."""
+    for direction in ("tx", "rx"):
+        if args.direction not in (direction, "both"):
+            continue
+        start_plan = next(p for p in plans if p.stage.name == START_STAGE[direction])
+        if not start_plan.method or final_stage(plans, direction) < 0:
+            raise Fatal("cannot trace %s: %s" % (direction.upper(), start_plan.reason or
+                                                  "no stage can see the end of the path"))
 
 
 # ============================================================================
 # Program generation
 # ============================================================================
 
-# The per-packet record, declared once: the C struct (one per packet in flight, also
-# the event sent to user space) and the Python decoder are both generated from it.
-# (name, C type, count, what it holds). First what differs from packet to packet,
-# then, from KIND_FROM to the end, what makes a packet's kind: detailed mode's reader
-# looks up its output template by those bytes, in one piece. Every field at an offset
-# that is a multiple of its size: no padding inside (record_struct() checks).
-RECORD_FIELDS = [
-    ("ts", "u64", NSTAGES, "when each stage saw the packet, 0 = not seen"),
-    ("location", "u64", 1, "drop events: where the kernel freed it"),
-    ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
-    ("ip_id", "u16", 1, "IPv4 identification"),
-    ("seen", "u16", 1, "bit 1 << stage set for each stage that saw it"),
-    ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
-    ("vm_ifindex", "u32", 1, "the tap"),
-    ("phy_ifindex", "u32", 1, "the physical device"),
-    ("pid", "u32", 1, "VM side: the process that wrote (tx) or read (rx) it"),
-    ("tid", "u32", 1, "and its thread"),
-    ("vni", "u32", 1, "tunnel: VXLAN/Geneve network identifier"),
-    ("tun_ifindex", "u32", 1, "tunnel: the tunnel device"),
-    ("saddr", "u8", 16, "source address, network order (IPv4: the first 4 bytes)"),
-    ("daddr", "u8", 16, "destination address, network order (IPv4: the first 4 bytes)"),
-    ("outer_saddr", "u8", 16, "tunnel: the outer source address (the local VTEP on TX)"),
-    ("outer_daddr", "u8", 16, "tunnel: the outer destination address"),
-    ("sport", "u16", 1, "TCP/UDP source port, or ICMP echo id"),
-    ("dport", "u16", 1, "TCP/UDP destination port, or ICMP echo sequence"),
-    ("vlan", "u16", 1, "802.1Q VLAN id + 1, 0 = untagged"),
-    ("proto", "u8", 1, "IP protocol (the L4 header's, after IPv6 extension headers)"),
-    ("ip_version", "u8", 1, "4 or 6"),
-    ("tunnel", "u8", 1, "0, TUNNEL_VXLAN or TUNNEL_GENEVE"),
-    ("outer_version", "u8", 1, "tunnel: 4 or 6, 0 while the outer headers are unknown"),
-    ("dir", "u8", 1, "DIR_TX or DIR_RX"),
-    ("last", "u8", 1, "the last stage that saw it"),
-    ("type", "u8", 1, "EV_PACKET or EV_DROP"),
-    ("icmp_type", "u8", 1, "ICMP type"),
-    ("upcalled", "u8", 1, "a copy waits for ovs-vswitchd to return it"),
-    ("dev_role", "u8", 1, "ROLE_VM or ROLE_PHY of dev"),
-]
-_C_SIZES = {"u64": 8, "u32": 4, "u16": 2, "u8": 1}
-_STRUCT_CODES = {"u64": "Q", "u32": "I", "u16": "H", "u8": "B"}
 
-
-def record_c_struct(name="pkt", fields=RECORD_FIELDS):
-    """The C declaration of the record, padded to 8 bytes as the compiler would."""
-    lines = ["struct %s {" % name]
-    size = 0
-    for fname, ctype, count, what in fields:
-        decl = "%s %s%s;" % (ctype, fname, "[%d]" % count if count > 1 else "")
-        lines.append("    %-24s // %s" % (decl, what))
-        size += _C_SIZES[ctype] * count
-    if size % 8:
-        lines.append("    u8 _pad[%d];" % (8 - size % 8))
-    lines.append("};")
-    return "\n".join(lines)
-
-
-def record_struct(fields=RECORD_FIELDS):
-    """struct.Struct of the record and {field: index of its first value}."""
-    fmt, index, i, size = "<", {}, 0, 0
-    for fname, ctype, count, _what in fields:
-        index[fname] = i
-        if ctype == "u8" and count > 1:       # bytes (an address): one value
-            fmt += "%ds" % count
-            i += 1
-        else:
-            fmt += "%d%s" % (count, _STRUCT_CODES[ctype]) if count > 1 else _STRUCT_CODES[ctype]
-            i += count
-        if size % _C_SIZES[ctype]:
-            raise AssertionError("record field %s is not aligned: C would pad" % fname)
-        size += _C_SIZES[ctype] * count
-    if size % 8:
-        fmt += "%dx" % (8 - size % 8)
-    return struct.Struct(fmt), index
-
-
-def record_offset(name, fields=RECORD_FIELDS):
-    """Where a field of the record starts, in bytes."""
-    at = 0
-    for fname, ctype, count, _what in fields:
-        if fname == name:
-            return at
-        at += _C_SIZES[ctype] * count
-    raise KeyError(name)
-
-
-PKT, PKT_INDEX = record_struct()
-KIND_FROM = "seen"
-KIND_AT = record_offset(KIND_FROM)
-assert NSTAGES <= 16, "seen is a u16: one bit per stage"
-
-# Constants C and Python share, each declared once (they reach C as #defines).
-# device roles: a tunnel device's role says its kind (ROLE_TUN_VXLAN + kind - 1)
-ROLE_VM, ROLE_PHY, ROLE_TUN_VXLAN, ROLE_TUN_GENEVE = 1, 2, 3, 4
-TUNNEL_VXLAN, TUNNEL_GENEVE = 1, 2
-TUNNEL_NAMES = {TUNNEL_VXLAN: "vxlan", TUNNEL_GENEVE: "geneve"}
-TUNNEL_PORTS = {"vxlan": 4789, "geneve": 6081}      # IANA; devices may use others
-DIR_TX, DIR_RX = 0, 1
-PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
-SHARED_CONSTANTS = [
-    ("ROLE_VM", ROLE_VM), ("ROLE_PHY", ROLE_PHY), ("ROLE_TUN_VXLAN", ROLE_TUN_VXLAN),
-    ("ROLE_TUN_GENEVE", ROLE_TUN_GENEVE), ("TUNNEL_VXLAN", TUNNEL_VXLAN),
-    ("TUNNEL_GENEVE", TUNNEL_GENEVE), ("DIR_TX", DIR_TX), ("DIR_RX", DIR_RX),
-    ("PROTO_ICMP", PROTO_ICMP), ("PROTO_TCP", PROTO_TCP), ("PROTO_UDP", PROTO_UDP),
-    ("PROTO_ICMPV6", PROTO_ICMPV6),
-    ("ERR_EEXIST", errno.EEXIST),
-]
-
-# What happened to packets, counted per direction in the kernel (slot 2 * STAT_x + dir)
-STAT_NAMES = ["started", "completed", "below_threshold", "lost", "dropped", "left_path",
-              "not_tracked", "vanished", "vm_hist_full", "other_vni"]
-STAT = dict((n, i) for i, n in enumerate(STAT_NAMES))
-FATE_LEFT = 0xffffffff     # reason code in the fates map: freed normally, not dropped
-EV_PACKET, EV_DROP = 1, 2
-HIST_SUB_BITS = 4          # 16 sub-buckets per power of two: percentiles within ~3%
-HIST_BUCKETS = 720         # up to 2^47 / 1024 us (about 38 hours); longer ones share the last
-VM_HIST_ENTRIES = 131072   # --per-vm: (tap, segment, bucket) counters in use, ~9 MB
-VM_HIST_ROW = HIST_BUCKETS + 1   # per tap and segment: the buckets, then the sum of ns
-DEVROLE_SLOTS = 65536      # ifindexes below this are looked up in an array, above in a hash
-INFLIGHT_WAYS = 4          # slots per hash of an sk_buff address in the in-flight table
-INFLIGHT_EXAMPLES = 10     # packets still in flight at the end that the summary shows
+# --- histogram buckets: the kernel's bucketing and its inverse ---
 
 # The kernel's histogram bucketing (bucket_bounds() below says what a bucket holds;
 # the unit tests run this C in the kernel, through BPF_PROG_TEST_RUN, against it).
@@ -1682,6 +1930,26 @@ static __always_inline void hist_add(u32 seg, u64 ns)
         __sync_fetch_and_add(count, 1);
 }
 """
+
+
+def hist_slots(segments):
+    return max(1, len(segments)) * HIST_BUCKETS
+
+
+def bucket_bounds(bucket):
+    """[lo, hi) of a bucket, in microseconds; the last one is open-ended (38 hours+)."""
+    sub = 1 << HIST_SUB_BITS
+    if bucket < 2 * sub:
+        lo, hi = bucket, bucket + 1
+    else:
+        lg = (bucket >> HIST_SUB_BITS) + HIST_SUB_BITS - 1
+        step = 1 << (lg - HIST_SUB_BITS)
+        lo = (1 << lg) + (bucket & (sub - 1)) * step
+        hi = lo + step if bucket < HIST_BUCKETS - 1 else float("inf")
+    return lo / 1024.0, hi / 1024.0
+
+
+# --- the program ---
 
 C_PROGRAM = r"""
 #include <uapi/linux/ptrace.h>
@@ -2669,45 +2937,6 @@ def generate_readers(layout):
     return "\n\n".join(readers)
 
 
-Attachment = namedtuple("Attachment", "method probe arg fn_name stages")
-
-
-# the C function of an attach point is named after its method and probe
-ATTACH_PREFIX = {"kprobe": "kp_", "tracepoint": "rtp_", "tp_btf": "tpb_"}
-
-
-def group_attachments(plans):
-    """One BPF function per attach point, calling the handler of each stage there."""
-    groups = {}
-    order = []
-    for p in plans:
-        for probe, arg in p.probes if p.method else []:
-            key = (p.method, probe, arg)
-            if key not in groups:
-                groups[key] = []
-                order.append(key)
-            groups[key].append(p)
-    out = []
-    for method, probe, arg in order:
-        safe = re.sub(r"[^A-Za-z0-9_]", "_", probe)
-        fn = ATTACH_PREFIX[method] + safe
-        out.append(Attachment(method, probe, arg, fn, groups[(method, probe, arg)]))
-    return out
-
-
-def traces_upcalls(plans):
-    return any(p.method for p in plans if p.stage.hook == "upcall")
-
-
-# The C handler of each hook. Stages of the same role-split hook ("start", "dev") may
-# share an attach point: the handler gets the sid of each role's stage there (-1: none).
-HOOK_HANDLERS = {"start": "on_receive", "dev": "on_device", "plain": "on_switch",
-                 "ovs": "on_switch", "upcall": "on_upcall", "vm_read": "on_vm_read",
-                 "host_rcv": "on_host_rcv"}
-ROLE_SPLIT_HOOKS = ("start", "dev")
-OVS_EXECUTE = "on_ovs_execute"   # also recognises a packet ovs-vswitchd sends back
-
-
 def _handler_call(att, upcalls):
     """The C call that handles this attach point's stages.
 
@@ -2752,31 +2981,6 @@ def _wrapper(att, upcalls):
                "    u64 arg = ctx->args[%d];" % (att.fn_name, att.arg)
     return "%s\n    void *skb = (void *)arg;\n    return %s;\n}" % (
         head, _handler_call(att, upcalls))
-
-
-def final_stage(plans, direction):
-    """The last stage of a direction's path that this run can see."""
-    traced = set(p.stage.name for p in plans if p.method)
-    for name in END_STAGES[direction]:
-        if name in traced:
-            return STAGE_BY_NAME[name].sid
-    return -1
-
-
-def histogram_segments(plans):
-    """[(direction, segment name)] by index in the kernel's histogram array.
-
-    Per direction: every pair of traced stages in path order (a packet may skip a
-    stage, e.g. ovs_upcall), then the total. Pair (i, j) of n stages is at
-    i*n - i*(i+1)/2 + j - i - 1, which the C below computes the same way."""
-    traced = set(p.stage.name for p in plans if p.method)
-    out = []
-    for direction in DIRECTIONS:
-        names = [n for n in PATH_ORDER[direction] if n in traced]
-        out += [(direction, "%s->%s" % (a, b)) for i, a in enumerate(names)
-                for b in names[i + 1:]]
-        out.append((direction, "total"))
-    return out
 
 
 def _hist_c(plans):
@@ -3069,22 +3273,278 @@ class Tracer(object):
             pass
 
 
+def set_device_roles(bpf, old, roles):
+    """Tell the kernel which devices are VM ports and which the physical side."""
+    small, big = bpf["devroles"], bpf["devroles_big"]
+    for idx in set(old) - set(roles):
+        if idx < DEVROLE_SLOTS:
+            small[small.Key(idx)] = small.Leaf(0)
+        else:
+            del big[big.Key(idx)]
+    for idx, role in roles.items():
+        table = small if idx < DEVROLE_SLOTS else big
+        table[table.Key(idx)] = table.Leaf(role)
+
+
+# --- where a run's counters come from: the kernel's maps ---
+
+def batch_lookup(table, size, value_size):
+    """(keys, values as one bytes) of a whole BPF array in one syscall, where the kernel
+    (5.6+) and BCC (0.20+; Debian 11 has 0.18) have batch lookups; else None.
+
+    (BCC's own items_lookup_batch() shares one variable for the batch position and
+    the count, so it can stop short; this reads the array whole.)"""
+    from bcc.libbcc import lib
+    if not hasattr(lib, "bpf_lookup_batch"):
+        return None
+    keys = (ctypes.c_uint32 * size)()
+    values = ctypes.create_string_buffer(size * value_size)
+    count = ctypes.c_uint32(size)
+    out_batch = ctypes.c_uint32(0)
+    res = lib.bpf_lookup_batch(table.map_fd, None, ctypes.byref(out_batch),
+                               ctypes.cast(keys, ctypes.c_void_p),
+                               ctypes.cast(values, ctypes.c_void_p), ctypes.byref(count))
+    if (res == 0 or ctypes.get_errno() == errno.ENOENT) and count.value == size:
+        return keys, values.raw
+    return None
+
+
+def read_array_bytes(table, size, value_size):
+    """All values of a BPF array, as bytes each."""
+    batch = batch_lookup(table, size, value_size)
+    if batch is None:        # a syscall per entry
+        return [ctypes.string_at(ctypes.addressof(v), value_size) for v in table.values()]
+    keys, raw = batch
+    out = [b""] * size
+    for i in range(size):
+        out[keys[i]] = raw[i * value_size:(i + 1) * value_size]
+    return out
+
+
+class U64ArrayReader(object):
+    """A BPF array of u64, read whole at each interval into the same buffers: after
+    the first read, nothing is allocated. (New buffers and lists of its size at every
+    interval, 0.5 MB in all, fragmented the heap: histogram mode's resident memory
+    grew by 150 kB a second in steps, 123 -> 151 MB in ten minutes, measured.)"""
+
+    def __init__(self, table, size):
+        self.table, self.size = table, size
+        self.keys = (ctypes.c_uint32 * size)()
+        self.buf = (ctypes.c_uint64 * size)()
+        self.values = memoryview(self.buf).cast("B").cast("Q")
+        self.count, self.out_batch = ctypes.c_uint32(), ctypes.c_uint32()
+        from bcc.libbcc import lib
+        self.lookup_batch = getattr(lib, "bpf_lookup_batch", None)
+
+    def read(self):
+        """The values, by index (a view of the reader's buffer: valid until the next
+        read). One syscall where the kernel (5.6+) and BCC (0.20+) have batch lookups;
+        else one per entry. (BCC's own items_lookup_batch() shares one variable for the
+        batch position and the count, so it can stop short; this reads it whole.)"""
+        if self.lookup_batch is not None:
+            self.count.value = self.size
+            res = self.lookup_batch(self.table.map_fd, None, ctypes.byref(self.out_batch),
+                                    ctypes.cast(self.keys, ctypes.c_void_p),
+                                    ctypes.cast(self.buf, ctypes.c_void_p),
+                                    ctypes.byref(self.count))
+            # an array's batch comes in key order: 0 .. size - 1
+            if (res == 0 or ctypes.get_errno() == errno.ENOENT) and \
+                    self.count.value == self.size and self.keys[0] == 0 and \
+                    self.keys[self.size - 1] == self.size - 1:
+                return self.values
+            self.lookup_batch = None
+        for k, v in self.table.items():
+            self.buf[k.value] = v.value
+        return self.values
+
+
+class KernelCounters(object):
+    """The loaded program's maps, read when asked."""
+
+    def __init__(self, tracer):
+        self.bpf = tracer.bpf
+        self.upcalls = traces_upcalls(tracer.plans)
+        self.hist_reader = None
+        leaf = ctypes.sizeof(self.bpf["inflight"].Leaf)
+        if leaf != PKT.size:    # the declaration and the compiled struct must agree
+            raise Fatal("internal error: struct pkt is %d bytes in C, %d in Python"
+                        % (leaf, PKT.size))
+
+    def hist(self, size):
+        """The histogram array's cumulative counts (a view, valid until the next call)."""
+        if self.hist_reader is None:
+            self.hist_reader = U64ArrayReader(self.bpf["hist"], size)
+        return self.hist_reader.read()
+
+    def vm_hist(self):
+        """--per-vm: {(tap ifindex, slot): cumulative count}."""
+        return dict(((k.vm_ifindex, k.slot), v.value) for k, v in self.bpf["vm_hist"].items())
+
+    def forget_vm_counts(self, keys):
+        table = self.bpf["vm_hist"]
+        for tap, slot in keys:
+            try:
+                del table[table.Key(tap, slot)]
+            except KeyError:
+                pass
+
+    def stats(self):
+        values = [0] * (2 * len(STAT_NAMES))
+        for k, v in self.bpf["stats"].items():
+            if k.value < len(values):
+                values[k.value] = sum(v)
+        return values
+
+    def fates(self):
+        """[(reason, direction index, last stage, count)], in the map's order."""
+        return [(k.reason, k.dir, k.last, v.value) for k, v in self.bpf["fates"].items()]
+
+    def inflight(self):
+        """The packets still being tracked (slots with a tag): (how many, how many of
+        them wait for ovs-vswitchd to return a copy, the raw records of the first
+        INFLIGHT_EXAMPLES)."""
+        tags = self.bpf["inflight_tags"]
+        size = len(tags)
+        raw = read_array_bytes(tags, size, ctypes.sizeof(tags.Leaf))
+        records = self.bpf["inflight"]
+        count, upcalled, first = 0, 0, []
+        for group, value in enumerate(raw):
+            for way in range(INFLIGHT_WAYS):
+                if struct.unpack_from("<Q", value, 8 * way)[0]:
+                    rec = records[ctypes.c_uint32(group * INFLIGHT_WAYS + way)]
+                    data = ctypes.string_at(ctypes.addressof(rec), PKT.size)
+                    count += 1
+                    upcalled += PKT.unpack(data)[P_UPCALLED]
+                    if len(first) < INFLIGHT_EXAMPLES:
+                        first.append(data)
+        return count, upcalled, first
+
+    def upcalls_waiting(self):
+        return sum(1 for _ in self.bpf["upcalls"].keys()) if self.upcalls else 0
+
+
 # ============================================================================
-# Event decoding
+# Events: from the ring buffer to records
 # ============================================================================
 
-# Where each field of the record is in a decoded event (PKT.unpack), from RECORD_FIELDS
-P_LOCATION, P_SADDR, P_DADDR = PKT_INDEX["location"], PKT_INDEX["saddr"], PKT_INDEX["daddr"]
-P_VM_IF, P_PHY_IF = PKT_INDEX["vm_ifindex"], PKT_INDEX["phy_ifindex"]
-P_PID, P_TID, P_REASON = PKT_INDEX["pid"], PKT_INDEX["tid"], PKT_INDEX["reason"]
-P_SPORT, P_DPORT, P_VLAN = PKT_INDEX["sport"], PKT_INDEX["dport"], PKT_INDEX["vlan"]
-P_PROTO, P_DIR, P_LAST = PKT_INDEX["proto"], PKT_INDEX["dir"], PKT_INDEX["last"]
-P_TYPE, P_ICMP_TYPE, P_UPCALLED = PKT_INDEX["type"], PKT_INDEX["icmp_type"], PKT_INDEX["upcalled"]
-P_IP_VERSION, P_SEEN = PKT_INDEX["ip_version"], PKT_INDEX["seen"]
-P_TUNNEL, P_OUTER_VERSION, P_VNI = PKT_INDEX["tunnel"], PKT_INDEX["outer_version"], PKT_INDEX["vni"]
-P_TUN_IF, P_OUTER_SADDR = PKT_INDEX["tun_ifindex"], PKT_INDEX["outer_saddr"]
-P_OUTER_DADDR = PKT_INDEX["outer_daddr"]
+class RingReader(object):
+    """The BPF ring buffer, read by the tool itself: every record there in one pass,
+    decoded where it lies. BCC's reader calls back into Python through ctypes once per
+    event, which costs as much as decoding it (bench/overhead.py: detailed mode).
 
+    The map's pages (kernel/bpf/ringbuf.c): the consumer position, which the reader
+    writes; the producer position; then the data pages, mapped twice in a row so that a
+    record that wraps around the end is contiguous. A record: u32 length (bit 31: still
+    being written, bit 30: discarded), u32 page offset, the data, padded to 8 bytes.
+    Every event is one struct pkt, so records follow each other EVENT_TIMES.size apart:
+    a run of them is unpacked in one call (struct.iter_unpack), header and all."""
+    BUSY, DISCARD = 1 << 31, 1 << 30
+    RELEASE_EVERY = 256     # records read between two releases of their space
+
+    def __init__(self, ring, consumed, size, deliver, fast=None, done=None, epoll=None):
+        # ring: the producer's page and the data pages, twice; consumed: a ctypes
+        # c_uint64 on the consumer position
+        self.ring, self.consumed, self.epoll = ring, consumed, epoll
+        self.page, self.mask = mmap.PAGESIZE, size - 1
+        # deliver(buf, offset): an event, decoded whole; fast(EVENT_TIMES tuple): the
+        # same, False if it needs deliver(); done(): after each RELEASE_EVERY records
+        self.deliver, self.fast = deliver, fast or (lambda _t: False)
+        self.done = done or (lambda: None)
+
+    @classmethod
+    def of_map(cls, map_fd, size, *callbacks):
+        page = mmap.PAGESIZE
+        consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        ring = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
+                         offset=page)
+        epoll = select.epoll()
+        epoll.register(map_fd, select.EPOLLIN)
+        # the consumer position is written with one aligned 8-byte store (the kernel
+        # reads it while we write; struct's "<Q" would store it byte by byte)
+        return cls(ring, ctypes.c_uint64.from_buffer(consumer), size, *callbacks,
+                   epoll=epoll)
+
+    def poll(self, ms):
+        self.epoll.poll(ms / 1000.0)
+
+    def drain(self):
+        try:
+            self._drain()
+        finally:
+            self.done()
+
+    def _drain(self):
+        u64, u32 = struct.Struct("Q").unpack_from, struct.Struct("I").unpack_from  # native
+        ring, page, mask, deliver, fast = self.ring, self.page, self.mask, self.deliver, \
+            self.fast
+        size, stride, events = PKT.size, EVENT_TIMES.size, EVENT_TIMES.iter_unpack
+        pos = self.consumed.value
+        end = u64(ring, 0)[0]
+        while pos < end:
+            at = page + (pos & mask)
+            n = min((end - pos) // stride, self.RELEASE_EVERY)
+            done = 0
+            if n:
+                with memoryview(ring) as whole:
+                    with whole[at:at + n * stride] as run:
+                        for done, t in enumerate(events(run)):
+                            if t[0] != size:        # busy, discarded: one by one below
+                                break
+                            if not fast(t):
+                                deliver(ring, at + done * stride + 8)
+                        else:
+                            done = n
+                pos += done * stride
+            if done < n or not n:
+                length = u32(ring, page + (pos & mask))[0]
+                if length & self.BUSY:
+                    break               # reserved, not submitted yet: the next pass
+                if not length & self.DISCARD and length & 0x3fffffff == size:
+                    deliver(ring, page + (pos & mask) + 8)
+                pos += ((length & 0x3fffffff) + 8 + 7) & ~7
+            self.consumed.value = pos
+            self.done()
+            if pos >= end:
+                end = u64(ring, 0)[0]
+        self.consumed.value = pos
+
+
+# RingReader reads the producer position and each record's header with plain loads,
+# which x86 keeps in order; libbpf (BCC's reader) uses acquire loads, which weaker
+# architectures need, so there BCC reads the ring
+ORDERED_LOADS = ("x86_64", "i686", "i386")
+
+
+def open_events(tracer, this):
+    table = tracer.bpf["events"]
+    if type(table).__name__ == "RingBuf" and os.uname()[4] in ORDERED_LOADS:
+        # recording: every event is recorded whole, by on_record()
+        ring = RingReader.of_map(table.map_fd, RINGBUF_PAGES * mmap.PAGESIZE, this.on_record,
+                                 None if this.recorder else this.on_times, this.write_pending)
+        return EventSource(ring.poll, ring.drain)
+    if type(table).__name__ == "RingBuf":
+        table.open_ring_buffer(lambda _ctx, data, size: this.on_event(data, size))
+        return EventSource(lambda ms: tracer.bpf.ring_buffer_poll(ms),
+                           tracer.bpf.ring_buffer_consume)
+    table.open_perf_buffer(lambda _cpu, data, size: this.on_event(data, size),
+                           page_cnt=PERF_BUFFER_PAGES, lost_cb=this.on_perf_lost)
+    return EventSource(lambda ms: tracer.bpf.perf_buffer_poll(ms), lambda: None)
+
+
+def poll_events(events, seconds):
+    """Deliver the events that are there (waiting up to `seconds` for a wake-up).
+
+    The kernel side wakes the reader only now and then (WAKE_EVERY): what came in since
+    without a wake-up is drained here, each time."""
+    if events is None:
+        time.sleep(seconds)
+        return
+    events.poll(int(seconds * 1000))
+    events.drain()
+
+
+# --- decoding ---
 
 _IP_CACHE = {}
 
@@ -3102,12 +3562,47 @@ def ip_text(value, version):
     return text
 
 
-# (name, index in the event) of each direction's stages, in path order
-_PATH_FIELDS = dict((d, [(n, STAGE_BY_NAME[n].sid) for n in PATH_ORDER[d]]) for d in DIRECTIONS)
+def tunnel_record(fields, names):
+    version = fields[P_OUTER_VERSION]
+    tun_if = fields[P_TUN_IF]
+    return {"type": TUNNEL_NAMES.get(fields[P_TUNNEL], str(fields[P_TUNNEL])),
+            "vni": fields[P_VNI] if version else None,
+            "dev": names.get(tun_if) if tun_if else None,
+            "outer_src_ip": ip_text(fields[P_OUTER_SADDR], version) if version else None,
+            "outer_dst_ip": ip_text(fields[P_OUTER_DADDR], version) if version else None}
 
 
-NO_VM = VmInfo(None, None, None, None)
-ICMP_ECHO, ICMPV6_ECHO = (0, 8), (128, 129)
+def wall_ns(wall_offset):
+    """The offset of the wall clock from the monotonic one (a float of seconds), as a
+    whole number of ns: its fraction scaled alone, the seconds times 10**9 exactly."""
+    seconds = math.floor(wall_offset)
+    return int(seconds) * 10 ** 9 + int(round((wall_offset - seconds) * 1e9))
+
+
+def wall_us(wall_offset, ns):
+    """The wall-clock time of a monotonic time in ns, in whole microseconds. By integer
+    arithmetic: a float of today's seconds since 1970 is only good to about 0.24 us."""
+    return (wall_ns(wall_offset) + ns + 500) // 1000
+
+
+def timestamp_text(us):
+    """Seconds with up to six decimals, as repr() gives the float of the same text
+    (floats this size are 2**-22 s apart: each microsecond has its own, and no shorter
+    text names it)."""
+    text = ("%d.%06d" % divmod(us, 1000000)).rstrip("0")
+    return text + "0" if text[-1] == "." else text
+
+
+def json_us(ns):
+    """repr(round(ns / 1000.0, 3)), as packet_record() and json give it, for a whole
+    number of ns: by integer arithmetic, cheaper than the float's round() and repr()
+    (tests/test_records.py checks the two agree)."""
+    if not 0 <= ns < 10 ** 12:         # beyond 1000 s (or a negative): the float way
+        return repr(round(ns / 1000.0, 3))
+    us, frac = divmod(ns, 1000)
+    if not frac:
+        return "%d.0" % us
+    return ("%d.%03d" % (us, frac)).rstrip("0")
 
 
 def packet_record(fields, names, process_name, thread_name, wall_offset, vms=None):
@@ -3157,48 +3652,7 @@ def packet_record(fields, names, process_name, thread_name, wall_offset, vms=Non
     return rec
 
 
-_PATH_SIDS = [tuple(sid for _n, sid in _PATH_FIELDS[d]) for d in DIRECTIONS]
 MARK = "\x01"      # where a time goes in an output template
-
-# What detailed mode's reader unpacks of an event in the ring buffer: its 8-byte
-# header's length, the times, and the kind (the record from KIND_AT on, as bytes).
-# Packets of one kind print the same but for their times.
-EVENT_TIMES = struct.Struct("<I4x%dQ%dx%ds" % (NSTAGES, KIND_AT - 8 * NSTAGES,
-                                               PKT.size - KIND_AT))
-assert EVENT_TIMES.size == 8 + PKT.size, "the record is padded to 8 bytes"
-
-
-def wall_ns(wall_offset):
-    """The offset of the wall clock from the monotonic one (a float of seconds), as a
-    whole number of ns: its fraction scaled alone, the seconds times 10**9 exactly."""
-    seconds = math.floor(wall_offset)
-    return int(seconds) * 10 ** 9 + int(round((wall_offset - seconds) * 1e9))
-
-
-def wall_us(wall_offset, ns):
-    """The wall-clock time of a monotonic time in ns, in whole microseconds. By integer
-    arithmetic: a float of today's seconds since 1970 is only good to about 0.24 us."""
-    return (wall_ns(wall_offset) + ns + 500) // 1000
-
-
-def timestamp_text(us):
-    """Seconds with up to six decimals, as repr() gives the float of the same text
-    (floats this size are 2**-22 s apart: each microsecond has its own, and no shorter
-    text names it)."""
-    text = ("%d.%06d" % divmod(us, 1000000)).rstrip("0")
-    return text + "0" if text[-1] == "." else text
-
-
-def json_us(ns):
-    """repr(round(ns / 1000.0, 3)), as packet_record() and json give it, for a whole
-    number of ns: by integer arithmetic, cheaper than the float's round() and repr()
-    (tests/test_records.py checks the two agree)."""
-    if not 0 <= ns < 10 ** 12:         # beyond 1000 s (or a negative): the float way
-        return repr(round(ns / 1000.0, 3))
-    us, frac = divmod(ns, 1000)
-    if not frac:
-        return "%d.0" % us
-    return ("%d.%03d" % (us, frac)).rstrip("0")
 
 
 class PacketFormatter(object):
@@ -3273,34 +3727,9 @@ class PacketFormatter(object):
         return text
 
 
-# --- histogram buckets: v = ns * 1.024, 16 sub-buckets per power of two ---
-
-def tunnel_record(fields, names):
-    version = fields[P_OUTER_VERSION]
-    tun_if = fields[P_TUN_IF]
-    return {"type": TUNNEL_NAMES.get(fields[P_TUNNEL], str(fields[P_TUNNEL])),
-            "vni": fields[P_VNI] if version else None,
-            "dev": names.get(tun_if) if tun_if else None,
-            "outer_src_ip": ip_text(fields[P_OUTER_SADDR], version) if version else None,
-            "outer_dst_ip": ip_text(fields[P_OUTER_DADDR], version) if version else None}
-
-
-def hist_slots(segments):
-    return max(1, len(segments)) * HIST_BUCKETS
-
-
-def bucket_bounds(bucket):
-    """[lo, hi) of a bucket, in microseconds; the last one is open-ended (38 hours+)."""
-    sub = 1 << HIST_SUB_BITS
-    if bucket < 2 * sub:
-        lo, hi = bucket, bucket + 1
-    else:
-        lg = (bucket >> HIST_SUB_BITS) + HIST_SUB_BITS - 1
-        step = 1 << (lg - HIST_SUB_BITS)
-        lo = (1 << lg) + (bucket & (sub - 1)) * step
-        hi = lo + step if bucket < HIST_BUCKETS - 1 else float("inf")
-    return lo / 1024.0, hi / 1024.0
-
+# ============================================================================
+# Accounting and reporting
+# ============================================================================
 
 def percentile(buckets, fraction):
     """Percentile (us) from {bucket: count}, interpolated inside its bucket."""
@@ -3337,13 +3766,23 @@ def log2_rows(buckets):
     return out
 
 
-# ============================================================================
-# Reporting
-# ============================================================================
+def order_tables(tables):
+    """{(direction index, segment): buckets} as [(direction, segment, buckets)] in path
+    order, each direction's total last."""
+    out = []
+    for d, direction in enumerate(DIRECTIONS):
+        order = PATH_ORDER[direction]
+        segs = [s for (dd, s) in tables if dd == d and s != "total"]
+        segs.sort(key=lambda s: [order.index(x) for x in s.split("->")])
+        for s in segs + (["total"] if (d, "total") in tables else []):
+            out.append((direction, s, tables[(d, s)]))
+    return out
 
-def log(msg):
-    sys.stderr.write(printable(msg) + "\n")
-    sys.stderr.flush()
+
+def stats_by_direction(values):
+    """The kernel's stats array as {name: (tx, rx)}."""
+    return dict((name, (values[2 * i + DIR_TX], values[2 * i + DIR_RX]))
+                for i, name in enumerate(STAT_NAMES))
 
 
 def can_encode(stream, text):
@@ -3352,6 +3791,29 @@ def can_encode(stream, text):
         return True
     except (UnicodeEncodeError, LookupError):
         return False
+
+
+def endpoint(ip, port):
+    """ADDR:PORT, an IPv6 address in brackets ([fd00::2]:443) as URLs write it."""
+    return ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port)
+
+
+def _round(v):
+    return None if v is None else round(v, 3)
+
+
+def _num(v):
+    return ("%g" % v) if v < 1 else "%d" % v
+
+
+def summary_line(s):
+    return ("Summary: %d packets reported (tx %d, rx %d); %d below the latency threshold; "
+            "%d dropped by the kernel; %d left the traced path before its end; "
+            "%d still in flight; %d not tracked (tracking table full); "
+            "%d lost by the output buffer; %d vanished untraced"
+            % (s["reported"], s["reported_tx"], s["reported_rx"], s["below_threshold"],
+               s["dropped"], s["left_path"], s["in_flight"], s["not_tracked"], s["lost"],
+               s["vanished"]))
 
 
 class Reporter(object):
@@ -3528,352 +3990,6 @@ class Reporter(object):
                 self.fmt_us(p["waiting_us"])))
 
 
-def endpoint(ip, port):
-    """ADDR:PORT, an IPv6 address in brackets ([fd00::2]:443) as URLs write it."""
-    return ("[%s]:%d" if ":" in ip else "%s:%d") % (ip, port)
-
-
-def _round(v):
-    return None if v is None else round(v, 3)
-
-
-def _num(v):
-    return ("%g" % v) if v < 1 else "%d" % v
-
-
-def summary_line(s):
-    return ("Summary: %d packets reported (tx %d, rx %d); %d below the latency threshold; "
-            "%d dropped by the kernel; %d left the traced path before its end; "
-            "%d still in flight; %d not tracked (tracking table full); "
-            "%d lost by the output buffer; %d vanished untraced"
-            % (s["reported"], s["reported_tx"], s["reported_rx"], s["below_threshold"],
-               s["dropped"], s["left_path"], s["in_flight"], s["not_tracked"], s["lost"],
-               s["vanished"]))
-
-
-# ============================================================================
-# Metrics: the same counts for Prometheus (--prometheus, --prometheus-textfile)
-# ============================================================================
-
-# Classic cumulative buckets on powers of two, 1 us to 2^26 us (67 s), then +Inf. Each
-# bound is an edge of the kernel's own buckets: the counts are exact, never re-sampled
-# (a latency of exactly 2^k us, to the nanosecond, is counted in the next bucket).
-PROM_BUCKETS_US = [float(2 ** k) for k in range(27)]
-BPF_OBJ_GET_INFO_BY_FD = 15
-
-
-def import_prometheus():
-    """prometheus_client, the ecosystem's own library: needed only by the metrics."""
-    try:
-        import prometheus_client
-        from prometheus_client import core
-    except ImportError:
-        raise Fatal("--prometheus and --prometheus-textfile need the Python package "
-                    "prometheus_client: install python3-prometheus-client (Debian/Ubuntu) "
-                    "or python3-prometheus_client (RHEL/Fedora)")
-    return prometheus_client, core
-
-
-def _prom_bucket_index():
-    """For each kernel bucket, the first Prometheus bucket (index) that holds it."""
-    out = []
-    for b in range(HIST_BUCKETS):
-        hi = bucket_bounds(b)[1]
-        out.append(next((i for i, le in enumerate(PROM_BUCKETS_US) if hi <= le),
-                        len(PROM_BUCKETS_US)))
-    return out
-
-
-def bpf_prog_stats(fd, prog_info):
-    """{run_time_ns, run_cnt, recursion_misses} of a loaded program, from the kernel."""
-    info = ctypes.create_string_buffer(prog_info["size"])
-    attr = struct.pack("<IIQ", fd, prog_info["size"], ctypes.addressof(info))
-    if bpf_call(BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
-        return None
-    return dict((f, struct.unpack_from("<Q", info.raw, prog_info[f])[0])
-                for f in PROG_INFO_FIELDS if f in prog_info)
-
-
-def write_file_atomically(path, data, mode=0o644):
-    """data as the whole of path, atomically, never through a link: a new file of a
-    random name in the same directory (O_EXCL), then renamed over path (rename replaces
-    a symbolic link there, it does not follow it)."""
-    directory, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + base + ".", dir=directory)
-    try:
-        os.fchmod(fd, mode)     # node_exporter reads it as its own user
-        write_all(fd, data)
-        os.close(fd)
-        fd = None
-        os.rename(tmp, path)
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        os.unlink(tmp)
-        raise
-
-
-class MetricsServer(object):
-    """/metrics over HTTP, or HTTPS with --prometheus-tls-cert/-key, verifying client
-    certificates against --prometheus-client-ca (Prometheus's tls_config: cert_file,
-    key_file, ca_file). The standard library's server: each scrape in a thread of its
-    own, which only hands out the last interval's exposition."""
-    TIMEOUT = 10.0      # seconds a client may take (a TLS handshake included)
-
-    def __init__(self, addr, port, body, content_type, tls=None):
-        import http.server
-        import socketserver
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = self.TIMEOUT
-
-            def setup(handler):
-                http.server.BaseHTTPRequestHandler.setup(handler)
-                if tls:     # here, in the request's thread: a slow client holds no other
-                    handler.request.do_handshake()
-
-            def do_GET(handler):
-                if handler.path.split("?", 1)[0] not in ("/metrics", "/"):
-                    handler.send_error(404)
-                    return
-                data = body()
-                handler.send_response(200)
-                handler.send_header("Content-Type", content_type)
-                handler.send_header("Content-Length", str(len(data)))
-                handler.end_headers()
-                handler.wfile.write(data)
-
-            def log_message(handler, *_args):
-                pass            # a line per scrape would bury the tool's own output
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-
-            def handle_error(server, request, client_address):
-                pass    # a client without a certificate, a dropped connection: its own
-
-        try:
-            self.server = Server((addr, port), Handler)
-        except OSError as e:
-            why = "not an address of this host" if e.errno == errno.EADDRNOTAVAIL else \
-                e.strerror or str(e)
-            raise UsageError("--prometheus %s:%d: %s" % (addr, port, why))
-        if tls:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True,
-                                                 do_handshake_on_connect=False)
-        thread = threading.Thread(target=self.server.serve_forever, name="metrics")
-        thread.daemon = True
-        thread.start()
-
-
-def tls_context(cert, key, client_ca):
-    """The server's TLS settings, or None without a certificate: UsageError when a
-    file is missing or not what it should be."""
-    if not cert:
-        return None
-    import ssl
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    if hasattr(ssl, "TLSVersion"):      # Python 3.7+; 3.6's default refuses SSLv3 already
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2   # novermin
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise UsageError("--prometheus-tls-cert %s, --prometheus-tls-key %s: %s"
-                         % (cert, key, getattr(e, "strerror", None) or e))
-    if client_ca:
-        try:
-            ctx.load_verify_locations(cafile=client_ca)
-        except (OSError, ssl.SSLError) as e:
-            raise UsageError("--prometheus-client-ca %s: %s"
-                             % (client_ca, getattr(e, "strerror", None) or e))
-        ctx.verify_mode = ssl.CERT_REQUIRED    # no certificate, no metrics
-    return ctx
-
-
-class Metrics(object):
-    """The run's counters for Prometheus. The main loop renders them once per interval
-    (snapshot()): a scrape, or the text file, gets that rendering, never a walk of the
-    kernel's maps. Counters are since the tool started; a VM whose taps are gone for
-    --forget-after seconds leaves them (retire())."""
-
-    def __init__(self, args, release):
-        self.prom, self.core = import_prometheus()
-        self.args, self.release = args, release
-        self.registry = self.prom.CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
-        self.run = self.plans = self.tracer = self.prog_info = None
-        self.bucket_index = _prom_bucket_index()
-        self.families = []      # the last snapshot's
-        self.body = b""         # and its exposition
-        self.retired = {}       # {(vm label, slot): count} of taps forgotten, their VM alive
-        self.server = None
-
-    def serve(self, addr, port, tls=None):
-        """Bind now, before any BPF is compiled: a port in use is bad input."""
-        self.body = self.prom.generate_latest(self.registry)
-        self.server = MetricsServer(addr, port, lambda: self.body,
-                                    self.prom.CONTENT_TYPE_LATEST, tls)
-
-    def attach(self, run, tracer, plans, layout):
-        self.run, self.tracer, self.plans, self.prog_info = run, tracer, plans, layout.prog_info
-
-    def snapshot(self, counts, table_size):
-        """Render the metrics of this moment ({(tap, slot): count} of the kernel's per-VM
-        table); write the text file. Reference assignments: a scrape thread sees the
-        old rendering or the new one, whole."""
-        stats = stats_by_direction(self.run.counters.stats())
-        fates = self.run.counters.fates() if self.args.drops else []
-        families = [self.stage_info()]
-        families += list(self.histograms(counts))
-        families += list(self.packet_counters(stats, fates))
-        families += list(self.table_usage(len(counts), table_size, stats))
-        families += list(self.own_cost())
-        self.families = families
-        self.body = self.prom.generate_latest(self.registry)
-        if self.args.prometheus_textfile:
-            try:
-                write_file_atomically(self.args.prometheus_textfile, self.body)
-            except (IOError, OSError) as e:
-                log("warning: --prometheus-textfile %s: %s" % (
-                    self.args.prometheus_textfile, e.strerror or e))
-
-    def collect(self):
-        info = self.core.GaugeMetricFamily("vm_network_latency_info", "The tool and the "
-                                           "kernel (sample: 1 packet in N is counted)",
-                                           labels=["version", "kernel", "sample"])
-        info.add_metric([VERSION, self.release, str(self.args.sample)], 1)
-        yield info
-        for family in self.families:
-            yield family
-
-    def stage_info(self):
-        stage = self.core.GaugeMetricFamily("vm_network_latency_stage_info",
-                                            "How each traced stage is attached",
-                                            labels=["stage", "direction", "method", "probe"])
-        for p in self.plans:
-            if p.method:
-                stage.add_metric([p.stage.name, p.stage.direction, p.method,
-                                  ",".join(n for n, _a in p.probes)], 1)
-        return stage
-
-    def label(self, vm_if):
-        """A tap's VM as the "vm" label: its name, else the tap's; "" for the host."""
-        if not vm_if:
-            return ""
-        vm = self.run.vms.get(vm_if)
-        return printable(vm.name if vm and vm.name else self.run.names.get(vm_if, str(vm_if)))
-
-    def retire(self, counts, gone):
-        """Taps gone for good: their counts stay in their VM's series while the VM has
-        another tap in the table (a VM restarted), so that its counters never go back;
-        a VM with none left leaves the metrics."""
-        alive = set(self.label(tap) for tap, _slot in counts if tap not in gone)
-        for (tap, slot), count in counts.items():
-            label = self.label(tap)
-            if tap in gone and label in alive:
-                self.retired[(label, slot)] = self.retired.get((label, slot), 0) + count
-        for key in [k for k in self.retired if k[0] not in alive]:
-            del self.retired[key]
-
-    def histograms(self, counts):
-        rows = {}       # (vm, direction, segment) -> [per Prometheus bucket], sum ns
-        by_label = [((self.label(tap), slot), count) for (tap, slot), count in counts.items()]
-        for (label, slot), count in by_label + list(self.retired.items()):
-            seg, bucket = divmod(slot, VM_HIST_ROW)
-            direction, segment = self.run.segments[seg]
-            row = rows.setdefault((label, direction, segment),
-                                  [[0] * (len(PROM_BUCKETS_US) + 1), 0])
-            if bucket == HIST_BUCKETS:
-                row[1] += count
-            else:
-                row[0][self.bucket_index[bucket]] += count
-        fam = self.core.HistogramMetricFamily(
-            "vm_network_latency_seconds", "Time between stages of the path, per packet",
-            labels=["direction", "segment", "vm"])
-        for (label, direction, segment), (per, sum_ns) in sorted(rows.items()):
-            cum, buckets = 0, []
-            for le, n in zip(PROM_BUCKETS_US, per):
-                cum += n
-                buckets.append(("%g" % (le / 1e6), cum))
-            buckets.append(("+Inf", cum + per[-1]))
-            fam.add_metric([direction, segment, label], buckets, sum_ns / 1e9)
-        yield fam
-
-    def table_usage(self, used, size, stats):
-        full = self.core.CounterMetricFamily(
-            "vm_network_latency_vm_table_full", "Histogram counts not kept because the "
-            "kernel's per-VM table was full (--vm-table-size)", labels=["direction"])
-        for d, direction in enumerate(DIRECTIONS):
-            full.add_metric([direction], stats["vm_hist_full"][d])
-        yield full
-        entries = self.core.GaugeMetricFamily(
-            "vm_network_latency_vm_table_entries", "Entries of the kernel's per-VM table "
-            "in use (its size: vm_network_latency_vm_table_size)")
-        entries.add_metric([], used)
-        yield entries
-        cap = self.core.GaugeMetricFamily("vm_network_latency_vm_table_size",
-                                          "Entries the kernel's per-VM table holds")
-        cap.add_metric([], size)
-        yield cap
-
-    def packet_counters(self, stats, fates):
-        core = self.core
-        total = core.CounterMetricFamily(
-            "vm_network_latency_packets", "What happened to each packet that entered a "
-            "path", labels=["fate", "direction"])
-        flight = core.GaugeMetricFamily("vm_network_latency_packets_in_flight",
-                                        "Packets on their way now", labels=["direction"])
-        for d, direction in enumerate(DIRECTIONS):
-            v = dict((k, vals[d]) for k, vals in stats.items())
-            fate = {"reported": v["completed"] - v["below_threshold"],
-                    "below_threshold": v["below_threshold"], "dropped": v["dropped"],
-                    "left_path": v["left_path"], "not_tracked": v["not_tracked"],
-                    "lost": v["lost"], "vanished": v["vanished"]}
-            for name in sorted(fate):
-                total.add_metric([name, direction], fate[name])
-            flight.add_metric([direction], max(0, v["started"] - v["completed"] - v["dropped"]
-                                               - v["left_path"] - v["vanished"]))
-        yield total
-        yield flight
-        if self.args.drops:
-            drops = core.CounterMetricFamily("vm_network_latency_drops",
-                                             "Packets the kernel dropped",
-                                             labels=["reason", "last_stage", "direction"])
-            for reason, direction, last, count in fates:
-                if reason != FATE_LEFT:
-                    drops.add_metric([self.run.reason_name(reason), STAGE_NAMES[last],
-                                      DIRECTIONS[direction]], count)
-            yield drops
-
-    def own_cost(self):
-        """BPF run time and runs per program, when kernel.bpf_stats_enabled is on."""
-        try:
-            with open("/proc/sys/kernel/bpf_stats_enabled") as f:
-                enabled = f.read().strip() == "1"
-        except (IOError, OSError):
-            enabled = False
-        if not enabled or not self.prog_info or "run_cnt" not in self.prog_info:
-            return
-        secs = self.core.CounterMetricFamily("vm_network_latency_bpf_run_seconds",
-                                             "CPU time of the tool's BPF programs",
-                                             labels=["program"])
-        runs = self.core.CounterMetricFamily("vm_network_latency_bpf_runs",
-                                             "Runs of the tool's BPF programs",
-                                             labels=["program"])
-        for label, fd in self.tracer.programs():
-            st = bpf_prog_stats(fd, self.prog_info)
-            if st:
-                secs.add_metric([label], st["run_time_ns"] / 1e9)
-                runs.add_metric([label], st["run_cnt"])
-        yield secs
-        yield runs
-
-
-# ============================================================================
-# Main
-# ============================================================================
-
 def list_stages_report(plans, layout, out_json, reporter):
     if out_json:
         for p in plans:
@@ -3893,72 +4009,27 @@ def list_stages_report(plans, layout, out_json, reporter):
     reporter.write("struct layouts: %s\n" % layout.source)
 
 
-# --- where a run's counters come from: the kernel's maps, or a recording of them ---
+def list_vms_report(owners, out_json, reporter):
+    rows = sorted(owners.items(), key=lambda kv: (vm_label(kv[1], kv[0]), kv[0]))
+    if out_json:
+        by_vm = {}
+        for tap, vm in rows:
+            by_vm.setdefault(vm, []).append({"dev": tap, "switch": switch_of(tap)})
+        for vm, taps in sorted(by_vm.items(), key=lambda kv: vm_label(kv[0], kv[1][0]["dev"])):
+            reporter.emit_json({"type": "vm", "name": vm.name, "uuid": vm.uuid,
+                                "pid": vm.pid, "comm": vm.comm, "taps": taps})
+        return
+    reporter.write("%-24s %-36s %-8s %-16s %-12s %s\n" % ("VM", "UUID", "PID", "PROCESS",
+                                                         "TAP", "SWITCH"))
+    for tap, vm in rows:
+        reporter.write("%-24s %-36s %-8d %-16s %-12s %s\n" % tuple(
+            printable(v, NAME_LIMIT) if isinstance(v, str) else v for v in (
+                vm.name or "-", vm.uuid or "-", vm.pid, vm.comm, tap, switch_of(tap))))
+    if not rows:
+        reporter.write("(no process holds a tap device)\n")
 
-class KernelCounters(object):
-    """The loaded program's maps, read when asked."""
 
-    def __init__(self, tracer):
-        self.bpf = tracer.bpf
-        self.upcalls = traces_upcalls(tracer.plans)
-        self.hist_reader = None
-        leaf = ctypes.sizeof(self.bpf["inflight"].Leaf)
-        if leaf != PKT.size:    # the declaration and the compiled struct must agree
-            raise Fatal("internal error: struct pkt is %d bytes in C, %d in Python"
-                        % (leaf, PKT.size))
-
-    def hist(self, size):
-        """The histogram array's cumulative counts (a view, valid until the next call)."""
-        if self.hist_reader is None:
-            self.hist_reader = U64ArrayReader(self.bpf["hist"], size)
-        return self.hist_reader.read()
-
-    def vm_hist(self):
-        """--per-vm: {(tap ifindex, slot): cumulative count}."""
-        return dict(((k.vm_ifindex, k.slot), v.value) for k, v in self.bpf["vm_hist"].items())
-
-    def forget_vm_counts(self, keys):
-        table = self.bpf["vm_hist"]
-        for tap, slot in keys:
-            try:
-                del table[table.Key(tap, slot)]
-            except KeyError:
-                pass
-
-    def stats(self):
-        values = [0] * (2 * len(STAT_NAMES))
-        for k, v in self.bpf["stats"].items():
-            if k.value < len(values):
-                values[k.value] = sum(v)
-        return values
-
-    def fates(self):
-        """[(reason, direction index, last stage, count)], in the map's order."""
-        return [(k.reason, k.dir, k.last, v.value) for k, v in self.bpf["fates"].items()]
-
-    def inflight(self):
-        """The packets still being tracked (slots with a tag): (how many, how many of
-        them wait for ovs-vswitchd to return a copy, the raw records of the first
-        INFLIGHT_EXAMPLES)."""
-        tags = self.bpf["inflight_tags"]
-        size = len(tags)
-        raw = read_array_bytes(tags, size, ctypes.sizeof(tags.Leaf))
-        records = self.bpf["inflight"]
-        count, upcalled, first = 0, 0, []
-        for group, value in enumerate(raw):
-            for way in range(INFLIGHT_WAYS):
-                if struct.unpack_from("<Q", value, 8 * way)[0]:
-                    rec = records[ctypes.c_uint32(group * INFLIGHT_WAYS + way)]
-                    data = ctypes.string_at(ctypes.addressof(rec), PKT.size)
-                    count += 1
-                    upcalled += PKT.unpack(data)[P_UPCALLED]
-                    if len(first) < INFLIGHT_EXAMPLES:
-                        first.append(data)
-        return count, upcalled, first
-
-    def upcalls_waiting(self):
-        return sum(1 for _ in self.bpf["upcalls"].keys()) if self.upcalls else 0
-
+# --- a run: what was reported, and every counter its summary accounts with ---
 
 class RecordedCounters(object):
     """The counters a run ended with: read once from the kernel (final_counters()), or
@@ -3981,130 +4052,14 @@ class RecordedCounters(object):
         return self.final["upcalls_waiting"]
 
 
-def create_private_file(path, option):
-    """A file the tool writes as root, opened safely: never through a symbolic link
-    (a user who can write to /tmp could point one at a file of root's), never a file
-    of another user or one with other hard links, not a FIFO or device; mode 0600 (a
-    recording holds every packet's addresses and the VMs' names). Emptied. An fd."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | \
-        getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UsageError("%s %s: a symbolic link, which the tool does not follow: "
-                             "give the file's own path" % (option, path))
-        raise UsageError("%s %s: %s" % (option, path, e.strerror or e))
-    st = os.fstat(fd)
-    why = None
-    if not stat.S_ISREG(st.st_mode):
-        why = "not a regular file"
-    elif st.st_uid != os.geteuid():
-        why = "the file belongs to another user (uid %d): not overwritten" % st.st_uid
-    elif st.st_nlink != 1:
-        why = "the file has other hard links: not overwritten"
-    if why:
-        os.close(fd)
-        raise UsageError("%s %s: %s" % (option, path, why))
-    os.ftruncate(fd, 0)
-    os.fchmod(fd, 0o600)
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    return fd
-
-
-def write_all(fd, data):
-    """os.write until all of data is written: the count written, or OSError with
-    .written set to how much was."""
-    done = 0
-    while done < len(data):
-        try:
-            done += os.write(fd, data[done:])
-        except OSError as e:
-            e.written = done
-            raise
-    return done
-
-
-class Recorder(object):
-    """--write-events: the run's raw events and what is needed to read them again.
-
-    One JSON object a line: "meta" first, then a blank line held in reserve; "names"
-    (ifindex -> device), "vms", "comm", "thread" and "location" the first time each is
-    resolved, always before the first event that needs it; "event" (the raw record,
-    hex) as each arrives; "hist" and "vmhist" (the kernel's cumulative counts) at each
-    interval, "prune" when per-VM counts of taps that are gone are forgotten; "final"
-    (counters, the first few packets still in flight) last. --read-events replays it
-    (RecordingReader).
-
-    The file is opened before anything is compiled (a bad path is reported at once).
-    A write that fails (a full disk) ends the recording, not the run: the file is cut
-    back to its last whole line, and the reserved line is overwritten in place (no new
-    space needed) with a "truncated" mark saying where and why, so it still replays."""
-    FLUSH_BYTES = 1 << 16
-    RESERVE = 255           # bytes of the reserved line, before its newline
-
-    def __init__(self, path):
-        self.path = path
-        self.fd = create_private_file(path, "--write-events")
-        self._json = json.JSONEncoder(check_circular=False, sort_keys=True)
-        self.pending, self.pending_bytes = [], 0
-        self.written = self.lines = 0   # whole lines in the file, and their bytes
-        self.reserved_at = None
-        self.failed = None
-
-    def write_meta(self, meta):
-        self.write(meta)
-        self.flush()
-        self.reserved_at = self.written
-        self._line(" " * self.RESERVE + "\n")
-
-    def write(self, obj):
-        self._line(self._json.encode(obj) + "\n")
-
-    def event(self, raw):
-        self._line('{"kind": "event", "raw": "%s"}\n' % binascii.hexlify(raw).decode())
-
-    def _line(self, text):
-        if self.failed is None:
-            self.pending.append(text)
-            self.pending_bytes += len(text)
-            if self.pending_bytes >= self.FLUSH_BYTES:
-                self.flush()
-
-    def flush(self):
-        if not self.pending or self.failed is not None:
-            return
-        data = "".join(self.pending).encode()
-        count = len(self.pending)
-        del self.pending[:]
-        self.pending_bytes = 0
-        try:
-            self.written += write_all(self.fd, data)
-            self.lines += count
-        except OSError as e:
-            self.fail(e, data[:e.written])
-
-    def fail(self, error, partial):
-        """Keep what was written up to its last whole line, mark the cut, say so once."""
-        self.failed = error
-        whole = partial[:partial.rfind(b"\n") + 1]
-        self.written += len(whole)
-        self.lines += whole.count(b"\n")
-        why = error.strerror or str(error)
-        mark = self._json.encode({"kind": "truncated", "why": why[:100],
-                                  "after_line": self.lines}).encode()
-        try:
-            os.ftruncate(self.fd, self.written)
-            if self.reserved_at is not None:
-                os.pwrite(self.fd, mark.ljust(self.RESERVE), self.reserved_at)
-        except OSError:
-            pass        # then the replay says the recording ends before the run did
-        log("warning: --write-events %s: %s: the recording stops here (it replays up to "
-            "this point); tracing goes on" % (self.path, why))
-
-    def close(self):
-        self.flush()
-        os.close(self.fd)
+def final_counters(counters, now, perf_lost):
+    """What a run's summary accounts with, read once from the kernel after detaching
+    (the summary and the recording's "final" line both use it, as a replay does)."""
+    count, upcalled, first = counters.inflight()
+    return {"kind": "final", "now": now, "stats": counters.stats(),
+            "fates": [list(f) for f in counters.fates()], "inflight": first,
+            "inflight_count": count, "inflight_upcalled": upcalled,
+            "upcalls_waiting": counters.upcalls_waiting(), "perf_lost": perf_lost}
 
 
 class Run(object):
@@ -4410,166 +4365,140 @@ class Run(object):
                                                       for r in final["inflight"]]))
 
 
-def final_counters(counters, now, perf_lost):
-    """What a run's summary accounts with, read once from the kernel after detaching
-    (the summary and the recording's "final" line both use it, as a replay does)."""
-    count, upcalled, first = counters.inflight()
-    return {"kind": "final", "now": now, "stats": counters.stats(),
-            "fates": [list(f) for f in counters.fates()], "inflight": first,
-            "inflight_count": count, "inflight_upcalled": upcalled,
-            "upcalls_waiting": counters.upcalls_waiting(), "perf_lost": perf_lost}
+# --- --write-events: a run recorded; --read-events: replayed without root or BPF ---
+
+# A recording is input from outside: it travels with tickets and may be anything. Every
+# line is parsed and checked before it is used; what is wrong is one line naming the
+# file's line, exit 2. Impossible values (a stage time beyond any uptime, a direction
+# that is neither, counts that go backwards) are refused, never printed.
+
+RECORDING_FORMAT = 2            # 2: names before the events; host; "final" in summary
 
 
-def stats_by_direction(values):
-    """The kernel's stats array as {name: (tx, rx)}."""
-    return dict((name, (values[2 * i + DIR_TX], values[2 * i + DIR_RX]))
-                for i, name in enumerate(STAT_NAMES))
-
-
-def read_comm(path):
-    """A process's or thread's name (the kernel side only keeps the ids)."""
+def create_private_file(path, option):
+    """A file the tool writes as root, opened safely: never through a symbolic link
+    (a user who can write to /tmp could point one at a file of root's), never a file
+    of another user or one with other hard links, not a FIFO or device; mode 0600 (a
+    recording holds every packet's addresses and the VMs' names). Emptied. An fd."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | \
+        getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(path) as f:
-            return f.read().strip()
-    except (IOError, OSError):
-        return "?"    # gone already
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError("%s %s: a symbolic link, which the tool does not follow: "
+                             "give the file's own path" % (option, path))
+        raise UsageError("%s %s: %s" % (option, path, e.strerror or e))
+    st = os.fstat(fd)
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "not a regular file"
+    elif st.st_uid != os.geteuid():
+        why = "the file belongs to another user (uid %d): not overwritten" % st.st_uid
+    elif st.st_nlink != 1:
+        why = "the file has other hard links: not overwritten"
+    if why:
+        os.close(fd)
+        raise UsageError("%s %s: %s" % (option, path, why))
+    os.ftruncate(fd, 0)
+    os.fchmod(fd, 0o600)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
 
 
-def ksym_name(ksym, addr):
-    if ksym is None:
-        return "0x%x" % addr
-    try:
-        return ksym(addr, show_offset=True).decode("utf-8", "replace")
-    except Exception:
-        return "0x%x" % addr
+def write_all(fd, data):
+    """os.write until all of data is written: the count written, or OSError with
+    .written set to how much was."""
+    done = 0
+    while done < len(data):
+        try:
+            done += os.write(fd, data[done:])
+        except OSError as e:
+            e.written = done
+            raise
+    return done
 
 
-def order_tables(tables):
-    """{(direction index, segment): buckets} as [(direction, segment, buckets)] in path
-    order, each direction's total last."""
-    out = []
-    for d, direction in enumerate(DIRECTIONS):
-        order = PATH_ORDER[direction]
-        segs = [s for (dd, s) in tables if dd == d and s != "total"]
-        segs.sort(key=lambda s: [order.index(x) for x in s.split("->")])
-        for s in segs + (["total"] if (d, "total") in tables else []):
-            out.append((direction, s, tables[(d, s)]))
-    return out
+class Recorder(object):
+    """--write-events: the run's raw events and what is needed to read them again.
 
+    One JSON object a line: "meta" first, then a blank line held in reserve; "names"
+    (ifindex -> device), "vms", "comm", "thread" and "location" the first time each is
+    resolved, always before the first event that needs it; "event" (the raw record,
+    hex) as each arrives; "hist" and "vmhist" (the kernel's cumulative counts) at each
+    interval, "prune" when per-VM counts of taps that are gone are forgotten; "final"
+    (counters, the first few packets still in flight) last. --read-events replays it
+    (RecordingReader).
 
-# ============================================================================
-# Main
-# ============================================================================
+    The file is opened before anything is compiled (a bad path is reported at once).
+    A write that fails (a full disk) ends the recording, not the run: the file is cut
+    back to its last whole line, and the reserved line is overwritten in place (no new
+    space needed) with a "truncated" mark saying where and why, so it still replays."""
+    FLUSH_BYTES = 1 << 16
+    RESERVE = 255           # bytes of the reserved line, before its newline
 
-# A kernel's probe points as the planner sees them. --dry-run plans with every one of
-# them present, so that the verifier checks every stage's program.
-KernelView = namedtuple("KernelView", "kprobes_ok kprobe_why symbols tracepoints "
-                                        "tp_btf_why")
-ProgramConfig = namedtuple("ProgramConfig", "ringbuf ringbuf_pages probe_read_kernel "
-                                            "max_inflight netns_inum")
-# 2 MB of ring buffer: ~14,000 events, a quarter second at 50,000 packets/s; user space
-# maps it twice (for wrap-around), so it counts double in resident memory
-RINGBUF_PAGES = 512
-# the reader is woken at every WAKE_EVERY-th event of a CPU (and drains every 100 ms):
-# far below the ring's ~14,000 events, far above one wake-up per packet
-WAKE_EVERY = 64
-PERF_BUFFER_PAGES = 256
+    def __init__(self, path):
+        self.path = path
+        self.fd = create_private_file(path, "--write-events")
+        self._json = json.JSONEncoder(check_circular=False, sort_keys=True)
+        self.pending, self.pending_bytes = [], 0
+        self.written = self.lines = 0   # whole lines in the file, and their bytes
+        self.reserved_at = None
+        self.failed = None
 
+    def write_meta(self, meta):
+        self.write(meta)
+        self.flush()
+        self.reserved_at = self.written
+        self._line(" " * self.RESERVE + "\n")
 
-def kernel_view(args, layout):
-    kprobes_ok, kprobe_why = kprobes_available()
-    wanted = set(f for st in STAGES for f, _a in st.kprobes)
-    tp_btf_why = "not asked for (--attach %s)" % args.attach
-    if args.attach in ("auto", "tp_btf"):
-        tp_btf_why = ("no BTF (struct layouts from %s)" % layout.source
-                      if layout.source != "BTF" else
-                      tp_btf_refused(layout.tracepoints.get("netif_receive_skb")))
-        if args.attach == "tp_btf" and tp_btf_why:
-            raise Fatal("--attach tp_btf: %s" % tp_btf_why)
-    if args.dry_run and not args.list_stages:
-        # every probe point as if it existed (tp_btf as the kernel says), so that the
-        # verifier sees every stage; --list-stages says what this kernel really has
-        return KernelView(True, "assumed for --dry-run", dict((f, f) for f in wanted),
-                          TRACEPOINTS_USED, tp_btf_why)
-    symbols = kernel_symbols(wanted) if (kprobes_ok or args.list_stages) else {}
-    return KernelView(kprobes_ok, kprobe_why, symbols, None, tp_btf_why)
+    def write(self, obj):
+        self._line(self._json.encode(obj) + "\n")
 
+    def event(self, raw):
+        self._line('{"kind": "event", "raw": "%s"}\n' % binascii.hexlify(raw).decode())
 
-def wall_clock_offset(tries=5):
-    """Wall-clock time minus the kernel's monotonic clock (the packets' stamps), from the
-    reading whose two monotonic reads bracket time.time() most closely: a process
-    descheduled between two clock reads would put every timestamp off by the delay (seen
-    under emulation with four instances starting together: 17 ms)."""
-    best = None
-    for _ in range(tries):
-        before = time.monotonic()
-        wall = time.time()
-        after = time.monotonic()
-        if best is None or after - before < best[0]:
-            best = (after - before, wall - (before + after) / 2)
-    return best[1]
+    def _line(self, text):
+        if self.failed is None:
+            self.pending.append(text)
+            self.pending_bytes += len(text)
+            if self.pending_bytes >= self.FLUSH_BYTES:
+                self.flush()
 
+    def flush(self):
+        if not self.pending or self.failed is not None:
+            return
+        data = "".join(self.pending).encode()
+        count = len(self.pending)
+        del self.pending[:]
+        self.pending_bytes = 0
+        try:
+            self.written += write_all(self.fd, data)
+            self.lines += count
+        except OSError as e:
+            self.fail(e, data[:e.written])
 
-def run(args):
-    if args.read_events:
-        return replay(args)
-    check_devices_exist(args)
-    if args.list_vms:
-        list_vms_report(find_vms(), args.output == "json", Reporter(args.output, "all"))
-        return 0
-    if os.geteuid() != 0:
-        raise Fatal("must run as root (BPF programs need CAP_BPF and CAP_PERFMON): "
-                    "sudo %s" % " ".join([sys.argv[0]] + sys.argv[1:]))
-    # the recording's file first: a path it cannot have is reported before a compile
-    recorder = Recorder(args.write_events) if args.write_events else None
-    release = os.uname()[2]
-    metrics = None
-    if args.prometheus or args.prometheus_textfile:
-        metrics = Metrics(args, release)
-        if args.prometheus:
-            # bound before any BPF is compiled: a port in use is bad input
-            metrics.serve(args.prometheus[0], args.prometheus[1], tls_context(
-                args.prometheus_tls_cert, args.prometheus_tls_key,
-                args.prometheus_client_ca))
-    layout = find_layout(args.btf, release)
-    view = kernel_view(args, layout)
-    plans = plan_stages(args, layout, view)
-    reporter = Reporter(args.output, args.protocol, sample=args.sample)
-    if args.list_stages:
-        list_stages_report(plans, layout, args.output == "json", reporter)
-        return 0
-    require_path_ends(args, plans)
-    features = probe_capabilities(args.perf_buffer)
-    config = ProgramConfig(features.ringbuf, RINGBUF_PAGES, features.probe_read_kernel,
-                           args.max_inflight, host_netns_inum())
-    text = generate_program(args, plans, layout, config)
-    if args.ebpf:
-        print(text)
-        return 0
-    taps_seen, owners = all_taps(), find_vms()
-    check_vms_exist(args, owners)
-    bcc = import_bcc()
-    mount_tracefs()     # BCC's legacy kprobe interface needs it
-    roles, names, taps, phys = resolve_roles(args, owners)
-    announce(args, layout, plans, view, taps, phys, features)
-    clear_stale_kprobe_events(args.verbose)
-    try:
-        tracer = Tracer(bcc, text, plans, args.verbose, layout.tracepoints)
-    except Exception as e:
-        raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
-    if args.dry_run:
-        return verify_only(args, tracer)
-    segments = histogram_segments(plans)
-    this = Run(args, reporter, {}, segments, layout.kfree_skb_reason, layout.drop_reasons,
-               wall_clock_offset(), recorder, bcc.BPF.ksym)
-    if metrics:
-        metrics.attach(this, tracer, plans, layout)
-    if recorder:
-        recorder.write_meta(recording_meta(args, plans, segments, layout, this.wall_offset))
-    this.set_names(names)
-    this.owners, this.taps_seen, this.owners_at = owners, taps_seen, time.monotonic()
-    this.set_vms(owners)
-    return trace(args, tracer, this, roles, metrics)
+    def fail(self, error, partial):
+        """Keep what was written up to its last whole line, mark the cut, say so once."""
+        self.failed = error
+        whole = partial[:partial.rfind(b"\n") + 1]
+        self.written += len(whole)
+        self.lines += whole.count(b"\n")
+        why = error.strerror or str(error)
+        mark = self._json.encode({"kind": "truncated", "why": why[:100],
+                                  "after_line": self.lines}).encode()
+        try:
+            os.ftruncate(self.fd, self.written)
+            if self.reserved_at is not None:
+                os.pwrite(self.fd, mark.ljust(self.RESERVE), self.reserved_at)
+        except OSError:
+            pass        # then the replay says the recording ends before the run did
+        log("warning: --write-events %s: %s: the recording stops here (it replays up to "
+            "this point); tracing goes on" % (self.path, why))
+
+    def close(self):
+        self.flush()
+        os.close(self.fd)
 
 
 def host_identity():
@@ -4598,441 +4527,12 @@ def recording_meta(args, plans, segments, layout, wall_offset):
             "wall_offset": wall_offset}
 
 
-def require_path_ends(args, plans):
-    """Each direction traced needs the stage where packets enter and one where they end."""
-    for direction in ("tx", "rx"):
-        if args.direction not in (direction, "both"):
-            continue
-        start_plan = next(p for p in plans if p.stage.name == START_STAGE[direction])
-        if not start_plan.method or final_stage(plans, direction) < 0:
-            raise Fatal("cannot trace %s: %s" % (direction.upper(), start_plan.reason or
-                                                  "no stage can see the end of the path"))
-
-
-def announce(args, layout, plans, view, taps, phys, features):
-    """What the user should know before tracing starts (more with --verbose)."""
-    if args.verbose:
-        log("struct layouts from %s: %s" % (layout.source, ", ".join(
-            "%s=%s" % kv for kv in sorted(layout.offsets.items()))))
-        log("events: %s" % features.how)
-        log("drop reasons: %s" % ("yes (%d known)" % len(layout.drop_reasons)
-                                  if layout.kfree_skb_reason else
-                                  "no (kfree_skb has no reason argument in this kernel)"))
-        log("kprobes: %s" % (view.kprobe_why if not view.kprobes_ok else
-                             "available (%s)" % view.kprobe_why))
-        log("VM devices: %s; physical devices: %s" % (", ".join(taps) or "none yet",
-                                                      ", ".join(phys) or "none"))
-        tunnels = [d for d in list_devices() if is_tunnel(d)]
-        for tun in tunnels:
-            info = tunnel_info(tun)
-            log("tunnel %s: %s vni %s, port %s, %s" % (
-                tun, device_kind(tun), "per flow" if info.get("external") else info.get("id"),
-                info.get("port"), "underlay %s" % ", ".join(tunnel_underlay(tun,
-                                                                           list_devices()))))
-    if args.vni is not None and not any(is_tunnel(d) for d in list_devices()):
-        log("note: --vni %d: no VXLAN or Geneve device here yet: nothing matches until "
-            "one exists (and the tool is restarted)" % args.vni)
-    for p in plans:
-        if not p.method and "--direction" not in p.reason:
-            log("note: stage %s not traced: %s" % (p.stage.name, p.reason))
-    if not phys:
-        log("warning: no physical device found; name it with --phy-dev")
-
-
-def verify_only(args, tracer):
-    """--dry-run: every program through the verifier, nothing attached."""
-    try:
-        count = tracer.load_only()
-    except Exception as e:
-        raise Fatal("the kernel verifier rejected the program: %s" % e)
-    finally:
-        tracer.close()
-    log("%d BPF programs (%s) passed the kernel verifier; nothing was attached"
-        % (count, args.attach))
-    return 0
-
-
-def trace(args, tracer, this, roles, metrics=None):
-    """Attach, report until a stop, detach, account for every packet. Always cleans up."""
-    def on_signal(signum, _frame):
-        this.stop_reason = signum
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        # a signal ignored when the tool started stays ignored: nohup's SIGHUP (else
-        # the run would end at logout), a background job's SIGINT
-        if signal.getsignal(sig) != signal.SIG_IGN:
-            signal.signal(sig, on_signal)
-    try:
-        this.counters = KernelCounters(tracer)
-        try:
-            attach_and_report(args, tracer, this, roles, metrics)
-        except (IOError, OSError) as e:
-            if getattr(e, "errno", None) not in (errno.EPIPE, errno.EIO):
-                raise
-            this.output_broken = True     # the terminal went away (SIGHUP, closed pipe)
-        finally:
-            tracer.detach()
-        final_report(args, tracer, this, metrics)
-    finally:
-        tracer.close()
-        if this.recorder:
-            this.recorder.close()
-    return 0
-
-
-def set_device_roles(bpf, old, roles):
-    """Tell the kernel which devices are VM ports and which the physical side."""
-    small, big = bpf["devroles"], bpf["devroles_big"]
-    for idx in set(old) - set(roles):
-        if idx < DEVROLE_SLOTS:
-            small[small.Key(idx)] = small.Leaf(0)
-        else:
-            del big[big.Key(idx)]
-    for idx, role in roles.items():
-        table = small if idx < DEVROLE_SLOTS else big
-        table[table.Key(idx)] = table.Leaf(role)
-
-
-def all_taps():
-    return set(d for d in list_devices() if is_tap(d))
-
-
-OWNER_RESCAN_S = 5.0   # how often taps without a named VM are looked at again
-
-
-def refresh_devices(args, tracer, this):
-    """New VMs start and stop: keep the device map and the VM names in step with the
-    host. The /proc scan for tap owners runs when the set of taps changed, and every
-    few seconds while a tap has no named owner (a daemon may hand it to QEMU later)."""
-    taps, now = all_taps(), time.monotonic()
-    unnamed = any(not (this.owners.get(t) and this.owners[t].name) for t in taps)
-    if taps != this.taps_seen or (unnamed and now - this.owners_at >= OWNER_RESCAN_S):
-        this.taps_seen, this.owners, this.owners_at = taps, find_vms(), now
-    roles, names, _taps, _phys = resolve_roles(args, this.owners)
-    if roles != this.roles:
-        set_device_roles(tracer.bpf, this.roles, roles)
-        this.roles = roles
-        this.set_names(names)
-        if args.verbose:
-            log("devices now: %s" % ", ".join("%s=%s" % (names[i], "vm" if r == ROLE_VM
-                                                         else "phy")
-                                               for i, r in sorted(roles.items())))
-    this.set_vms(this.owners)
-
-
-def attach_and_report(args, tracer, this, roles, metrics=None):
-    reporter = this.reporter
-    set_device_roles(tracer.bpf, {}, roles)
-    this.roles = roles
-    if args.mode == "detailed" or args.drops:
-        this.events = open_events(tracer, this)
-    try:
-        tracer.attach()
-    except Exception as e:
-        raise Fatal("attaching failed: %s" % e)
-    log("Tracing VM network latency (%s mode, %s)... Hit Ctrl-C to end."
-        % (args.mode, ", ".join("%s=%s" % (p.stage.name, p.method)
-                                for p in tracer.plans if p.method)))
-    started = time.monotonic()
-    next_interval = started + args.interval
-    next_refresh = started + 1.0
-    hist_size = len(this.hist_prev)
-    while this.stop_reason is None and not this.output_broken:
-        now = time.monotonic()
-        if args.timeout and now - started >= args.timeout:
-            break
-        wait = 0.1
-        if args.timeout:
-            wait = min(wait, max(0.0, args.timeout - (now - started)))
-        poll_events(this.events, wait)
-        now = time.monotonic()
-        if args.mode == "histogram" and now >= next_interval:
-            next_interval += args.interval
-            report_interval(args, this, hist_size, metrics=metrics)
-            reporter.flush()
-        if now >= next_refresh:
-            # (named devices too: a VM restarted has a new tap of the same name)
-            next_refresh = now + 1.0
-            refresh_devices(args, tracer, this)
-        if args.mode == "detailed":
-            reporter.flush()
-        if this.recorder:
-            this.recorder.flush()
-
-
-def report_interval(args, this, hist_size, last=False, metrics=None):
-    """One interval's histograms (all of them, or one set per VM with --per-vm); the
-    last read, after detaching, is reported only where it added anything. The metrics
-    are rendered from the same read."""
-    when = time.time()
-    if per_vm_kernel(args):
-        counts = this.counters.vm_hist()
-        report_vm_histograms(args, this, when, this.vm_histograms(when, counts, last), last)
-        counts = forget_gone_taps(args, this, counts, metrics)
-        if metrics:
-            metrics.snapshot(counts, args.vm_table_size)
-    else:
-        tables = this.histograms(when, this.counters.hist(hist_size), last)
-        if (tables or not last) and not args.quiet:
-            this.reporter.histograms(when, tables)
-
-
-def forget_gone_taps(args, this, counts, metrics):
-    """The per-VM counts of taps gone for --forget-after seconds leave the kernel's
-    table, which then has room for the VMs that come (a long-running exporter sees
-    many). The counts without them."""
-    gone = this.taps_gone(counts, time.monotonic(), args.forget_after)
-    if not gone:
-        return counts
-    this.counters.forget_vm_counts([k for k in counts if k[0] in gone])
-    if metrics:
-        metrics.retire(counts, gone)
-    this.forget_taps(gone)
-    return dict((k, v) for k, v in counts.items() if k[0] not in gone)
-
-
-def report_vm_histograms(args, this, when, per_vm, last):
-    """--per-vm: one set of tables per VM; otherwise (metrics) all VMs' tables added up."""
-    if args.quiet:
-        return
-    if not args.per_vm:
-        merged = {}
-        for _who, tables in per_vm:
-            for direction, segment, buckets in tables:
-                into = merged.setdefault((DIRECTIONS.index(direction), segment), {})
-                for b, n in buckets.items():
-                    into[b] = into.get(b, 0) + n
-        if merged or not last:
-            this.reporter.histograms(when, order_tables(merged))
-        return
-    for who, tables in per_vm:
-        this.reporter.histograms(when, tables, who)
-    if not per_vm and not last:
-        this.reporter.histograms(when, [])
-
-
-def final_report(args, tracer, this, metrics=None):
-    """Nothing is attached any more: drain what is left, then the summary."""
-    reporter = this.reporter
-    try:
-        poll_events(this.events, 0)
-        if args.mode == "histogram" and not this.output_broken:
-            report_interval(args, this, len(this.hist_prev), last=True, metrics=metrics)
-        now = time.monotonic()
-        final = final_counters(this.counters, now, this.perf_lost)
-        this.counters = RecordedCounters(final)
-        summary = this.summary(now)         # (the names it resolves are recorded first)
-        this.record_final(final)
-        if args.verbose and this.perf_lost:
-            log("perf buffer: the kernel lost %d samples (in the summary's 'lost')"
-                % this.perf_lost)
-        if not this.output_broken:
-            reporter.summary(summary)
-            reporter.flush()
-    except (IOError, OSError):
-        pass
-
-
-def batch_lookup(table, size, value_size):
-    """(keys, values as one bytes) of a whole BPF array in one syscall, where the kernel
-    (5.6+) and BCC (0.20+; Debian 11 has 0.18) have batch lookups; else None.
-
-    (BCC's own items_lookup_batch() shares one variable for the batch position and
-    the count, so it can stop short; this reads the array whole.)"""
-    from bcc.libbcc import lib
-    if not hasattr(lib, "bpf_lookup_batch"):
-        return None
-    keys = (ctypes.c_uint32 * size)()
-    values = ctypes.create_string_buffer(size * value_size)
-    count = ctypes.c_uint32(size)
-    out_batch = ctypes.c_uint32(0)
-    res = lib.bpf_lookup_batch(table.map_fd, None, ctypes.byref(out_batch),
-                               ctypes.cast(keys, ctypes.c_void_p),
-                               ctypes.cast(values, ctypes.c_void_p), ctypes.byref(count))
-    if (res == 0 or ctypes.get_errno() == errno.ENOENT) and count.value == size:
-        return keys, values.raw
-    return None
-
-
-def read_array_bytes(table, size, value_size):
-    """All values of a BPF array, as bytes each."""
-    batch = batch_lookup(table, size, value_size)
-    if batch is None:        # a syscall per entry
-        return [ctypes.string_at(ctypes.addressof(v), value_size) for v in table.values()]
-    keys, raw = batch
-    out = [b""] * size
-    for i in range(size):
-        out[keys[i]] = raw[i * value_size:(i + 1) * value_size]
-    return out
-
-
-class U64ArrayReader(object):
-    """A BPF array of u64, read whole at each interval into the same buffers: after
-    the first read, nothing is allocated. (New buffers and lists of its size at every
-    interval, 0.5 MB in all, fragmented the heap: histogram mode's resident memory
-    grew by 150 kB a second in steps, 123 -> 151 MB in ten minutes, measured.)"""
-
-    def __init__(self, table, size):
-        self.table, self.size = table, size
-        self.keys = (ctypes.c_uint32 * size)()
-        self.buf = (ctypes.c_uint64 * size)()
-        self.values = memoryview(self.buf).cast("B").cast("Q")
-        self.count, self.out_batch = ctypes.c_uint32(), ctypes.c_uint32()
-        from bcc.libbcc import lib
-        self.lookup_batch = getattr(lib, "bpf_lookup_batch", None)
-
-    def read(self):
-        """The values, by index (a view of the reader's buffer: valid until the next
-        read). One syscall where the kernel (5.6+) and BCC (0.20+) have batch lookups;
-        else one per entry. (BCC's own items_lookup_batch() shares one variable for the
-        batch position and the count, so it can stop short; this reads it whole.)"""
-        if self.lookup_batch is not None:
-            self.count.value = self.size
-            res = self.lookup_batch(self.table.map_fd, None, ctypes.byref(self.out_batch),
-                                    ctypes.cast(self.keys, ctypes.c_void_p),
-                                    ctypes.cast(self.buf, ctypes.c_void_p),
-                                    ctypes.byref(self.count))
-            # an array's batch comes in key order: 0 .. size - 1
-            if (res == 0 or ctypes.get_errno() == errno.ENOENT) and \
-                    self.count.value == self.size and self.keys[0] == 0 and \
-                    self.keys[self.size - 1] == self.size - 1:
-                return self.values
-            self.lookup_batch = None
-        for k, v in self.table.items():
-            self.buf[k.value] = v.value
-        return self.values
-
-
-# Events reach user space through the ring buffer, or the perf buffer before 5.8.
-EventSource = namedtuple("EventSource", "poll drain")
-
-
-class RingReader(object):
-    """The BPF ring buffer, read by the tool itself: every record there in one pass,
-    decoded where it lies. BCC's reader calls back into Python through ctypes once per
-    event, which costs as much as decoding it (bench/overhead.py: detailed mode).
-
-    The map's pages (kernel/bpf/ringbuf.c): the consumer position, which the reader
-    writes; the producer position; then the data pages, mapped twice in a row so that a
-    record that wraps around the end is contiguous. A record: u32 length (bit 31: still
-    being written, bit 30: discarded), u32 page offset, the data, padded to 8 bytes.
-    Every event is one struct pkt, so records follow each other EVENT_TIMES.size apart:
-    a run of them is unpacked in one call (struct.iter_unpack), header and all."""
-    BUSY, DISCARD = 1 << 31, 1 << 30
-    RELEASE_EVERY = 256     # records read between two releases of their space
-
-    def __init__(self, ring, consumed, size, deliver, fast=None, done=None, epoll=None):
-        # ring: the producer's page and the data pages, twice; consumed: a ctypes
-        # c_uint64 on the consumer position
-        self.ring, self.consumed, self.epoll = ring, consumed, epoll
-        self.page, self.mask = mmap.PAGESIZE, size - 1
-        # deliver(buf, offset): an event, decoded whole; fast(EVENT_TIMES tuple): the
-        # same, False if it needs deliver(); done(): after each RELEASE_EVERY records
-        self.deliver, self.fast = deliver, fast or (lambda _t: False)
-        self.done = done or (lambda: None)
-
-    @classmethod
-    def of_map(cls, map_fd, size, *callbacks):
-        page = mmap.PAGESIZE
-        consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        ring = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
-                         offset=page)
-        epoll = select.epoll()
-        epoll.register(map_fd, select.EPOLLIN)
-        # the consumer position is written with one aligned 8-byte store (the kernel
-        # reads it while we write; struct's "<Q" would store it byte by byte)
-        return cls(ring, ctypes.c_uint64.from_buffer(consumer), size, *callbacks,
-                   epoll=epoll)
-
-    def poll(self, ms):
-        self.epoll.poll(ms / 1000.0)
-
-    def drain(self):
-        try:
-            self._drain()
-        finally:
-            self.done()
-
-    def _drain(self):
-        u64, u32 = struct.Struct("Q").unpack_from, struct.Struct("I").unpack_from  # native
-        ring, page, mask, deliver, fast = self.ring, self.page, self.mask, self.deliver, \
-            self.fast
-        size, stride, events = PKT.size, EVENT_TIMES.size, EVENT_TIMES.iter_unpack
-        pos = self.consumed.value
-        end = u64(ring, 0)[0]
-        while pos < end:
-            at = page + (pos & mask)
-            n = min((end - pos) // stride, self.RELEASE_EVERY)
-            done = 0
-            if n:
-                with memoryview(ring) as whole:
-                    with whole[at:at + n * stride] as run:
-                        for done, t in enumerate(events(run)):
-                            if t[0] != size:        # busy, discarded: one by one below
-                                break
-                            if not fast(t):
-                                deliver(ring, at + done * stride + 8)
-                        else:
-                            done = n
-                pos += done * stride
-            if done < n or not n:
-                length = u32(ring, page + (pos & mask))[0]
-                if length & self.BUSY:
-                    break               # reserved, not submitted yet: the next pass
-                if not length & self.DISCARD and length & 0x3fffffff == size:
-                    deliver(ring, page + (pos & mask) + 8)
-                pos += ((length & 0x3fffffff) + 8 + 7) & ~7
-            self.consumed.value = pos
-            self.done()
-            if pos >= end:
-                end = u64(ring, 0)[0]
-        self.consumed.value = pos
-
-
-# RingReader reads the producer position and each record's header with plain loads,
-# which x86 keeps in order; libbpf (BCC's reader) uses acquire loads, which weaker
-# architectures need, so there BCC reads the ring
-ORDERED_LOADS = ("x86_64", "i686", "i386")
-
-
-def open_events(tracer, this):
-    table = tracer.bpf["events"]
-    if type(table).__name__ == "RingBuf" and os.uname()[4] in ORDERED_LOADS:
-        # recording: every event is recorded whole, by on_record()
-        ring = RingReader.of_map(table.map_fd, RINGBUF_PAGES * mmap.PAGESIZE, this.on_record,
-                                 None if this.recorder else this.on_times, this.write_pending)
-        return EventSource(ring.poll, ring.drain)
-    if type(table).__name__ == "RingBuf":
-        table.open_ring_buffer(lambda _ctx, data, size: this.on_event(data, size))
-        return EventSource(lambda ms: tracer.bpf.ring_buffer_poll(ms),
-                           tracer.bpf.ring_buffer_consume)
-    table.open_perf_buffer(lambda _cpu, data, size: this.on_event(data, size),
-                           page_cnt=PERF_BUFFER_PAGES, lost_cb=this.on_perf_lost)
-    return EventSource(lambda ms: tracer.bpf.perf_buffer_poll(ms), lambda: None)
-
-
-def poll_events(events, seconds):
-    """Deliver the events that are there (waiting up to `seconds` for a wake-up).
-
-    The kernel side wakes the reader only now and then (WAKE_EVERY): what came in since
-    without a wake-up is drained here, each time."""
-    if events is None:
-        time.sleep(seconds)
-        return
-    events.poll(int(seconds * 1000))
-    events.drain()
-
-
-# --- --read-events: a recorded run, reported again without root or BPF ---
-# A recording is input from outside: it travels with tickets and may be anything. Every
-# line is parsed and checked before it is used; what is wrong is one line naming the
-# file's line, exit 2. Impossible values (a stage time beyond any uptime, a direction
-# that is neither, counts that go backwards) are refused, never printed.
-
-RECORDING_FORMAT = 2            # 2: names before the events; host; "final" in summary
 RECORDING_LINE_MAX = 64 << 20   # bytes: the longest line a run writes is far below
+
 TIME_MAX_NS = 1 << 60           # 36 years of uptime: a monotonic stamp is below it
+
 WALL_MAX_S = 1 << 34            # the wall clock's offset from it: before year 2514
+
 COUNT_MAX = (1 << 64) - 1
 
 
@@ -5043,6 +4543,11 @@ class BadRecording(Exception):
 def _want(ok, what, *args):
     if not ok:
         raise BadRecording(what % args if args else what)
+
+
+def _shown(v):
+    """A value of a recording in a message (json's and repr()'s text is printable)."""
+    return printable(json.dumps(v) if not isinstance(v, str) else repr(v), 40)
 
 
 def _int(v, lo, hi, what):
@@ -5094,11 +4599,6 @@ def _int_key(text, lo, hi, what):
     _want(re.match(r"^(0|[1-9][0-9]{0,19})$", text) is not None,
           "%s %s is not a whole number", what, _shown(text))
     return _int(int(text), lo, hi, what)
-
-
-def _shown(v):
-    """A value of a recording in a message (json's and repr()'s text is printable)."""
-    return printable(json.dumps(v) if not isinstance(v, str) else repr(v), 40)
 
 
 def _hex_record(v, what):
@@ -5345,6 +4845,547 @@ class RecordingReader(object):
               "final": check_final, "truncated": check_truncated}
 
 
+class ReplayArgs(object):
+    """The options a replayed run had, from its recording's meta (only those the
+    reporting uses), and the output asked for now."""
+
+    def __init__(self, meta, output):
+        self.mode, self.per_vm, self.sample = meta["mode"], meta["per_vm"], meta["sample"]
+        self.drops, self.protocol, self.output = meta["drops"], meta["protocol"], output
+        self.quiet = False
+
+
+# --- metrics for Prometheus (--prometheus, --prometheus-textfile) ---
+
+# Classic cumulative buckets on powers of two, 1 us to 2^26 us (67 s), then +Inf. Each
+# bound is an edge of the kernel's own buckets: the counts are exact, never re-sampled
+# (a latency of exactly 2^k us, to the nanosecond, is counted in the next bucket).
+PROM_BUCKETS_US = [float(2 ** k) for k in range(27)]
+
+
+def import_prometheus():
+    """prometheus_client, the ecosystem's own library: needed only by the metrics."""
+    try:
+        import prometheus_client
+        from prometheus_client import core
+    except ImportError:
+        raise Fatal("--prometheus and --prometheus-textfile need the Python package "
+                    "prometheus_client: install python3-prometheus-client (Debian/Ubuntu) "
+                    "or python3-prometheus_client (RHEL/Fedora)")
+    return prometheus_client, core
+
+
+def _prom_bucket_index():
+    """For each kernel bucket, the first Prometheus bucket (index) that holds it."""
+    out = []
+    for b in range(HIST_BUCKETS):
+        hi = bucket_bounds(b)[1]
+        out.append(next((i for i, le in enumerate(PROM_BUCKETS_US) if hi <= le),
+                        len(PROM_BUCKETS_US)))
+    return out
+
+
+def write_file_atomically(path, data, mode=0o644):
+    """data as the whole of path, atomically, never through a link: a new file of a
+    random name in the same directory (O_EXCL), then renamed over path (rename replaces
+    a symbolic link there, it does not follow it)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + base + ".", dir=directory)
+    try:
+        os.fchmod(fd, mode)     # node_exporter reads it as its own user
+        write_all(fd, data)
+        os.close(fd)
+        fd = None
+        os.rename(tmp, path)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        os.unlink(tmp)
+        raise
+
+
+class MetricsServer(object):
+    """/metrics over HTTP, or HTTPS with --prometheus-tls-cert/-key, verifying client
+    certificates against --prometheus-client-ca (Prometheus's tls_config: cert_file,
+    key_file, ca_file). The standard library's server: each scrape in a thread of its
+    own, which only hands out the last interval's exposition."""
+    TIMEOUT = 10.0      # seconds a client may take (a TLS handshake included)
+
+    def __init__(self, addr, port, body, content_type, tls=None):
+        import http.server
+        import socketserver
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = self.TIMEOUT
+
+            def setup(handler):
+                http.server.BaseHTTPRequestHandler.setup(handler)
+                if tls:     # here, in the request's thread: a slow client holds no other
+                    handler.request.do_handshake()
+
+            def do_GET(handler):
+                if handler.path.split("?", 1)[0] not in ("/metrics", "/"):
+                    handler.send_error(404)
+                    return
+                data = body()
+                handler.send_response(200)
+                handler.send_header("Content-Type", content_type)
+                handler.send_header("Content-Length", str(len(data)))
+                handler.end_headers()
+                handler.wfile.write(data)
+
+            def log_message(handler, *_args):
+                pass            # a line per scrape would bury the tool's own output
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+            def handle_error(server, request, client_address):
+                pass    # a client without a certificate, a dropped connection: its own
+
+        try:
+            self.server = Server((addr, port), Handler)
+        except OSError as e:
+            why = "not an address of this host" if e.errno == errno.EADDRNOTAVAIL else \
+                e.strerror or str(e)
+            raise UsageError("--prometheus %s:%d: %s" % (addr, port, why))
+        if tls:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True,
+                                                 do_handshake_on_connect=False)
+        thread = threading.Thread(target=self.server.serve_forever, name="metrics")
+        thread.daemon = True
+        thread.start()
+
+
+def tls_context(cert, key, client_ca):
+    """The server's TLS settings, or None without a certificate: UsageError when a
+    file is missing or not what it should be."""
+    if not cert:
+        return None
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if hasattr(ssl, "TLSVersion"):      # Python 3.7+; 3.6's default refuses SSLv3 already
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2   # novermin
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError("--prometheus-tls-cert %s, --prometheus-tls-key %s: %s"
+                         % (cert, key, getattr(e, "strerror", None) or e))
+    if client_ca:
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise UsageError("--prometheus-client-ca %s: %s"
+                             % (client_ca, getattr(e, "strerror", None) or e))
+        ctx.verify_mode = ssl.CERT_REQUIRED    # no certificate, no metrics
+    return ctx
+
+
+class Metrics(object):
+    """The run's counters for Prometheus. The main loop renders them once per interval
+    (snapshot()): a scrape, or the text file, gets that rendering, never a walk of the
+    kernel's maps. Counters are since the tool started; a VM whose taps are gone for
+    --forget-after seconds leaves them (retire())."""
+
+    def __init__(self, args, release):
+        self.prom, self.core = import_prometheus()
+        self.args, self.release = args, release
+        self.registry = self.prom.CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self.run = self.plans = self.tracer = self.prog_info = None
+        self.bucket_index = _prom_bucket_index()
+        self.families = []      # the last snapshot's
+        self.body = b""         # and its exposition
+        self.retired = {}       # {(vm label, slot): count} of taps forgotten, their VM alive
+        self.server = None
+
+    def serve(self, addr, port, tls=None):
+        """Bind now, before any BPF is compiled: a port in use is bad input."""
+        self.body = self.prom.generate_latest(self.registry)
+        self.server = MetricsServer(addr, port, lambda: self.body,
+                                    self.prom.CONTENT_TYPE_LATEST, tls)
+
+    def attach(self, run, tracer, plans, layout):
+        self.run, self.tracer, self.plans, self.prog_info = run, tracer, plans, layout.prog_info
+
+    def snapshot(self, counts, table_size):
+        """Render the metrics of this moment ({(tap, slot): count} of the kernel's per-VM
+        table); write the text file. Reference assignments: a scrape thread sees the
+        old rendering or the new one, whole."""
+        stats = stats_by_direction(self.run.counters.stats())
+        fates = self.run.counters.fates() if self.args.drops else []
+        families = [self.stage_info()]
+        families += list(self.histograms(counts))
+        families += list(self.packet_counters(stats, fates))
+        families += list(self.table_usage(len(counts), table_size, stats))
+        families += list(self.own_cost())
+        self.families = families
+        self.body = self.prom.generate_latest(self.registry)
+        if self.args.prometheus_textfile:
+            try:
+                write_file_atomically(self.args.prometheus_textfile, self.body)
+            except (IOError, OSError) as e:
+                log("warning: --prometheus-textfile %s: %s" % (
+                    self.args.prometheus_textfile, e.strerror or e))
+
+    def collect(self):
+        info = self.core.GaugeMetricFamily("vm_network_latency_info", "The tool and the "
+                                           "kernel (sample: 1 packet in N is counted)",
+                                           labels=["version", "kernel", "sample"])
+        info.add_metric([VERSION, self.release, str(self.args.sample)], 1)
+        yield info
+        for family in self.families:
+            yield family
+
+    def stage_info(self):
+        stage = self.core.GaugeMetricFamily("vm_network_latency_stage_info",
+                                            "How each traced stage is attached",
+                                            labels=["stage", "direction", "method", "probe"])
+        for p in self.plans:
+            if p.method:
+                stage.add_metric([p.stage.name, p.stage.direction, p.method,
+                                  ",".join(n for n, _a in p.probes)], 1)
+        return stage
+
+    def label(self, vm_if):
+        """A tap's VM as the "vm" label: its name, else the tap's; "" for the host."""
+        if not vm_if:
+            return ""
+        vm = self.run.vms.get(vm_if)
+        return printable(vm.name if vm and vm.name else self.run.names.get(vm_if, str(vm_if)))
+
+    def retire(self, counts, gone):
+        """Taps gone for good: their counts stay in their VM's series while the VM has
+        another tap in the table (a VM restarted), so that its counters never go back;
+        a VM with none left leaves the metrics."""
+        alive = set(self.label(tap) for tap, _slot in counts if tap not in gone)
+        for (tap, slot), count in counts.items():
+            label = self.label(tap)
+            if tap in gone and label in alive:
+                self.retired[(label, slot)] = self.retired.get((label, slot), 0) + count
+        for key in [k for k in self.retired if k[0] not in alive]:
+            del self.retired[key]
+
+    def histograms(self, counts):
+        rows = {}       # (vm, direction, segment) -> [per Prometheus bucket], sum ns
+        by_label = [((self.label(tap), slot), count) for (tap, slot), count in counts.items()]
+        for (label, slot), count in by_label + list(self.retired.items()):
+            seg, bucket = divmod(slot, VM_HIST_ROW)
+            direction, segment = self.run.segments[seg]
+            row = rows.setdefault((label, direction, segment),
+                                  [[0] * (len(PROM_BUCKETS_US) + 1), 0])
+            if bucket == HIST_BUCKETS:
+                row[1] += count
+            else:
+                row[0][self.bucket_index[bucket]] += count
+        fam = self.core.HistogramMetricFamily(
+            "vm_network_latency_seconds", "Time between stages of the path, per packet",
+            labels=["direction", "segment", "vm"])
+        for (label, direction, segment), (per, sum_ns) in sorted(rows.items()):
+            cum, buckets = 0, []
+            for le, n in zip(PROM_BUCKETS_US, per):
+                cum += n
+                buckets.append(("%g" % (le / 1e6), cum))
+            buckets.append(("+Inf", cum + per[-1]))
+            fam.add_metric([direction, segment, label], buckets, sum_ns / 1e9)
+        yield fam
+
+    def table_usage(self, used, size, stats):
+        full = self.core.CounterMetricFamily(
+            "vm_network_latency_vm_table_full", "Histogram counts not kept because the "
+            "kernel's per-VM table was full (--vm-table-size)", labels=["direction"])
+        for d, direction in enumerate(DIRECTIONS):
+            full.add_metric([direction], stats["vm_hist_full"][d])
+        yield full
+        entries = self.core.GaugeMetricFamily(
+            "vm_network_latency_vm_table_entries", "Entries of the kernel's per-VM table "
+            "in use (its size: vm_network_latency_vm_table_size)")
+        entries.add_metric([], used)
+        yield entries
+        cap = self.core.GaugeMetricFamily("vm_network_latency_vm_table_size",
+                                          "Entries the kernel's per-VM table holds")
+        cap.add_metric([], size)
+        yield cap
+
+    def packet_counters(self, stats, fates):
+        core = self.core
+        total = core.CounterMetricFamily(
+            "vm_network_latency_packets", "What happened to each packet that entered a "
+            "path", labels=["fate", "direction"])
+        flight = core.GaugeMetricFamily("vm_network_latency_packets_in_flight",
+                                        "Packets on their way now", labels=["direction"])
+        for d, direction in enumerate(DIRECTIONS):
+            v = dict((k, vals[d]) for k, vals in stats.items())
+            fate = {"reported": v["completed"] - v["below_threshold"],
+                    "below_threshold": v["below_threshold"], "dropped": v["dropped"],
+                    "left_path": v["left_path"], "not_tracked": v["not_tracked"],
+                    "lost": v["lost"], "vanished": v["vanished"]}
+            for name in sorted(fate):
+                total.add_metric([name, direction], fate[name])
+            flight.add_metric([direction], max(0, v["started"] - v["completed"] - v["dropped"]
+                                               - v["left_path"] - v["vanished"]))
+        yield total
+        yield flight
+        if self.args.drops:
+            drops = core.CounterMetricFamily("vm_network_latency_drops",
+                                             "Packets the kernel dropped",
+                                             labels=["reason", "last_stage", "direction"])
+            for reason, direction, last, count in fates:
+                if reason != FATE_LEFT:
+                    drops.add_metric([self.run.reason_name(reason), STAGE_NAMES[last],
+                                      DIRECTIONS[direction]], count)
+            yield drops
+
+    def own_cost(self):
+        """BPF run time and runs per program, when kernel.bpf_stats_enabled is on."""
+        try:
+            with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+                enabled = f.read().strip() == "1"
+        except (IOError, OSError):
+            enabled = False
+        if not enabled or not self.prog_info or "run_cnt" not in self.prog_info:
+            return
+        secs = self.core.CounterMetricFamily("vm_network_latency_bpf_run_seconds",
+                                             "CPU time of the tool's BPF programs",
+                                             labels=["program"])
+        runs = self.core.CounterMetricFamily("vm_network_latency_bpf_runs",
+                                             "Runs of the tool's BPF programs",
+                                             labels=["program"])
+        for label, fd in self.tracer.programs():
+            st = bpf_prog_stats(fd, self.prog_info)
+            if st:
+                secs.add_metric([label], st["run_time_ns"] / 1e9)
+                runs.add_metric([label], st["run_cnt"])
+        yield secs
+        yield runs
+
+
+# ============================================================================
+# Orchestration
+# ============================================================================
+
+def wall_clock_offset(tries=5):
+    """Wall-clock time minus the kernel's monotonic clock (the packets' stamps), from the
+    reading whose two monotonic reads bracket time.time() most closely: a process
+    descheduled between two clock reads would put every timestamp off by the delay (seen
+    under emulation with four instances starting together: 17 ms)."""
+    best = None
+    for _ in range(tries):
+        before = time.monotonic()
+        wall = time.time()
+        after = time.monotonic()
+        if best is None or after - before < best[0]:
+            best = (after - before, wall - (before + after) / 2)
+    return best[1]
+
+
+def announce(args, layout, plans, view, taps, phys, features):
+    """What the user should know before tracing starts (more with --verbose)."""
+    if args.verbose:
+        log("struct layouts from %s: %s" % (layout.source, ", ".join(
+            "%s=%s" % kv for kv in sorted(layout.offsets.items()))))
+        log("events: %s" % features.how)
+        log("drop reasons: %s" % ("yes (%d known)" % len(layout.drop_reasons)
+                                  if layout.kfree_skb_reason else
+                                  "no (kfree_skb has no reason argument in this kernel)"))
+        log("kprobes: %s" % (view.kprobe_why if not view.kprobes_ok else
+                             "available (%s)" % view.kprobe_why))
+        log("VM devices: %s; physical devices: %s" % (", ".join(taps) or "none yet",
+                                                      ", ".join(phys) or "none"))
+        tunnels = [d for d in list_devices() if is_tunnel(d)]
+        for tun in tunnels:
+            info = tunnel_info(tun)
+            log("tunnel %s: %s vni %s, port %s, %s" % (
+                tun, device_kind(tun), "per flow" if info.get("external") else info.get("id"),
+                info.get("port"), "underlay %s" % ", ".join(tunnel_underlay(tun,
+                                                                           list_devices()))))
+    if args.vni is not None and not any(is_tunnel(d) for d in list_devices()):
+        log("note: --vni %d: no VXLAN or Geneve device here yet: nothing matches until "
+            "one exists (and the tool is restarted)" % args.vni)
+    for p in plans:
+        if not p.method and "--direction" not in p.reason:
+            log("note: stage %s not traced: %s" % (p.stage.name, p.reason))
+    if not phys:
+        log("warning: no physical device found; name it with --phy-dev")
+
+
+def verify_only(args, tracer):
+    """--dry-run: every program through the verifier, nothing attached."""
+    try:
+        count = tracer.load_only()
+    except Exception as e:
+        raise Fatal("the kernel verifier rejected the program: %s" % e)
+    finally:
+        tracer.close()
+    log("%d BPF programs (%s) passed the kernel verifier; nothing was attached"
+        % (count, args.attach))
+    return 0
+
+
+OWNER_RESCAN_S = 5.0   # how often taps without a named VM are looked at again
+
+
+def refresh_devices(args, tracer, this):
+    """New VMs start and stop: keep the device map and the VM names in step with the
+    host. The /proc scan for tap owners runs when the set of taps changed, and every
+    few seconds while a tap has no named owner (a daemon may hand it to QEMU later)."""
+    taps, now = all_taps(), time.monotonic()
+    unnamed = any(not (this.owners.get(t) and this.owners[t].name) for t in taps)
+    if taps != this.taps_seen or (unnamed and now - this.owners_at >= OWNER_RESCAN_S):
+        this.taps_seen, this.owners, this.owners_at = taps, find_vms(), now
+    roles, names, _taps, _phys = resolve_roles(args, this.owners)
+    if roles != this.roles:
+        set_device_roles(tracer.bpf, this.roles, roles)
+        this.roles = roles
+        this.set_names(names)
+        if args.verbose:
+            log("devices now: %s" % ", ".join("%s=%s" % (names[i], "vm" if r == ROLE_VM
+                                                         else "phy")
+                                               for i, r in sorted(roles.items())))
+    this.set_vms(this.owners)
+
+
+def report_vm_histograms(args, this, when, per_vm, last):
+    """--per-vm: one set of tables per VM; otherwise (metrics) all VMs' tables added up."""
+    if args.quiet:
+        return
+    if not args.per_vm:
+        merged = {}
+        for _who, tables in per_vm:
+            for direction, segment, buckets in tables:
+                into = merged.setdefault((DIRECTIONS.index(direction), segment), {})
+                for b, n in buckets.items():
+                    into[b] = into.get(b, 0) + n
+        if merged or not last:
+            this.reporter.histograms(when, order_tables(merged))
+        return
+    for who, tables in per_vm:
+        this.reporter.histograms(when, tables, who)
+    if not per_vm and not last:
+        this.reporter.histograms(when, [])
+
+
+def report_interval(args, this, hist_size, last=False, metrics=None):
+    """One interval's histograms (all of them, or one set per VM with --per-vm); the
+    last read, after detaching, is reported only where it added anything. The metrics
+    are rendered from the same read."""
+    when = time.time()
+    if per_vm_kernel(args):
+        counts = this.counters.vm_hist()
+        report_vm_histograms(args, this, when, this.vm_histograms(when, counts, last), last)
+        counts = forget_gone_taps(args, this, counts, metrics)
+        if metrics:
+            metrics.snapshot(counts, args.vm_table_size)
+    else:
+        tables = this.histograms(when, this.counters.hist(hist_size), last)
+        if (tables or not last) and not args.quiet:
+            this.reporter.histograms(when, tables)
+
+
+def forget_gone_taps(args, this, counts, metrics):
+    """The per-VM counts of taps gone for --forget-after seconds leave the kernel's
+    table, which then has room for the VMs that come (a long-running exporter sees
+    many). The counts without them."""
+    gone = this.taps_gone(counts, time.monotonic(), args.forget_after)
+    if not gone:
+        return counts
+    this.counters.forget_vm_counts([k for k in counts if k[0] in gone])
+    if metrics:
+        metrics.retire(counts, gone)
+    this.forget_taps(gone)
+    return dict((k, v) for k, v in counts.items() if k[0] not in gone)
+
+
+def attach_and_report(args, tracer, this, roles, metrics=None):
+    reporter = this.reporter
+    set_device_roles(tracer.bpf, {}, roles)
+    this.roles = roles
+    if args.mode == "detailed" or args.drops:
+        this.events = open_events(tracer, this)
+    try:
+        tracer.attach()
+    except Exception as e:
+        raise Fatal("attaching failed: %s" % e)
+    log("Tracing VM network latency (%s mode, %s)... Hit Ctrl-C to end."
+        % (args.mode, ", ".join("%s=%s" % (p.stage.name, p.method)
+                                for p in tracer.plans if p.method)))
+    started = time.monotonic()
+    next_interval = started + args.interval
+    next_refresh = started + 1.0
+    hist_size = len(this.hist_prev)
+    while this.stop_reason is None and not this.output_broken:
+        now = time.monotonic()
+        if args.timeout and now - started >= args.timeout:
+            break
+        wait = 0.1
+        if args.timeout:
+            wait = min(wait, max(0.0, args.timeout - (now - started)))
+        poll_events(this.events, wait)
+        now = time.monotonic()
+        if args.mode == "histogram" and now >= next_interval:
+            next_interval += args.interval
+            report_interval(args, this, hist_size, metrics=metrics)
+            reporter.flush()
+        if now >= next_refresh:
+            # (named devices too: a VM restarted has a new tap of the same name)
+            next_refresh = now + 1.0
+            refresh_devices(args, tracer, this)
+        if args.mode == "detailed":
+            reporter.flush()
+        if this.recorder:
+            this.recorder.flush()
+
+
+def final_report(args, tracer, this, metrics=None):
+    """Nothing is attached any more: drain what is left, then the summary."""
+    reporter = this.reporter
+    try:
+        poll_events(this.events, 0)
+        if args.mode == "histogram" and not this.output_broken:
+            report_interval(args, this, len(this.hist_prev), last=True, metrics=metrics)
+        now = time.monotonic()
+        final = final_counters(this.counters, now, this.perf_lost)
+        this.counters = RecordedCounters(final)
+        summary = this.summary(now)         # (the names it resolves are recorded first)
+        this.record_final(final)
+        if args.verbose and this.perf_lost:
+            log("perf buffer: the kernel lost %d samples (in the summary's 'lost')"
+                % this.perf_lost)
+        if not this.output_broken:
+            reporter.summary(summary)
+            reporter.flush()
+    except (IOError, OSError):
+        pass
+
+
+def trace(args, tracer, this, roles, metrics=None):
+    """Attach, report until a stop, detach, account for every packet. Always cleans up."""
+    def on_signal(signum, _frame):
+        this.stop_reason = signum
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # a signal ignored when the tool started stays ignored: nohup's SIGHUP (else
+        # the run would end at logout), a background job's SIGINT
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, on_signal)
+    try:
+        this.counters = KernelCounters(tracer)
+        try:
+            attach_and_report(args, tracer, this, roles, metrics)
+        except (IOError, OSError) as e:
+            if getattr(e, "errno", None) not in (errno.EPIPE, errno.EIO):
+                raise
+            this.output_broken = True     # the terminal went away (SIGHUP, closed pipe)
+        finally:
+            tracer.detach()
+        final_report(args, tracer, this, metrics)
+    finally:
+        tracer.close()
+        if this.recorder:
+            this.recorder.close()
+    return 0
+
+
 def replay(args):
     """Produce the recorded run's output again, from its raw events and nothing else:
     every name from the recording, none from this machine."""
@@ -5417,14 +5458,66 @@ def replay(args):
                      % (args.read_events, reader.line))
 
 
-class ReplayArgs(object):
-    """The options a replayed run had, from its recording's meta (only those the
-    reporting uses), and the output asked for now."""
-
-    def __init__(self, meta, output):
-        self.mode, self.per_vm, self.sample = meta["mode"], meta["per_vm"], meta["sample"]
-        self.drops, self.protocol, self.output = meta["drops"], meta["protocol"], output
-        self.quiet = False
+def run(args):
+    if args.read_events:
+        return replay(args)
+    check_devices_exist(args)
+    if args.list_vms:
+        list_vms_report(find_vms(), args.output == "json", Reporter(args.output, "all"))
+        return 0
+    if os.geteuid() != 0:
+        raise Fatal("must run as root (BPF programs need CAP_BPF and CAP_PERFMON): "
+                    "sudo %s" % " ".join([sys.argv[0]] + sys.argv[1:]))
+    # the recording's file first: a path it cannot have is reported before a compile
+    recorder = Recorder(args.write_events) if args.write_events else None
+    release = os.uname()[2]
+    metrics = None
+    if args.prometheus or args.prometheus_textfile:
+        metrics = Metrics(args, release)
+        if args.prometheus:
+            # bound before any BPF is compiled: a port in use is bad input
+            metrics.serve(args.prometheus[0], args.prometheus[1], tls_context(
+                args.prometheus_tls_cert, args.prometheus_tls_key,
+                args.prometheus_client_ca))
+    layout = find_layout(args.btf, release)
+    view = kernel_view(args, layout)
+    plans = plan_stages(args, layout, view)
+    reporter = Reporter(args.output, args.protocol, sample=args.sample)
+    if args.list_stages:
+        list_stages_report(plans, layout, args.output == "json", reporter)
+        return 0
+    require_path_ends(args, plans)
+    features = probe_capabilities(args.perf_buffer)
+    config = ProgramConfig(features.ringbuf, RINGBUF_PAGES, features.probe_read_kernel,
+                           args.max_inflight, host_netns_inum())
+    text = generate_program(args, plans, layout, config)
+    if args.ebpf:
+        print(text)
+        return 0
+    taps_seen, owners = all_taps(), find_vms()
+    check_vms_exist(args, owners)
+    bcc = import_bcc()
+    mount_tracefs()     # BCC's legacy kprobe interface needs it
+    roles, names, taps, phys = resolve_roles(args, owners)
+    announce(args, layout, plans, view, taps, phys, features)
+    clear_stale_kprobe_events(args.verbose)
+    try:
+        tracer = Tracer(bcc, text, plans, args.verbose, layout.tracepoints)
+    except Exception as e:
+        raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
+    if args.dry_run:
+        return verify_only(args, tracer)
+    segments = histogram_segments(plans)
+    this = Run(args, reporter, {}, segments, layout.kfree_skb_reason, layout.drop_reasons,
+               wall_clock_offset(), recorder, bcc.BPF.ksym)
+    if metrics:
+        metrics.attach(this, tracer, plans, layout)
+    if recorder:
+        recorder.write_meta(recording_meta(args, plans, segments, layout, this.wall_offset))
+    this.set_names(names)
+    this.owners, this.taps_seen, this.owners_at = owners, taps_seen, time.monotonic()
+    this.set_vms(owners)
+    return trace(args, tracer, this, roles, metrics)
 
 
 def main(argv=None):
