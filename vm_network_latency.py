@@ -9,31 +9,36 @@
 #
 # How: every packet that enters the path (a frame the VM writes into its tap, or a
 # frame the physical NIC receives) is parsed once, filtered in the kernel, and kept
-# in a BPF hash keyed by its sk_buff address. Each later stage (switch, qdisc,
-# driver transmit, tap ring, the VM's read) only looks that address up and stamps
-# the time. When the packet completes the path, one ring-buffer event (detailed
-# mode) or a few in-kernel histogram increments (histogram mode) are produced.
-# Packets freed before they complete are counted with the kernel's drop reason.
-# Struct layouts come from the running kernel's BTF, never from headers of another
-# kernel; what the kernel can do is tried, never read off its version. Stages attach
-# to raw tracepoints or kprobes, chosen per stage. Which VM owns a tap comes from
-# /proc (the process holding it, QEMU's -name and -uuid).
+# in a direct-mapped table indexed by a hash of its sk_buff address. Each later stage
+# (switch, qdisc, driver transmit, tap ring, the VM's read) only looks that address up
+# and stamps the time. When the packet completes the path, one ring-buffer event
+# (detailed mode) or a few in-kernel histogram increments (histogram mode) are
+# produced. Packets freed before they complete are counted with the kernel's drop
+# reason. Struct layouts come from the running kernel's BTF, never from headers of
+# another kernel; what the kernel can do is tried, never read off its version. Stages
+# attach to raw or BTF-typed tracepoints, or kprobes, chosen per stage. Which VM owns
+# a tap comes from /proc (the process holding it, QEMU's -name and -uuid).
 #
 # USAGE: vm_network_latency.py [-h] [--src-ip IP] [--dst-ip IP] [--src-port PORT]
 #            [--dst-port PORT] [--protocol {tcp,udp,icmp,icmp6,all}] [--vni N]
 #            [--direction {tx,rx,both}] [--vm-dev DEV] [--vm NAME] [--phy-dev DEV]
 #            [--mode {detailed,histogram}] [--interval SECONDS] [--per-vm]
-#            [--prometheus [ADDR:]PORT] [--prometheus-textfile PATH] [--quiet]
-#            [--latency-threshold US] [--timeout SECONDS] [--output {text,json}]
-#            [--attach {auto,kprobe,tracepoint}] [--drops] [--list-vms]
-#            [--list-stages] [--dry-run] [--max-inflight N] [--btf FILE]
-#            [--verbose] [--write-events FILE] [--read-events FILE] [--ebpf]
+#            [--prometheus [ADDR:]PORT] [--prometheus-tls-cert FILE]
+#            [--prometheus-tls-key FILE] [--prometheus-client-ca FILE]
+#            [--forget-after SECONDS] [--vm-table-size N] [--prometheus-textfile PATH]
+#            [--quiet] [--latency-threshold US] [--timeout SECONDS]
+#            [--output {text,json}] [--attach {auto,kprobe,tracepoint,tp_btf}]
+#            [--drops] [--list-vms] [--list-stages] [--dry-run] [--sample N]
+#            [--max-inflight N] [--btf FILE] [--verbose] [--write-events FILE]
+#            [--read-events FILE] [--version] [--ebpf]
 #
 # Copyright (c) 2026 The vm_network_latency developers. MIT License (see LICENSE).
 #
 # 25-Nov-2026   First version: tap, switch and NIC stages; BTF layouts; drops.
 # 01-Dec-2026   BCC 0.18 and a kernel matrix; IPv6; VXLAN/Geneve; VMs by name;
 #               vhost-net; Prometheus metrics; --write-events/--read-events.
+# 06-Dec-2026   Recordings, names and files as untrusted input; metrics over TLS;
+#               long-running exporters forget VMs that are gone.
 
 from __future__ import print_function
 
@@ -69,9 +74,7 @@ from collections import namedtuple
 # ============================================================================
 
 VERSION = "1.0"
-
 DEFAULT_BTF = "/sys/kernel/btf/vmlinux"   # the running kernel's own BTF
-
 EXAMPLES = """examples:
   # every VM packet, both directions, one record per packet
   sudo ./vm_network_latency.py
@@ -108,9 +111,7 @@ EXAMPLES = """examples:
 
 # IP protocol numbers (PROTO_* in C); names as tcpdump's: icmp is ICMPv4, icmp6 ICMPv6
 PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmp6": 58}
-
 PROTO_NAMES = dict((v, k) for k, v in PROTOCOLS.items())
-
 PROTOCOL_CHOICES = ["tcp", "udp", "icmp", "icmp6", "all"]
 
 
@@ -167,7 +168,6 @@ def _int_in(lo, hi, what):
 
 
 _port = _int_in(1, 65535, "port number")
-
 _table_size = _int_in(16, 4194304, "table size")
 
 
@@ -309,11 +309,11 @@ def build_parser():
                              "and the metrics this long after its taps are gone "
                              "(default: 300)")
     parser.add_argument("--vm-table-size", type=_int_in(64, 4194304, "table size"),
-                        default=VM_HIST_ENTRIES, metavar="N",
+                        default=131072, metavar="N",
                         help="--per-vm and metrics: (VM, segment, bucket) counters the "
-                             "kernel keeps, about 70 bytes each (default: %d); when full, "
-                             "counts are not kept and the summary and metrics say how "
-                             "many" % VM_HIST_ENTRIES)
+                             "kernel keeps, about 70 bytes each (default: 131072); when "
+                             "full, counts are not kept and the summary and metrics say "
+                             "how many")
     parser.add_argument("--prometheus-textfile", metavar="PATH", type=_path,
                         help="histogram mode: write the same metrics to PATH every interval "
                              "(atomically), for node_exporter's textfile collector")
@@ -352,9 +352,9 @@ def build_parser():
                              "sampled ones, and say so)")
     parser.add_argument("--max-inflight", type=_table_size, default=65536, metavar="N",
                         help="packets tracked at once (kernel memory is fixed at about "
-                             "250 bytes each; beyond it, or when the %d slots an sk_buff "
-                             "can use are taken, packets are counted as not tracked; "
-                             "default: 65536)" % INFLIGHT_WAYS)
+                             "250 bytes each; beyond it, or when the slots an sk_buff's "
+                             "address can use are taken, packets are counted as not "
+                             "tracked; default: 65536)")
     parser.add_argument("--btf", metavar="FILE", default=DEFAULT_BTF, type=_path,
                         help="kernel BTF to take struct layouts from ('none': use the "
                              "kernel headers, only if they match the running kernel)")
@@ -371,6 +371,11 @@ def build_parser():
     parser.add_argument("--perf-buffer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
     return parser
+
+
+def keeps_per_vm_counts(args):
+    """Histograms kept per VM in the kernel: for --per-vm and for the metrics (vm label)."""
+    return bool(args.per_vm or args.prometheus or args.prometheus_textfile)
 
 
 def parse_args(argv):
@@ -402,7 +407,7 @@ def parse_args(argv):
             parser.error("--%s secures the metrics endpoint: it needs --prometheus"
                          % opt.replace("_", "-"))
     for opt in ("forget_after", "vm_table_size"):
-        if getattr(args, opt) != parser.get_default(opt) and not per_vm_kernel(args):
+        if getattr(args, opt) != parser.get_default(opt) and not keeps_per_vm_counts(args):
             parser.error("--%s sizes the per-VM counts: it needs --per-vm, --prometheus "
                          "or --prometheus-textfile" % opt.replace("_", "-"))
     if bool(args.prometheus_tls_cert) != bool(args.prometheus_tls_key):
@@ -506,13 +511,9 @@ STAGES = _stages(
 )
 
 STAGE_BY_NAME = dict((s.name, s) for s in STAGES)
-
 STAGE_NAMES = [s.name for s in STAGES]
-
 NSTAGES = len(STAGES)
-
 DIRECTIONS = ("tx", "rx")
-
 PATH_ORDER = dict((d, [s.name for s in STAGES if s.direction in (d, "both")])
                   for d in DIRECTIONS)
 
@@ -521,7 +522,7 @@ START_STAGE = dict((s.direction, s.name) for s in STAGES
 
 START_SID = [STAGE_BY_NAME[START_STAGE[d]].sid for d in DIRECTIONS]
 
-# the ends of each direction's path, most wanted first (final_stage picks the first traced)
+# the ends of each direction's path, most wanted first (TracePlan takes the first traced)
 END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
                        if s.end and s.direction == d]) for d in DIRECTIONS)
 
@@ -548,34 +549,57 @@ HOOK_HANDLERS = {"start": "on_receive", "dev": "on_device", "plain": "on_switch"
                  "host_rcv": "on_host_rcv"}
 
 ROLE_SPLIT_HOOKS = ("start", "dev")
-
 OVS_EXECUTE = "on_ovs_execute"   # also recognises a packet ovs-vswitchd sends back
+OVS_SID = next(s.sid for s in STAGES if s.hook == "ovs")      # where OVS runs actions
 
 
 # --- constants C and Python share ---
+# Each set is declared once, as a class: Python reads Role.VM, C gets #define ROLE_VM
+# (the class's name in capitals, or its C_PREFIX; "" for C's own names).
 
-# Constants C and Python share, each declared once (they reach C as #defines).
-# device roles: a tunnel device's role says its kind (ROLE_TUN_VXLAN + kind - 1)
-ROLE_VM, ROLE_PHY, ROLE_TUN_VXLAN, ROLE_TUN_GENEVE = 1, 2, 3, 4
+class Shared(object):
+    C_PREFIX = None
 
-TUNNEL_VXLAN, TUNNEL_GENEVE = 1, 2
+    @classmethod
+    def c_defines(cls):
+        prefix = cls.__name__.upper() if cls.C_PREFIX is None else cls.C_PREFIX
+        return [((prefix + "_" if prefix else "") + k, v) for k, v in vars(cls).items()
+                if k.isupper() and k != "C_PREFIX"]
 
-TUNNEL_NAMES = {TUNNEL_VXLAN: "vxlan", TUNNEL_GENEVE: "geneve"}
 
+class Dir(Shared):
+    """A packet's direction: TX from the VM to the network, RX towards the VM."""
+    TX, RX = 0, 1
+
+
+class Role(Shared):
+    """What a device is to the path (the kernel's device map). A tunnel device's role
+    says its kind: TUN_VXLAN + Tunnel.x - Tunnel.VXLAN."""
+    VM, PHY, TUN_VXLAN, TUN_GENEVE = 1, 2, 3, 4
+
+
+class Tunnel(Shared):
+    VXLAN, GENEVE = 1, 2
+
+
+class Ev(Shared):
+    """What an event from the kernel is."""
+    PACKET, DROP = 1, 2
+
+
+class Err(Shared):
+    EEXIST = errno.EEXIST
+
+
+# IP protocols, PROTOCOLS of the command line: Proto.TCP here, PROTO_TCP in C
+Proto = type("Proto", (Shared,), dict((name.upper(), number)
+                                      for name, number in PROTOCOLS.items()))
+
+TUNNEL_NAMES = {Tunnel.VXLAN: "vxlan", Tunnel.GENEVE: "geneve"}
 TUNNEL_PORTS = {"vxlan": 4789, "geneve": 6081}      # IANA; devices may use others
 
-DIR_TX, DIR_RX = 0, 1
-
-PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMPV6 = 1, 6, 17, 58
-
-SHARED_CONSTANTS = [
-    ("ROLE_VM", ROLE_VM), ("ROLE_PHY", ROLE_PHY), ("ROLE_TUN_VXLAN", ROLE_TUN_VXLAN),
-    ("ROLE_TUN_GENEVE", ROLE_TUN_GENEVE), ("TUNNEL_VXLAN", TUNNEL_VXLAN),
-    ("TUNNEL_GENEVE", TUNNEL_GENEVE), ("DIR_TX", DIR_TX), ("DIR_RX", DIR_RX),
-    ("PROTO_ICMP", PROTO_ICMP), ("PROTO_TCP", PROTO_TCP), ("PROTO_UDP", PROTO_UDP),
-    ("PROTO_ICMPV6", PROTO_ICMPV6),
-    ("ERR_EEXIST", errno.EEXIST),
-]
+# the ICMP types (reply, request) of an echo, whose id and sequence a record carries
+ICMP_ECHO = {Proto.ICMP: (0, 8), Proto.ICMP6: (129, 128)}
 
 # What happened to packets, counted per direction in the kernel (slot 2 * STAT_x + dir)
 STAT_NAMES = ["started", "completed", "below_threshold", "lost", "dropped", "left_path",
@@ -583,35 +607,39 @@ STAT_NAMES = ["started", "completed", "below_threshold", "lost", "dropped", "lef
 
 STAT = dict((n, i) for i, n in enumerate(STAT_NAMES))
 
-FATE_LEFT = 0xffffffff     # reason code in the fates map: freed normally, not dropped
 
-EV_PACKET, EV_DROP = 1, 2
+class C(Shared):
+    """Sizes and codes of the program, by C's own names."""
+    C_PREFIX = ""
+    NSTAGES = NSTAGES
+    NSTATS = 2 * len(STAT_NAMES)
+    FATE_LEFT = 0xffffffff      # reason code in the fates map: freed normally, not dropped
+    HIST_SUB_BITS = 4           # 16 sub-buckets per power of two: percentiles within ~3%
+    HIST_BUCKETS = 720          # up to 2^47 / 1024 us (about 38 hours); longer ones share
+    VM_HIST_ROW = HIST_BUCKETS + 1  # per tap and segment: the buckets, then the sum of ns
+    DEVROLE_SLOTS = 65536       # ifindexes below this are in an array, above in a hash
+    INFLIGHT_WAYS = 4           # slots per hash of an sk_buff address in the in-flight table
+    # 2 MB of ring buffer: ~14,000 events, a quarter second at 50,000 packets/s; user
+    # space maps it twice (for wrap-around), so it counts double in resident memory
+    RINGBUF_PAGES = 512
+    # the reader is woken at every WAKE_EVERY-th event of a CPU (and drains every 100
+    # ms): far below the ring's ~14,000 events, far above one wake-up per packet
+    WAKE_EVERY = 64
 
-ICMP_ECHO, ICMPV6_ECHO = (0, 8), (128, 129)
 
-HIST_SUB_BITS = 4          # 16 sub-buckets per power of two: percentiles within ~3%
-
-HIST_BUCKETS = 720         # up to 2^47 / 1024 us (about 38 hours); longer ones share the last
-
-VM_HIST_ENTRIES = 131072   # --per-vm: (tap, segment, bucket) counters in use, ~9 MB
-
-VM_HIST_ROW = HIST_BUCKETS + 1   # per tap and segment: the buckets, then the sum of ns
-
-DEVROLE_SLOTS = 65536      # ifindexes below this are looked up in an array, above in a hash
-
-INFLIGHT_WAYS = 4          # slots per hash of an sk_buff address in the in-flight table
-
-INFLIGHT_EXAMPLES = 10     # packets still in flight at the end that the summary shows
-
-# 2 MB of ring buffer: ~14,000 events, a quarter second at 50,000 packets/s; user space
-# maps it twice (for wrap-around), so it counts double in resident memory
-RINGBUF_PAGES = 512
-
-# the reader is woken at every WAKE_EVERY-th event of a CPU (and drains every 100 ms):
-# far below the ring's ~14,000 events, far above one wake-up per packet
-WAKE_EVERY = 64
-
+SHARED = [Dir, Role, Tunnel, Ev, Err, Proto, C]
+INFLIGHT_EXAMPLES = 10      # packets still in flight at the end that the summary shows
 PERF_BUFFER_PAGES = 256
+
+
+def shared_defines():
+    """Every shared constant as (C name, value): the #defines of the program."""
+    out = [(name, value) for cls in SHARED for name, value in cls.c_defines()]
+    out += [("STAT_" + n, i) for i, n in enumerate(STAT_NAMES)]
+    out.append(("IS_ICMP_ECHO(proto, type)", "(%s)" % " || ".join(
+        "((proto) == %d && ((type) == %d || (type) == %d))" % ((proto,) + types)
+        for proto, types in sorted(ICMP_ECHO.items()))))
+    return out
 
 
 # --- the per-packet record ---
@@ -655,7 +683,6 @@ RECORD_FIELDS = [
 ]
 
 _C_SIZES = {"u64": 8, "u32": 4, "u16": 2, "u8": 1}
-
 _STRUCT_CODES = {"u64": "Q", "u32": "I", "u16": "H", "u8": "B"}
 
 
@@ -703,37 +730,17 @@ def record_offset(name, fields=RECORD_FIELDS):
 
 
 PKT, PKT_INDEX = record_struct()
-
 KIND_FROM = "seen"
-
 KIND_AT = record_offset(KIND_FROM)
 
 assert NSTAGES <= 16, "seen is a u16: one bit per stage"
 
-# Where each field of the record is in a decoded event (PKT.unpack), from RECORD_FIELDS
-P_LOCATION, P_SADDR, P_DADDR = PKT_INDEX["location"], PKT_INDEX["saddr"], PKT_INDEX["daddr"]
-
-P_VM_IF, P_PHY_IF = PKT_INDEX["vm_ifindex"], PKT_INDEX["phy_ifindex"]
-
-P_PID, P_TID, P_REASON = PKT_INDEX["pid"], PKT_INDEX["tid"], PKT_INDEX["reason"]
-
-P_SPORT, P_DPORT, P_VLAN = PKT_INDEX["sport"], PKT_INDEX["dport"], PKT_INDEX["vlan"]
-
-P_PROTO, P_DIR, P_LAST = PKT_INDEX["proto"], PKT_INDEX["dir"], PKT_INDEX["last"]
-
-P_TYPE, P_ICMP_TYPE, P_UPCALLED = PKT_INDEX["type"], PKT_INDEX["icmp_type"], PKT_INDEX["upcalled"]
-
-P_IP_VERSION, P_SEEN = PKT_INDEX["ip_version"], PKT_INDEX["seen"]
-
-P_TUNNEL, P_OUTER_VERSION, P_VNI = PKT_INDEX["tunnel"], PKT_INDEX["outer_version"], PKT_INDEX["vni"]
-
-P_TUN_IF, P_OUTER_SADDR = PKT_INDEX["tun_ifindex"], PKT_INDEX["outer_saddr"]
-
-P_OUTER_DADDR = PKT_INDEX["outer_daddr"]
+# Where each field of the record is in a decoded event (PKT.unpack): fields[F.dir]
+F = namedtuple("RecordIndex", [name for name, _t, _n, _w in RECORD_FIELDS])(
+    *[PKT_INDEX[name] for name, _t, _n, _w in RECORD_FIELDS])
 
 # (name, index in the event) of each direction's stages, in path order
 _PATH_FIELDS = dict((d, [(n, STAGE_BY_NAME[n].sid) for n in PATH_ORDER[d]]) for d in DIRECTIONS)
-
 _PATH_SIDS = [tuple(sid for _n, sid in _PATH_FIELDS[d]) for d in DIRECTIONS]
 
 # What detailed mode's reader unpacks of an event in the ring buffer: its 8-byte
@@ -764,7 +771,6 @@ ProgramConfig = namedtuple("ProgramConfig", "ringbuf ringbuf_pages probe_read_ke
 
 # method None: not traced (reason says why); probes: [(kprobe symbol or "cat:tracepoint", arg)]
 Plan = namedtuple("Plan", "stage method probes reason")
-
 Attachment = namedtuple("Attachment", "method probe arg fn_name stages")
 
 # The tun driver names the device of each descriptor in /proc/PID/fdinfo/FD
@@ -774,6 +780,8 @@ Attachment = namedtuple("Attachment", "method probe arg fn_name stages")
 
 VmInfo = namedtuple("VmInfo", "name uuid pid comm")
 
+# the devices the user selected: --vm-dev, --vm, --phy-dev (lists, maybe empty)
+DeviceSelection = namedtuple("DeviceSelection", "vm_devs vms phy_devs")
 NO_VM = VmInfo(None, None, None, None)
 
 # Events reach user space through the ring buffer, or the perf buffer before 5.8.
@@ -791,13 +799,9 @@ class Fatal(Exception):
 # --- BTF: struct layouts of the running kernel, read with the standard library ---
 
 BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT, BTF_KIND_UNION = 1, 2, 3, 4, 5
-
 BTF_KIND_ENUM, BTF_KIND_FWD, BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST = 6, 7, 8, 9, 10
-
 BTF_KIND_RESTRICT, BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO, BTF_KIND_VAR = 11, 12, 13, 14
-
 BTF_KIND_DATASEC, BTF_KIND_FLOAT, BTF_KIND_DECL_TAG, BTF_KIND_TYPE_TAG = 15, 16, 17, 18
-
 BTF_KIND_ENUM64 = 19
 
 # bytes that follow the 12-byte common header, per kind: (fixed, per vlen entry)
@@ -1221,17 +1225,11 @@ BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "ppc64": 361,
                "s390x": 351, "riscv64": 280}
 
 BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 17
-
 BPF_MAP_TYPE_RINGBUF = 27
-
 BPF_PROG_TYPE_RAW_TRACEPOINT, BPF_PROG_TYPE_TRACING = 17, 26
-
 BPF_TRACE_RAW_TP = 23       # expected_attach_type of a BTF-typed tracepoint (tp_btf)
-
 BPF_FUNC_probe_read, BPF_FUNC_probe_read_kernel = 4, 113
-
 BPF_OBJ_GET_INFO_BY_FD = 15
-
 _memlock_lifted = []
 
 
@@ -1389,22 +1387,23 @@ def bpf_prog_stats(fd, prog_info):
                 for f in PROG_INFO_FIELDS if f in prog_info)
 
 
-def kernel_view(args, layout):
+def kernel_view(attach, dry_run, list_stages, layout):
+    """What the planner may attach to, for --attach, --dry-run and --list-stages."""
     kprobes_ok, kprobe_why = kprobes_available()
     wanted = set(f for st in STAGES for f, _a in st.kprobes)
-    tp_btf_why = "not asked for (--attach %s)" % args.attach
-    if args.attach in ("auto", "tp_btf"):
+    tp_btf_why = "not asked for (--attach %s)" % attach
+    if attach in ("auto", "tp_btf"):
         tp_btf_why = ("no BTF (struct layouts from %s)" % layout.source
                       if layout.source != "BTF" else
                       tp_btf_refused(layout.tracepoints.get("netif_receive_skb")))
-        if args.attach == "tp_btf" and tp_btf_why:
+        if attach == "tp_btf" and tp_btf_why:
             raise Fatal("--attach tp_btf: %s" % tp_btf_why)
-    if args.dry_run and not args.list_stages:
+    if dry_run and not list_stages:
         # every probe point as if it existed (tp_btf as the kernel says), so that the
         # verifier sees every stage; --list-stages says what this kernel really has
         return KernelView(True, "assumed for --dry-run", dict((f, f) for f in wanted),
                           TRACEPOINTS_USED, tp_btf_why)
-    symbols = kernel_symbols(wanted) if (kprobes_ok or args.list_stages) else {}
+    symbols = kernel_symbols(wanted) if (kprobes_ok or list_stages) else {}
     return KernelView(kprobes_ok, kprobe_why, symbols, None, tp_btf_why)
 
 
@@ -1535,22 +1534,23 @@ def tunnel_ports(devices):
     return ports
 
 
-def resolve_roles(args, owners=None):
-    """{ifindex: role} and {ifindex: name}, for the devices given or found.
+def resolve_roles(selection, owners=None):
+    """{ifindex: role}, {ifindex: name}, the taps and the physical devices, for the
+    devices the user selected (DeviceSelection) or, by default, found.
 
     owners ({tap: VmInfo}, from find_vms()) picks the taps of the VMs named by --vm."""
     devices = list_devices()
-    if args.vm_dev or args.vm:
-        taps = list(args.vm_dev or [])
-        wanted = set(args.vm or [])
+    if selection.vm_devs or selection.vms:
+        taps = list(selection.vm_devs)
+        wanted = set(selection.vms)
         taps += sorted(t for t, vm in (owners or {}).items()
                        if vm.name in wanted and t not in taps and t in devices)
     else:
         taps = [d for d in devices if is_tap(d)]
     ports = switch_ports(taps, devices)
     tunnels = [d for d in ports if is_tunnel(d)]
-    if args.phy_dev:
-        phys = list(args.phy_dev)
+    if selection.phy_devs:
+        phys = list(selection.phy_devs)
     else:
         # a tunnel on the switch is not the physical side: its underlay is
         phys = [d for d in ports if d not in tunnels]
@@ -1558,9 +1558,9 @@ def resolve_roles(args, owners=None):
             phys += [u for u in tunnel_underlay(tun, devices) if u not in phys]
         phys = phys or hardware_devices(devices)
     roles, names = {}, {}
-    kinds = dict((t, ROLE_TUN_VXLAN if device_kind(t) == "vxlan" else ROLE_TUN_GENEVE)
+    kinds = dict((t, Role.TUN_VXLAN if device_kind(t) == "vxlan" else Role.TUN_GENEVE)
                  for t in tunnels)
-    for role, devs in [(ROLE_VM, taps), (ROLE_PHY, phys)] + [(r, [t]) for t, r in kinds.items()]:
+    for role, devs in [(Role.VM, taps), (Role.PHY, phys)] + [(r, [t]) for t, r in kinds.items()]:
         for dev in devs:
             try:
                 idx = device_ifindex(dev)
@@ -1571,12 +1571,12 @@ def resolve_roles(args, owners=None):
     return roles, names, taps, phys
 
 
-def check_devices_exist(args):
-    for dev in (args.vm_dev or []) + (args.phy_dev or []):
+def check_devices_exist(selection):
+    for dev in selection.vm_devs + selection.phy_devs:
         if not os.path.isdir(_sysfs(dev)):
             raise UsageError("device %r does not exist in this network namespace "
                              "(see 'ip link')" % dev)
-    both = set(args.vm_dev or []) & set(args.phy_dev or [])
+    both = set(selection.vm_devs) & set(selection.phy_devs)
     if both:
         raise UsageError("device %s cannot be both --vm-dev and --phy-dev" % sorted(both)[0])
 
@@ -1654,7 +1654,6 @@ def tun_fds(pid):
 
 # pidfd_open and pidfd_getfd have one number on every architecture (5.3+, 5.6+)
 SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438
-
 TUNGETDEVNETNS = 0x54e3     # _IO('T', 227): the tap's network namespace as an fd (5.2+)
 
 
@@ -1725,9 +1724,10 @@ def vm_label(info, tap):
     return tap
 
 
-def check_vms_exist(args, owners):
+def check_vms_exist(wanted, owners):
+    """Every VM named by --vm runs (wanted: those names)."""
     names = set(vm.name for vm in owners.values() if vm.name)
-    missing = [n for n in args.vm or [] if n not in names]
+    missing = [n for n in wanted if n not in names]
     if missing:
         raise UsageError("no running VM is named %s (running: %s)" % (
             ", ".join(repr(n) for n in missing), ", ".join(sorted(names)) or "none"))
@@ -1736,6 +1736,35 @@ def check_vms_exist(args, owners):
 def switch_of(dev):
     """The bridge a device is a port of ("ovs-system" means an OVS datapath port)."""
     return device_master(dev) or "-"
+
+
+class HostDevices(object):
+    """Which devices are the VM side and which the physical side, kept in step with the
+    host: VMs start and stop, restart with new taps of the same names, get their names
+    late. The /proc scan for tap owners runs when the set of taps changed, and every
+    few seconds while a tap has no named owner (a daemon may hand it to QEMU later)."""
+    OWNER_RESCAN_S = 5.0
+
+    def __init__(self, selection):
+        self.selection = selection
+        self.taps_seen, self.owners, self.owners_at = all_taps(), find_vms(), time.monotonic()
+        self.roles, self.names, self.taps, self.phys = resolve_roles(selection, self.owners)
+
+    def refresh(self):
+        """Look again: True when the roles changed (the names are new then too)."""
+        taps, now = all_taps(), time.monotonic()
+        unnamed = any(not (self.owners.get(t) and self.owners[t].name) for t in taps)
+        if taps != self.taps_seen or (unnamed and now - self.owners_at >= self.OWNER_RESCAN_S):
+            self.taps_seen, self.owners, self.owners_at = taps, find_vms(), now
+        roles, names, self.taps, self.phys = resolve_roles(self.selection, self.owners)
+        if roles == self.roles:
+            return False
+        self.roles, self.names = roles, names
+        return True
+
+    def describe(self):
+        return ", ".join("%s=%s" % (self.names[i], "vm" if r == Role.VM else "phy")
+                         for i, r in sorted(self.roles.items()))
 
 
 def read_comm(path):
@@ -1760,44 +1789,46 @@ def ksym_name(ksym, addr):
 # Planning: how each stage attaches, and what follows from it
 # ============================================================================
 
-def why_not(st, args, view):
+def why_not(st, attach, view):
+    """Why a stage cannot attach with this --attach method on this kernel."""
     kprobes_ok, kprobe_why, symbols = view.kprobes_ok, view.kprobe_why, view.symbols
-    if args.attach in ("tracepoint", "tp_btf") and not st.tracepoint:
+    if attach in ("tracepoint", "tp_btf") and not st.tracepoint:
         return "no tracepoint at this point (needs --attach kprobe or auto)"
     if st.module == "openvswitch":
         if not os.path.isdir("/sys/module/openvswitch"):
             return "the openvswitch module is not loaded (no OVS kernel datapath)"
-        if args.attach in ("tracepoint", "tp_btf"):
+        if attach in ("tracepoint", "tp_btf"):
             return "this kernel has no %s:%s tracepoint (--attach kprobe or auto use " \
                    "the %s kprobe instead)" % (st.tracepoint[0], st.tracepoint[1],
                                                st.kprobes[0][0])
-        if args.attach != "kprobe":
+        if attach != "kprobe":
             return "this kernel has no %s:%s tracepoint, and %s" % (
                 st.tracepoint[0], st.tracepoint[1], kprobe_why if not kprobes_ok else
                 "no %s symbol" % st.kprobes[0][0])
     if st.module == "bridge" and not any(f in symbols for f, _a in st.kprobes) and kprobes_ok:
         return "the bridge module is not loaded (no Linux bridge)"
-    if args.attach == "kprobe" and not st.kprobes:
+    if attach == "kprobe" and not st.kprobes:
         return "no kprobe at this point"
     if not kprobes_ok:
         return kprobe_why
     return "none of %s is in /proc/kallsyms" % ", ".join(f for f, _ in st.kprobes)
 
 
-def plan_stages(args, layout, view):
-    """Choose, per stage, how it attaches on this kernel (or why it cannot)."""
+def plan_stages(direction, attach, layout, view):
+    """Choose, per stage, how it attaches on this kernel (or why it cannot), for
+    --direction and --attach."""
     kprobes_ok, symbols = view.kprobes_ok, view.symbols
-    wanted_dirs = DIRECTIONS if args.direction == "both" else (args.direction,)
+    wanted_dirs = DIRECTIONS if direction == "both" else (direction,)
     plans = []
     for st in STAGES:
         if st.direction != "both" and st.direction not in wanted_dirs:
-            plans.append(Plan(st, None, [], "not traced: --direction %s" % args.direction))
+            plans.append(Plan(st, None, [], "not traced: --direction %s" % direction))
             continue
         tp = typed = None
         if st.tracepoint and tracepoint_exists(layout, view, st.tracepoint[0], st.tracepoint[1]):
             tp = Plan(st, "tracepoint", [("%s:%s" % st.tracepoint[:2], st.tracepoint[2])], "")
             if view.tp_btf_why is None and st.tracepoint[1] in layout.tracepoints and \
-                    (args.attach == "tp_btf" or st.hook in TYPED_HOOKS):
+                    (attach == "tp_btf" or st.hook in TYPED_HOOKS):
                 typed = tp._replace(method="tp_btf")
         kp = None
         syms = [(symbols[f], a) for f, a in st.kprobes if f in symbols]
@@ -1813,11 +1844,11 @@ def plan_stages(args, layout, view):
         # --attach tracepoint never uses a kprobe (bridge and host_rcv are left out)
         # tp_btf where the kernel has the tracepoint's BTF type (a module's, OVS's, is
         # not in vmlinux's BTF: attached raw); auto only for the stages it pays for
-        if args.attach == "kprobe":
+        if attach == "kprobe":
             order = [kp] if st.kprobes else [tp]
-        elif args.attach == "tracepoint":
+        elif attach == "tracepoint":
             order = [tp]
-        elif args.attach == "tp_btf":   # tracepoints only, as --attach tracepoint
+        elif attach == "tp_btf":   # tracepoints only, as --attach tracepoint
             order = [typed, tp]
         else:
             order = [typed, tp, kp]
@@ -1825,7 +1856,7 @@ def plan_stages(args, layout, view):
         if chosen:
             plans.append(chosen)
             continue
-        plans.append(Plan(st, None, [], why_not(st, args, view)))
+        plans.append(Plan(st, None, [], why_not(st, attach, view)))
     return plans
 
 
@@ -1852,44 +1883,49 @@ def group_attachments(plans):
     return out
 
 
-def traces_upcalls(plans):
-    return any(p.method for p in plans if p.stage.hook == "upcall")
-
-
-def final_stage(plans, direction):
-    """The last stage of a direction's path that this run can see."""
-    traced = set(p.stage.name for p in plans if p.method)
-    for name in END_STAGES[direction]:
-        if name in traced:
-            return STAGE_BY_NAME[name].sid
-    return -1
-
-
-def histogram_segments(plans):
-    """[(direction, segment name)] by index in the kernel's histogram array.
+def histogram_segments(path):
+    """[(direction, segment name)] by index in the kernel's histogram array, for the
+    traced stages of each direction in path order ({direction: [stage names]}).
 
     Per direction: every pair of traced stages in path order (a packet may skip a
     stage, e.g. ovs_upcall), then the total. Pair (i, j) of n stages is at
-    i*n - i*(i+1)/2 + j - i - 1, which the C below computes the same way."""
-    traced = set(p.stage.name for p in plans if p.method)
+    i*n - i*(i+1)/2 + j - i - 1, which the C computes the same way (PAIR)."""
     out = []
     for direction in DIRECTIONS:
-        names = [n for n in PATH_ORDER[direction] if n in traced]
+        names = path[direction]
         out += [(direction, "%s->%s" % (a, b)) for i, a in enumerate(names)
                 for b in names[i + 1:]]
         out.append((direction, "total"))
     return out
 
 
-def require_path_ends(args, plans):
-    """Each direction traced needs the stage where packets enter and one where they end."""
-    for direction in ("tx", "rx"):
-        if args.direction not in (direction, "both"):
-            continue
-        start_plan = next(p for p in plans if p.stage.name == START_STAGE[direction])
-        if not start_plan.method or final_stage(plans, direction) < 0:
-            raise Fatal("cannot trace %s: %s" % (direction.upper(), start_plan.reason or
-                                                  "no stage can see the end of the path"))
+class TracePlan(object):
+    """How each stage attaches, and what follows from it, derived once: program
+    generation, the loader, the kernel's counters and the run all take this."""
+
+    def __init__(self, plans):
+        self.plans = plans
+        self.traced = set(p.stage.name for p in plans if p.method)
+        # each direction's traced stages, in path order
+        self.path = dict((d, [n for n in PATH_ORDER[d] if n in self.traced])
+                         for d in DIRECTIONS)
+        self.attachments = group_attachments(plans)
+        self.upcalls = any(p.method for p in plans if p.stage.hook == "upcall")
+        self.segments = histogram_segments(self.path)
+        # the last stage of each direction's path that this run can see (-1: none)
+        self.final = dict((d, next((STAGE_BY_NAME[n].sid for n in END_STAGES[d]
+                                    if n in self.traced), -1)) for d in DIRECTIONS)
+
+    def require_path_ends(self, direction):
+        """Each direction traced needs the stage where packets enter and one where they
+        end (--direction)."""
+        for d in DIRECTIONS:
+            if direction not in (d, "both"):
+                continue
+            start_plan = next(p for p in self.plans if p.stage.name == START_STAGE[d])
+            if not start_plan.method or self.final[d] < 0:
+                raise Fatal("cannot trace %s: %s" % (d.upper(), start_plan.reason or
+                                                      "no stage can see the end of the path"))
 
 
 # ============================================================================
@@ -1933,19 +1969,19 @@ static __always_inline void hist_add(u32 seg, u64 ns)
 
 
 def hist_slots(segments):
-    return max(1, len(segments)) * HIST_BUCKETS
+    return max(1, len(segments)) * C.HIST_BUCKETS
 
 
 def bucket_bounds(bucket):
     """[lo, hi) of a bucket, in microseconds; the last one is open-ended (38 hours+)."""
-    sub = 1 << HIST_SUB_BITS
+    sub = 1 << C.HIST_SUB_BITS
     if bucket < 2 * sub:
         lo, hi = bucket, bucket + 1
     else:
-        lg = (bucket >> HIST_SUB_BITS) + HIST_SUB_BITS - 1
-        step = 1 << (lg - HIST_SUB_BITS)
+        lg = (bucket >> C.HIST_SUB_BITS) + C.HIST_SUB_BITS - 1
+        step = 1 << (lg - C.HIST_SUB_BITS)
         lo = (1 << lg) + (bucket & (sub - 1)) * step
-        hi = lo + step if bucket < HIST_BUCKETS - 1 else float("inf")
+        hi = lo + step if bucket < C.HIST_BUCKETS - 1 else float("inf")
     return lo / 1024.0, hi / 1024.0
 
 
@@ -2183,12 +2219,10 @@ static __always_inline int parse_l4(const u8 *l4, struct pkt *p)
 {
     // values first, then choose: lets clang select values, never pointers
     u32 w0 = be16(l4), w1 = be16(l4 + 2), w2 = be16(l4 + 4), w3 = be16(l4 + 6);
-    u8 icmp = p->proto == PROTO_ICMP || p->proto == PROTO_ICMPV6;
+    u8 icmp = p->proto == PROTO_ICMP || p->proto == PROTO_ICMP6;
     if (icmp) {
         p->icmp_type = l4[0];
-        // echo request/reply: 8/0 in ICMP, 128/129 in ICMPv6 carry id and sequence
-        if (l4[0] == 0 || l4[0] == 8 || (p->proto == PROTO_ICMPV6 &&
-                                         (l4[0] == 128 || l4[0] == 129))) {
+        if (IS_ICMP_ECHO(p->proto, l4[0])) {        // they carry an id and a sequence
             p->sport = w2;
             p->dport = w3;
         }
@@ -2214,7 +2248,7 @@ static __always_inline int wanted_proto(u8 proto, u8 version)
     return proto == FILTER_PROTO;
 #else
     return proto == PROTO_TCP || proto == PROTO_UDP ||
-           (version == 4 ? proto == PROTO_ICMP : proto == PROTO_ICMPV6);
+           (version == 4 ? proto == PROTO_ICMP : proto == PROTO_ICMP6);
 #endif
 }
 
@@ -2954,10 +2988,9 @@ def _handler_call(att, upcalls):
         raise AssertionError("stages %s share %s" % ([p.stage.name for p in att.stages],
                                                      att.probe))
     hook, sid = plan.stage.hook, plan.stage.sid
-    ovs_sid = next(s.sid for s in STAGES if s.hook == "ovs")
     if hook == "upcall" and att.probe.startswith("ovs_execute_actions"):
         # the kprobe way to see a packet ovs-vswitchd returns (no ovs_dp_process_packet)
-        return "%s(%s, %d)" % (OVS_EXECUTE, skb, ovs_sid)
+        return "%s(%s, %d)" % (OVS_EXECUTE, skb, OVS_SID)
     if hook == "ovs" and upcalls and att.method != "kprobe":
         # the ovs_do_execute_action tracepoint also sees packets returned by upcalls
         return "%s(%s, %d)" % (OVS_EXECUTE, skb, sid)
@@ -2983,16 +3016,16 @@ def _wrapper(att, upcalls):
         head, _handler_call(att, upcalls))
 
 
-def _hist_c(plans):
-    """hist_packet(): one histogram increment per segment the packet passed, and total."""
-    traced = set(p.stage.name for p in plans if p.method)
+def _hist_c(path):
+    """hist_packet(): one histogram increment per segment the packet passed, and total
+    (path: {direction: its traced stages in path order})."""
     lines = ["#define PAIR(i, j, n) ((i) * (n) - (i) * ((i) + 1) / 2 + (j) - (i) - 1)",
              "static __always_inline void hist_packet(struct pkt *p)", "{",
              "    u64 prev_ts = 0, first_ts = 0;",
              "    u32 prev = 0;      // position of the last stage seen, in path order"]
     base = 0
     for d, direction in enumerate(DIRECTIONS):
-        names = [n for n in PATH_ORDER[direction] if n in traced]
+        names = path[direction]
         n = len(names)
         lines.append("    %sif (p->dir == %d) {" % ("} else " if d else "", d))
         for pos, name in enumerate(names):
@@ -3014,31 +3047,48 @@ def _hist_c(plans):
     return "\n".join(lines)
 
 
-def tunnel_defines(args, devices=None):
-    """The overlay parsing: on when the host has tunnel devices (or --vni asks), with
-    the UDP ports they use; off, it costs IPv4/IPv6 packets nothing."""
-    devices = list_devices() if devices is None else devices
-    ports = tunnel_ports(devices)
-    on = args.vni is not None or any(is_tunnel(d) for d in devices)
+# What the program needs from the command line and this machine, gathered once: program
+# generation reads nothing else (the plan and the layouts aside).
+ProgramOptions = namedtuple("ProgramOptions", [
+    "histogram", "per_vm", "vm_table_size", "hist_sums", "sample", "emit_drops",
+    "threshold_ns", "protocol", "src_ip", "dst_ip", "src_port", "dst_port", "vni",
+    "max_inflight", "tunnels", "tunnel_ports", "ringbuf", "probe_read_kernel",
+    "netns_inum"])
 
+
+def program_options(args, features, devices):
+    """ProgramOptions of this run: args, the kernel's features, the host's devices (the
+    overlay parsing is on when the host has tunnel devices, or --vni asks)."""
+    return ProgramOptions(
+        histogram=args.mode == "histogram", per_vm=keeps_per_vm_counts(args),
+        vm_table_size=args.vm_table_size,
+        hist_sums=bool(args.prometheus or args.prometheus_textfile), sample=args.sample,
+        emit_drops=args.drops, threshold_ns=int(round(args.latency_threshold * 1000)),
+        protocol=args.protocol, src_ip=args.src_ip, dst_ip=args.dst_ip,
+        src_port=args.src_port, dst_port=args.dst_port, vni=args.vni,
+        max_inflight=args.max_inflight,
+        tunnels=args.vni is not None or any(is_tunnel(d) for d in devices),
+        tunnel_ports=tunnel_ports(devices), ringbuf=features.ringbuf,
+        probe_read_kernel=features.probe_read_kernel, netns_inum=host_netns_inum())
+
+
+def tunnel_defines(opts):
+    """The overlay parsing, off unless the host has tunnels: then it costs plain
+    IPv4/IPv6 packets nothing. Its UDP ports: the IANA ones and the devices'."""
     def test(kind):
-        return "(%s)" % " || ".join("(p) == %d" % port for port in sorted(ports[kind]))
-    return [("TUNNELS", int(on)), ("IS_VXLAN_PORT(p)", test("vxlan")),
-            ("IS_GENEVE_PORT(p)", test("geneve")), ("FILTER_VNI", int(args.vni is not None)),
-            ("FILTER_VNI_VALUE", "%dU" % (args.vni or 0))]
+        return "(%s)" % " || ".join("(p) == %d" % port
+                                    for port in sorted(opts.tunnel_ports[kind]))
+    return [("TUNNELS", int(opts.tunnels)), ("IS_VXLAN_PORT(p)", test("vxlan")),
+            ("IS_GENEVE_PORT(p)", test("geneve")), ("FILTER_VNI", int(opts.vni is not None)),
+            ("FILTER_VNI_VALUE", "%dU" % (opts.vni or 0))]
 
 
-def per_vm_kernel(args):
-    """Histograms kept per VM in the kernel: for --per-vm and for the metrics (vm label)."""
-    return bool(args.per_vm or args.prometheus or args.prometheus_textfile)
-
-
-def address_filters(args):
+def address_filters(opts):
     """The address filters as #defines: IPv4 as the 32-bit word the C loads from the
     frame, IPv6 as its two 64-bit halves (both as loaded, little-endian, from the bytes)."""
     out = []
     versions = set()
-    for name, text in (("SADDR", args.src_ip), ("DADDR", args.dst_ip)):
+    for name, text in (("SADDR", opts.src_ip), ("DADDR", opts.dst_ip)):
         ip = ipaddress.ip_address(text) if text else None
         versions.add(ip.version if ip else None)
         v4 = struct.unpack("<I", ip.packed)[0] if ip and ip.version == 4 else 0
@@ -3050,47 +3100,42 @@ def address_filters(args):
     versions.discard(None)
     # an address filter, or icmp/icmp6, says which family; tcp and udp match both
     family = versions.pop() if versions else \
-        {"icmp": 4, "icmp6": 6}.get(args.protocol, 0)
+        {"icmp": 4, "icmp6": 6}.get(opts.protocol, 0)
     return out + [("FILTER_FAMILY", family)]
 
 
-def generate_program(args, plans, layout, config):
-    defines = [
-        ("NSTAGES", NSTAGES), ("NSTATS", 2 * len(STAT_NAMES)),
-        ("INFLIGHT_WAYS", INFLIGHT_WAYS),
-        ("INFLIGHT_GROUPS", -(-config.max_inflight // INFLIGHT_WAYS)),
-        ("HISTOGRAM", int(args.mode == "histogram")), ("SAMPLE", args.sample),
-        ("PER_VM", int(per_vm_kernel(args))), ("VM_HIST_ENTRIES", args.vm_table_size),
-        ("VM_HIST_ROW", VM_HIST_ROW), ("HIST_SUMS", int(bool(args.prometheus or
-                                                            args.prometheus_textfile))),
-        ("USE_RINGBUF", int(config.ringbuf)), ("RINGBUF_PAGES", config.ringbuf_pages),
-        ("WAKE_EVERY", WAKE_EVERY),
-        ("EMIT_DROPS", int(args.drops)),
-        ("THRESHOLD_NS", "%dULL" % int(round(args.latency_threshold * 1000))),
-        ("FILTER_PROTO", PROTOCOLS.get(args.protocol, 0)),
-    ] + address_filters(args) + tunnel_defines(args) + [
-        ("FILTER_SPORT", args.src_port or 0), ("FILTER_DPORT", args.dst_port or 0),
-        ("HOST_NETNS_INUM", "%dU" % config.netns_inum),
+def _c_value(value):
+    """A #define's value: numbers past int's range as unsigned hexadecimal."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0x7fffffff:
+        return "0x%xU" % value
+    return str(int(value)) if isinstance(value, int) else value
+
+
+def generate_program(opts, plan, layout):
+    """The whole C program for these options, this plan and these struct layouts."""
+    defines = shared_defines() + [
+        ("INFLIGHT_GROUPS", -(-opts.max_inflight // C.INFLIGHT_WAYS)),
+        ("HISTOGRAM", int(opts.histogram)), ("SAMPLE", opts.sample),
+        ("PER_VM", int(opts.per_vm)), ("VM_HIST_ENTRIES", opts.vm_table_size),
+        ("HIST_SUMS", int(opts.hist_sums)), ("USE_RINGBUF", int(opts.ringbuf)),
+        ("EMIT_DROPS", int(opts.emit_drops)), ("THRESHOLD_NS", "%dULL" % opts.threshold_ns),
+        ("FILTER_PROTO", PROTOCOLS.get(opts.protocol, 0)),
+    ] + address_filters(opts) + tunnel_defines(opts) + [
+        ("FILTER_SPORT", opts.src_port or 0), ("FILTER_DPORT", opts.dst_port or 0),
+        ("HOST_NETNS_INUM", "%dU" % opts.netns_inum),
         ("KFREE_SKB_HAS_REASON", int(layout.kfree_skb_reason)),
-        ("FATE_LEFT", "0x%xU" % FATE_LEFT), ("EV_PACKET", EV_PACKET), ("EV_DROP", EV_DROP),
-        ("HIST_SUB_BITS", HIST_SUB_BITS), ("HIST_BUCKETS", HIST_BUCKETS),
-        ("HIST_SLOTS", hist_slots(histogram_segments(plans))),
-        ("DEVROLE_SLOTS", DEVROLE_SLOTS),
-        ("TRACE_UPCALLS", int(traces_upcalls(plans))),
-        ("FINAL_TX", final_stage(plans, "tx")), ("FINAL_RX_VM", final_stage(plans, "rx")),
-    ]
-    defines += SHARED_CONSTANTS
-    defines += [("START_TX", STAGE_BY_NAME[START_STAGE["tx"]].sid),
-                ("START_RX", STAGE_BY_NAME[START_STAGE["rx"]].sid),
-                ("STAGE_OVS_EXECUTE", next(s.sid for s in STAGES if s.hook == "ovs")),
-                # an RX packet was put on a tap: a VM-role stage of RX saw it
-                ("ON_TAP(p)", "(%s)" % " | ".join("(p)->ts[%d]" % s.sid for s in STAGES
-                                                  if s.direction == "rx" and s.role == "vm"))]
-    defines += [("STAT_" + n, i) for n, i in sorted(STAT.items(), key=lambda x: x[1])]
-    defines += sorted(layout.offsets.items())
-    if not config.probe_read_kernel:
+        ("HIST_SLOTS", hist_slots(plan.segments)),
+        ("TRACE_UPCALLS", int(plan.upcalls)),
+        ("FINAL_TX", plan.final["tx"]), ("FINAL_RX_VM", plan.final["rx"]),
+        ("START_TX", START_SID[Dir.TX]), ("START_RX", START_SID[Dir.RX]),
+        ("STAGE_OVS_EXECUTE", OVS_SID),
+        # an RX packet was put on a tap: a VM-role stage of RX saw it
+        ("ON_TAP(p)", "(%s)" % " | ".join("(p)->ts[%d]" % s.sid for s in STAGES
+                                          if s.direction == "rx" and s.role == "vm")),
+    ] + sorted(layout.offsets.items())
+    if not opts.probe_read_kernel:
         defines.append(("bpf_probe_read_kernel", "bpf_probe_read"))
-    config = "\n".join("#define %s %s" % (k, v) for k, v in defines)
+    config = "\n".join("#define %s %s" % (k, _c_value(v)) for k, v in defines)
     if isinstance(layout.offsets["SKB_DEV"], int):
         config += "\n#define CHECK_NETNS %d" % int(layout.netns)
     else:   # the running kernel's own headers (checked): they know the namespace fields
@@ -3103,12 +3148,11 @@ def generate_program(args, plans, layout, config):
 #else
 #define CHECK_NETNS 0
 #endif""")
-    upcalls = traces_upcalls(plans)
-    wrappers = "\n\n".join(_wrapper(a, upcalls) for a in group_attachments(plans))
+    wrappers = "\n\n".join(_wrapper(a, plan.upcalls) for a in plan.attachments)
     return (C_PROGRAM.replace("/*CONFIG*/", config)
             .replace("/*RECORD*/", record_c_struct())
             .replace("/*HIST_ADD*/", HIST_ADD_C)
-            .replace("/*SEGMENTS*/", _hist_c(plans))
+            .replace("/*SEGMENTS*/", _hist_c(plan.path))
             .replace("/*READERS*/", generate_readers(layout))
             .replace("/*WRAPPERS*/", wrappers))
 
@@ -3171,15 +3215,14 @@ def release_compiler_memory():
 class Tracer(object):
     """The loaded program and what is attached; detach() undoes everything."""
 
-    def __init__(self, bcc, text, plans, verbose, type_ids=None):
+    def __init__(self, bcc, text, plan, verbose, type_ids=None):
         # -Wno-macro-redefined: BCC 0.18 with 5.10's headers warns about its own
         # __HAVE_BUILTIN_BSWAP*__ definitions on every start (harmless, and noisy)
         self.bpf = bcc.BPF(text=text, cflags=["-Wno-macro-redefined"])
         release_compiler_memory()
-        self.plans = plans
-        attachments = group_attachments(plans)
+        self.plan = plan
         self.bcc = bcc
-        self.attachments = attachments
+        self.attachments = plan.attachments
         self.attached = []
         self.verbose = verbose
         self.type_ids = type_ids or {}     # tracepoint: btf_trace_<name> type id
@@ -3277,12 +3320,12 @@ def set_device_roles(bpf, old, roles):
     """Tell the kernel which devices are VM ports and which the physical side."""
     small, big = bpf["devroles"], bpf["devroles_big"]
     for idx in set(old) - set(roles):
-        if idx < DEVROLE_SLOTS:
+        if idx < C.DEVROLE_SLOTS:
             small[small.Key(idx)] = small.Leaf(0)
         else:
             del big[big.Key(idx)]
     for idx, role in roles.items():
-        table = small if idx < DEVROLE_SLOTS else big
+        table = small if idx < C.DEVROLE_SLOTS else big
         table[table.Key(idx)] = table.Leaf(role)
 
 
@@ -3363,7 +3406,7 @@ class KernelCounters(object):
 
     def __init__(self, tracer):
         self.bpf = tracer.bpf
-        self.upcalls = traces_upcalls(tracer.plans)
+        self.upcalls = tracer.plan.upcalls
         self.hist_reader = None
         leaf = ctypes.sizeof(self.bpf["inflight"].Leaf)
         if leaf != PKT.size:    # the declaration and the compiled struct must agree
@@ -3409,12 +3452,12 @@ class KernelCounters(object):
         records = self.bpf["inflight"]
         count, upcalled, first = 0, 0, []
         for group, value in enumerate(raw):
-            for way in range(INFLIGHT_WAYS):
+            for way in range(C.INFLIGHT_WAYS):
                 if struct.unpack_from("<Q", value, 8 * way)[0]:
-                    rec = records[ctypes.c_uint32(group * INFLIGHT_WAYS + way)]
+                    rec = records[ctypes.c_uint32(group * C.INFLIGHT_WAYS + way)]
                     data = ctypes.string_at(ctypes.addressof(rec), PKT.size)
                     count += 1
-                    upcalled += PKT.unpack(data)[P_UPCALLED]
+                    upcalled += PKT.unpack(data)[F.upcalled]
                     if len(first) < INFLIGHT_EXAMPLES:
                         first.append(data)
         return count, upcalled, first
@@ -3520,7 +3563,7 @@ def open_events(tracer, this):
     table = tracer.bpf["events"]
     if type(table).__name__ == "RingBuf" and os.uname()[4] in ORDERED_LOADS:
         # recording: every event is recorded whole, by on_record()
-        ring = RingReader.of_map(table.map_fd, RINGBUF_PAGES * mmap.PAGESIZE, this.on_record,
+        ring = RingReader.of_map(table.map_fd, C.RINGBUF_PAGES * mmap.PAGESIZE, this.on_record,
                                  None if this.recorder else this.on_times, this.write_pending)
         return EventSource(ring.poll, ring.drain)
     if type(table).__name__ == "RingBuf":
@@ -3563,13 +3606,13 @@ def ip_text(value, version):
 
 
 def tunnel_record(fields, names):
-    version = fields[P_OUTER_VERSION]
-    tun_if = fields[P_TUN_IF]
-    return {"type": TUNNEL_NAMES.get(fields[P_TUNNEL], str(fields[P_TUNNEL])),
-            "vni": fields[P_VNI] if version else None,
+    version = fields[F.outer_version]
+    tun_if = fields[F.tun_ifindex]
+    return {"type": TUNNEL_NAMES.get(fields[F.tunnel], str(fields[F.tunnel])),
+            "vni": fields[F.vni] if version else None,
             "dev": names.get(tun_if) if tun_if else None,
-            "outer_src_ip": ip_text(fields[P_OUTER_SADDR], version) if version else None,
-            "outer_dst_ip": ip_text(fields[P_OUTER_DADDR], version) if version else None}
+            "outer_src_ip": ip_text(fields[F.outer_saddr], version) if version else None,
+            "outer_dst_ip": ip_text(fields[F.outer_daddr], version) if version else None}
 
 
 def wall_ns(wall_offset):
@@ -3605,50 +3648,50 @@ def json_us(ns):
     return ("%d.%03d" % (us, frac)).rstrip("0")
 
 
-def packet_record(fields, names, process_name, thread_name, wall_offset, vms=None):
-    """A decoded packet (or drop) event, as the dict the JSON output prints.
+def packet_record(fields, book, wall_offset):
+    """A decoded packet (or drop) event, as the dict the JSON output prints (book: the
+    NameBook of devices, VMs and processes).
 
     Runs once per event in detailed mode: keep it plain."""
-    direction = DIRECTIONS[fields[P_DIR]]
+    direction = DIRECTIONS[fields[F.dir]]
     seen = [(name, fields[sid]) for name, sid in _PATH_FIELDS[direction] if fields[sid]]
     segments = [{"from": a[0], "to": b[0], "us": round((b[1] - a[1]) / 1000.0, 3)}
                 for a, b in zip(seen, seen[1:])]
-    proto = fields[P_PROTO]
-    version = fields[P_IP_VERSION]
-    is_icmp = proto == PROTO_ICMP or proto == PROTO_ICMPV6
-    # echo request/reply (ICMP 8/0, ICMPv6 128/129) carry an id and a sequence number
-    echo = is_icmp and fields[P_ICMP_TYPE] in (ICMP_ECHO if proto == PROTO_ICMP else ICMPV6_ECHO)
-    pid = fields[P_PID]
-    thread = thread_name(pid, fields[P_TID]) if pid else None
+    proto = fields[F.proto]
+    version = fields[F.ip_version]
+    is_icmp = proto == Proto.ICMP or proto == Proto.ICMP6
+    echo = fields[F.icmp_type] in ICMP_ECHO.get(proto, ())   # it has an id and a sequence
+    pid = fields[F.pid]
+    thread = book.thread_name(pid, fields[F.tid]) if pid else None
     end_ns = seen[-1][1] if seen else 0
-    vm_if, phy_if = fields[P_VM_IF], fields[P_PHY_IF]
-    vm = vms.get(vm_if, NO_VM) if vms and vm_if else NO_VM
+    vm_if, phy_if = fields[F.vm_ifindex], fields[F.phy_ifindex]
+    vm = book.vms.get(vm_if, NO_VM) if vm_if else NO_VM
     rec = {
-        "type": "packet" if fields[P_TYPE] == EV_PACKET else "drop",
+        "type": "packet" if fields[F.type] == Ev.PACKET else "drop",
         "timestamp": float(timestamp_text(wall_us(wall_offset, end_ns))),
         "direction": direction,
         "protocol": PROTO_NAMES.get(proto, str(proto)),
         "ip_version": version,
-        "src_ip": ip_text(fields[P_SADDR], version), "dst_ip": ip_text(fields[P_DADDR], version),
-        "src_port": None if is_icmp else fields[P_SPORT],
-        "dst_port": None if is_icmp else fields[P_DPORT],
-        "icmp_type": fields[P_ICMP_TYPE] if is_icmp else None,
-        "icmp_id": fields[P_SPORT] if echo else None,
-        "icmp_seq": fields[P_DPORT] if echo else None,
-        "vlan": fields[P_VLAN] - 1 if fields[P_VLAN] else None,
-        "tunnel": tunnel_record(fields, names) if fields[P_TUNNEL] else None,
-        "vm_dev": names.get(vm_if) if vm_if else None,
+        "src_ip": ip_text(fields[F.saddr], version), "dst_ip": ip_text(fields[F.daddr], version),
+        "src_port": None if is_icmp else fields[F.sport],
+        "dst_port": None if is_icmp else fields[F.dport],
+        "icmp_type": fields[F.icmp_type] if is_icmp else None,
+        "icmp_id": fields[F.sport] if echo else None,
+        "icmp_seq": fields[F.dport] if echo else None,
+        "vlan": fields[F.vlan] - 1 if fields[F.vlan] else None,
+        "tunnel": tunnel_record(fields, book.devices) if fields[F.tunnel] else None,
+        "vm_dev": book.devices.get(vm_if) if vm_if else None,
         "vm": vm.name, "vm_uuid": vm.uuid, "vm_pid": vm.pid,
-        "phy_dev": names.get(phy_if) if phy_if else None,
+        "phy_dev": book.devices.get(phy_if) if phy_if else None,
         "pid": pid or None,
-        "comm": process_name(pid) if pid else None,
+        "comm": book.process_name(pid) if pid else None,
         "thread": thread,
         "stages": [name for name, _ in seen],
         "segments": segments,
         "total_us": round((end_ns - seen[0][1]) / 1000.0, 3) if seen else 0.0,
     }
     if rec["type"] == "drop":
-        rec["last_stage"] = STAGE_NAMES[fields[P_LAST]]
+        rec["last_stage"] = STAGE_NAMES[fields[F.last]]
     return rec
 
 
@@ -3691,9 +3734,9 @@ class PacketFormatter(object):
         return self.fill(entry[0], entry[1](fields)) if entry else None
 
     def template(self, fields, record):
-        sids = [sid for sid in _PATH_SIDS[fields[P_DIR]] if fields[sid]]
-        path = sum(1 << sid for sid in _PATH_SIDS[fields[P_DIR]])
-        if len(sids) < 2 or fields[P_SEEN] & path != sum(1 << sid for sid in sids):
+        sids = [sid for sid in _PATH_SIDS[fields[F.dir]] if fields[sid]]
+        path = sum(1 << sid for sid in _PATH_SIDS[fields[F.dir]])
+        if len(sids) < 2 or fields[F.seen] & path != sum(1 << sid for sid in sids):
             return False        # no segment, or times the kernel did not mark as seen
         parts = self.reporter.packet_template(record())
         if not parts:
@@ -3703,7 +3746,7 @@ class PacketFormatter(object):
         slots = [None] * (2 * len(parts) - 1)
         slots[::2] = parts
         return (slots, operator.itemgetter(*sids), operator.itemgetter(*[1 + s for s in sids]),
-                DIRECTIONS[fields[P_DIR]], fields[P_VM_IF])
+                DIRECTIONS[fields[F.dir]], fields[F.vm_ifindex])
 
     def fill(self, slots, times):
         """The output with the times of a packet: its end, each segment, the total."""
@@ -3781,7 +3824,7 @@ def order_tables(tables):
 
 def stats_by_direction(values):
     """The kernel's stats array as {name: (tx, rx)}."""
-    return dict((name, (values[2 * i + DIR_TX], values[2 * i + DIR_RX]))
+    return dict((name, (values[2 * i + Dir.TX], values[2 * i + Dir.RX]))
                 for i, name in enumerate(STAT_NAMES))
 
 
@@ -4062,53 +4105,38 @@ def final_counters(counters, now, perf_lost):
             "upcalls_waiting": counters.upcalls_waiting(), "perf_lost": perf_lost}
 
 
-class Run(object):
-    """One run: its devices and names, what was reported, how it stopped, and every
-    counter its summary accounts with. Fed by the kernel while tracing, or by a
-    recording (--read-events); the output is the same either way."""
+# What the accounting and reporting of a run need of its options: from the command
+# line while tracing, from the recording's meta when replaying.
+RunSettings = namedtuple("RunSettings", "mode per_vm sample quiet drops")
 
-    def __init__(self, args, reporter, names, segments, kfree_skb_reason, drop_reasons,
-                 wall_offset, recorder=None, ksym=None, live=True):
-        self.args = args
-        self.reporter = reporter
-        self.names = names              # {ifindex: device name}
+
+def run_settings(args):
+    return RunSettings(args.mode, args.per_vm, args.sample, args.quiet, args.drops)
+
+
+class NameBook(object):
+    """The names of what the kernel side only knows by number: devices and VMs (by
+    ifindex), processes and threads (by pid), drop locations (by address).
+
+    Live, each is looked up once (/proc, the kernel's symbols) and recorded before
+    the first event that needs it. A replay has only the recording's: this machine's
+    processes are others, its devices too."""
+    LIMIT = 4096        # names of one kind kept (a pid reused is looked up again)
+
+    def __init__(self, live=True, ksym=None, recorder=None):
+        self.devices = {}               # {ifindex: device name}
         self.vms = {}                   # {tap ifindex: VmInfo}
-        self.per_vm_reported = {}       # {tap ifindex: packets reported}
-        self.segments = segments        # [(direction, segment)] of the hist array
-        self.kfree_skb_reason = kfree_skb_reason
-        self.drop_reasons = drop_reasons
-        self.wall_offset = wall_offset
-        self.recorder = recorder
-        self.ksym = ksym                # BCC's BPF.ksym (None: addresses as numbers)
-        # live: names are looked up (/proc, kernel symbols); a replay (False) has only
-        # the recording's, never this machine's, whose processes may be others now
-        self.live = live
-        self.counters = None            # KernelCounters or RecordedCounters
-        self.reported = {"tx": 0, "rx": 0}
-        self.hist_totals = {"tx": 0, "rx": 0}
-        self.vm_hist_prev = {}          # --per-vm: {(tap ifindex, slot): cumulative count}
-        self.vm_hist_totals = {}        # --per-vm: {tap ifindex: packets in its totals}
-        self.hist_prev = array.array("Q", bytes(8 * hist_slots(segments)))
-        self.perf_lost = 0
-        self.stop_reason = None         # the signal that stopped it, or None
-        self.output_broken = False
-        self.formatter = PacketFormatter(reporter, wall_offset)
-        self.pending = []               # outputs of on_times(), written by write_pending()
-        self.roles = {}
         self.known = {"comm": {}, "thread": {}, "location": {}}
-        self.events = None              # EventSource while tracing detailed or drops
-        self.owners = {}                # {tap name: VmInfo}, from find_vms()
-        self.taps_seen = set()          # the taps when owners were last looked for
-        self.owners_at = 0.0            # and when (monotonic)
-        self.gone_since = {}            # {tap ifindex: since when (monotonic) it is gone}
+        self.live = live
+        self.ksym = ksym                # BCC's BPF.ksym (None: addresses as numbers)
+        self.recorder = recorder
 
-    # -- names, resolved once each and recorded before the event that needs them --
     def _resolve(self, kind, key, lookup):
         cache = self.known[kind]
         name = cache.get(key)
         if name is None:
             name = lookup() if self.live else "?"
-            if len(cache) > 4096:
+            if len(cache) > self.LIMIT:
                 cache.clear()
             cache[key] = name
             if self.recorder:
@@ -4122,6 +4150,122 @@ class Run(object):
         return self._resolve("thread", tid,
                              lambda: read_comm("/proc/%d/task/%d/comm" % (pid, tid)))
 
+    def location(self, addr):
+        if not addr:
+            return "?"
+        return self._resolve("location", addr, lambda: ksym_name(self.ksym, addr))
+
+    def set_devices(self, names):
+        self.devices.update(names)
+        if self.recorder:
+            self.recorder.write({"kind": "names", "names": dict(
+                (str(k), v) for k, v in sorted(self.devices.items()))})
+
+    def set_vms(self, owners):
+        """The VM of each tap ({tap name: VmInfo}), as ifindex -> VmInfo; True if that
+        changed. A VM that stopped keeps its name: its packets were counted under it,
+        and stay so."""
+        by_name = dict((v, k) for k, v in self.devices.items())  # newest ifindex wins
+        vms = dict(self.vms)
+        vms.update((by_name[t], vm) for t, vm in owners.items() if t in by_name)
+        if vms == self.vms:
+            return False
+        self.vms = vms
+        if self.recorder:
+            self.recorder.write({"kind": "vms", "vms": dict(
+                (str(k), list(v)) for k, v in sorted(vms.items()))})
+        return True
+
+    def vm_of(self, tap):
+        """(label, VM name or None, device name) of a tap ifindex (0: the host)."""
+        if not tap:
+            return "host", None, "host"
+        vm = self.vms.get(tap)
+        dev = self.devices.get(tap, "-")
+        return vm_label(vm, dev), vm.name if vm else None, dev
+
+
+class HistogramDiff(object):
+    """The kernel's histogram array counts since the start: what each read added,
+    as {(direction index, segment): {bucket: count}}. The last read is kept in place,
+    in one array of C integers (no new one per interval)."""
+
+    def __init__(self, segments):
+        self.segments = segments
+        self.prev = array.array("Q", bytes(8 * hist_slots(segments)))
+
+    def backwards(self, counts):
+        return any(c < p for c, p in zip(counts, self.prev))
+
+    def added(self, counts):
+        tables, prev = {}, self.prev
+        for idx, count in enumerate(counts):
+            if count != prev[idx]:
+                direction, segment = self.segments[idx // C.HIST_BUCKETS]
+                tables.setdefault((DIRECTIONS.index(direction), segment), {})[
+                    idx % C.HIST_BUCKETS] = count - prev[idx]
+                prev[idx] = count
+        return tables
+
+
+class VmHistogramDiff(object):
+    """The same for the per-VM table, {(tap ifindex, slot): count}: what each tap
+    added since the last read, as {tap: {(direction index, segment): {bucket: count}}}.
+    A slot past a segment's buckets holds the sum of its ns (for the metrics)."""
+
+    def __init__(self, segments):
+        self.segments = segments
+        self.prev = {}
+
+    def backwards(self, counts):
+        return any(c < self.prev.get(k, 0) for k, c in counts.items())
+
+    def added(self, counts):
+        per, prev = {}, self.prev
+        for (tap, slot), count in counts.items():
+            added = count - prev.get((tap, slot), 0)
+            seg, bucket = divmod(slot, C.VM_HIST_ROW)
+            if not added or bucket == C.HIST_BUCKETS:
+                continue
+            direction, segment = self.segments[seg]
+            buckets = per.setdefault(tap, {}).setdefault(
+                (DIRECTIONS.index(direction), segment), {})
+            buckets[bucket] = buckets.get(bucket, 0) + added
+        self.prev = dict(counts)
+        return per
+
+    def forget(self, taps):
+        for key in [k for k in self.prev if k[0] in taps]:
+            del self.prev[key]
+
+
+class Run(object):
+    """One run's accounting: what was reported, and every counter its summary
+    accounts with. Fed by the kernel while tracing, or by a recording (--read-events);
+    the output is the same either way."""
+
+    def __init__(self, settings, reporter, segments, kfree_skb_reason, drop_reasons,
+                 wall_offset, book, recorder=None):
+        self.settings = settings
+        self.reporter = reporter
+        self.book = book                # the names of devices, VMs, processes
+        self.segments = segments        # [(direction, segment)] of the hist array
+        self.kfree_skb_reason = kfree_skb_reason
+        self.drop_reasons = drop_reasons
+        self.wall_offset = wall_offset
+        self.recorder = recorder
+        self.counters = None            # KernelCounters or RecordedCounters
+        self.reported = {"tx": 0, "rx": 0}
+        self.per_vm_reported = {}       # {tap ifindex: packets reported}
+        self.hist_totals = {"tx": 0, "rx": 0}
+        self.vm_hist_totals = {}        # --per-vm: {tap ifindex: packets in its totals}
+        self.hist = HistogramDiff(segments)
+        self.vm_hist = VmHistogramDiff(segments)
+        self.perf_lost = 0
+        self.output_broken = False
+        self.formatter = PacketFormatter(reporter, wall_offset)
+        self.pending = []               # outputs of on_times(), written by write_pending()
+
     def reason_name(self, code):
         if not self.kfree_skb_reason:
             return "unknown (kernel has no drop reasons)"
@@ -4129,31 +4273,14 @@ class Run(object):
         return name[len("SKB_DROP_REASON_"):] if name and name.startswith(
             "SKB_DROP_REASON_") else (name or str(code))
 
-    def location(self, addr):
-        if not addr:
-            return "?"
-        return self._resolve("location", addr, lambda: ksym_name(self.ksym, addr))
-
     def set_names(self, names):
-        self.names.update(names)
+        """Devices by ifindex: the outputs made of the old names are made again."""
+        self.book.set_devices(names)
         self.formatter.clear()
-        if self.recorder:
-            self.recorder.write({"kind": "names", "names": dict(
-                (str(k), v) for k, v in sorted(self.names.items()))})
 
     def set_vms(self, owners):
-        """The VM of each tap ({tap name: VmInfo}), as ifindex -> VmInfo. A VM that
-        stopped keeps its name: its packets were counted under it, and stay so."""
-        by_name = dict((v, k) for k, v in self.names.items())   # newest ifindex wins
-        vms = dict(self.vms)
-        vms.update((by_name[t], vm) for t, vm in owners.items() if t in by_name)
-        if vms == self.vms:
-            return
-        self.vms = vms
-        self.formatter.clear()
-        if self.recorder:
-            self.recorder.write({"kind": "vms", "vms": dict(
-                (str(k), list(v)) for k, v in sorted(vms.items()))})
+        if self.book.set_vms(owners):
+            self.formatter.clear()
 
     # -- what happens during a run --
     def on_event(self, data, size=None):
@@ -4169,20 +4296,19 @@ class Run(object):
         fields = PKT.unpack_from(buf, off)
 
         def record():
-            return packet_record(fields, self.names, self.process_name, self.thread_name,
-                                 self.wall_offset, self.vms)
+            return packet_record(fields, self.book, self.wall_offset)
         text = None
-        if fields[P_TYPE] == EV_PACKET:
-            self.reported[DIRECTIONS[fields[P_DIR]]] += 1
-            vm_if = fields[P_VM_IF]
+        if fields[F.type] == Ev.PACKET:
+            self.reported[DIRECTIONS[fields[F.dir]]] += 1
+            vm_if = fields[F.vm_ifindex]
             self.per_vm_reported[vm_if] = self.per_vm_reported.get(vm_if, 0) + 1
             text = self.formatter.packet(fields, bytes(buf[off + KIND_AT:off + PKT.size]),
                                          record)
         if text is None:        # a drop, or a packet whose output is not templated
             rec = record()
             if rec["type"] == "drop":
-                rec["reason"] = self.reason_name(fields[P_REASON])
-                rec["location"] = self.location(fields[P_LOCATION])
+                rec["reason"] = self.reason_name(fields[F.reason])
+                rec["location"] = self.book.location(fields[F.location])
         if self.recorder:       # after the names it needed: a replay meets them first
             self.recorder.event(bytes(buf[off:off + PKT.size]))
         self.write_pending()
@@ -4234,15 +4360,7 @@ class Run(object):
         if self.recorder:
             self.recorder.write({"kind": "hist", "when": when, "last": last, "counts": dict(
                 (str(i), c) for i, c in enumerate(counts) if c)})
-        tables = {}
-        prev = self.hist_prev           # updated in place: no new array per interval
-        for idx, count in enumerate(counts):
-            if count != prev[idx]:
-                direction, segment = self.segments[idx // HIST_BUCKETS]
-                tables.setdefault((DIRECTIONS.index(direction), segment), {})[
-                    idx % HIST_BUCKETS] = count - prev[idx]
-                prev[idx] = count
-        tables = order_tables(tables)
+        tables = order_tables(self.hist.added(counts))
         for direction, segment, buckets in tables:
             if segment == "total":
                 self.hist_totals[direction] += sum(buckets.values())
@@ -4255,59 +4373,62 @@ class Run(object):
             self.recorder.write({"kind": "vmhist", "when": when, "last": last, "counts": dict(
                 ("%d:%d" % k, c) for k, c in sorted(counts.items()))})
         per = {}
-        prev = self.vm_hist_prev
-        for (vm_if, slot), count in counts.items():
-            added = count - prev.get((vm_if, slot), 0)
-            if not added:
-                continue
-            vm = self.vms.get(vm_if)
-            dev = self.names.get(vm_if, "-") if vm_if else "host"
-            label = vm_label(vm, dev) if vm_if else "host"
-            entry = per.setdefault(label, ((label, vm.name if vm else None, []), {}))
+        for tap, tables in self.vm_hist.added(counts).items():
+            label, name, dev = self.book.vm_of(tap)
+            entry = per.setdefault(label, ((label, name, []), {}))
             if dev not in entry[0][2]:
                 entry[0][2].append(dev)
-            seg, bucket = divmod(slot, VM_HIST_ROW)
-            if bucket == HIST_BUCKETS:
-                continue                # the sum of ns (for the metrics)
-            direction, segment = self.segments[seg]
-            buckets = entry[1].setdefault((DIRECTIONS.index(direction), segment), {})
-            buckets[bucket] = buckets.get(bucket, 0) + added
-            if segment == "total":
-                self.hist_totals[direction] += added
-                self.vm_hist_totals[vm_if] = self.vm_hist_totals.get(vm_if, 0) + added
-        self.vm_hist_prev = dict(counts)
+            for key, buckets in tables.items():
+                into = entry[1].setdefault(key, {})
+                for b, n in buckets.items():
+                    into[b] = into.get(b, 0) + n
+                if key[1] == "total":
+                    added = sum(buckets.values())
+                    self.hist_totals[DIRECTIONS[key[0]]] += added
+                    self.vm_hist_totals[tap] = self.vm_hist_totals.get(tap, 0) + added
         return [(who, order_tables(tables)) for _l, (who, tables) in sorted(per.items())]
 
-    def taps_gone(self, counts, now, grace):
-        """Taps in the per-VM counts that are no VM device any more, for grace seconds."""
-        present = set(i for i, role in self.roles.items() if role == ROLE_VM)
-        in_table = set(tap for tap, _slot in counts if tap)
-        for tap in in_table - present:
-            self.gone_since.setdefault(tap, now)
-        for tap in [t for t in self.gone_since if t in present or t not in in_table]:
-            del self.gone_since[tap]
-        return set(t for t, since in self.gone_since.items() if now - since >= grace)
+    def report_histograms(self, when, tables, last):
+        if (tables or not last) and not self.settings.quiet:
+            self.reporter.histograms(when, tables)
+
+    def report_vm_histograms(self, when, per_vm, last):
+        """--per-vm: one set of tables per VM; otherwise (the metrics') all VMs' tables
+        added up."""
+        if self.settings.quiet:
+            return
+        if not self.settings.per_vm:
+            merged = {}
+            for _who, tables in per_vm:
+                for direction, segment, buckets in tables:
+                    into = merged.setdefault((DIRECTIONS.index(direction), segment), {})
+                    for b, n in buckets.items():
+                        into[b] = into.get(b, 0) + n
+            if merged or not last:
+                self.reporter.histograms(when, order_tables(merged))
+            return
+        for who, tables in per_vm:
+            self.reporter.histograms(when, tables, who)
+        if not per_vm and not last:
+            self.reporter.histograms(when, [])
 
     def forget_taps(self, taps):
         """The per-VM counts of these taps were taken out of the kernel's table."""
         if self.recorder:
             self.recorder.write({"kind": "prune", "taps": sorted(taps)})
-        for key in [k for k in self.vm_hist_prev if k[0] in taps]:
-            del self.vm_hist_prev[key]
-        for tap in taps:
-            self.gone_since.pop(tap, None)
+        self.vm_hist.forget(taps)
 
     def summary(self, now):
         """Every packet accounted for; `now` (monotonic) dates the in-flight ones."""
         st = stats_by_direction(self.counters.stats())
         in_flight, in_upcall, stuck = self.packets_in_flight(now)
-        totals = self.hist_totals if self.args.mode == "histogram" else self.reported
+        totals = self.hist_totals if self.settings.mode == "histogram" else self.reported
         rep_tx, rep_rx = totals["tx"], totals["rx"]
         fates = []
         for reason, direction, last, count in self.counters.fates():
             fates.append({"direction": DIRECTIONS[direction],
-                          "fate": "left_path" if reason == FATE_LEFT else "dropped",
-                          "reason": None if reason == FATE_LEFT else
+                          "fate": "left_path" if reason == C.FATE_LEFT else "dropped",
+                          "reason": None if reason == C.FATE_LEFT else
                           self.reason_name(reason),
                           "last_stage": STAGE_NAMES[last], "count": count})
         fates.sort(key=lambda f: -f["count"])
@@ -4320,18 +4441,19 @@ class Run(object):
             "vanished": sum(st["vanished"]), "in_upcall": in_upcall, "fates": fates,
             "in_flight_examples": stuck, "vms": self.vm_counts(),
             "vm_hist_full": sum(st["vm_hist_full"]), "other_vni": sum(st["other_vni"]),
-            "sample": getattr(self.args, "sample", 1),
+            "sample": self.settings.sample,
         }
 
     def vm_counts(self):
         """Packets reported per VM (its taps' packets), when more than one VM was seen."""
         per = {}
-        counts = self.per_vm_reported if self.args.mode == "detailed" else self.vm_hist_totals
+        counts = self.per_vm_reported if self.settings.mode == "detailed" else \
+            self.vm_hist_totals
         for vm_if, n in counts.items():
             if not vm_if:
                 continue        # host-local traffic: no VM
-            vm = self.vms.get(vm_if)
-            dev = self.names.get(vm_if, str(vm_if))
+            vm = self.book.vms.get(vm_if)
+            dev = self.book.devices.get(vm_if, str(vm_if))
             key = vm_label(vm, dev)
             entry = per.setdefault(key, {"vm": vm.name if vm else None, "label": key,
                                          "vm_dev": [], "reported": 0})
@@ -4347,9 +4469,8 @@ class Run(object):
         stuck = []
         for raw in first:       # to say where they are waiting
             fields = PKT.unpack(raw)
-            rec = packet_record(fields, self.names, self.process_name, self.thread_name,
-                                self.wall_offset)
-            last = STAGE_NAMES[fields[P_LAST]]
+            rec = packet_record(fields, self.book, self.wall_offset)
+            last = STAGE_NAMES[fields[F.last]]
             stuck.append({
                 "direction": rec["direction"], "protocol": rec["protocol"],
                 "src_ip": rec["src_ip"], "dst_ip": rec["dst_ip"],
@@ -4513,26 +4634,23 @@ def host_identity():
             "machine": u[4]}
 
 
-def recording_meta(args, plans, segments, layout, wall_offset):
+def recording_meta(settings, opts, plan, layout, wall_offset):
+    """The recording's first line: what it needs to be read again, and its host."""
     return {"kind": "meta", "tool": "vm_network_latency", "version": VERSION,
             "format": RECORDING_FORMAT, "host": host_identity(),
             "record": PKT.format, "record_fields": [[n, t, c] for n, t, c, _w in RECORD_FIELDS],
-            "stages": STAGE_NAMES, "plans": dict((p.stage.name, p.method) for p in plans),
-            "segments": [list(x) for x in segments], "mode": args.mode,
-            "protocol": args.protocol, "drops": args.drops, "per_vm": args.per_vm,
-            "sample": args.sample,
-            "per_vm_kernel": per_vm_kernel(args),
+            "stages": STAGE_NAMES, "plans": dict((p.stage.name, p.method) for p in plan.plans),
+            "segments": [list(x) for x in plan.segments], "mode": settings.mode,
+            "protocol": opts.protocol, "drops": settings.drops, "per_vm": settings.per_vm,
+            "sample": settings.sample, "per_vm_kernel": opts.per_vm,
             "kfree_skb_reason": layout.kfree_skb_reason,
             "drop_reasons": dict((str(k), v) for k, v in layout.drop_reasons.items()),
             "wall_offset": wall_offset}
 
 
 RECORDING_LINE_MAX = 64 << 20   # bytes: the longest line a run writes is far below
-
 TIME_MAX_NS = 1 << 60           # 36 years of uptime: a monotonic stamp is below it
-
 WALL_MAX_S = 1 << 34            # the wall clock's offset from it: before year 2514
-
 COUNT_MAX = (1 << 64) - 1
 
 
@@ -4614,18 +4732,18 @@ def _hex_record(v, what):
 
 def check_packet_fields(fields, what, event=True):
     """A record's values as the kernel writes them, or BadRecording."""
-    d = fields[P_DIR]
-    _want(d in (DIR_TX, DIR_RX), "%s: direction %d is neither tx (0) nor rx (1)", what, d)
+    d = fields[F.dir]
+    _want(d in (Dir.TX, Dir.RX), "%s: direction %d is neither tx (0) nor rx (1)", what, d)
     if event:
-        _want(fields[P_TYPE] in (EV_PACKET, EV_DROP), "%s: type %d is neither a packet "
-              "(%d) nor a drop (%d)", what, fields[P_TYPE], EV_PACKET, EV_DROP)
-    _want(fields[P_LAST] < NSTAGES, "%s: stage %d does not exist (%d stages)", what,
-          fields[P_LAST], NSTAGES)
-    _want(fields[P_IP_VERSION] in (4, 6), "%s: IP version %d", what, fields[P_IP_VERSION])
-    _want(fields[P_OUTER_VERSION] in (0, 4, 6), "%s: outer IP version %d", what,
-          fields[P_OUTER_VERSION])
-    _want(fields[P_TUNNEL] in (0,) + tuple(TUNNEL_NAMES), "%s: tunnel type %d", what,
-          fields[P_TUNNEL])
+        _want(fields[F.type] in (Ev.PACKET, Ev.DROP), "%s: type %d is neither a packet "
+              "(%d) nor a drop (%d)", what, fields[F.type], Ev.PACKET, Ev.DROP)
+    _want(fields[F.last] < NSTAGES, "%s: stage %d does not exist (%d stages)", what,
+          fields[F.last], NSTAGES)
+    _want(fields[F.ip_version] in (4, 6), "%s: IP version %d", what, fields[F.ip_version])
+    _want(fields[F.outer_version] in (0, 4, 6), "%s: outer IP version %d", what,
+          fields[F.outer_version])
+    _want(fields[F.tunnel] in (0,) + tuple(TUNNEL_NAMES), "%s: tunnel type %d", what,
+          fields[F.tunnel])
     seen = 0
     for sid in range(NSTAGES):
         t = fields[sid]
@@ -4636,7 +4754,7 @@ def check_packet_fields(fields, what, event=True):
     path = _PATH_SIDS[d]
     _want(not seen & ~sum(1 << sid for sid in path), "%s: a stage off the %s path has a "
           "time", what, DIRECTIONS[d])
-    _want(fields[P_SEEN] == seen, "%s: the stages marked seen are not those with a time",
+    _want(fields[F.seen] == seen, "%s: the stages marked seen are not those with a time",
           what)
     _want(fields[START_SID[d]], "%s: no time where the %s path starts", what, DIRECTIONS[d])
     times = [fields[sid] for sid in path if fields[sid]]
@@ -4753,7 +4871,7 @@ class RecordingReader(object):
         _want(meta["mode"] in ("detailed", "histogram"), "mode %s", _shown(meta["mode"]))
         _want(meta["protocol"] in PROTOCOL_CHOICES, "protocol %s", _shown(meta["protocol"]))
         self.hist_slots = hist_slots(segments)
-        self.vm_slots = max(1, len(segments)) * VM_HIST_ROW
+        self.vm_slots = max(1, len(segments)) * C.VM_HIST_ROW
         return meta
 
     def check_event(self, obj):
@@ -4845,16 +4963,6 @@ class RecordingReader(object):
               "final": check_final, "truncated": check_truncated}
 
 
-class ReplayArgs(object):
-    """The options a replayed run had, from its recording's meta (only those the
-    reporting uses), and the output asked for now."""
-
-    def __init__(self, meta, output):
-        self.mode, self.per_vm, self.sample = meta["mode"], meta["per_vm"], meta["sample"]
-        self.drops, self.protocol, self.output = meta["drops"], meta["protocol"], output
-        self.quiet = False
-
-
 # --- metrics for Prometheus (--prometheus, --prometheus-textfile) ---
 
 # Classic cumulative buckets on powers of two, 1 us to 2^26 us (67 s), then +Inf. Each
@@ -4878,7 +4986,7 @@ def import_prometheus():
 def _prom_bucket_index():
     """For each kernel bucket, the first Prometheus bucket (index) that holds it."""
     out = []
-    for b in range(HIST_BUCKETS):
+    for b in range(C.HIST_BUCKETS):
         hi = bucket_bounds(b)[1]
         out.append(next((i for i, le in enumerate(PROM_BUCKETS_US) if hi <= le),
                         len(PROM_BUCKETS_US)))
@@ -4988,12 +5096,12 @@ class Metrics(object):
     kernel's maps. Counters are since the tool started; a VM whose taps are gone for
     --forget-after seconds leaves them (retire())."""
 
-    def __init__(self, args, release):
+    def __init__(self, release, sample, drops, textfile):
         self.prom, self.core = import_prometheus()
-        self.args, self.release = args, release
+        self.release, self.sample, self.drops, self.textfile = release, sample, drops, textfile
         self.registry = self.prom.CollectorRegistry(auto_describe=False)
         self.registry.register(self)
-        self.run = self.plans = self.tracer = self.prog_info = None
+        self.run = self.plan = self.tracer = self.prog_info = None
         self.bucket_index = _prom_bucket_index()
         self.families = []      # the last snapshot's
         self.body = b""         # and its exposition
@@ -5006,15 +5114,15 @@ class Metrics(object):
         self.server = MetricsServer(addr, port, lambda: self.body,
                                     self.prom.CONTENT_TYPE_LATEST, tls)
 
-    def attach(self, run, tracer, plans, layout):
-        self.run, self.tracer, self.plans, self.prog_info = run, tracer, plans, layout.prog_info
+    def attach(self, run, tracer, plan, prog_info):
+        self.run, self.tracer, self.plan, self.prog_info = run, tracer, plan, prog_info
 
     def snapshot(self, counts, table_size):
         """Render the metrics of this moment ({(tap, slot): count} of the kernel's per-VM
         table); write the text file. Reference assignments: a scrape thread sees the
         old rendering or the new one, whole."""
         stats = stats_by_direction(self.run.counters.stats())
-        fates = self.run.counters.fates() if self.args.drops else []
+        fates = self.run.counters.fates() if self.drops else []
         families = [self.stage_info()]
         families += list(self.histograms(counts))
         families += list(self.packet_counters(stats, fates))
@@ -5022,18 +5130,18 @@ class Metrics(object):
         families += list(self.own_cost())
         self.families = families
         self.body = self.prom.generate_latest(self.registry)
-        if self.args.prometheus_textfile:
+        if self.textfile:
             try:
-                write_file_atomically(self.args.prometheus_textfile, self.body)
+                write_file_atomically(self.textfile, self.body)
             except (IOError, OSError) as e:
-                log("warning: --prometheus-textfile %s: %s" % (
-                    self.args.prometheus_textfile, e.strerror or e))
+                log("warning: --prometheus-textfile %s: %s" % (self.textfile,
+                                                                e.strerror or e))
 
     def collect(self):
         info = self.core.GaugeMetricFamily("vm_network_latency_info", "The tool and the "
                                            "kernel (sample: 1 packet in N is counted)",
                                            labels=["version", "kernel", "sample"])
-        info.add_metric([VERSION, self.release, str(self.args.sample)], 1)
+        info.add_metric([VERSION, self.release, str(self.sample)], 1)
         yield info
         for family in self.families:
             yield family
@@ -5042,7 +5150,7 @@ class Metrics(object):
         stage = self.core.GaugeMetricFamily("vm_network_latency_stage_info",
                                             "How each traced stage is attached",
                                             labels=["stage", "direction", "method", "probe"])
-        for p in self.plans:
+        for p in self.plan.plans:
             if p.method:
                 stage.add_metric([p.stage.name, p.stage.direction, p.method,
                                   ",".join(n for n, _a in p.probes)], 1)
@@ -5052,8 +5160,9 @@ class Metrics(object):
         """A tap's VM as the "vm" label: its name, else the tap's; "" for the host."""
         if not vm_if:
             return ""
-        vm = self.run.vms.get(vm_if)
-        return printable(vm.name if vm and vm.name else self.run.names.get(vm_if, str(vm_if)))
+        vm = self.run.book.vms.get(vm_if)
+        return printable(vm.name if vm and vm.name else
+                         self.run.book.devices.get(vm_if, str(vm_if)))
 
     def retire(self, counts, gone):
         """Taps gone for good: their counts stay in their VM's series while the VM has
@@ -5071,11 +5180,11 @@ class Metrics(object):
         rows = {}       # (vm, direction, segment) -> [per Prometheus bucket], sum ns
         by_label = [((self.label(tap), slot), count) for (tap, slot), count in counts.items()]
         for (label, slot), count in by_label + list(self.retired.items()):
-            seg, bucket = divmod(slot, VM_HIST_ROW)
+            seg, bucket = divmod(slot, C.VM_HIST_ROW)
             direction, segment = self.run.segments[seg]
             row = rows.setdefault((label, direction, segment),
                                   [[0] * (len(PROM_BUCKETS_US) + 1), 0])
-            if bucket == HIST_BUCKETS:
+            if bucket == C.HIST_BUCKETS:
                 row[1] += count
             else:
                 row[0][self.bucket_index[bucket]] += count
@@ -5127,12 +5236,12 @@ class Metrics(object):
                                                - v["left_path"] - v["vanished"]))
         yield total
         yield flight
-        if self.args.drops:
+        if self.drops:
             drops = core.CounterMetricFamily("vm_network_latency_drops",
                                              "Packets the kernel dropped",
                                              labels=["reason", "last_stage", "direction"])
             for reason, direction, last, count in fates:
-                if reason != FATE_LEFT:
+                if reason != C.FATE_LEFT:
                     drops.add_metric([self.run.reason_name(reason), STAGE_NAMES[last],
                                       DIRECTIONS[direction]], count)
             yield drops
@@ -5180,9 +5289,9 @@ def wall_clock_offset(tries=5):
     return best[1]
 
 
-def announce(args, layout, plans, view, taps, phys, features):
+def announce(verbose, vni, layout, plan, view, devices, features):
     """What the user should know before tracing starts (more with --verbose)."""
-    if args.verbose:
+    if verbose:
         log("struct layouts from %s: %s" % (layout.source, ", ".join(
             "%s=%s" % kv for kv in sorted(layout.offsets.items()))))
         log("events: %s" % features.how)
@@ -5191,8 +5300,8 @@ def announce(args, layout, plans, view, taps, phys, features):
                                   "no (kfree_skb has no reason argument in this kernel)"))
         log("kprobes: %s" % (view.kprobe_why if not view.kprobes_ok else
                              "available (%s)" % view.kprobe_why))
-        log("VM devices: %s; physical devices: %s" % (", ".join(taps) or "none yet",
-                                                      ", ".join(phys) or "none"))
+        log("VM devices: %s; physical devices: %s" % (", ".join(devices.taps) or "none yet",
+                                                      ", ".join(devices.phys) or "none"))
         tunnels = [d for d in list_devices() if is_tunnel(d)]
         for tun in tunnels:
             info = tunnel_info(tun)
@@ -5200,17 +5309,17 @@ def announce(args, layout, plans, view, taps, phys, features):
                 tun, device_kind(tun), "per flow" if info.get("external") else info.get("id"),
                 info.get("port"), "underlay %s" % ", ".join(tunnel_underlay(tun,
                                                                            list_devices()))))
-    if args.vni is not None and not any(is_tunnel(d) for d in list_devices()):
+    if vni is not None and not any(is_tunnel(d) for d in list_devices()):
         log("note: --vni %d: no VXLAN or Geneve device here yet: nothing matches until "
-            "one exists (and the tool is restarted)" % args.vni)
-    for p in plans:
+            "one exists (and the tool is restarted)" % vni)
+    for p in plan.plans:
         if not p.method and "--direction" not in p.reason:
             log("note: stage %s not traced: %s" % (p.stage.name, p.reason))
-    if not phys:
+    if not devices.phys:
         log("warning: no physical device found; name it with --phy-dev")
 
 
-def verify_only(args, tracer):
+def verify_only(tracer, attach):
     """--dry-run: every program through the verifier, nothing attached."""
     try:
         count = tracer.load_only()
@@ -5219,219 +5328,199 @@ def verify_only(args, tracer):
     finally:
         tracer.close()
     log("%d BPF programs (%s) passed the kernel verifier; nothing was attached"
-        % (count, args.attach))
+        % (count, attach))
     return 0
 
 
-OWNER_RESCAN_S = 5.0   # how often taps without a named VM are looked at again
+class LiveTrace(object):
+    """A live run, from attaching to the summary: the tracer, the run its events and
+    counters feed, the metrics, the host's devices and the event reader. trace()
+    always detaches, whatever stops it."""
 
+    def __init__(self, args, tracer, run, devices, metrics=None):
+        self.args, self.tracer, self.run, self.devices, self.metrics = \
+            args, tracer, run, devices, metrics
+        self.events = None              # EventSource, in detailed mode or with --drops
+        self.stop_reason = None         # the signal that stopped it, or None
+        self.gone_since = {}            # {tap ifindex: since when (monotonic) it is gone}
 
-def refresh_devices(args, tracer, this):
-    """New VMs start and stop: keep the device map and the VM names in step with the
-    host. The /proc scan for tap owners runs when the set of taps changed, and every
-    few seconds while a tap has no named owner (a daemon may hand it to QEMU later)."""
-    taps, now = all_taps(), time.monotonic()
-    unnamed = any(not (this.owners.get(t) and this.owners[t].name) for t in taps)
-    if taps != this.taps_seen or (unnamed and now - this.owners_at >= OWNER_RESCAN_S):
-        this.taps_seen, this.owners, this.owners_at = taps, find_vms(), now
-    roles, names, _taps, _phys = resolve_roles(args, this.owners)
-    if roles != this.roles:
-        set_device_roles(tracer.bpf, this.roles, roles)
-        this.roles = roles
-        this.set_names(names)
-        if args.verbose:
-            log("devices now: %s" % ", ".join("%s=%s" % (names[i], "vm" if r == ROLE_VM
-                                                         else "phy")
-                                               for i, r in sorted(roles.items())))
-    this.set_vms(this.owners)
-
-
-def report_vm_histograms(args, this, when, per_vm, last):
-    """--per-vm: one set of tables per VM; otherwise (metrics) all VMs' tables added up."""
-    if args.quiet:
-        return
-    if not args.per_vm:
-        merged = {}
-        for _who, tables in per_vm:
-            for direction, segment, buckets in tables:
-                into = merged.setdefault((DIRECTIONS.index(direction), segment), {})
-                for b, n in buckets.items():
-                    into[b] = into.get(b, 0) + n
-        if merged or not last:
-            this.reporter.histograms(when, order_tables(merged))
-        return
-    for who, tables in per_vm:
-        this.reporter.histograms(when, tables, who)
-    if not per_vm and not last:
-        this.reporter.histograms(when, [])
-
-
-def report_interval(args, this, hist_size, last=False, metrics=None):
-    """One interval's histograms (all of them, or one set per VM with --per-vm); the
-    last read, after detaching, is reported only where it added anything. The metrics
-    are rendered from the same read."""
-    when = time.time()
-    if per_vm_kernel(args):
-        counts = this.counters.vm_hist()
-        report_vm_histograms(args, this, when, this.vm_histograms(when, counts, last), last)
-        counts = forget_gone_taps(args, this, counts, metrics)
-        if metrics:
-            metrics.snapshot(counts, args.vm_table_size)
-    else:
-        tables = this.histograms(when, this.counters.hist(hist_size), last)
-        if (tables or not last) and not args.quiet:
-            this.reporter.histograms(when, tables)
-
-
-def forget_gone_taps(args, this, counts, metrics):
-    """The per-VM counts of taps gone for --forget-after seconds leave the kernel's
-    table, which then has room for the VMs that come (a long-running exporter sees
-    many). The counts without them."""
-    gone = this.taps_gone(counts, time.monotonic(), args.forget_after)
-    if not gone:
-        return counts
-    this.counters.forget_vm_counts([k for k in counts if k[0] in gone])
-    if metrics:
-        metrics.retire(counts, gone)
-    this.forget_taps(gone)
-    return dict((k, v) for k, v in counts.items() if k[0] not in gone)
-
-
-def attach_and_report(args, tracer, this, roles, metrics=None):
-    reporter = this.reporter
-    set_device_roles(tracer.bpf, {}, roles)
-    this.roles = roles
-    if args.mode == "detailed" or args.drops:
-        this.events = open_events(tracer, this)
-    try:
-        tracer.attach()
-    except Exception as e:
-        raise Fatal("attaching failed: %s" % e)
-    log("Tracing VM network latency (%s mode, %s)... Hit Ctrl-C to end."
-        % (args.mode, ", ".join("%s=%s" % (p.stage.name, p.method)
-                                for p in tracer.plans if p.method)))
-    started = time.monotonic()
-    next_interval = started + args.interval
-    next_refresh = started + 1.0
-    hist_size = len(this.hist_prev)
-    while this.stop_reason is None and not this.output_broken:
-        now = time.monotonic()
-        if args.timeout and now - started >= args.timeout:
-            break
-        wait = 0.1
-        if args.timeout:
-            wait = min(wait, max(0.0, args.timeout - (now - started)))
-        poll_events(this.events, wait)
-        now = time.monotonic()
-        if args.mode == "histogram" and now >= next_interval:
-            next_interval += args.interval
-            report_interval(args, this, hist_size, metrics=metrics)
-            reporter.flush()
-        if now >= next_refresh:
-            # (named devices too: a VM restarted has a new tap of the same name)
-            next_refresh = now + 1.0
-            refresh_devices(args, tracer, this)
-        if args.mode == "detailed":
-            reporter.flush()
-        if this.recorder:
-            this.recorder.flush()
-
-
-def final_report(args, tracer, this, metrics=None):
-    """Nothing is attached any more: drain what is left, then the summary."""
-    reporter = this.reporter
-    try:
-        poll_events(this.events, 0)
-        if args.mode == "histogram" and not this.output_broken:
-            report_interval(args, this, len(this.hist_prev), last=True, metrics=metrics)
-        now = time.monotonic()
-        final = final_counters(this.counters, now, this.perf_lost)
-        this.counters = RecordedCounters(final)
-        summary = this.summary(now)         # (the names it resolves are recorded first)
-        this.record_final(final)
-        if args.verbose and this.perf_lost:
-            log("perf buffer: the kernel lost %d samples (in the summary's 'lost')"
-                % this.perf_lost)
-        if not this.output_broken:
-            reporter.summary(summary)
-            reporter.flush()
-    except (IOError, OSError):
-        pass
-
-
-def trace(args, tracer, this, roles, metrics=None):
-    """Attach, report until a stop, detach, account for every packet. Always cleans up."""
-    def on_signal(signum, _frame):
-        this.stop_reason = signum
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        # a signal ignored when the tool started stays ignored: nohup's SIGHUP (else
-        # the run would end at logout), a background job's SIGINT
-        if signal.getsignal(sig) != signal.SIG_IGN:
-            signal.signal(sig, on_signal)
-    try:
-        this.counters = KernelCounters(tracer)
+    def trace(self):
+        """Attach, report until a stop, detach, account for every packet."""
+        def on_signal(signum, _frame):
+            self.stop_reason = signum
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            # a signal ignored when the tool started stays ignored: nohup's SIGHUP
+            # (else the run would end at logout), a background job's SIGINT
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                signal.signal(sig, on_signal)
+        run = self.run
         try:
-            attach_and_report(args, tracer, this, roles, metrics)
-        except (IOError, OSError) as e:
-            if getattr(e, "errno", None) not in (errno.EPIPE, errno.EIO):
-                raise
-            this.output_broken = True     # the terminal went away (SIGHUP, closed pipe)
+            run.counters = KernelCounters(self.tracer)
+            try:
+                self.attach_and_report()
+            except (IOError, OSError) as e:
+                if getattr(e, "errno", None) not in (errno.EPIPE, errno.EIO):
+                    raise
+                run.output_broken = True     # the terminal went away (SIGHUP, pipe)
+            finally:
+                self.tracer.detach()
+            self.final_report()
         finally:
-            tracer.detach()
-        final_report(args, tracer, this, metrics)
-    finally:
-        tracer.close()
-        if this.recorder:
-            this.recorder.close()
-    return 0
+            self.tracer.close()
+            if run.recorder:
+                run.recorder.close()
+        return 0
+
+    def attach_and_report(self):
+        args, run = self.args, self.run
+        set_device_roles(self.tracer.bpf, {}, self.devices.roles)
+        if args.mode == "detailed" or args.drops:
+            self.events = open_events(self.tracer, run)
+        try:
+            self.tracer.attach()
+        except Exception as e:
+            raise Fatal("attaching failed: %s" % e)
+        log("Tracing VM network latency (%s mode, %s)... Hit Ctrl-C to end."
+            % (args.mode, ", ".join("%s=%s" % (p.stage.name, p.method)
+                                    for p in self.tracer.plan.plans if p.method)))
+        started = time.monotonic()
+        next_interval = started + args.interval
+        next_refresh = started + 1.0
+        while self.stop_reason is None and not run.output_broken:
+            now = time.monotonic()
+            if args.timeout and now - started >= args.timeout:
+                break
+            wait = 0.1
+            if args.timeout:
+                wait = min(wait, max(0.0, args.timeout - (now - started)))
+            poll_events(self.events, wait)
+            now = time.monotonic()
+            if args.mode == "histogram" and now >= next_interval:
+                next_interval += args.interval
+                self.report_interval()
+                run.reporter.flush()
+            if now >= next_refresh:
+                # (named devices too: a VM restarted has a new tap of the same name)
+                next_refresh = now + 1.0
+                self.refresh_devices()
+            if args.mode == "detailed":
+                run.reporter.flush()
+            if run.recorder:
+                run.recorder.flush()
+
+    def refresh_devices(self):
+        """New VMs start and stop: the kernel's device map and the VM names follow."""
+        old = self.devices.roles
+        if self.devices.refresh():
+            set_device_roles(self.tracer.bpf, old, self.devices.roles)
+            self.run.set_names(self.devices.names)
+            if self.args.verbose:
+                log("devices now: %s" % self.devices.describe())
+        self.run.set_vms(self.devices.owners)
+
+    def report_interval(self, last=False):
+        """One interval's histograms (all of them, or one set per VM with --per-vm); the
+        last read, after detaching, is reported only where it added anything. The
+        metrics are rendered from the same read."""
+        run, when = self.run, time.time()
+        if keeps_per_vm_counts(self.args):
+            counts = run.counters.vm_hist()
+            run.report_vm_histograms(when, run.vm_histograms(when, counts, last), last)
+            counts = self.forget_gone_taps(counts)
+            if self.metrics:
+                self.metrics.snapshot(counts, self.args.vm_table_size)
+        else:
+            run.report_histograms(when, run.histograms(when, run.counters.hist(
+                hist_slots(run.segments)), last), last)
+
+    def forget_gone_taps(self, counts):
+        """The per-VM counts of taps gone for --forget-after seconds leave the kernel's
+        table, which then has room for the VMs that come (a long-running exporter sees
+        many). The counts without them."""
+        now, present = time.monotonic(), set(i for i, role in self.devices.roles.items()
+                                             if role == Role.VM)
+        in_table = set(tap for tap, _slot in counts if tap)
+        for tap in in_table - present:
+            self.gone_since.setdefault(tap, now)
+        for tap in [t for t in self.gone_since if t in present or t not in in_table]:
+            del self.gone_since[tap]
+        gone = set(t for t, since in self.gone_since.items()
+                   if now - since >= self.args.forget_after)
+        if not gone:
+            return counts
+        self.run.counters.forget_vm_counts([k for k in counts if k[0] in gone])
+        if self.metrics:
+            self.metrics.retire(counts, gone)
+        self.run.forget_taps(gone)
+        for tap in gone:
+            del self.gone_since[tap]
+        return dict((k, v) for k, v in counts.items() if k[0] not in gone)
+
+    def final_report(self):
+        """Nothing is attached any more: drain what is left, then the summary."""
+        run = self.run
+        try:
+            poll_events(self.events, 0)
+            if self.args.mode == "histogram" and not run.output_broken:
+                self.report_interval(last=True)
+            now = time.monotonic()
+            final = final_counters(run.counters, now, run.perf_lost)
+            run.counters = RecordedCounters(final)
+            summary = run.summary(now)      # (the names it resolves are recorded first)
+            run.record_final(final)
+            if self.args.verbose and run.perf_lost:
+                log("perf buffer: the kernel lost %d samples (in the summary's 'lost')"
+                    % run.perf_lost)
+            if not run.output_broken:
+                run.reporter.summary(summary)
+                run.reporter.flush()
+        except (IOError, OSError):
+            pass
 
 
-def replay(args):
+def replay(path, output):
     """Produce the recorded run's output again, from its raw events and nothing else:
     every name from the recording, none from this machine."""
-    reader = RecordingReader(args.read_events)
+    reader = RecordingReader(path)
     meta = reader.meta
-    replayed = ReplayArgs(meta, args.output)
-    this = Run(replayed, Reporter(args.output, meta["protocol"], sample=meta["sample"]),
-               {}, meta["segments"], meta["kfree_skb_reason"], meta["drop_reasons"],
-               meta["wall_offset"], live=False)
+    settings = RunSettings(meta["mode"], meta["per_vm"], meta["sample"], False,
+                           meta["drops"])
+    run = Run(settings, Reporter(output, meta["protocol"], sample=meta["sample"]),
+              meta["segments"], meta["kfree_skb_reason"], meta["drop_reasons"],
+              meta["wall_offset"], NameBook(live=False))
     truncated = final = None
     for line, kind, value in reader:
-        if this.output_broken:
+        if run.output_broken:
             return 0
         if final is not None:
             reader.fail("%s after the recording's end" % kind)
         if truncated and line > truncated[1]:
             reader.fail("%s after the line where the recording was cut short" % kind)
         if kind == "event":
-            this.on_event(value)
+            run.on_event(value)
         elif kind == "names":
-            this.names.update(value)
-            this.formatter.clear()
+            run.book.devices.update(value)
+            run.formatter.clear()
         elif kind == "vms":
-            this.vms = value
-            this.formatter.clear()
-        elif kind in this.known:
-            this.known[kind][value[0]] = value[1]
+            run.book.vms = value
+            run.formatter.clear()
+        elif kind in run.book.known:
+            run.book.known[kind][value[0]] = value[1]
         elif kind == "hist":
             when, last, counts = value
-            full = [0] * len(this.hist_prev)
+            full = [0] * hist_slots(run.segments)
             for idx, c in counts.items():
                 full[idx] = c
-            if any(c < p for c, p in zip(full, this.hist_prev)):
+            if run.hist.backwards(full):
                 reader.fail("histogram counts go backwards")
-            tables = this.histograms(when, full)
-            if tables or not last:
-                this.reporter.histograms(when, tables)
+            run.report_histograms(when, run.histograms(when, full), last)
         elif kind == "vmhist":
             when, last, counts = value
-            prev = this.vm_hist_prev
-            if any(c < prev.get(k, 0) for k, c in counts.items()):
+            if run.vm_hist.backwards(counts):
                 reader.fail("per-VM histogram counts go backwards")
-            report_vm_histograms(replayed, this, when, this.vm_histograms(when, counts),
-                                 last)
+            run.report_vm_histograms(when, run.vm_histograms(when, counts), last)
         elif kind == "prune":
-            this.forget_taps(value)
+            run.forget_taps(value)
         elif kind == "final":
             if truncated:
                 reader.fail("final counters in a recording that was cut short")
@@ -5440,28 +5529,30 @@ def replay(args):
             if truncated or line != 2:
                 reader.fail("a mark of a cut where the recording keeps none")
             truncated = value
-        this.write_pending()
+        run.write_pending()
     if final is not None:
-        this.counters = RecordedCounters(final)
-        this.perf_lost = final["perf_lost"]
-        this.reporter.summary(this.summary(final["now"]))
-        this.reporter.flush()
+        run.counters = RecordedCounters(final)
+        run.perf_lost = final["perf_lost"]
+        run.reporter.summary(run.summary(final["now"]))
+        run.reporter.flush()
         return 0
-    this.reporter.flush()
+    run.reporter.flush()
     if truncated:
         log("vm_network_latency.py: warning: --read-events %s: the recording was cut "
             "short after line %d (%s) while the run went on: no summary"
-            % (args.read_events, truncated[1], truncated[0]))
+            % (path, truncated[1], truncated[0]))
         return 0
     raise UsageError("--read-events %s: the recording ends at line %d, before the run did "
                      "(no final counters: the tool was killed, or the file is cut)"
-                     % (args.read_events, reader.line))
+                     % (path, reader.line))
 
 
-def run(args):
+def run_command(args):
+    """From the command line to a trace, a listing, or a replay."""
     if args.read_events:
-        return replay(args)
-    check_devices_exist(args)
+        return replay(args.read_events, args.output)
+    selection = DeviceSelection(args.vm_dev or [], args.vm or [], args.phy_dev or [])
+    check_devices_exist(selection)
     if args.list_vms:
         list_vms_report(find_vms(), args.output == "json", Reporter(args.output, "all"))
         return 0
@@ -5473,57 +5564,55 @@ def run(args):
     release = os.uname()[2]
     metrics = None
     if args.prometheus or args.prometheus_textfile:
-        metrics = Metrics(args, release)
+        metrics = Metrics(release, args.sample, args.drops, args.prometheus_textfile)
         if args.prometheus:
             # bound before any BPF is compiled: a port in use is bad input
             metrics.serve(args.prometheus[0], args.prometheus[1], tls_context(
                 args.prometheus_tls_cert, args.prometheus_tls_key,
                 args.prometheus_client_ca))
     layout = find_layout(args.btf, release)
-    view = kernel_view(args, layout)
-    plans = plan_stages(args, layout, view)
+    view = kernel_view(args.attach, args.dry_run, args.list_stages, layout)
+    plan = TracePlan(plan_stages(args.direction, args.attach, layout, view))
     reporter = Reporter(args.output, args.protocol, sample=args.sample)
     if args.list_stages:
-        list_stages_report(plans, layout, args.output == "json", reporter)
+        list_stages_report(plan.plans, layout, args.output == "json", reporter)
         return 0
-    require_path_ends(args, plans)
+    plan.require_path_ends(args.direction)
     features = probe_capabilities(args.perf_buffer)
-    config = ProgramConfig(features.ringbuf, RINGBUF_PAGES, features.probe_read_kernel,
-                           args.max_inflight, host_netns_inum())
-    text = generate_program(args, plans, layout, config)
+    opts = program_options(args, features, list_devices())
+    text = generate_program(opts, plan, layout)
     if args.ebpf:
         print(text)
         return 0
-    taps_seen, owners = all_taps(), find_vms()
-    check_vms_exist(args, owners)
+    devices = HostDevices(selection)
+    check_vms_exist(selection.vms, devices.owners)
     bcc = import_bcc()
     mount_tracefs()     # BCC's legacy kprobe interface needs it
-    roles, names, taps, phys = resolve_roles(args, owners)
-    announce(args, layout, plans, view, taps, phys, features)
+    announce(args.verbose, args.vni, layout, plan, view, devices, features)
     clear_stale_kprobe_events(args.verbose)
     try:
-        tracer = Tracer(bcc, text, plans, args.verbose, layout.tracepoints)
+        tracer = Tracer(bcc, text, plan, args.verbose, layout.tracepoints)
     except Exception as e:
         raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
     if args.dry_run:
-        return verify_only(args, tracer)
-    segments = histogram_segments(plans)
-    this = Run(args, reporter, {}, segments, layout.kfree_skb_reason, layout.drop_reasons,
-               wall_clock_offset(), recorder, bcc.BPF.ksym)
+        return verify_only(tracer, args.attach)
+    settings = run_settings(args)
+    run = Run(settings, reporter, plan.segments, layout.kfree_skb_reason,
+              layout.drop_reasons, wall_clock_offset(),
+              NameBook(ksym=bcc.BPF.ksym, recorder=recorder), recorder)
     if metrics:
-        metrics.attach(this, tracer, plans, layout)
+        metrics.attach(run, tracer, plan, layout.prog_info)
     if recorder:
-        recorder.write_meta(recording_meta(args, plans, segments, layout, this.wall_offset))
-    this.set_names(names)
-    this.owners, this.taps_seen, this.owners_at = owners, taps_seen, time.monotonic()
-    this.set_vms(owners)
-    return trace(args, tracer, this, roles, metrics)
+        recorder.write_meta(recording_meta(settings, opts, plan, layout, run.wall_offset))
+    run.set_names(devices.names)
+    run.set_vms(devices.owners)
+    return LiveTrace(args, tracer, run, devices, metrics).trace()
 
 
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        return run(args)
+        return run_command(args)
     except (UsageError, Fatal) as e:
         sys.stderr.write("vm_network_latency.py: error: %s\n" % printable(e))
         return 2

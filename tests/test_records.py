@@ -40,8 +40,8 @@ def udp_tx(tool, **over):
     v = dict(ts={"tap_rx": 100000000000, "phy_queue": 100000012500,
                  "phy_xmit": 100000015500},
              saddr=ip("10.0.0.1"), daddr=ip("10.0.0.2"), sport=40001, dport=9000,
-             proto=17, ip_version=4, dir=tool.DIR_TX, last=tool.STAGE_BY_NAME["phy_xmit"].sid,
-             type=tool.EV_PACKET, vm_ifindex=7, phy_ifindex=3, pid=4242, tid=4243)
+             proto=17, ip_version=4, dir=tool.Dir.TX, last=tool.STAGE_BY_NAME["phy_xmit"].sid,
+             type=tool.Ev.PACKET, vm_ifindex=7, phy_ifindex=3, pid=4242, tid=4243)
     v.update(over)
     return raw(tool, **v)
 
@@ -50,8 +50,8 @@ def icmp_rx(tool, **over):
     v = dict(ts={"phy_rx": 200000000000, "tap_queue": 200000001000,
                  "tap_xmit": 200000002000, "vm_read": 200000052000},
              saddr=ip("10.0.0.2"), daddr=ip("10.0.0.1"), sport=77, dport=3, icmp_type=0,
-             proto=1, ip_version=4, dir=tool.DIR_RX, last=tool.STAGE_BY_NAME["vm_read"].sid,
-             type=tool.EV_PACKET, vm_ifindex=7, phy_ifindex=3, pid=4242, tid=4244)
+             proto=1, ip_version=4, dir=tool.Dir.RX, last=tool.STAGE_BY_NAME["vm_read"].sid,
+             type=tool.Ev.PACKET, vm_ifindex=7, phy_ifindex=3, pid=4242, tid=4244)
     v.update(over)
     return raw(tool, **v)
 
@@ -59,19 +59,30 @@ def icmp_rx(tool, **over):
 NAMES = {7: "vnet0", 3: "eth1"}
 
 
-def new_run(tool, output="json", mode="detailed", drop_reasons=None, out=None):
-    class Args(object):
-        pass
-    args = Args()
-    args.mode = mode
+class Book(object):
+    """A NameBook's face to packet_record(): fixed names for every process."""
+
+    def __init__(self, devices=None, vms=None, comm="qemu", thread=lambda tid: "t"):
+        self.devices, self.vms = devices or NAMES, vms or {}
+        self.comm, self.thread = comm, thread
+
+    def process_name(self, pid):
+        return self.comm
+
+    def thread_name(self, pid, tid):
+        return self.thread(tid)
+
+
+def new_run(tool, output="json", mode="detailed", drop_reasons=None, out=None, segments=None):
+    settings = tool.RunSettings(mode, False, 1, False, False)
     reporter = tool.Reporter(output, "all", out=out or io.StringIO())
-    segments = tool.histogram_segments([])
-    run = tool.Run(args, reporter, dict(NAMES), segments, drop_reasons is not None,
-                   drop_reasons or {}, WALL)
-    run.known["comm"][4242] = "qemu-system-x86"
-    run.known["thread"][4243] = "CPU 0/KVM"
-    run.known["thread"][4244] = "worker"
-    return run
+    book = tool.NameBook(live=False)
+    book.devices.update(NAMES)
+    book.known["comm"][4242] = "qemu-system-x86"
+    book.known["thread"][4243] = "CPU 0/KVM"
+    book.known["thread"][4244] = "worker"
+    return tool.Run(settings, reporter, segments or tool.TracePlan([]).segments,
+                    drop_reasons is not None, drop_reasons or {}, WALL, book)
 
 
 def test_record_declaration_matches_the_c_struct(tool):
@@ -88,8 +99,8 @@ def test_record_declaration_matches_the_c_struct(tool):
 
 
 def test_a_udp_tx_record(tool):
-    rec = tool.packet_record(tool.PKT.unpack(udp_tx(tool)), NAMES, lambda pid: "qemu",
-                             lambda pid, tid: "t%d" % tid, WALL)
+    rec = tool.packet_record(tool.PKT.unpack(udp_tx(tool)),
+                             Book(thread=lambda tid: "t%d" % tid), WALL)
     assert rec["type"] == "packet" and rec["direction"] == "tx" and rec["protocol"] == "udp"
     assert (rec["src_ip"], rec["src_port"], rec["dst_ip"], rec["dst_port"]) == \
         ("10.0.0.1", 40001, "10.0.0.2", 9000)
@@ -105,8 +116,7 @@ def test_a_udp_tx_record(tool):
 
 
 def test_an_icmp_echo_reply_record_with_a_vlan(tool):
-    rec = tool.packet_record(tool.PKT.unpack(icmp_rx(tool, vlan=101)), NAMES,
-                             lambda pid: "qemu", lambda pid, tid: "t", WALL)
+    rec = tool.packet_record(tool.PKT.unpack(icmp_rx(tool, vlan=101)), Book(), WALL)
     assert rec["direction"] == "rx" and rec["protocol"] == "icmp"
     assert (rec["icmp_type"], rec["icmp_id"], rec["icmp_seq"]) == (0, 77, 3)
     assert rec["src_port"] is None and rec["dst_port"] is None and rec["vlan"] == 100
@@ -135,8 +145,7 @@ def reference_output(tool, run, raw_event):
     out = io.StringIO()
     reporter = tool.Reporter("json" if run.reporter.json else "text", "all", out=out)
     reporter._second, reporter._hms = None, ""
-    reporter.packet(tool.packet_record(tool.PKT.unpack(raw_event), run.names,
-                                       run.process_name, run.thread_name, WALL, run.vms))
+    reporter.packet(tool.packet_record(tool.PKT.unpack(raw_event), run.book, WALL))
     return out.getvalue()
 
 
@@ -144,7 +153,7 @@ def kinds_of_packets(tool):
     """Records of several kinds, each twice with different times (the second of a kind
     is printed from its template)."""
     v6 = dict(saddr=ip("fd00::1"), daddr=ip("fd00::2"), ip_version=6)
-    tunnel = dict(tunnel=tool.TUNNEL_VXLAN, outer_version=4, vni=4242, tun_ifindex=9,
+    tunnel = dict(tunnel=tool.Tunnel.VXLAN, outer_version=4, vni=4242, tun_ifindex=9,
                   outer_saddr=ip("10.9.0.1"), outer_daddr=ip("10.9.0.2"))
     kinds = [
         udp_tx(tool), icmp_rx(tool), icmp_rx(tool, vlan=101), udp_tx(tool, **v6),
@@ -170,10 +179,10 @@ def test_templated_output_equals_the_reference(tool, output):
     must be the reference path's, byte for byte, for every kind of record."""
     out = io.StringIO()
     run = new_run(tool, output=output, out=out)
-    run.names.update({11: "tap%d", 12: "tap\x01x", 9: "vxlan0"})
-    run.known["thread"][4245] = "50% \x01 busy"
-    run.known["comm"][4343] = "qemu %s"
-    run.known["thread"][4344] = "w"
+    run.book.devices.update({11: "tap%d", 12: "tap\x01x", 9: "vxlan0"})
+    run.book.known["thread"][4245] = "50% \x01 busy"
+    run.book.known["comm"][4343] = "qemu %s"
+    run.book.known["thread"][4344] = "w"
     for event in kinds_of_packets(tool):
         out.truncate(0)
         out.seek(0)
@@ -222,10 +231,10 @@ def test_the_ring_reader_prints_what_the_reference_prints(tool, output):
     past a discarded record, and stopping at one still being written."""
     out = io.StringIO()
     run = new_run(tool, output=output, out=out)
-    run.names.update({11: "tap%d", 12: "tap\x01x", 9: "vxlan0"})
-    run.known["thread"][4245] = "50% \x01 busy"
-    run.known["comm"][4343] = "qemu %s"
-    run.known["thread"][4344] = "w"
+    run.book.devices.update({11: "tap%d", 12: "tap\x01x", 9: "vxlan0"})
+    run.book.known["thread"][4245] = "50% \x01 busy"
+    run.book.known["comm"][4343] = "qemu %s"
+    run.book.known["thread"][4344] = "w"
     stride = tool.EVENT_TIMES.size
     ring = FakeRing(tool, start=FakeRing.SIZE - 5 * stride - 16)    # wraps at the 6th
     events = kinds_of_packets(tool) * 2
@@ -257,8 +266,8 @@ def test_the_ring_reader_prints_what_the_reference_prints(tool, output):
 def test_a_drop_record_names_reason_stage_and_place(tool):
     out = io.StringIO()
     run = new_run(tool, output="json", out=out, drop_reasons={64: "SKB_DROP_REASON_QDISC_DROP"})
-    run.known["location"][0xffff1234] = "__dev_queue_xmit+0x5a"
-    run.on_event(udp_tx(tool, type=tool.EV_DROP, reason=64, location=0xffff1234,
+    run.book.known["location"][0xffff1234] = "__dev_queue_xmit+0x5a"
+    run.on_event(udp_tx(tool, type=tool.Ev.DROP, reason=64, location=0xffff1234,
                         last=tool.STAGE_BY_NAME["phy_queue"].sid,
                         ts={"tap_rx": 100000000000, "phy_queue": 100000012500}))
     rec = json.loads(out.getvalue())
@@ -278,8 +287,8 @@ def test_summary_accounts_for_every_packet(tool):
     upcalled = udp_tx(tool, ts={"tap_rx": 299500000000}, last=0, upcalled=1)
     run.counters = tool.RecordedCounters({
         "stats": [v for n in tool.STAT_NAMES for v in stats[n]],
-        "fates": [[tool.FATE_LEFT, tool.DIR_RX, tool.STAGE_BY_NAME["phy_rx"].sid, 1],
-                  [64, tool.DIR_TX, tool.STAGE_BY_NAME["phy_queue"].sid, 1]],
+        "fates": [[tool.C.FATE_LEFT, tool.Dir.RX, tool.STAGE_BY_NAME["phy_rx"].sid, 1],
+                  [64, tool.Dir.TX, tool.STAGE_BY_NAME["phy_queue"].sid, 1]],
         "inflight": [waiting, upcalled], "inflight_count": 2, "inflight_upcalled": 1,
         "upcalls_waiting": 1})
     run.perf_lost = 2     # the perf buffer's own tally of the same 2 losses: not added
@@ -301,14 +310,12 @@ def test_summary_accounts_for_every_packet(tool):
 def test_histogram_intervals_report_what_each_added(tool):
     plans = [tool.Plan(st, "tracepoint", [("x", 0)], "") for st in tool.STAGES
              if st.name in ("tap_rx", "phy_queue", "phy_xmit")]
-    segments = tool.histogram_segments(plans)
+    segments = tool.TracePlan(plans).segments
     assert segments[:3] == [("tx", "tap_rx->phy_queue"), ("tx", "tap_rx->phy_xmit"),
                             ("tx", "phy_queue->phy_xmit")]
-    run = new_run(tool, mode="histogram")
-    run.segments = segments
-    run.hist_prev = [0] * tool.hist_slots(segments)
-    total = segments.index(("tx", "total")) * tool.HIST_BUCKETS
-    counts = list(run.hist_prev)
+    run = new_run(tool, mode="histogram", segments=segments)
+    total = segments.index(("tx", "total")) * tool.C.HIST_BUCKETS
+    counts = [0] * tool.hist_slots(segments)
     counts[total + 40] = 3
     t1 = run.histograms(1.0, counts)
     counts[total + 40] = 5
@@ -424,18 +431,16 @@ def test_vm_identity_from_the_command_line(tool, argv, want):
 
 def test_records_and_text_carry_the_vm(tool):
     web = tool.VmInfo("web-03", "0c0ffee0", 4242, "qemu-system-x86")
-    rec = tool.packet_record(tool.PKT.unpack(udp_tx(tool)), NAMES, lambda pid: "qemu",
-                             lambda pid, tid: "t", WALL, {7: web})
+    rec = tool.packet_record(tool.PKT.unpack(udp_tx(tool)), Book(vms={7: web}), WALL)
     assert (rec["vm"], rec["vm_uuid"], rec["vm_pid"]) == ("web-03", "0c0ffee0", 4242)
     out = io.StringIO()
     run = new_run(tool, output="text", out=out)
-    run.vms = {7: web}
+    run.book.vms = {7: web}
     run.on_event(udp_tx(tool))
     assert out.getvalue().splitlines()[0].endswith(
         "UDP 10.0.0.1:40001 -> 10.0.0.2:9000 TX web-03 vnet0 -> eth1")
     # a tap whose owner is unknown: no VM, and nothing in its place
-    rec = tool.packet_record(tool.PKT.unpack(udp_tx(tool)), NAMES, lambda pid: "qemu",
-                             lambda pid, tid: "t", WALL, {})
+    rec = tool.packet_record(tool.PKT.unpack(udp_tx(tool)), Book(), WALL)
     assert (rec["vm"], rec["vm_uuid"], rec["vm_pid"]) == (None, None, None)
 
 
@@ -800,23 +805,23 @@ def test_hostile_names_are_escaped_in_every_text_path(tool):
     out = io.StringIO()
     run = new_run(tool, output="text", out=out, mode="histogram",
                   drop_reasons={64: HOSTILE})
-    run.names.update({7: "vnet\x1b[1m", 3: "eth\r1"})
-    run.vms = {7: tool.VmInfo(HOSTILE, None, 4242, "q\x1b]2;t\x07")}
-    run.known["comm"][4242] = HOSTILE
-    run.known["location"][0xffffffff81000000] = "kfree_skb\x1b[31m+0x1"
-    run.args.mode = "detailed"
+    run.book.devices.update({7: "vnet\x1b[1m", 3: "eth\r1"})
+    run.book.vms = {7: tool.VmInfo(HOSTILE, None, 4242, "q\x1b]2;t\x07")}
+    run.book.known["comm"][4242] = HOSTILE
+    run.book.known["location"][0xffffffff81000000] = "kfree_skb\x1b[31m+0x1"
+    run.settings = run.settings._replace(mode="detailed")
     run.on_event(udp_tx(tool))
     run.on_event(udp_tx(tool, sport=1))             # the templated path as well
-    run.on_event(udp_tx(tool, type=tool.EV_DROP, reason=64, location=0xffffffff81000000,
+    run.on_event(udp_tx(tool, type=tool.Ev.DROP, reason=64, location=0xffffffff81000000,
                         ts={"tap_rx": 100000000000, "phy_queue": 100000012500}))
     run.reporter.histograms(1.0, [("tx", "total", {40: 1})],
-                            (tool.vm_label(run.vms[7], "vnet0"), HOSTILE, ["vnet\x1b[1m"]))
+                            (tool.vm_label(run.book.vms[7], "vnet0"), HOSTILE, ["vnet\x1b[1m"]))
     stats = dict.fromkeys(tool.STAT_NAMES, (0, 0))
     run.counters = tool.RecordedCounters({
         "stats": [v for n in tool.STAT_NAMES for v in stats[n]], "fates": [[64, 0, 7, 1]],
         "inflight": [], "inflight_count": 0, "inflight_upcalled": 0, "upcalls_waiting": 0})
     run.per_vm_reported = {7: 2, 8: 1}
-    run.names[8] = "tap\x1b8"
+    run.book.devices[8] = "tap\x1b8"
     run.reporter.summary(run.summary(300.0))
     text = out.getvalue()
     assert terminal_safe(text), [l for l in text.splitlines() if not terminal_safe(l)]
@@ -827,7 +832,7 @@ def test_hostile_names_are_escaped_in_every_text_path(tool):
     # JSON carries the names whole: its escapes are safe for a terminal already
     out = io.StringIO()
     run = new_run(tool, output="json", out=out)
-    run.vms = {7: tool.VmInfo(HOSTILE, None, 4242, "qemu")}
+    run.book.vms = {7: tool.VmInfo(HOSTILE, None, 4242, "qemu")}
     run.on_event(udp_tx(tool))
     line = out.getvalue()
     assert terminal_safe(line) and json.loads(line)["vm"] == HOSTILE

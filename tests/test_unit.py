@@ -294,7 +294,7 @@ class KernelBuckets(object):
                 "BPF_ARRAY(hist, u64, HIST_BUCKETS);\n%s\n"
                 "int test_bucket(struct bpf_raw_tracepoint_args *ctx)\n"
                 "{\n    hist_add(0, ctx->args[0]);\n    return 0;\n}\n"
-                % (tool.HIST_SUB_BITS, tool.HIST_BUCKETS, tool.HIST_ADD_C))
+                % (tool.C.HIST_SUB_BITS, tool.C.HIST_BUCKETS, tool.HIST_ADD_C))
         self.bpf = bcc.BPF(text=text.encode())
         self.fd = self.bpf.load_func(b"test_bucket", bcc.BPF.RAW_TRACEPOINT).fd
         self.hist = self.bpf[b"hist"]
@@ -350,12 +350,12 @@ def test_buckets_contain_their_values(tool, kernel_buckets):
         assert lo <= us < hi, ns
         if 1000 <= ns < 38 * 3600 * 10 ** 9:       # 1 us to 38 hours: fine buckets
             assert (hi - lo) / lo <= 1.0 / 16 + 1e-12   # 16 sub-buckets per octave
-        assert bucket < tool.HIST_BUCKETS
+        assert bucket < tool.C.HIST_BUCKETS
 
 
 def test_buckets_are_monotonic_and_contiguous(tool):
     prev_hi = 0.0
-    for b in range(0, tool.HIST_BUCKETS):
+    for b in range(0, tool.C.HIST_BUCKETS):
         lo, hi = tool.bucket_bounds(b)
         assert lo == prev_hi and hi > lo
         prev_hi = hi

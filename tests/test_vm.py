@@ -469,7 +469,7 @@ def test_read_events_reproduces_the_run_exactly(lab, traces, recording_dir, mode
         assert len(raw) >= 4 * 2 + 50
         for event in raw:
             f = tool.PKT.unpack(bytes(bytearray.fromhex(event)))
-            assert f[tool.P_SEEN] == sum(1 << s for s in range(tool.NSTAGES) if f[s]), f
+            assert f[tool.F.seen] == sum(1 << s for s in range(tool.NSTAGES) if f[s]), f
     os.chmod(rec, 0o644)
     replay = _as_nobody("--read-events", rec, "--output", output)
     assert replay.returncode == 0 and replay.stderr == "", replay.stderr
