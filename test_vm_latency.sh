@@ -1,7 +1,8 @@
 #!/bin/bash
 # test_vm_latency.sh: install what the tests need, then run them, or run a live demo.
 #
-#   sudo ./test_vm_latency.sh            every test: unit, VM lab, the kernel matrix
+#   sudo ./test_vm_latency.sh            every test: offline, host, VM lab, kernel matrix
+#   sudo ./test_vm_latency.sh offline    only the tests that need nothing of the kernel
 #   sudo ./test_vm_latency.sh unit       only the tests that need no VM
 #   sudo ./test_vm_latency.sh vm         unit + the QEMU VM lab on this kernel
 #   sudo ./test_vm_latency.sh kguest [SUITE[,SUITE]]
@@ -33,7 +34,7 @@ die() { echo "test_vm_latency: error: $*" >&2; exit 2; }
 # ----------------------------------------------------------------- dependencies
 DEB_PKGS=(python3-bpfcc bpftool dwarves qemu-system-x86 busybox-static cpio gcc libc6-dev
           xz-utils tcpdump iproute2 iputils-ping kmod python3-pytest python3-hypothesis
-          python3-venv mmdebstrap e2fsprogs python3-prometheus-client prometheus)
+          python3-venv mmdebstrap e2fsprogs python3-prometheus-client prometheus openssl)
 RPM_PKGS=(python3-bcc bcc-tools bpftool dwarves qemu-kvm cpio gcc glibc-static tcpdump
           iproute iputils kmod python3-pytest python3-hypothesis)
 
@@ -105,30 +106,35 @@ install_deps() {
 }
 
 # ----------------------------------------------------------------- running
-cd "$HERE/tests"
-PYTEST=(/usr/bin/python3 -m pytest -p no:cacheprovider -ra)
+# The suites are pytest markers (pytest.ini, tests/conftest.py): offline (no kernel),
+# host (this kernel, no VM), lab (the QEMU VM lab), kguest (the kernel matrix).
+cd "$HERE"
+PYTEST=(/usr/bin/python3 -m pytest)
 read -r -a EXTRA <<< "${PYTEST_ARGS:-}"
 
 case "$MODE" in
 install)
     install_deps ;;
+offline)
+    install_deps
+    exec "${PYTEST[@]}" -m offline "${EXTRA[@]}" ;;
 unit)
     install_deps
-    exec "${PYTEST[@]}" test_unit.py test_records.py "${EXTRA[@]}" ;;
+    exec "${PYTEST[@]}" -m "offline or host" "${EXTRA[@]}" ;;
 vm)
     install_deps
-    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_vms.py test_ipv6.py test_tunnels.py test_metrics.py test_truth.py test_bench.py "${EXTRA[@]}" ;;
+    exec "${PYTEST[@]}" -m "offline or host or lab" "${EXTRA[@]}" ;;
 kguest)
     install_deps
     [ $# -gt 0 ] && export KGUEST_SUITES=$1
-    exec "${PYTEST[@]}" test_kguest.py "${EXTRA[@]}" ;;
+    exec "${PYTEST[@]}" -m kguest "${EXTRA[@]}" ;;
 all)
     install_deps
-    exec "${PYTEST[@]}" test_unit.py test_records.py test_vm.py test_vms.py test_ipv6.py test_tunnels.py test_metrics.py test_truth.py test_bench.py test_kguest.py "${EXTRA[@]}" ;;
+    exec "${PYTEST[@]}" "${EXTRA[@]}" ;;
 demo)
     install_deps
-    exec /usr/bin/python3 demo.py "$@" ;;
+    exec /usr/bin/python3 -m tests.demo "$@" ;;
 *)
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2 ;;
 esac

@@ -766,18 +766,11 @@ Capabilities = namedtuple("Capabilities", "ringbuf probe_read_kernel how")
 KernelView = namedtuple("KernelView", "kprobes_ok kprobe_why symbols tracepoints "
                                         "tp_btf_why")
 
-ProgramConfig = namedtuple("ProgramConfig", "ringbuf ringbuf_pages probe_read_kernel "
-                                            "max_inflight netns_inum")
-
 # method None: not traced (reason says why); probes: [(kprobe symbol or "cat:tracepoint", arg)]
 Plan = namedtuple("Plan", "stage method probes reason")
 Attachment = namedtuple("Attachment", "method probe arg fn_name stages")
 
-# The tun driver names the device of each descriptor in /proc/PID/fdinfo/FD
-# ("iff:\tvnet3"); the VM's name is the -name QEMU was started with (libvirt, nova,
-# Proxmox all pass one: "-name guest=web-03,debug-threads=on"), its UUID -uuid. No
-# libvirt needed: /proc is enough, for any VMM that holds a tap.
-
+# a VM as its process shows it: QEMU's -name and -uuid, the pid, the process name
 VmInfo = namedtuple("VmInfo", "name uuid pid comm")
 
 # the devices the user selected: --vm-dev, --vm, --phy-dev (lists, maybe empty)
@@ -1586,6 +1579,10 @@ def all_taps():
 
 
 # --- which VM owns a tap: the process holding its /dev/net/tun descriptor ---
+# The tun driver names the device of each descriptor in /proc/PID/fdinfo/FD
+# ("iff:\tvnet3"); the VM's name is the -name QEMU was started with (libvirt, nova,
+# Proxmox all pass one: "-name guest=web-03,debug-threads=on"), its UUID -uuid. No
+# libvirt needed: /proc is enough, for any VMM that holds a tap.
 
 def qemu_opts(text):
     """QEMU's "a=b,c=d" option syntax, where ",," is a literal comma: [(key, value)];

@@ -2,7 +2,7 @@
 """overhead.py - what does vm_network_latency.py cost per packet, next to tcpdump,
 bpftrace and the cheapest possible BPF filter?
 
-Run as root:  bench/overhead.py [-r REPS] [-n FRAMES] [options]   (--help for all)
+Run as root, from the repository:  python3 -m bench.overhead [-r REPS] [-n FRAMES] [options]
 
 The lab (every name starts with "vnb"; nothing else on the machine is touched):
 
@@ -45,7 +45,7 @@ the raw measurements into the table (medians, ratios, targets). With BPF statist
 variants of the floor's (floor.py empty, clock): what a program run and a clock read
 cost, from which report.py gives the least histogram mode can cost on this machine.
 
-The devices and namespace are made with the test suite's own tests/topology.py; the
+The devices and namespace are made with the test suite's own tests/harness/topology.py; the
 tool's counts come from its --output json summary. Everything created (devices,
 namespace, processes, work files) is removed on exit, on failure and on Ctrl-C. The
 generator binary is cached in /var/cache/vm-network-latency/bench, and results are
@@ -67,16 +67,13 @@ import sys
 import tempfile
 import time
 
+from bench import report
+from tests.harness import topology                      # the tests' devices
+from tests.harness.procs import LabError, die_with_parent, run
+from tests.kguest.guest import prog_cost                # programs by tracepoint
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "tests", "kguest", "guest"))
-sys.path.insert(0, HERE)
-
-import topology                                 # noqa: E402  (the tests' devices)
-import prog_cost                                # noqa: E402  (programs by tracepoint)
-from procs import LabError, die_with_parent, run   # noqa: E402
-import report                                   # noqa: E402
 
 PY = "/usr/bin/python3"             # BCC's bindings live in the distribution's interpreter
 CACHE = "/var/cache/vm-network-latency/bench"
@@ -146,9 +143,10 @@ def parse_args(argv):
                     "bpftrace and the cheapest BPF filter (run as root).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  sudo bench/overhead.py -r 5            # the README's table\n"
-               "  sudo bench/overhead.py -r 1 -n 50000   # a quick look\n"
-               "  sudo bench/overhead.py --rev HEAD~3    # an older version, same machine\n")
+               "  sudo python3 -m bench.overhead -r 5            # the README's table\n"
+               "  sudo python3 -m bench.overhead -r 1 -n 50000   # a quick look\n"
+               "  sudo python3 -m bench.overhead --rev HEAD~3    # an older version, same machine\n"
+               "  sudo python3 -m bench.overhead --soak 30       # resident memory at full rate\n")
     pos = report.positive_int
     p.add_argument("-r", "--reps", type=pos, default=5,
                    help="repetitions per configuration, interleaved (default 5)")

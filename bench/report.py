@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """The benchmark's analysis and report: raw measurements (overhead.py) in, the table,
 its ratios and the targets out. No root, no kernel: it can be rerun on a saved JSON
-file (python3 bench/report.py FILE.json).
+file (python3 -m bench.report FILE.json).
 """
 import argparse
 import json
@@ -450,7 +450,7 @@ def render(result):
 
 
 def main(argv):
-    """Render a saved run again: report.py FILE.json"""
+    """Render a saved run again: python3 -m bench.report FILE.json"""
     if len(argv) != 1:
         sys.stderr.write("usage: report.py RESULTS.json\n")
         return 2

@@ -1,5 +1,14 @@
-"""Shared fixtures: the tool as a module, and how to run it as a subprocess."""
-import importlib.util
+"""Shared fixtures, and the suites: every test belongs to exactly one of
+
+  offline  needs nothing of this machine's kernel (decoding, reporting, recordings,
+           the command line; the tool run as a subprocess up to its first BPF call)
+  host     this host's kernel: its BTF, the verifier, BPF_PROG_TEST_RUN, the tool
+           tracing without a VM, the benchmark
+  lab      the QEMU VM lab on this kernel (tests/harness/lab.py)
+  kguest   the kernel matrix: guest kernels of Debian releases under QEMU
+
+(pytest.ini declares them; test_vm_latency.sh picks suites with -m).
+"""
 import os
 import shutil
 import subprocess
@@ -7,27 +16,24 @@ import tempfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(ROOT, "vm_network_latency.py")
-PYTHON = "/usr/bin/python3"   # BCC's bindings live in the system interpreter
+from tests.harness.tool import load_tool
+
+SUITES = ("offline", "host", "lab", "kguest")
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("vm_network_latency", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def pytest_collection_modifyitems(config, items):
+    """A test in no suite, or in two, would run in none or twice: refuse."""
+    wrong = [(item.nodeid, sorted(set(m.name for m in item.iter_markers()
+                                      if m.name in SUITES))) for item in items]
+    wrong = [(n, m) for n, m in wrong if len(m) != 1]
+    if wrong:
+        raise pytest.UsageError("tests need exactly one suite marker (%s): %s" % (
+            ", ".join(SUITES), "; ".join("%s has %s" % (n, m or "none") for n, m in wrong[:5])))
 
 
 @pytest.fixture(scope="session")
 def tool():
     return load_tool()
-
-
-def run_tool(*args, timeout=120, python=PYTHON, pre=()):
-    """Run the real tool to completion; returns CompletedProcess with text output."""
-    return subprocess.run(list(pre) + [python, TOOL] + list(args), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -41,8 +47,8 @@ def recording_dir():
 
 @pytest.fixture(scope="session")
 def lab():
-    """The QEMU VM lab (tests/lab.py), booted once for every test of the session."""
-    from lab import Lab
+    """The QEMU VM lab (tests/harness/lab.py), booted once for every test of the session."""
+    from tests.harness.lab import Lab
     with Lab() as lab:
         # the remote's MAC stays on the physical port: no flooding towards the taps
         subprocess.run(["bridge", "fdb", "replace", Lab.REMOTE_MAC, "dev", Lab.PHY,
@@ -54,7 +60,7 @@ def lab():
 def traces():
     """Start the real tool (tracing.Trace); every one is closed after the test, and
     every BPF program it had loaded must be gone from the kernel."""
-    from tracing import Trace
+    from tests.harness.tracing import Trace
     started = []
 
     def start(*args, **kw):

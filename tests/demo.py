@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from lab import Lab
+from tests.harness.lab import Lab
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = os.path.join(os.path.dirname(HERE), "vm_network_latency.py")

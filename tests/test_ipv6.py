@@ -1,14 +1,16 @@
 """IPv6: a guest with an IPv6 address (fd77::7) talking to the remote (fd77::3) across
 the bridge, and crafted frames with extension headers written into a tap. The oracles:
-tcpdump on the tap (tests/pcap.py parses IPv6 too), the traffic generators' counts."""
+tcpdump on the tap (tests/harness/pcap.py parses IPv6 too), the traffic generators' counts."""
 import collections
 import subprocess
 
 import pytest
 
-from lab import Lab
-from tapwriter import TapWriter, ether, ipv4, ipv6, udp
-from tracing import Capture, capture_key
+from tests.harness.lab import Lab
+from tests.harness.tapwriter import TapWriter, ether, ipv4, ipv6, udp
+from tests.harness.tracing import Capture, capture_key
+
+pytestmark = pytest.mark.lab
 
 PHY, BRIDGE = Lab.PHY, Lab.BRIDGE
 REMOTE6 = Lab.REMOTE_IP6

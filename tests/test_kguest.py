@@ -42,15 +42,13 @@ import re
 import shutil
 import signal
 import statistics
-import subprocess
 
 import pytest
 
-from pcap import parse_frame, read_pcap
-from procs import stop_with_parent
+from tests.harness.kguest import Lane, counter_diff, flow_key, fmt_key, run_lane
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-LANE_SCRIPT = os.path.join(HERE, "kguest", "run_lane.sh")
+pytestmark = pytest.mark.kguest
+
 TAP, PHY = "vnltap0", "vnlphy0"
 VM, REMOTE, HOST = "10.77.0.2", "10.77.0.3", "10.77.0.1"
 UND_LOCAL, UND_REMOTE = "10.88.0.1", "10.88.0.2"     # topology G's underlay
@@ -133,178 +131,7 @@ NETEM_OTHER_MEDIAN_US = 0.1 * NETEM_US
 # --- time (point 8) -------------------------------------------------------------------
 LANE_BUDGET_S = 15 * 60
 COLD_BUILD_ALLOWANCE_S = 180    # a cold image build measured 59 s; 3x that, as margin
-LANE_PROCESS_TIMEOUT_S = 1500   # run_lane.sh's guest timeout is 720 s; plus the image
 GUEST_CRASH = "Kernel panic - not syncing"   # in the console tail run_lane.sh prints
-
-
-# =========================================================================== results
-
-def flow_key(r):
-    """What identifies a packet's flow; ICMP echoes are one packet each (id, seq)."""
-    if r["protocol"] == "icmp":
-        return (r["direction"], "icmp", r["src_ip"], r["dst_ip"], r["icmp_type"],
-                r["icmp_id"], r["icmp_seq"])
-    return (r["direction"], r["protocol"], r["src_ip"], r["dst_ip"], r["src_port"],
-            r["dst_port"])
-
-
-def fmt_key(k):
-    return " ".join(str(x) for x in k)
-
-
-def counter_diff(got, want):
-    lines = []
-    for k in sorted(set(got) | set(want), key=str):
-        if got.get(k, 0) != want.get(k, 0):
-            lines.append("  %s: tool %d, oracle %d" % (k if isinstance(k, str) else
-                                                       fmt_key(k), got.get(k, 0), want.get(k, 0)))
-    return "\n".join(lines)
-
-
-class ToolOutput(object):
-    """One instance's stdout (JSON lines), stderr and exit status."""
-
-    def __init__(self, run, method):
-        self.method = method
-        self.label = "%s --attach %s" % (run.name, method)
-        self.stdout = run.read(method + ".jsonl")
-        self.stderr = run.read(method + ".stderr")
-        self.rc = int(run.read(method + ".rc").strip() or -1)
-        self.records = []
-        for i, line in enumerate(self.stdout.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                self.records.append(json.loads(line))
-            except ValueError:
-                raise AssertionError("%s: stdout line %d is not JSON: %r" % (self.label, i, line[:200]))
-        self.packets = [r for r in self.records if r.get("type") == "packet"]
-        sums = [r for r in self.records if r.get("type") == "summary"]
-        assert len(sums) == 1, "%s: %d summary records (want 1); rc %s; stderr:\n%s" % (
-            self.label, len(sums), self.rc, self.stderr[-2000:])
-        self.summary = sums[0]
-
-
-class Run(object):
-    """One traced run of the lane: both instances' outputs and the oracles."""
-
-    def __init__(self, lane, name):
-        self.name = name
-        self.topo = name.split("-")[0]
-        self.dir = lane.path("runs", name)
-        assert os.path.isdir(self.dir), (
-            "no results for run %s: the guest did not get that far (see %s)"
-            % (name, lane.path("lane.log")))
-        self.meta = json.loads(self.read("meta.json"))
-        self.oracle = [json.loads(l) for l in self.read("oracle.jsonl").splitlines() if l.strip()]
-        self.methods = self.meta["methods"].split()
-        self.out = dict((m, ToolOutput(self, m)) for m in self.methods)
-        self._captures = {}
-
-    def read(self, name):
-        path = os.path.join(self.dir, name)
-        assert os.path.exists(path), "the guest wrote no %s" % path
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def capture(self, dev):
-        """Packets tcpdump saw on dev, with the direction the tool would give them."""
-        if dev not in self._captures:
-            stats = self.read(dev + ".tcpdump.stderr")
-            m = re.search(r"(\d+) packets? dropped by kernel", stats)
-            assert m and m.group(1) == "0", "%s: tcpdump on %s dropped packets or did not " \
-                "finish: %s" % (self.name, dev, stats.strip())
-            pkts = []
-            for ts, frame in read_pcap(os.path.join(self.dir, dev + ".pcap")):
-                p = parse_frame(frame)
-                if p is None:
-                    continue
-                if p["src_ip"] == VM:
-                    p["direction"] = "tx"
-                elif p["dst_ip"] in (VM, HOST):
-                    p["direction"] = "rx"
-                else:
-                    p["direction"] = "other"
-                p["ts"] = ts
-                pkts.append(p)
-            self._captures[dev] = pkts
-        return self._captures[dev]
-
-    def oracle_of(self, kind):
-        return [o for o in self.oracle if o.get("kind") == kind or kind in o]
-
-
-class Lane(object):
-    def __init__(self, suite, root, output, rc):
-        self.suite, self.root, self.output, self.rc = suite, root, output, rc
-        self._runs = {}
-        self._stages = {}
-
-    def run_after(self, step):
-        """The first traced run the guest made after a step (the order of steps.tsv)."""
-        names = [l.split("\t")[0] for l in self.read("steps.tsv").splitlines() if l.strip()]
-        later = [n for n in names[names.index(step) + 1:] if n.startswith("run.")]
-        assert later, "no run after %s: %s" % (step, names)
-        return self.run(later[0][len("run."):])
-
-    def stages(self, method):
-        """{stage: its --list-stages JSON object} as the tool planned them in the guest."""
-        if method not in self._stages:
-            objs = [json.loads(l) for l in self.read("list-stages-%s.json" % method).splitlines()
-                    if l.strip()]
-            self._stages[method] = dict((o["name"], o) for o in objs if o.get("type") == "stage")
-        return self._stages[method]
-
-    def traced(self, method):
-        return set(n for n, o in self.stages(method).items() if o["method"])
-
-    def has_drop_reasons(self):
-        """The kernel's own word: kfree_skb's tracepoint has a reason field (5.17+)."""
-        return bool(re.search(r"field:[^;]* reason;", self.read("kfree_skb.format")))
-
-    def ovs_tracepoints(self):
-        """The guest kernel's openvswitch tracepoints (ls of its tracefs directory)."""
-        text = self.read("ovs-tracepoints.txt")
-        return [] if "No such file" in text else text.split()
-
-    def path(self, *parts):
-        return os.path.join(self.root, *parts)
-
-    def read(self, *parts):
-        path = self.path(*parts)
-        assert os.path.exists(path), "the guest wrote no %s" % path
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def run(self, name):
-        if name not in self._runs:
-            self._runs[name] = Run(self, name)
-        return self._runs[name]
-
-
-def _run_lane(suite, results):
-    """run_lane.sh in pytest's process group, so a Ctrl-C reaches it too; on a timeout or
-    an interrupt it gets SIGTERM, on which it kills its QEMU (never leave one behind)."""
-    # stop_with_parent: SIGTERM when pytest dies, even by SIGKILL; run_lane.sh traps it
-    # and kills its QEMU
-    proc = subprocess.Popen([LANE_SCRIPT, "--suite", suite, "--results", results],
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, universal_newlines=True,
-                            preexec_fn=stop_with_parent)
-    try:
-        out, _ = proc.communicate(timeout=LANE_PROCESS_TIMEOUT_S)
-    except BaseException:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        if os.path.isdir(results):
-            with open(os.path.join(results, "lane-output.txt"), "w") as f:
-                f.write(out or "")
-        raise
-    return proc.returncode, out
 
 
 @pytest.fixture(scope="module", params=SUITES)
@@ -320,7 +147,7 @@ def lane(request, tmp_path_factory):
             pytest.skip("KGUEST LANE NOT RUN (this is a skip, not a pass): run_lane.sh "
                         "needs root (QEMU, mmdebstrap, network namespaces)")
         results = str(tmp_path_factory.mktemp("kguest-" + suite))
-        rc, output = _run_lane(suite, results)
+        rc, output = run_lane(suite, results)
         if rc == 2 and GUEST_CRASH in output:
             # The guest kernel itself died (seen once on 6.12: "Oops: int3" in a timer
             # while the kernel patched its own code, which multi-threaded TCG can race
@@ -328,7 +155,7 @@ def lane(request, tmp_path_factory):
             print("kguest lane %s: the guest kernel crashed under emulation; running the "
                   "lane again. Its output:\n%s" % (suite, output[-3000:]))
             shutil.rmtree(results, True)
-            rc, output = _run_lane(suite, results)
+            rc, output = run_lane(suite, results)
         os.makedirs(results, exist_ok=True)
         with open(os.path.join(results, "lane-output.txt"), "w") as f:
             f.write(output)

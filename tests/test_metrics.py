@@ -3,10 +3,8 @@
 --prometheus-textfile read while it is being rewritten. The oracles: the guest's own
 ping counts, and the tool's own histograms of the same packets."""
 import collections
-import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -17,88 +15,13 @@ import urllib.request
 
 import pytest
 
-from conftest import run_tool
-from lab import Lab
+from tests.harness.lab import Lab
+from tests.harness.prometheus import Prometheus, free_port, scrape
+
+pytestmark = pytest.mark.lab
 
 PHY, TAP = Lab.PHY, Lab.TAP
 REMOTE = Lab.REMOTE_IP
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Prometheus(object):
-    """A real Prometheus server on loopback that scrapes one target every second
-    (over HTTPS with a client certificate when tls gives the files)."""
-
-    def __init__(self, target_port, tls=None):
-        self.dir = tempfile.mkdtemp(prefix="vnl-prom-")
-        self.port = free_port()
-        config = os.path.join(self.dir, "prometheus.yml")
-        with open(config, "w") as f:
-            f.write("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                    "scrape_configs:\n  - job_name: vnl\n")
-            if tls:
-                f.write("    scheme: https\n    tls_config:\n      ca_file: %s\n"
-                        "      cert_file: %s\n      key_file: %s\n" % (
-                            tls["ca"], tls["client_cert"], tls["client_key"]))
-            f.write("    static_configs:\n      - targets: ['127.0.0.1:%d']\n" % target_port)
-        self.log = open(os.path.join(self.dir, "log"), "w")
-        self.proc = subprocess.Popen(
-            ["prometheus", "--config.file=" + config,
-             "--storage.tsdb.path=" + os.path.join(self.dir, "data"),
-             "--web.listen-address=127.0.0.1:%d" % self.port],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen("http://127.0.0.1:%d/-/ready" % self.port, timeout=2)
-                return
-            except OSError:
-                assert self.proc.poll() is None, self.logs()
-                time.sleep(0.2)
-        raise AssertionError("prometheus not ready: %s" % self.logs())
-
-    def logs(self):
-        with open(os.path.join(self.dir, "log")) as f:
-            return f.read()[-3000:]
-
-    def query(self, promql):
-        url = "http://127.0.0.1:%d/api/v1/query?%s" % (
-            self.port, urllib.parse.urlencode({"query": promql}))
-        reply = json.load(urllib.request.urlopen(url, timeout=10))
-        assert reply["status"] == "success", reply
-        return reply["data"]["result"]
-
-    def value(self, promql):
-        result = self.query(promql)
-        return float(result[0]["value"][1]) if result else None
-
-    def wait_value(self, promql, want, timeout=20):
-        """Wait until the query returns want (Prometheus scrapes every second)."""
-        deadline = time.monotonic() + timeout
-        got = None
-        while time.monotonic() < deadline:
-            got = self.value(promql)
-            if got == want:
-                return got
-            time.sleep(0.3)
-        return got
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-        shutil.rmtree(self.dir, True)
 
 
 @pytest.fixture
@@ -112,11 +35,6 @@ def prometheus():
     yield start
     for p in servers:
         p.close()
-
-
-def scrape(port):
-    return urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10).read() \
-        .decode()
 
 
 def ping(vm, n):
@@ -243,33 +161,6 @@ def test_endpoint_stays_up_across_a_vm_start_and_stop(lab, traces):
     assert t.returncode == 0, t.stderr
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--prometheus", "0"], "outside 1-65535"),
-    (["--prometheus", "127.0.0.1:65536"], "outside 1-65535"),
-    (["--prometheus", "web01:9100"], "not an IP address"),
-    (["--prometheus", "9100"], "needs --mode histogram"),
-    (["--prometheus-textfile", "/no/such/dir/x.prom", "--mode", "histogram"], "no directory"),
-    (["--prometheus", "203.0.113.7:9100", "--mode", "histogram"], "not an address of this host"),
-])
-def test_bad_metrics_options_exit_2_before_any_bpf(argv, message):
-    r = run_tool(*(argv + ["--verbose", "--timeout", "1"]), timeout=60)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
-    assert "struct layouts" not in r.stderr and "Tracing" not in r.stderr   # nothing compiled
-
-
-def test_a_port_in_use_is_refused_before_any_bpf():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(1)
-    try:
-        r = run_tool("--prometheus", "127.0.0.1:%d" % s.getsockname()[1], "--mode",
-                     "histogram", "--verbose", "--timeout", "1", timeout=60)
-    finally:
-        s.close()
-    assert r.returncode == 2 and "Address already in use" in r.stderr
-    assert "struct layouts" not in r.stderr and "Traceback" not in r.stderr
-
-
 # --- a long-running exporter: the per-VM table full, VMs that are gone forgotten ---
 
 def test_a_full_per_vm_table_is_counted_and_gone_vms_make_room(lab, traces, prometheus):
@@ -387,13 +278,3 @@ def test_metrics_over_tls_only_for_clients_with_a_certificate(lab, traces, prome
         assert t.returncode == 0 and "Traceback" not in t.stderr, t.stderr
     finally:
         shutil.rmtree(d)
-
-
-def test_a_bad_certificate_is_refused_before_any_bpf(tmp_path):
-    cert = tmp_path / "cert.pem"
-    cert.write_text("not a certificate\n")
-    r = run_tool("--mode", "histogram", "--prometheus", "%d" % free_port(),
-                 "--prometheus-tls-cert", str(cert), "--prometheus-tls-key", str(cert),
-                 "--verbose", "--timeout", "1", timeout=60)
-    assert r.returncode == 2 and "--prometheus-tls-cert %s" % cert in r.stderr
-    assert "Traceback" not in r.stderr and "struct layouts" not in r.stderr

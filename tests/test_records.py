@@ -10,7 +10,9 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, TOOL
+from tests.harness.tool import PYTHON, TOOL
+
+pytestmark = pytest.mark.offline
 
 # fixed wall clock: the monotonic stamps below are seconds 100.000..., the wall offset
 # puts them at 2026-12-01 10:00:00 UTC

@@ -8,12 +8,12 @@ import subprocess
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
 
-from conftest import load_tool
-from lab import Lab
-from tapwriter import TapWriter, ether, icmp, ipv4, udp
-from tracing import wait_qdisc_empty
+from tests.harness.lab import Lab
+from tests.harness.tapwriter import TapWriter, ether, icmp, ipv4, udp
+from tests.harness.tracing import wait_qdisc_empty
+
+pytestmark = pytest.mark.lab
 
 TAP, PHY, BRIDGE = Lab.TAP, Lab.PHY, Lab.BRIDGE
 VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
@@ -384,50 +384,6 @@ def test_sigkill_leaves_nothing_attached(lab, traces):
     lab.guest("ping -c 1 -W 2 %s" % REMOTE)
     again.stop()
     assert again.summary()["reported"] == 2
-
-
-TOOL = load_tool()
-FUZZ_VALUES = st.one_of(
-    st.sampled_from(["tcp", "udp", "icmp", "all", "tx", "rx", "both", "detailed",
-                     "histogram", "json", "text", "kprobe", "auto", "lo", "-1", "0", "1",
-                     "65535", "65536", "1e309", "nan", "10.0.0.1", "::1", "", " ", "\x00x",
-                     "a" * 300, "--", "-"]),
-    st.text(max_size=12))
-FUZZ_OPTIONS = ["--src-ip", "--dst-ip", "--src-port", "--dst-port", "--protocol",
-                "--direction", "--vm-dev", "--phy-dev", "--mode", "--interval",
-                "--latency-threshold", "--timeout", "--output", "--attach", "--max-inflight",
-                "--drops", "--verbose", "--bogus"]
-
-
-@settings(max_examples=3000, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(FUZZ_OPTIONS), FUZZ_VALUES), max_size=6))
-def test_fuzzed_command_lines_never_trace_back(pairs):
-    tool = TOOL
-    argv = [x for pair in pairs for x in pair]
-    try:
-        args = tool.parse_args(argv)
-        tool.check_devices_exist(args)
-    except SystemExit as e:
-        assert e.code == 2
-    except tool.UsageError:
-        pass
-
-
-@pytest.mark.parametrize("seed", range(40))
-def test_fuzzed_command_lines_as_a_process(seed):
-    import random
-    rng = random.Random(seed)
-    argv = []
-    for _ in range(rng.randrange(1, 5)):
-        argv.append(rng.choice(FUZZ_OPTIONS))
-        argv.append(rng.choice(["udp", "rx", "-3", "0", "70000", "10.1.2.3", "lo", "x" * 20,
-                                "histogram", "json", "2", "icmp"]))
-    r = subprocess.run(["/usr/bin/python3", os.path.join(os.path.dirname(
-        os.path.dirname(os.path.abspath(__file__))), "vm_network_latency.py")] + argv +
-        ["--list-stages"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        universal_newlines=True, timeout=60)
-    assert r.returncode in (0, 2), r.stderr
-    assert "Traceback" not in r.stderr
 
 
 def test_a_vm_started_while_tracing_is_picked_up(lab, traces):

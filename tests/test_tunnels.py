@@ -15,10 +15,12 @@ import time
 
 import pytest
 
-import topology
-from lab import Lab
-from nsservers import start_server
-from tracing import Capture, capture_key, wait_qdisc_empty
+from tests.harness import topology
+from tests.harness.lab import Lab
+from tests.harness.nsservers import start_server
+from tests.harness.tracing import Capture, capture_key, wait_qdisc_empty
+
+pytestmark = pytest.mark.lab
 
 VTEP_NS, BR, VX, UND = "vnl-vtep", "vnlbr1", "vnlvx0", "vnlund0"
 UNDERLAY = "10.88.0.0/24"

@@ -13,10 +13,12 @@ import time
 
 import pytest
 
-from conftest import PYTHON, TOOL
-from lab import Lab
-from tapwriter import TapWriter, ether, ipv4, udp
-from tracing import Capture, exact_percentile, wait_qdisc_empty
+from tests.harness.tool import PYTHON, TOOL
+from tests.harness.lab import Lab
+from tests.harness.tapwriter import TapWriter, ether, ipv4, udp
+from tests.harness.tracing import Capture, exact_percentile, wait_qdisc_empty
+
+pytestmark = pytest.mark.lab
 
 TAP, PHY = Lab.TAP, Lab.PHY
 VM, REMOTE = Lab.GUEST_IP, Lab.REMOTE_IP
@@ -301,16 +303,6 @@ def test_a_sighup_ignored_at_start_stays_ignored(lab, traces):
     guest_ok(lab, "ping -c 2 -i 0.2 -W 2 %s" % REMOTE)
     t.stop(signal.SIGINT)
     assert t.returncode == 0 and t.summary()["reported"] == 4
-
-
-def test_ctrl_c_before_tracing_exits_130():
-    proc = subprocess.Popen([PYTHON, TOOL] + list(DEVS), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, universal_newlines=True)
-    time.sleep(0.3)                 # long before BCC's compile is done
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert "Tracing" not in err and "Traceback" not in err, err
-    assert proc.returncode == 130
 
 
 def test_a_named_tap_recreated_while_tracing_is_followed(lab, traces):

@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from conftest import PYTHON, TOOL, run_tool
-from lab import Lab
-from tapwriter import TapHolder, TapWriter, ether, ipv4, udp
+from tests.harness.tool import PYTHON, TOOL, run_tool
+from tests.harness.lab import Lab
+from tests.harness.tapwriter import TapHolder, TapWriter, ether, ipv4, udp
+
+pytestmark = pytest.mark.lab
 
 TAP, PHY, BRIDGE = Lab.TAP, Lab.PHY, Lab.BRIDGE
 REMOTE = Lab.REMOTE_IP

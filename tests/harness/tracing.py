@@ -12,9 +12,9 @@ import subprocess
 import tempfile
 import time
 
-from conftest import PYTHON, TOOL
-from pcap import parse_frame, read_pcap
-from procs import stop_with_parent   # the tool runs in a session of its own: a Ctrl-C
+from .tool import PYTHON, TOOL
+from .pcap import parse_frame, read_pcap
+from .procs import stop_with_parent   # the tool runs in a session of its own: a Ctrl-C
                                      # of the run does not reach it, this does
 
 

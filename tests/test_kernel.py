@@ -1,27 +1,31 @@
-"""Tests of the parts that need no traffic: BTF layouts, the command line, bucket math,
-program generation and the kernel verifier."""
+"""This host's kernel, without traffic: struct layouts from its BTF against pahole,
+what its BPF can do, the C bucketing run in it (BPF_PROG_TEST_RUN), the program
+through its verifier, the stages it has."""
 import ctypes
 import errno
 import json
 import os
 import random
 import re
-import shutil
+import signal
 import struct
 import subprocess
-import tempfile
+import time
 
 import pytest
 
-from conftest import PYTHON, TOOL, run_tool
-from tracing import exact_percentile
+from tests.harness.tool import FUZZ_OPTIONS, PYTHON, TOOL, run_tool
+from tests.harness.tracing import exact_percentile
+
+pytestmark = pytest.mark.host
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
+
 needs_btf = pytest.mark.skipif(not os.path.exists(BTF_PATH), reason="kernel has no BTF")
 
 
 # ---------------------------------------------------------------------------
-# BTF parser against pahole on this kernel
+# Struct layouts: the running kernel's BTF against pahole
 # ---------------------------------------------------------------------------
 
 def pahole_members(struct_name):
@@ -136,96 +140,31 @@ def test_btf_rejects_garbage(tool):
         tool.BTF(b"\0" * 64)
 
 
-# ---------------------------------------------------------------------------
-# Bad input: one line saying what is wrong, exit 2, no traceback, nothing compiled
-# ---------------------------------------------------------------------------
-
-BAD_INPUT = [
-    (["--src-ip", "10.0.0.300"], "not an IPv4 or IPv6 address"),
-    (["--dst-ip", "fd77::zz"], "not an IPv4 or IPv6 address"),
-    (["--src-ip", "hostname"], "not an IPv4 or IPv6 address"),
-    (["--src-ip", "10.0.0.1", "--dst-ip", "fd77::1"], "of different families"),
-    (["--src-ip", "fd77::1", "--protocol", "icmp"], "ICMPv4, but the address filter is IPv6"),
-    (["--protocol", "icmp6", "--dst-port", "80"], "ICMP has no ports"),
-    (["--src-port", "0"], "outside 1-65535"),
-    (["--dst-port", "65536"], "outside 1-65535"),
-    (["--dst-port", "http"], "not a port number"),
-    (["--protocol", "icmp", "--dst-port", "80"], "ICMP has no ports"),
-    (["--protocol", "sctp"], "invalid choice"),
-    (["--direction", "up"], "invalid choice"),
-    (["--mode", "fast"], "invalid choice"),
-    (["--output", "xml"], "invalid choice"),
-    (["--attach", "uprobe"], "invalid choice"),
-    (["--interval", "0"], "positive"),
-    (["--interval", "-1"], "positive"),
-    (["--interval", "nan"], "positive"),
-    (["--latency-threshold", "-5"], "zero or a positive"),
-    (["--timeout", "-1"], "zero or a positive"),
-    (["--timeout", "soon"], "not a number"),
-    (["--vm-dev", "no-such-dev0"], "does not exist"),
-    (["--phy-dev", "bad/name"], "not a valid network device name"),
-    (["--vm-dev", "lo", "--phy-dev", "lo"], "both --vm-dev and --phy-dev"),
-    (["--bogus"], "unrecognized arguments"),
-    (["--btf", "/no/such/vmlinux"], "--btf /no/such/vmlinux: no such file"),
-    (["--read-events", "x.vnl", "--protocol", "udp"], "only --output goes with it"),
-    (["--vm", ""], "a VM name cannot be empty"),
-    (["--per-vm"], "--per-vm splits the histograms by VM: it needs --mode histogram"),
-    (["--list-vms", "--protocol", "tcp"], "--list-vms only lists the VMs"),
-    (["--vm-d", "vnltap0"], "unrecognized arguments"),     # no abbreviations
-    (["--latency-threshold", "1e308"], "more than a day"),
-    (["--latency-threshold", "inf"], "zero or a positive"),
-    (["--read-events", ""], "--read-events: the file name is empty"),
-    (["--write-events", ""], "--write-events: the file name is empty"),
-    (["--mode", "histogram", "--prometheus-textfile", ""],
-     "--prometheus-textfile: the file name is empty"),
-    (["--btf", ""], "--btf: the file name is empty"),
-    (["--btf", "/dev/zero", "--dry-run"], "--btf /dev/zero: not a regular file"),
-    (["--write-events", "/tmp/x.vnl", "--dry-run"], "--write-events records a trace: "
-                                                    "not with --dry-run"),
-    (["--write-events", "/tmp", "--timeout", "1"], "--write-events /tmp: Is a directory"),
-    (["--write-events", "/no/such/dir/x.vnl", "--btf", "/no/such/vmlinux"],
-     "--write-events /no/such/dir/x.vnl: No such file"),   # opened before anything else
-    (["--mode", "histogram", "--prometheus-tls-cert", "c.pem"],
-     "--prometheus-tls-cert secures the metrics endpoint: it needs --prometheus"),
-    (["--mode", "histogram", "--prometheus", "9999", "--prometheus-tls-cert", "c.pem"],
-     "--prometheus-tls-cert and --prometheus-tls-key go together"),
-    (["--mode", "histogram", "--prometheus", "9999", "--prometheus-client-ca", "ca.pem"],
-     "--prometheus-client-ca checks clients over TLS"),
-    (["--mode", "histogram", "--vm-table-size", "1000"],
-     "--vm-table-size sizes the per-VM counts: it needs --per-vm"),
-    (["--mode", "histogram", "--per-vm", "--vm-table-size", "10"], "outside 64-4194304"),
-    (["--forget-after", "0", "--mode", "histogram", "--per-vm"], "positive"),
-]
+def test_drop_reasons_from_tracefs_match_btf(tool, btf):
+    # the no-BTF path reads drop reasons from the tracepoint's format: same table
+    from_tracefs = tool.drop_reasons_from_tracefs()
+    from_btf = btf.enum_values("skb_drop_reason")
+    assert from_tracefs and len(from_tracefs) > 50
+    assert all(from_btf[code] == name for code, name in from_tracefs.items())
 
 
-@pytest.mark.parametrize("argv,message", BAD_INPUT)
-def test_bad_input_exits_2_with_one_clear_line(argv, message):
-    r = run_tool(*argv, timeout=30)
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    assert message in r.stderr
-    errors = [l for l in r.stderr.splitlines() if "error:" in l]
-    assert len(errors) == 1, r.stderr
-    assert r.stdout == ""
-    # what is wrong and where help is: never argparse's whole usage (16 lines)
-    assert len(r.stderr.splitlines()) <= 2, r.stderr
-
-
-def test_not_root_exits_2():
-    workdir = tempfile.mkdtemp(prefix="vnl-unit-")
-    try:
-        os.chmod(workdir, 0o755)
-        copy = os.path.join(workdir, "vm_network_latency.py")
-        shutil.copy(TOOL, copy)
-        os.chmod(copy, 0o755)
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            PYTHON, copy, "--protocol", "udp"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
-    finally:
-        shutil.rmtree(workdir)
+def test_refuses_mismatched_headers_without_btf():
+    # no BTF and the installed headers are for another kernel: refuse, do not guess
+    release = os.uname()[2]
+    build = "/lib/modules/%s/build/include/generated/utsrelease.h" % release
+    with open(build) as f:
+        headers = re.search(r'"(.+)"', f.read()).group(1)
+    if headers == release:
+        pytest.skip("the headers here match the running kernel")
+    r = run_tool("--btf", "none", "--timeout", "1", timeout=60)
     assert r.returncode == 2
-    assert "must run as root" in r.stderr and "Traceback" not in r.stderr
+    assert "not the running kernel" in r.stderr and headers in r.stderr
+    assert "Traceback" not in r.stderr
 
+
+# ---------------------------------------------------------------------------
+# What this kernel's BPF can do, asked of it
+# ---------------------------------------------------------------------------
 
 def test_bpf_refused_to_the_process_exits_2():
     # root, but without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (as in a container that
@@ -247,14 +186,6 @@ def test_kernel_features_are_asked_of_the_kernel(tool):
     assert not tool.probe_capabilities(force_perf_buffer=True).ringbuf
 
 
-def test_drop_reasons_from_tracefs_match_btf(tool, btf):
-    # the no-BTF path reads drop reasons from the tracepoint's format: same table
-    from_tracefs = tool.drop_reasons_from_tracefs()
-    from_btf = btf.enum_values("skb_drop_reason")
-    assert from_tracefs and len(from_tracefs) > 50
-    assert all(from_btf[code] == name for code, name in from_tracefs.items())
-
-
 def test_without_bcc_exits_2():
     # -S leaves out site-packages, where BCC's bindings live: as on a host without them
     r = subprocess.run([PYTHON, "-S", TOOL, "--protocol", "icmp", "--timeout", "1"],
@@ -264,22 +195,8 @@ def test_without_bcc_exits_2():
     assert "python3-bpfcc" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_refuses_mismatched_headers_without_btf():
-    # no BTF and the installed headers are for another kernel: refuse, do not guess
-    release = os.uname()[2]
-    build = "/lib/modules/%s/build/include/generated/utsrelease.h" % release
-    with open(build) as f:
-        headers = re.search(r'"(.+)"', f.read()).group(1)
-    if headers == release:
-        pytest.skip("the headers here match the running kernel")
-    r = run_tool("--btf", "none", "--timeout", "1", timeout=60)
-    assert r.returncode == 2
-    assert "not the running kernel" in r.stderr and headers in r.stderr
-    assert "Traceback" not in r.stderr
-
-
 # ---------------------------------------------------------------------------
-# Histogram buckets and percentiles
+# Histogram buckets: the C in the kernel against bucket_bounds()
 # ---------------------------------------------------------------------------
 
 class KernelBuckets(object):
@@ -353,14 +270,6 @@ def test_buckets_contain_their_values(tool, kernel_buckets):
         assert bucket < tool.C.HIST_BUCKETS
 
 
-def test_buckets_are_monotonic_and_contiguous(tool):
-    prev_hi = 0.0
-    for b in range(0, tool.C.HIST_BUCKETS):
-        lo, hi = tool.bucket_bounds(b)
-        assert lo == prev_hi and hi > lo
-        prev_hi = hi
-
-
 @pytest.mark.parametrize("seed", range(20))
 def test_percentiles_within_ten_percent_of_exact(tool, kernel_buckets, seed):
     rng = random.Random(seed)
@@ -391,7 +300,7 @@ def test_log2_rows_count_every_packet(tool, kernel_buckets):
 
 
 # ---------------------------------------------------------------------------
-# Program generation and the kernel verifier
+# The program: generated, verified, and the stages this kernel has
 # ---------------------------------------------------------------------------
 
 def test_ebpf_prints_the_program_with_btf_offsets():
@@ -469,101 +378,6 @@ def test_list_stages_json_names_every_stage():
         assert s["method"] or s["reason"]   # traced, or says why not
 
 
-def test_runs_on_python_36_and_newer():
-    vermin = shutil.which("vermin")
-    assert vermin, "vermin is installed by test_vm_latency.sh"
-    r = subprocess.run([vermin, "--no-tips", "--violations", "-t=3.6-", TOOL],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       universal_newlines=True)
-    assert r.returncode == 0, r.stdout
-
-
-# ---------------------------------------------------------------------------
-# Files the tool writes as root
-# ---------------------------------------------------------------------------
-
-@pytest.fixture
-def users_dir():
-    """A directory of an unprivileged user's (nobody's), as a home directory is: what
-    is in it that user made, and root writes there when asked to."""
-    d = tempfile.mkdtemp(prefix="vnl-user-")
-    os.chown(d, 65534, 65534)
-    victim = tempfile.NamedTemporaryFile(prefix="vnl-root-", delete=False)
-    victim.write(b"root's own file\n")
-    victim.close()
-    os.chmod(victim.name, 0o600)
-    yield d, victim.name
-    shutil.rmtree(d)
-    os.unlink(victim.name)
-
-
-def as_user(*argv):
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] +
-                          list(argv), check=True)
-
-
-def stops_early():
-    """Options that make the tool stop, exit 2, right after it opened its files."""
-    return ["--vm", "no-such-vm-for-this-test", "--timeout", "1"]
-
-
-def test_write_events_never_follows_a_symlink(users_dir):
-    d, victim = users_dir
-    link = os.path.join(d, "run.vnl")
-    as_user("ln", "-s", victim, link)
-    r = run_tool(*(["--write-events", link] + stops_early()))
-    assert r.returncode == 2 and "a symbolic link, which the tool does not follow" in r.stderr
-    with open(victim, "rb") as f:
-        assert f.read() == b"root's own file\n"
-    assert os.path.islink(link)
-
-
-def test_write_events_leaves_another_users_file_alone(users_dir):
-    d, _victim = users_dir
-    planted = os.path.join(d, "run.vnl")
-    as_user("sh", "-c", "umask 0; echo planted > %s" % planted)
-    r = run_tool(*(["--write-events", planted] + stops_early()))
-    assert r.returncode == 2 and "belongs to another user (uid 65534): not overwritten" \
-        in r.stderr
-    with open(planted) as f:
-        assert f.read() == "planted\n"
-
-
-def test_write_events_refuses_a_hard_link_of_roots(users_dir):
-    d, victim = users_dir
-    link = os.path.join(d, "run.vnl")
-    os.link(victim, link)           # (root can; protected_hardlinks stops other users)
-    r = run_tool(*(["--write-events", link] + stops_early()))
-    assert r.returncode == 2 and "other hard links" in r.stderr
-    with open(victim, "rb") as f:
-        assert f.read() == b"root's own file\n"
-
-
-def test_a_recording_is_private_to_root(users_dir):
-    d, _victim = users_dir
-    new = os.path.join(d, "new.vnl")
-    r = run_tool(*(["--write-events", new] + stops_early()))
-    assert r.returncode == 2 and "no running VM" in r.stderr     # (opened first)
-    st = os.stat(new)
-    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
-    os.chmod(new, 0o644)                # an old one, readable by all: made private again
-    run_tool(*(["--write-events", new] + stops_early()))
-    assert os.stat(new).st_mode & 0o777 == 0o600
-
-
-def test_the_textfile_is_written_through_no_link(tool, users_dir):
-    """--prometheus-textfile replaces the file by a rename: a symbolic link at its path
-    is replaced, never followed; the temporary file has a name nobody can guess."""
-    d, victim = users_dir
-    path = os.path.join(d, "vm.prom")
-    os.symlink(victim, path)
-    tool.write_file_atomically(path, b"# metrics\n")
-    with open(victim, "rb") as f:
-        assert f.read() == b"root's own file\n"
-    assert not os.path.islink(path) and open(path).read() == "# metrics\n"
-    assert os.stat(path).st_mode & 0o777 == 0o644 and os.listdir(d) == ["vm.prom"]
-
-
 def test_list_stages_with_dry_run_says_what_this_kernel_has(tool):
     """--dry-run plans every probe point as if it existed (for the verifier); with
     --list-stages it must not: a kernel without kprobes has no bridge stage."""
@@ -576,3 +390,31 @@ def test_list_stages_with_dry_run_says_what_this_kernel_has(tool):
     assert by == plain
     if not kprobes:
         assert by["bridge"]["method"] is None and "no kprobe support" in by["bridge"]["reason"]
+
+
+# ---------------------------------------------------------------------------
+# The tool as a process, up to its kernel's limits
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fuzzed_command_lines_as_a_process(seed):
+    import random
+    rng = random.Random(seed)
+    argv = []
+    for _ in range(rng.randrange(1, 5)):
+        argv.append(rng.choice(FUZZ_OPTIONS))
+        argv.append(rng.choice(["udp", "rx", "-3", "0", "70000", "10.1.2.3", "lo", "x" * 20,
+                                "histogram", "json", "2", "icmp"]))
+    r = run_tool(*(argv + ["--list-stages"]), timeout=60)
+    assert r.returncode in (0, 2), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_before_tracing_exits_130():
+    proc = subprocess.Popen([PYTHON, TOOL], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    time.sleep(0.3)                 # long before BCC's compile is done
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Tracing" not in err and "Traceback" not in err, err
+    assert proc.returncode == 130

@@ -1,11 +1,11 @@
 #!/bin/bash
 # Build (or reuse) the test guest of the vm_network_latency lab.
 #
-#   tests/guest/build_guest.sh [CACHE_DIR]     (default /var/cache/vm-network-latency/guest,
+#   tests/harness/guest/build_guest.sh [CACHE_DIR]     (default /var/cache/vm-network-latency/guest,
 #                                               or $VNL_GUEST_CACHE)
 #
 # Writes CACHE_DIR/vmlinuz, CACHE_DIR/initrd.cpio.gz (busybox initramfs with
-# tests/guest/init as /init, the virtio-net modules and /bin/vnl-traffic) and
+# tests/harness/guest/init as /init, the virtio-net modules and /bin/vnl-traffic) and
 # CACHE_DIR/vnl-traffic (the same static helper, for use on the host).
 #
 # - Installs what it needs with apt when missing (qemu-system-x86 without

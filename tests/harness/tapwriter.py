@@ -123,7 +123,7 @@ class TapHolder(object):
     given). The caller puts the tap on a bridge; write() sends a frame from the 'VM'."""
 
     def __init__(self, name, argv=(), comm=None, netns=None):
-        from procs import die_with_parent
+        from .procs import die_with_parent
         here = os.path.dirname(os.path.abspath(__file__))
         cmd = ["/usr/bin/python3", os.path.join(here, "tapholder.py"), name] + \
             (["--comm", comm] if comm else []) + list(argv)

@@ -1,5 +1,5 @@
 """One QEMU guest of the lab: boot (software emulation), the serial command channel,
-QMP. Built by tests/guest/build_guest.sh: a Debian cloud kernel and a busybox
+QMP. Built by tests/harness/guest/build_guest.sh: a Debian cloud kernel and a busybox
 initramfs whose /init runs each line it reads on the second serial port as a shell
 command and answers with its output and a done marker."""
 import json
@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 
-from procs import LabError, die_with_parent, read_tail, stop_popen
+from .procs import LabError, die_with_parent, read_tail, stop_popen
 
 READY_MARKER = "__VNL_GUEST_READY__"
 DONE_MARKER = "__VNL_DONE__"

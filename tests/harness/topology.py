@@ -6,7 +6,7 @@ Every name the tests create starts with "vnl"; everything is removed by remove()
 import ipaddress
 import os
 
-from procs import LabError, run
+from .procs import LabError, run
 
 
 def link_exists(name):

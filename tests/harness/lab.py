@@ -14,7 +14,7 @@ creates, so the only traffic on the path is what a test sends.
 
 Usage (stdlib only, runs under /usr/bin/python3, needs root)::
 
-    from lab import Lab
+    from tests.harness.lab import Lab
     with Lab() as lab:
         rc, out = lab.guest("ping -c 1 10.77.0.3")
         sink = lab.start_udp_sink(5001)
@@ -22,7 +22,7 @@ Usage (stdlib only, runs under /usr/bin/python3, needs root)::
         assert sink.wait_count(100) == 100
         sink.stop()
 
-Command line: ``python3 tests/lab.py demo-smoke | up [SECONDS] | cleanup``.
+Command line: ``python3 -m tests.harness.lab demo-smoke | up [SECONDS] | cleanup``.
 
 The parts: qemu.py (one guest: boot, command channel, QMP), topology.py (devices,
 namespaces, the check that keeps test addresses off the host's own network),
@@ -51,10 +51,10 @@ import tempfile
 import threading
 import time
 
-import topology
-from nsservers import start_server
-from procs import LabError, die_with_parent, kill_pid, run, stop_popen
-from qemu import QemuGuest
+from . import topology
+from .nsservers import start_server
+from .procs import LabError, die_with_parent, kill_pid, run, stop_popen
+from .qemu import QemuGuest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_SCRIPT = os.path.join(HERE, "guest", "build_guest.sh")
@@ -144,7 +144,7 @@ class Lab:
             self.timings["build"] = time.monotonic() - t
             for f in (self.vmlinuz, self.initrd):
                 if not os.path.exists(f):
-                    raise LabError("%s missing (run tests/guest/build_guest.sh)" % f)
+                    raise LabError("%s missing (run tests/harness/guest/build_guest.sh)" % f)
             self.workdir = tempfile.mkdtemp(prefix="vnl-lab-%d-" % os.getpid())
             t = time.monotonic()
             self._setup_network()

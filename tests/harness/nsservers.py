@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from procs import LabError, die_with_parent, stop_popen
+from .procs import LabError, die_with_parent, stop_popen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {"udp": os.path.join(HERE, "servers", "udp_sink.py"),
