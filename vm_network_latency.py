@@ -2,26 +2,29 @@
 # -*- coding: utf-8 -*-
 #
 # vm_network_latency  Where does a KVM guest's packet spend its time on the host?
-#                     Per-packet latency between the VM's tap device, the virtual
-#                     switch (Open vSwitch kernel datapath or Linux bridge), VXLAN and
-#                     Geneve tunnels and the physical NIC, in both directions, IPv4 and
-#                     IPv6, per VM by name. For Linux, uses BCC, eBPF.
+#                     Per-packet latency between the VM's tap or macvtap device, the
+#                     virtual switch (Open vSwitch kernel datapath or Linux bridge),
+#                     VXLAN and Geneve tunnels and the physical NIC (behind bonds and
+#                     VLANs), in both directions and from VM to VM on the host, IPv4
+#                     and IPv6, per VM by name. For Linux, uses BCC, eBPF.
 #
-# How: every packet that enters the path (a frame the VM writes into its tap, or a
-# frame the physical NIC receives) is parsed once, filtered in the kernel, and kept
-# in a direct-mapped table indexed by a hash of its sk_buff address. Each later stage
-# (switch, qdisc, driver transmit, tap ring, the VM's read) only looks that address up
-# and stamps the time. When the packet completes the path, one ring-buffer event
-# (detailed mode) or a few in-kernel histogram increments (histogram mode) are
-# produced. Packets freed before they complete are counted with the kernel's drop
-# reason. Struct layouts come from the running kernel's BTF, never from headers of
-# another kernel; what the kernel can do is tried, never read off its version. Stages
-# attach to raw or BTF-typed tracepoints, or kprobes, chosen per stage. Which VM owns
-# a tap comes from /proc (the process holding it, QEMU's -name and -uuid).
+# How: every packet that enters the path (a frame the VM writes into its tap or
+# macvtap, or a frame the physical NIC receives) is parsed once, filtered in the
+# kernel, and kept in a direct-mapped table indexed by a hash of its sk_buff address.
+# Each later stage (switch, qdisc, driver transmit, tap ring, the VM's read) only
+# looks that address up and stamps the time. When the packet completes the path, one
+# ring-buffer event (detailed mode) or a few in-kernel histogram increments
+# (histogram mode) are produced. Packets freed before they complete are counted with
+# the kernel's drop reason. Struct layouts come from the running kernel's BTF, never
+# from headers of another kernel; what the kernel can do is tried, never read off its
+# version. Stages attach to raw or BTF-typed tracepoints, or kprobes, chosen per
+# stage. Which VM owns a tap or macvtap comes from /proc (the process holding it,
+# QEMU's -name and -uuid); which NIC is under a bond or VLAN, from sysfs.
 #
 # USAGE: vm_network_latency.py [-h] [--src-ip IP] [--dst-ip IP] [--src-port PORT]
 #            [--dst-port PORT] [--protocol {tcp,udp,icmp,icmp6,all}] [--vni N]
-#            [--direction {tx,rx,both}] [--vm-dev DEV] [--vm NAME] [--phy-dev DEV]
+#            [--direction {tx,rx,vm2vm,all,both}] [--vm-dev DEV] [--vm NAME]
+#            [--phy-dev DEV]
 #            [--mode {detailed,histogram}] [--interval SECONDS] [--per-vm]
 #            [--prometheus [ADDR:]PORT] [--prometheus-tls-cert FILE]
 #            [--prometheus-tls-key FILE] [--prometheus-client-ca FILE]
@@ -38,7 +41,8 @@
 # 01-Dec-2026   BCC 0.18 and a kernel matrix; IPv6; VXLAN/Geneve; VMs by name;
 #               vhost-net; Prometheus metrics; --write-events/--read-events.
 # 06-Dec-2026   Recordings, names and files as untrusted input; metrics over TLS;
-#               long-running exporters forget VMs that are gone.
+#               long-running exporters forget VMs that are gone. macvtap, VM to VM
+#               on one host, NICs behind bonds and VLANs.
 
 from __future__ import print_function
 
@@ -274,17 +278,20 @@ def build_parser():
     parser.add_argument("--vni", type=_int_in(0, 16777215, "VNI"), metavar="N",
                         help="only packets of this VXLAN/Geneve network (the inner packets "
                              "of one tenant)")
-    parser.add_argument("--direction", choices=["tx", "rx", "both"], default="both",
-                        type=str.lower,
-                        help="tx: VM -> network, rx: network -> VM (default: both)")
+    parser.add_argument("--direction", choices=["tx", "rx", "vm2vm", "all", "both"],
+                        default="all", type=str.lower,
+                        help="tx: VM -> network, rx: network -> VM, vm2vm: one VM to "
+                             "another on this host (default: all; both: the same)")
     parser.add_argument("--vm-dev", type=_device, action="append", metavar="DEV",
-                        help="VM tap device (repeatable; default: every tun/tap device)")
+                        help="VM device, a tap or macvtap (repeatable; default: every one)")
     parser.add_argument("--vm", type=_vm_name, action="append", metavar="NAME",
-                        help="only this VM's taps, also those it gains later (repeatable; "
+                        help="only packets this VM sends or receives, on its taps and "
+                             "macvtaps, also those it gains later (repeatable; "
                              "the name QEMU was started with, -name; with --vm-dev: both)")
     parser.add_argument("--phy-dev", type=_device, action="append", metavar="DEV",
-                        help="physical device (repeatable; default: the non-tap ports "
-                             "of the switches the taps are on)")
+                        help="physical device (repeatable; default: the other ports of "
+                             "the switches the taps are on, the devices macvtaps sit on; "
+                             "a bond or VLAN: the NICs under it)")
     parser.add_argument("--mode", choices=["detailed", "histogram"], default="detailed",
                         type=str.lower, help="output mode (default: detailed)")
     parser.add_argument("--interval", type=_positive_float, default=5.0, metavar="SECONDS",
@@ -378,6 +385,11 @@ def keeps_per_vm_counts(args):
     return bool(args.per_vm or args.prometheus or args.prometheus_textfile)
 
 
+def wanted_directions(direction):
+    """The directions --direction asks for ("all", or its old name "both": every one)."""
+    return ("tx", "rx", "vm2vm") if direction in ("all", "both") else (direction,)
+
+
 def parse_args(argv):
     """Parse and validate the command line; everything checked here needs no kernel."""
     parser = build_parser()
@@ -420,6 +432,9 @@ def parse_args(argv):
         if not os.path.isdir(where):
             parser.error("--prometheus-textfile %s: no directory %s"
                          % (args.prometheus_textfile, where))
+    if args.direction == "vm2vm" and args.vni is not None:
+        parser.error("--vni selects packets of a VXLAN/Geneve network: VM-to-VM packets "
+                     "on this host cross no tunnel (--direction vm2vm)")
     if args.protocol in ("icmp", "icmp6") and (args.src_port or args.dst_port):
         parser.error("ports cannot be used with --protocol %s (ICMP has no ports)"
                      % args.protocol)
@@ -442,24 +457,31 @@ def parse_args(argv):
 # --- the stages of the path ---
 
 # A stage is one point of the path; the table below owns the path. Its order is the
-# path order of each direction (a stage of "both" directions is on both), a stage's
-# position is its sid (its slot in the record's ts[]), and everything else is derived
-# from it: the path order, the start and the end of each direction, the tracepoints to
-# look for, the C handler each attach point calls.
+# path order of every direction it is on, a stage's position is its sid (its slot in the
+# record's ts[]), and everything else is derived from it: each direction's path, its
+# starts and its ends, the tracepoints to look for, the C handler each attach point calls.
+#   directions where it is: "tx" VM -> network, "rx" network -> VM, "vm2vm" one VM to
+#             another on this host (a packet starts as TX; it becomes VM-to-VM where it
+#             reaches another VM's device)
 #   hook      what the stage's C does (HOOK_HANDLERS):
-#     start    the packet enters the path here: parse, filter, start tracking
-#     dev      stamp only on a device of this stage's role (tap or physical)
+#     start    netif_receive_skb: a frame from a tap starts TX, one from a NIC RX (or,
+#              sent through a macvtap of this NIC, comes back to another: VM-to-VM)
+#     dev      a device's queue or driver: stamp on a device of this stage's role; at a
+#              macvtap's queue, the VM's frame starts TX
 #     plain    stamp any tracked packet that passes (the bridge)
 #     ovs      the OVS datapath; with upcalls traced it also recognises returned packets
 #     upcall   OVS sends the packet to ovs-vswitchd, which returns a copy
-#     vm_read  the VM's backend reads the frame from the tap: RX ends here
+#     vm_read  the VM's backend reads the frame from its tap or macvtap: RX and VM-to-VM
+#              end here
 #     host_rcv the host's own stack takes the packet: RX ends here
-#   role      the device role a start/dev stage stamps on ("vm": tap, "phy": physical)
+#   role      the device role a start/dev stage stamps on: "vm" a tap or a macvtap (the
+#             VM's side), "mvtap" a macvtap only, "phy" the physical side, "tun" a tunnel
 #   end       where a direction's path ends: 1 first choice, 2, 3 if that is not traced
 #   module    the kernel module without which the stage does not exist
-#   kprobes   [(function, argument number of the skb)]: each one found is attached
+#   kprobes   [(function, argument number of the skb; -N: of a pointer to it)]: each
+#             one found is attached
 #   tracepoint (category, name, argument number of the skb)
-Stage = namedtuple("Stage", "name sid direction hook role end module kprobes tracepoint "
+Stage = namedtuple("Stage", "name sid directions hook role end module kprobes tracepoint "
                             "meaning")
 
 
@@ -467,65 +489,74 @@ def _stages(*rows):
     return [Stage(row[0], sid, *row[1:]) for sid, row in enumerate(rows)]
 
 
+TX, RX, VM2VM = ("tx",), ("rx",), ("vm2vm",)
 STAGES = _stages(
-    ("tap_rx", "tx", "start", "vm", None, None, [("__netif_receive_skb", 1)],
+    ("tap_rx", TX + VM2VM, "start", "vm", None, None, [("__netif_receive_skb", 1)],
      ("net", "netif_receive_skb", 0),
      "the host receives the VM's frame from its tap (tun_get_user -> netif_receive_skb)"),
-    ("phy_rx", "rx", "start", "phy", None, None, [("__netif_receive_skb", 1)],
+    ("mvt_queue", TX + VM2VM, "dev", "mvtap", None, None, [("__dev_queue_xmit", 1)],
+     ("net", "net_dev_queue", 0),
+     "the host takes the VM's frame from its macvtap (tap_get_user -> dev_queue_xmit: "
+     "the macvtap's qdisc)"),
+    ("mvt_xmit", TX + VM2VM, "dev", "mvtap", None, "macvlan", [("macvlan_start_xmit", 1)],
+     ("net", "net_dev_start_xmit", 0),
+     "the macvtap's qdisc hands the frame to macvlan (macvlan_start_xmit), towards its "
+     "lower device or, in bridge mode, another macvtap"),
+    ("phy_rx", RX + VM2VM, "start", "phy", None, None, [("__netif_receive_skb", 1)],
      ("net", "netif_receive_skb", 0),
-     "the host receives the frame from the physical NIC (a tunnel's: the outer frame)"),
+     "the host receives the frame from the physical NIC (a tunnel's: the outer frame; "
+     "VM-to-VM: a macvtap's frame to another of the same NIC, in bridge mode)"),
     # decap: the tracepoint only: a tunnel hands its inner frames over through GRO
     # cells, in lists, which the __netif_receive_skb kprobe never sees
-    ("decap", "rx", "start", "tun", None, None, [],
+    ("decap", RX, "start", "tun", None, None, [],
      ("net", "netif_receive_skb", 0),
      "the tunnel device (VXLAN, Geneve) receives the inner frame, decapsulated"),
-    ("bridge", "both", "plain", None, None, "bridge", [("br_forward", 2)], None,
+    ("bridge", TX + RX + VM2VM, "plain", None, None, "bridge", [("br_forward", 2)], None,
      "the Linux bridge forwards the frame to its output port"),
-    ("ovs_upcall", "both", "upcall", None, None, "openvswitch",
+    ("ovs_upcall", TX + RX + VM2VM, "upcall", None, None, "openvswitch",
      [("ovs_dp_upcall", 2), ("ovs_execute_actions", 2)],
      ("openvswitch", "ovs_dp_upcall", 1),
      "OVS had no flow for it: sent to ovs-vswitchd (first packet of a flow)"),
-    ("ovs_dp", "both", "ovs", None, None, "openvswitch", [("ovs_dp_process_packet", 1)],
-     ("openvswitch", "ovs_do_execute_action", 1),
+    ("ovs_dp", TX + RX + VM2VM, "ovs", None, None, "openvswitch",
+     [("ovs_dp_process_packet", 1)], ("openvswitch", "ovs_do_execute_action", 1),
      "the Open vSwitch kernel datapath processes the frame"),
-    ("encap", "tx", "dev", "tun", None, None, [], ("net", "net_dev_start_xmit", 0),
+    ("encap", TX, "dev", "tun", None, None, [], ("net", "net_dev_start_xmit", 0),
      "the tunnel device transmits: encapsulation and the underlay's route follow"),
-    ("phy_queue", "tx", "dev", "phy", 2, None, [("__dev_queue_xmit", 1)],
+    ("phy_queue", TX, "dev", "phy", 2, None, [("__dev_queue_xmit", 1)],
      ("net", "net_dev_queue", 0),
      "queued for the physical NIC (__dev_queue_xmit: qdisc)"),
-    ("phy_xmit", "tx", "dev", "phy", 1, None, [], ("net", "net_dev_start_xmit", 0),
+    ("phy_xmit", TX, "dev", "phy", 1, None, [], ("net", "net_dev_start_xmit", 0),
      "handed to the physical NIC's driver"),
-    ("tap_queue", "rx", "dev", "vm", 3, None, [("__dev_queue_xmit", 1)],
+    ("tap_queue", RX + VM2VM, "dev", "vm", 3, None, [("__dev_queue_xmit", 1)],
      ("net", "net_dev_queue", 0),
      "queued for the VM's tap (__dev_queue_xmit: qdisc)"),
-    ("tap_xmit", "rx", "dev", "vm", 2, None, [("tun_net_xmit", 1)],
+    ("tap_xmit", RX + VM2VM, "dev", "vm", 2, None, [("tun_net_xmit", 1)],
      ("net", "net_dev_start_xmit", 0),
      "put in the tap's ring for the VM (tun_net_xmit)"),
-    ("vm_read", "rx", "vm_read", None, 1, None, [("skb_copy_datagram_iter", 1)],
+    # a macvtap's ring is filled by its receive handler, where no tracepoint is: kprobes
+    # only (tap_handle_frame(struct sk_buff **pskb))
+    ("mvt_ring", RX + VM2VM, "dev", "mvtap", None, None, [("tap_handle_frame", -1)], None,
+     "put in the macvtap's ring for the VM (tap_handle_frame)"),
+    ("vm_read", RX + VM2VM, "vm_read", None, 1, None, [("skb_copy_datagram_iter", 1)],
      ("skb", "skb_copy_datagram_iovec", 0),
-     "the VM's backend (QEMU or vhost) reads the frame (tun_put_user)"),
-    ("host_rcv", "rx", "host_rcv", None, None, None,
+     "the VM's backend (QEMU or vhost) reads the frame (tun_put_user, tap_put_user)"),
+    ("host_rcv", RX, "host_rcv", None, None, None,
      [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1), ("tcp_v6_rcv", 1),
       ("udpv6_rcv", 1), ("icmpv6_rcv", 1)], None,
      "delivered to the host's own TCP/UDP/ICMP stack (traffic ending on the host)"),
 )
-
 STAGE_BY_NAME = dict((s.name, s) for s in STAGES)
 STAGE_NAMES = [s.name for s in STAGES]
 NSTAGES = len(STAGES)
-DIRECTIONS = ("tx", "rx")
-PATH_ORDER = dict((d, [s.name for s in STAGES if s.direction in (d, "both")])
-                  for d in DIRECTIONS)
-
-START_STAGE = dict((s.direction, s.name) for s in STAGES
-                   if s.hook == "start" and s.role in ("vm", "phy"))
-
-START_SID = [STAGE_BY_NAME[START_STAGE[d]].sid for d in DIRECTIONS]
-
+DIRECTIONS = ("tx", "rx", "vm2vm")
+PATH_ORDER = dict((d, [s.name for s in STAGES if d in s.directions]) for d in DIRECTIONS)
+# where each direction's packets enter the path (VM-to-VM ones, as TX ones do)
+START_STAGES = {"tx": ["tap_rx", "mvt_queue"], "rx": ["phy_rx"],
+                "vm2vm": ["tap_rx", "mvt_queue"]}
+START_SIDS = [[STAGE_BY_NAME[n].sid for n in START_STAGES[d]] for d in DIRECTIONS]
 # the ends of each direction's path, most wanted first (TracePlan takes the first traced)
 END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
-                       if s.end and s.direction == d]) for d in DIRECTIONS)
-
+                       if s.end and d in s.directions]) for d in DIRECTIONS)
 # packets freed before their path's end: how each one's fate is learnt
 FREE_TRACEPOINTS = [("skb", "kfree_skb", "packet dropped (with the kernel's reason)"),
                     ("skb", "consume_skb", "packet freed normally: it left the path")]
@@ -568,14 +599,20 @@ class Shared(object):
 
 
 class Dir(Shared):
-    """A packet's direction: TX from the VM to the network, RX towards the VM."""
-    TX, RX = 0, 1
+    """A packet's direction (DIRECTIONS): TX from the VM to the network, RX towards the
+    VM, VM2VM from one VM to another on this host."""
+    TX, RX, VM2VM = 0, 1, 2
 
 
 class Role(Shared):
-    """What a device is to the path (the kernel's device map). A tunnel device's role
-    says its kind: TUN_VXLAN + Tunnel.x - Tunnel.VXLAN."""
-    VM, PHY, TUN_VXLAN, TUN_GENEVE = 1, 2, 3, 4
+    """What a device is to the path (the kernel's device map): a VM's tap (VM) or
+    macvtap (MVTAP); the physical side, a NIC (PHY; PHY_MVT: one macvtaps sit on, whose
+    frames from one to another come back through it in bridge mode); MVT_LOWER, a VLAN
+    or bond macvtaps sit on (that coming back only); a tunnel, whose role says its kind
+    (TUN_VXLAN + Tunnel.x - Tunnel.VXLAN). PEER on a VM's device: a VM --vm or
+    --vm-dev did not select, whose packets count only to or from those that are."""
+    VM, PHY, TUN_VXLAN, TUN_GENEVE, MVTAP, PHY_MVT, MVT_LOWER = 1, 2, 3, 4, 5, 6, 7
+    PEER = 0x80
 
 
 class Tunnel(Shared):
@@ -585,6 +622,13 @@ class Tunnel(Shared):
 class Ev(Shared):
     """What an event from the kernel is."""
     PACKET, DROP = 1, 2
+
+
+class PF(Shared):
+    """A record's flags: PENDING, followed but not counted in (yet): a TX packet of a VM
+    not selected, or one while only VM-to-VM packets are wanted; PEER, sent by a VM not
+    selected (it counts only if it reaches a selected one)."""
+    PENDING, PEER = 1, 2
 
 
 class Err(Shared):
@@ -606,13 +650,15 @@ STAT_NAMES = ["started", "completed", "below_threshold", "lost", "dropped", "lef
               "not_tracked", "vanished", "vm_hist_full", "other_vni"]
 
 STAT = dict((n, i) for i, n in enumerate(STAT_NAMES))
+COUNT_MASK = (1 << 64) - 1     # the kernel's counters are u64
 
 
 class C(Shared):
     """Sizes and codes of the program, by C's own names."""
     C_PREFIX = ""
     NSTAGES = NSTAGES
-    NSTATS = 2 * len(STAT_NAMES)
+    NDIRS = len(DIRECTIONS)
+    NSTATS = NDIRS * len(STAT_NAMES)
     FATE_LEFT = 0xffffffff      # reason code in the fates map: freed normally, not dropped
     HIST_SUB_BITS = 4           # 16 sub-buckets per power of two: percentiles within ~3%
     HIST_BUCKETS = 720          # up to 2^47 / 1024 us (about 38 hours); longer ones share
@@ -627,7 +673,7 @@ class C(Shared):
     WAKE_EVERY = 64
 
 
-SHARED = [Dir, Role, Tunnel, Ev, Err, Proto, C]
+SHARED = [Dir, Role, Tunnel, Ev, PF, Err, Proto, C]
 INFLIGHT_EXAMPLES = 10      # packets still in flight at the end that the summary shows
 PERF_BUFFER_PAGES = 256
 
@@ -639,6 +685,10 @@ def shared_defines():
     out.append(("IS_ICMP_ECHO(proto, type)", "(%s)" % " || ".join(
         "((proto) == %d && ((type) == %d || (type) == %d))" % ((proto,) + types)
         for proto, types in sorted(ICMP_ECHO.items()))))
+    out += [("ROLE_KIND(r)", "((r) & ~ROLE_PEER)"),
+            ("IS_VM_SIDE(r)", "(ROLE_KIND(r) == ROLE_VM || ROLE_KIND(r) == ROLE_MVTAP)"),
+            ("IS_PHY(r)", "((r) == ROLE_PHY || (r) == ROLE_PHY_MVT)"),
+            ("IS_TUN(r)", "((r) == ROLE_TUN_VXLAN || (r) == ROLE_TUN_GENEVE)")]
     return out
 
 
@@ -657,12 +707,13 @@ RECORD_FIELDS = [
     ("ip_id", "u16", 1, "IPv4 identification"),
     ("seen", "u16", 1, "bit 1 << stage set for each stage that saw it"),
     ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
-    ("vm_ifindex", "u32", 1, "the tap"),
+    ("vm_ifindex", "u32", 1, "the VM's tap or macvtap (VM-to-VM: the sender's)"),
     ("phy_ifindex", "u32", 1, "the physical device"),
     ("pid", "u32", 1, "VM side: the process that wrote (tx) or read (rx) it"),
     ("tid", "u32", 1, "and its thread"),
     ("vni", "u32", 1, "tunnel: VXLAN/Geneve network identifier"),
     ("tun_ifindex", "u32", 1, "tunnel: the tunnel device"),
+    ("peer_ifindex", "u32", 1, "VM-to-VM: the receiving VM's tap or macvtap"),
     ("saddr", "u8", 16, "source address, network order (IPv4: the first 4 bytes)"),
     ("daddr", "u8", 16, "destination address, network order (IPv4: the first 4 bytes)"),
     ("outer_saddr", "u8", 16, "tunnel: the outer source address (the local VTEP on TX)"),
@@ -674,12 +725,13 @@ RECORD_FIELDS = [
     ("ip_version", "u8", 1, "4 or 6"),
     ("tunnel", "u8", 1, "0, TUNNEL_VXLAN or TUNNEL_GENEVE"),
     ("outer_version", "u8", 1, "tunnel: 4 or 6, 0 while the outer headers are unknown"),
-    ("dir", "u8", 1, "DIR_TX or DIR_RX"),
+    ("dir", "u8", 1, "DIR_TX, DIR_RX or DIR_VM2VM"),
     ("last", "u8", 1, "the last stage that saw it"),
     ("type", "u8", 1, "EV_PACKET or EV_DROP"),
     ("icmp_type", "u8", 1, "ICMP type"),
     ("upcalled", "u8", 1, "a copy waits for ovs-vswitchd to return it"),
-    ("dev_role", "u8", 1, "ROLE_VM or ROLE_PHY of dev"),
+    ("dev_role", "u8", 1, "the role of dev"),
+    ("pflags", "u8", 1, "PF_PENDING: not counted yet; PF_PEER: sent by an unselected VM"),
 ]
 
 _C_SIZES = {"u64": 8, "u32": 4, "u16": 2, "u8": 1}
@@ -772,6 +824,10 @@ Attachment = namedtuple("Attachment", "method probe arg fn_name stages")
 
 # a VM as its process shows it: QEMU's -name and -uuid, the pid, the process name
 VmInfo = namedtuple("VmInfo", "name uuid pid comm")
+
+# whose per-VM tables these are: the VM's label, name, devices; VM-to-VM: the
+# receiving VM's too (peer_label None for the rest)
+VmTables = namedtuple("VmTables", "label name devs peer_label peer_name peer_devs")
 
 # the devices the user selected: --vm-dev, --vm, --phy-dev (lists, maybe empty)
 DeviceSelection = namedtuple("DeviceSelection", "vm_devs vms phy_devs")
@@ -1422,6 +1478,41 @@ def is_tap(dev):
     return os.path.exists(_sysfs(dev, "tun_flags"))
 
 
+def is_macvtap(dev):
+    """A macvtap (libvirt's <interface type='direct'>): the VM holds its /dev/tapN."""
+    return os.path.isdir(_sysfs(dev, "macvtap"))
+
+
+def is_vm_device(dev):
+    return is_tap(dev) or is_macvtap(dev)
+
+
+def lower_devices(dev):
+    """The devices dev sits on (its lower_* links: a VLAN's device, a bond's or team's
+    ports, a macvlan's or macvtap's NIC)."""
+    try:
+        return sorted(e[len("lower_"):] for e in os.listdir(_sysfs(dev))
+                      if e.startswith("lower_"))
+    except OSError:
+        return []
+
+
+def uplink_leaves(dev, _depth=0):
+    """{NIC: [the devices stacked on it, from dev down]} of a switch port or a given
+    physical device: a NIC itself ({dev: []}); a VLAN, a bond, a team: the NICs under
+    them, each with the devices between (bond0.100 -> bond0 -> eth0: {"eth0":
+    ["bond0.100", "bond0"]}). A packet leaves and arrives on a NIC: its queue and driver
+    are the path's, its receive is where RX starts."""
+    lows = lower_devices(dev) if _depth < 8 else []
+    if not lows:
+        return {dev: []}
+    out = {}
+    for low in lows:
+        for leaf, chain in uplink_leaves(low, _depth + 1).items():
+            out.setdefault(leaf, [dev] + chain)
+    return out
+
+
 def device_master(dev):
     try:
         return os.path.basename(os.readlink(_sysfs(dev, "master")))
@@ -1448,8 +1539,8 @@ def hardware_devices(devices):
 def switch_ports(taps, devices):
     """The other ports of the switches (bridge or OVS) the taps are on."""
     masters = set(m for m in (device_master(t) for t in taps) if m)
-    return [d for d in devices if d not in taps and not is_tap(d)
-            and device_master(d) in masters]
+    return [d for d in devices if d not in taps and not is_vm_device(d)
+            and device_master(d) in masters and not is_ovs_internal(d)]
 
 
 def device_kind(dev):
@@ -1468,29 +1559,49 @@ def is_tunnel(dev):
     return device_kind(dev) in TUNNEL_PORTS
 
 
-_TUNNEL_INFO = {}
+_LINK_DETAILS = {}
 
 
-def tunnel_info(dev):
-    """A tunnel device's settings from iproute2 (ip -d -j link): id (the VNI), remote,
-    local, link (the underlay given), port, external (OVS's metadata mode). Cached."""
+def link_details(dev):
+    """iproute2's view of a device (ip -d -j link: its kind and settings), cached per
+    device instance (name and ifindex)."""
     try:
         key = (dev, device_ifindex(dev))
     except (IOError, OSError, ValueError):
         return {}
-    if key not in _TUNNEL_INFO:
-        info = {}
+    if key not in _LINK_DETAILS:
+        link = {}
         try:
             out = subprocess.check_output(["ip", "-d", "-j", "link", "show", "dev", dev],
                                           stderr=subprocess.DEVNULL)
             link = json.loads(out.decode())[0]
-            info = dict(link.get("linkinfo", {}).get("info_data", {}))
-            info["link"] = info.get("link") or link.get("link")
-        except (OSError, subprocess.CalledProcessError, ValueError, IndexError,
-                AttributeError):
+            if not isinstance(link, dict):
+                link = {}
+        except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
             pass
-        _TUNNEL_INFO[key] = info
-    return _TUNNEL_INFO[key]
+        _LINK_DETAILS[key] = link
+    return _LINK_DETAILS[key]
+
+
+def tunnel_info(dev):
+    """A tunnel device's settings: id (the VNI), remote, local, link (the underlay
+    given), port, external (OVS's metadata mode)."""
+    link = link_details(dev)
+    try:
+        info = dict(link.get("linkinfo", {}).get("info_data", {}))
+    except (AttributeError, TypeError, ValueError):
+        info = {}
+    info["link"] = info.get("link") or link.get("link")
+    return info
+
+
+def is_ovs_internal(dev):
+    """An OVS internal port (the bridge's own device, ovsbr0): the host's own interface
+    on the switch, not a way out of the host."""
+    try:
+        return link_details(dev).get("linkinfo", {}).get("info_kind") == "openvswitch"
+    except AttributeError:
+        return False
 
 
 def route_device(address):
@@ -1527,41 +1638,84 @@ def tunnel_ports(devices):
     return ports
 
 
-def resolve_roles(selection, owners=None):
-    """{ifindex: role}, {ifindex: name}, the taps and the physical devices, for the
-    devices the user selected (DeviceSelection) or, by default, found.
+# what resolve_roles() found: {ifindex: Role}, {ifindex: name}, the VM devices selected
+# (taps and macvtaps), the NICs, {NIC: the devices stacked on it (a VLAN, a bond)}
+Resolved = namedtuple("Resolved", "roles names vm_devs phys uplinks")
 
-    owners ({tap: VmInfo}, from find_vms()) picks the taps of the VMs named by --vm."""
+
+def resolve_roles(selection, owners=None):
+    """The roles of the host's devices, for the devices the user selected
+    (DeviceSelection) or, by default, found.
+
+    The VM side: taps and macvtaps (owners, {device: VmInfo} from find_vms(), picks
+    those of the VMs named by --vm); a VM's device the selection leaves out is a PEER:
+    its packets count when they go to or come from a selected VM. The physical side:
+    the NICs under the other ports of the taps' switches (a tunnel port: its underlay)
+    and under the selected macvtaps, through VLANs, bonds and teams; --phy-dev the same
+    from the devices it names."""
     devices = list_devices()
+    vm_all = [d for d in devices if is_vm_device(d)]
     if selection.vm_devs or selection.vms:
-        taps = list(selection.vm_devs)
+        vm_devs = list(selection.vm_devs)
         wanted = set(selection.vms)
-        taps += sorted(t for t, vm in (owners or {}).items()
-                       if vm.name in wanted and t not in taps and t in devices)
+        vm_devs += sorted(t for t, vm in (owners or {}).items()
+                          if vm.name in wanted and t not in vm_devs and t in devices)
     else:
-        taps = [d for d in devices if is_tap(d)]
+        vm_devs = vm_all
+    peers = [d for d in vm_all if d not in vm_devs]
+    taps = [d for d in vm_devs if not is_macvtap(d)]
     ports = switch_ports(taps, devices)
     tunnels = [d for d in ports if is_tunnel(d)]
+    # where macvtaps sit: their frames to another macvtap of the same device come back
+    # through it (bridge mode)
+    mvt_lowers = set(low for d in vm_all if is_macvtap(d) for low in lower_devices(d))
     if selection.phy_devs:
-        phys = list(selection.phy_devs)
+        uplinks = list(selection.phy_devs)
     else:
         # a tunnel on the switch is not the physical side: its underlay is
-        phys = [d for d in ports if d not in tunnels]
+        uplinks = [d for d in ports if d not in tunnels]
         for tun in tunnels:
-            phys += [u for u in tunnel_underlay(tun, devices) if u not in phys]
-        phys = phys or hardware_devices(devices)
-    roles, names = {}, {}
+            uplinks += [u for u in tunnel_underlay(tun, devices) if u not in uplinks]
+        uplinks += [low for d in vm_devs if is_macvtap(d) for low in lower_devices(d)
+                    if low not in uplinks]
+        uplinks = uplinks or hardware_devices(devices)
+    leaves = {}
+    for dev in uplinks:
+        for leaf, chain in uplink_leaves(dev).items():
+            leaves.setdefault(leaf, chain)
     kinds = dict((t, Role.TUN_VXLAN if device_kind(t) == "vxlan" else Role.TUN_GENEVE)
                  for t in tunnels)
-    for role, devs in [(Role.VM, taps), (Role.PHY, phys)] + [(r, [t]) for t, r in kinds.items()]:
+    wanted_roles = [(Role.VM, [d for d in taps]),
+                    (Role.MVTAP, [d for d in vm_devs if is_macvtap(d)]),
+                    (Role.VM | Role.PEER, [d for d in peers if not is_macvtap(d)]),
+                    (Role.MVTAP | Role.PEER, [d for d in peers if is_macvtap(d)]),
+                    (Role.MVT_LOWER, sorted(mvt_lowers)),
+                    (Role.PHY, sorted(leaves))] + [(r, [t]) for t, r in kinds.items()]
+    roles, names = {}, {}
+    for role, devs in wanted_roles:
         for dev in devs:
             try:
                 idx = device_ifindex(dev)
             except (IOError, OSError, ValueError):
                 continue  # vanished since the listing
-            roles[idx] = role
+            # a NIC macvtaps sit on: both at once
+            roles[idx] = Role.PHY_MVT if role == Role.PHY and dev in mvt_lowers else role
             names[idx] = dev
-    return roles, names, taps, phys
+    return Resolved(roles, names, vm_devs, sorted(leaves), dict(
+        (leaf, chain) for leaf, chain in leaves.items() if chain))
+
+
+def uplink_notes(found):
+    """What to say about the physical side found: a bond or team without NICs under it
+    (--phy-dev naming it, or a VLAN on it) has no packet leave or arrive."""
+    notes = []
+    for dev in found.phys:
+        if device_kind(dev) in ("bond", "team") or os.path.isdir(_sysfs(dev, "bonding")):
+            notes.append("%s%s is a %s with no NIC under it: no packet leaves or arrives "
+                         "there until it has one" % (
+                             dev, " (under %s)" % "/".join(found.uplinks[dev])
+                             if found.uplinks.get(dev) else "", device_kind(dev) or "bond"))
+    return notes
 
 
 def check_devices_exist(selection):
@@ -1575,7 +1729,8 @@ def check_devices_exist(selection):
 
 
 def all_taps():
-    return set(d for d in list_devices() if is_tap(d))
+    """The VM devices there are now: taps and macvtaps."""
+    return set(d for d in list_devices() if is_vm_device(d))
 
 
 # --- which VM owns a tap: the process holding its /dev/net/tun descriptor ---
@@ -1628,8 +1783,26 @@ def _read_proc(pid, what):
         return None
 
 
-def tun_fds(pid):
-    """[(fd, tap name)] of the /dev/net/tun descriptors a process holds."""
+def macvtap_chardevs():
+    """{(major, minor): macvtap} of this namespace's macvtaps: each one's /dev/tapN is
+    named after its ifindex but numbered by the kernel, read from sysfs
+    (/sys/class/net/DEV/macvtap/tapN/dev: "MAJOR:MINOR")."""
+    out = {}
+    for dev in list_devices():
+        try:
+            for entry in os.listdir(_sysfs(dev, "macvtap")):
+                with open(_sysfs(dev, "macvtap", entry, "dev")) as f:
+                    major, minor = f.read().strip().split(":")
+                out[(int(major), int(minor))] = dev
+        except (IOError, OSError, ValueError):
+            continue
+    return out
+
+
+def vm_device_fds(pid, macvtaps):
+    """[(fd, device, is a tap)] of a process's descriptors of VM devices: a tap's
+    /dev/net/tun (fdinfo names the tap: "iff:\tvnet3"), or a macvtap's character device
+    (macvtaps: from macvtap_chardevs())."""
     fddir = "/proc/%d/fd" % pid
     out = []
     try:
@@ -1637,13 +1810,19 @@ def tun_fds(pid):
     except OSError:
         return out
     for fd in fds:
+        path = os.path.join(fddir, fd)
         try:
-            if os.readlink(os.path.join(fddir, fd)) != "/dev/net/tun":
-                continue
-            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
-                for line in f:
-                    if line.startswith("iff:"):
-                        out.append((int(fd), line.split(None, 1)[1].strip()))
+            target = os.readlink(path)
+            if target == "/dev/net/tun":
+                with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                    for line in f:
+                        if line.startswith("iff:"):
+                            out.append((int(fd), line.split(None, 1)[1].strip(), True))
+            elif macvtaps and target.startswith("/dev/"):
+                st = os.stat(path)
+                dev = macvtaps.get((os.major(st.st_rdev), os.minor(st.st_rdev)))
+                if dev and stat.S_ISCHR(st.st_mode):
+                    out.append((int(fd), dev, False))
         except (IOError, OSError, IndexError, ValueError):
             continue
     return out
@@ -1687,16 +1866,19 @@ def tap_netns(pid, fd):
 
 
 def find_vms():
-    """{tap: VmInfo} for every tap of this network namespace some process holds. Where
-    several hold one (a management daemon passing the descriptor on), a named VM wins,
-    then the lowest pid."""
+    """{device: VmInfo} for every tap or macvtap of this network namespace some process
+    holds. Where several hold one (a management daemon passing the descriptor on), a
+    named VM wins, then the lowest pid. (A macvtap's character device is only this
+    namespace's when its numbers are: macvtap_chardevs() lists no other.)"""
     found = {}
     here = host_netns_inum()
+    macvtaps = macvtap_chardevs()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         pid = int(entry)
-        taps = [name for fd, name in tun_fds(pid) if tap_netns(pid, fd) == here]
+        taps = [name for fd, name, tun in vm_device_fds(pid, macvtaps)
+                if not tun or tap_netns(pid, fd) == here]
         if not taps:
             continue
         argv = (_read_proc(pid, "cmdline") or b"").split(b"\0")
@@ -1731,21 +1913,44 @@ def check_vms_exist(wanted, owners):
 
 
 def switch_of(dev):
-    """The bridge a device is a port of ("ovs-system" means an OVS datapath port)."""
+    """The bridge a device is a port of ("ovs-system" means an OVS datapath port); for a
+    macvtap, the device it is on (macvtap@eth0): the macvlan there is its switch."""
+    if is_macvtap(dev):
+        return "macvtap@" + (lower_devices(dev) or ["?"])[0]
     return device_master(dev) or "-"
+
+
+ROLE_WORDS = {Role.VM: "vm", Role.MVTAP: "vm (macvtap)", Role.PHY: "phy",
+              Role.PHY_MVT: "phy (macvtaps on it)", Role.MVT_LOWER: "macvtaps' lower",
+              Role.TUN_VXLAN: "vxlan", Role.TUN_GENEVE: "geneve"}
 
 
 class HostDevices(object):
     """Which devices are the VM side and which the physical side, kept in step with the
     host: VMs start and stop, restart with new taps of the same names, get their names
-    late. The /proc scan for tap owners runs when the set of taps changed, and every
-    few seconds while a tap has no named owner (a daemon may hand it to QEMU later)."""
+    late. The /proc scan for tap owners runs when the set of VM devices changed, and
+    every few seconds while one has no named owner (a daemon may hand it to QEMU later)."""
     OWNER_RESCAN_S = 5.0
 
     def __init__(self, selection):
         self.selection = selection
         self.taps_seen, self.owners, self.owners_at = all_taps(), find_vms(), time.monotonic()
-        self.roles, self.names, self.taps, self.phys = resolve_roles(selection, self.owners)
+        self.found = resolve_roles(selection, self.owners)
+
+    @property
+    def roles(self):
+        return self.found.roles
+
+    @property
+    def names(self):
+        return self.found.names
+
+    @property
+    def uplinks(self):
+        """{NIC's ifindex: the devices stacked on it}."""
+        by_name = dict((n, i) for i, n in self.found.names.items())
+        return dict((by_name[leaf], chain) for leaf, chain in self.found.uplinks.items()
+                    if leaf in by_name)
 
     def refresh(self):
         """Look again: True when the roles changed (the names are new then too)."""
@@ -1753,14 +1958,15 @@ class HostDevices(object):
         unnamed = any(not (self.owners.get(t) and self.owners[t].name) for t in taps)
         if taps != self.taps_seen or (unnamed and now - self.owners_at >= self.OWNER_RESCAN_S):
             self.taps_seen, self.owners, self.owners_at = taps, find_vms(), now
-        roles, names, self.taps, self.phys = resolve_roles(self.selection, self.owners)
-        if roles == self.roles:
+        found = resolve_roles(self.selection, self.owners)
+        if found.roles == self.found.roles:
             return False
-        self.roles, self.names = roles, names
+        self.found = found
         return True
 
     def describe(self):
-        return ", ".join("%s=%s" % (self.names[i], "vm" if r == Role.VM else "phy")
+        return ", ".join("%s=%s%s" % (self.names[i], ROLE_WORDS[r & ~Role.PEER],
+                                      " (not selected)" if r & Role.PEER else "")
                          for i, r in sorted(self.roles.items()))
 
 
@@ -1815,10 +2021,10 @@ def plan_stages(direction, attach, layout, view):
     """Choose, per stage, how it attaches on this kernel (or why it cannot), for
     --direction and --attach."""
     kprobes_ok, symbols = view.kprobes_ok, view.symbols
-    wanted_dirs = DIRECTIONS if direction == "both" else (direction,)
+    wanted_dirs = wanted_directions(direction)
     plans = []
     for st in STAGES:
-        if st.direction != "both" and st.direction not in wanted_dirs:
+        if not set(st.directions) & set(wanted_dirs):
             plans.append(Plan(st, None, [], "not traced: --direction %s" % direction))
             continue
         tp = typed = None
@@ -1914,14 +2120,12 @@ class TracePlan(object):
                                     if n in self.traced), -1)) for d in DIRECTIONS)
 
     def require_path_ends(self, direction):
-        """Each direction traced needs the stage where packets enter and one where they
+        """Each direction traced needs a stage where packets enter and one where they
         end (--direction)."""
-        for d in DIRECTIONS:
-            if direction not in (d, "both"):
-                continue
-            start_plan = next(p for p in self.plans if p.stage.name == START_STAGE[d])
-            if not start_plan.method or self.final[d] < 0:
-                raise Fatal("cannot trace %s: %s" % (d.upper(), start_plan.reason or
+        for d in wanted_directions(direction):
+            starts = [p for p in self.plans if p.stage.name in START_STAGES[d]]
+            if not any(p.method for p in starts) or self.final[d] < 0:
+                raise Fatal("cannot trace %s: %s" % (d.upper(), starts[0].reason or
                                                       "no stage can see the end of the path"))
 
 
@@ -2022,8 +2226,9 @@ BPF_ARRAY(upcall_pending, s64, 1);
 BPF_ARRAY(hist, u64, HIST_SLOTS);
 #endif
 #if PER_VM
-// --per-vm: the same counts per tap (the VM's), only for the buckets that are used
-struct vm_hist_key { u32 vm_ifindex; u32 slot; };
+// --per-vm: the same counts per tap (the VM's; VM-to-VM: per sender and receiver), only
+// for the buckets that are used
+struct vm_hist_key { u32 vm_ifindex; u32 peer_ifindex; u32 slot; };
 BPF_HASH(vm_hist, struct vm_hist_key, u64, VM_HIST_ENTRIES);
 #endif
 #if USE_RINGBUF
@@ -2035,10 +2240,19 @@ BPF_PERF_OUTPUT(events);
 
 static __always_inline void stat_add(u32 stat, u32 dir)
 {
-    u32 idx = stat * 2 + dir;
+    u32 idx = stat * NDIRS + dir;
     u64 *v = stats.lookup(&idx);
     if (v)
         (*v)++;
+}
+
+// (a packet counted in one direction moves to another: the per-CPU sum stays exact)
+static __always_inline void stat_sub(u32 stat, u32 dir)
+{
+    u32 idx = stat * NDIRS + dir;
+    u64 *v = stats.lookup(&idx);
+    if (v)
+        (*v)--;
 }
 
 static __always_inline struct ways *ways_of(u64 key, u32 *group)
@@ -2511,9 +2725,10 @@ static __always_inline void upcall_forget(struct pkt *p)
 /*HIST_ADD*/
 
 #if PER_VM
-static __always_inline void hist_add_vm(u32 vm_ifindex, u32 dir, u32 seg, u64 ns)
+static __always_inline void hist_add_vm(u32 vm_ifindex, u32 peer_ifindex, u32 dir, u32 seg,
+                                        u64 ns)
 {
-    struct vm_hist_key k = {.vm_ifindex = vm_ifindex,
+    struct vm_hist_key k = {.vm_ifindex = vm_ifindex, .peer_ifindex = peer_ifindex,
                             .slot = seg * VM_HIST_ROW + hist_bucket(ns)};
     u64 zero = 0;
     u64 *count = vm_hist.lookup_or_try_init(&k, &zero);
@@ -2529,7 +2744,7 @@ static __always_inline void hist_add_vm(u32 vm_ifindex, u32 dir, u32 seg, u64 ns
         __sync_fetch_and_add(sum, ns);
 #endif
 }
-#define HIST_ADD(p, seg, ns) hist_add_vm((p)->vm_ifindex, (p)->dir, seg, ns)
+#define HIST_ADD(p, seg, ns) hist_add_vm((p)->vm_ifindex, (p)->peer_ifindex, (p)->dir, seg, ns)
 #else
 #define HIST_ADD(p, seg, ns) hist_add(seg, ns)
 #endif
@@ -2537,10 +2752,34 @@ static __always_inline void hist_add_vm(u32 vm_ifindex, u32 dir, u32 seg, u64 ns
 /*SEGMENTS*/
 #endif
 
+// What happened to a packet that leaves the path: counted (the summary's fates, by reason,
+// direction and last stage) unless it was never counted in (PF_PENDING), and forgotten.
+static __always_inline void count_fate(struct pkt *p, u32 reason)
+{
+    stat_add(reason == FATE_LEFT ? STAT_left_path : STAT_dropped, p->dir);
+    struct fate_key fk = {.reason = reason, .dir = p->dir, .last = p->last};
+    // lookup_or_try_init + an atomic add, not fates.atomic_increment(): that one
+    // arrived in BCC 0.21, and Ubuntu 22.04 and Debian 11 ship BCC 0.18
+    u64 zero64 = 0;
+    u64 *count = fates.lookup_or_try_init(&fk, &zero64);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+}
+
+static __always_inline void leave(struct pkt *p, u64 key)
+{
+    if (!(p->pflags & PF_PENDING))
+        count_fate(p, FATE_LEFT);
+    untrack(key);
+}
+
 static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
 {
-    u64 first = p->dir == DIR_TX ? p->ts[START_TX] : p->ts[START_RX];
-    u64 total = now - first;
+    if (p->pflags & PF_PENDING) {   // never counted in: not one of the wanted packets
+        untrack(key);
+        return;
+    }
+    u64 total = now - FIRST_TS(p);
     stat_add(STAT_completed, p->dir);
 #if TRACE_UPCALLS
     if (p->upcalled)        // a userspace action took a copy; this one went on
@@ -2561,6 +2800,11 @@ static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
 
 static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
 {
+    // never true; but where clang knows which of two constants a stage is, it may keep
+    // one it knows cannot reach here, and the verifier does not know: hide the value
+    asm volatile("" : "+r"(stage));
+    if (stage >= NSTAGES)
+        return;
     if (!p->ts[stage]) {
         p->ts[stage] = now;
         p->seen |= 1 << stage;
@@ -2568,47 +2812,40 @@ static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
     }
 }
 
+// A TX packet reaches another VM's device (a tap's queue, a macvtap's ring or read): it
+// is VM-to-VM from here on. It counts if one of the two VMs is a selected one and
+// VM-to-VM is wanted, else it leaves the path here. 1: it goes on.
+static __always_inline int to_vm(struct pkt *p, u64 key, u32 role, u32 ifindex)
+{
+    if (((role & ROLE_PEER) && (p->pflags & PF_PEER)) || !WANT_VM2VM) {
+        leave(p, key);
+        return 0;
+    }
+    if (p->pflags & PF_PENDING)
+        p->pflags &= ~PF_PENDING;
+    else
+        stat_sub(STAT_started, DIR_TX);     // counted in as TX: it was not
+    stat_add(STAT_started, DIR_VM2VM);
+    p->dir = DIR_VM2VM;
+    p->peer_ifindex = ifindex;
+    return 1;
+}
+
 // --- one handler per kind of stage; the attach wrappers below only pass the skb ---
 
-// netif_receive_skb: a frame from a tap starts TX, one from a physical NIC starts RX.
-static __always_inline int on_receive(void *ctx, void *skb, const int btf_arg, int vm_stage,
-                                      int phy_stage, int tun_stage)
+// A packet enters the path at a VM's device (TX) or a physical one (RX): parse it,
+// filter it, start its record. A TX packet of a VM not selected (a peer), or one
+// while only VM-to-VM is wanted, is followed but not counted in (PF_PENDING) until it
+// turns out to go to a selected VM.
+static __always_inline void start_packet(void *ctx, void *skb, const int btf_arg,
+                                         void *dev, u32 role, u32 ifindex, u8 dir,
+                                         u32 stage)
 {
-    // the device first: most frames a host receives are not ours, and for those it is
-    // all a raw program reads (8 bytes, not the sk_buff's fields in one 184-byte read)
     const int typed = btf_arg >= 0;
-    void *dev = skb_dev(skb, typed);
-    u32 ifindex = 0;
-    u32 role = dev_role(dev, typed, &ifindex);
-    if (!role)
-        return 0;
-    u8 dir;
-    u32 stage;
-#if TUNNELS
-    if (role >= ROLE_TUN_VXLAN && tun_stage >= 0) {
-        // decap: the tunnel device receives the inner frame, in the same sk_buff
-        u64 key = skb_key(ctx, skb, btf_arg);
-        struct pkt *t = tracked(key);
-        if (t && t->dir == DIR_RX && t->tunnel) {
-            stamp(t, tun_stage, bpf_ktime_get_ns());
-            t->tun_ifindex = ifindex;
-        }
-        return 0;
-    }
-#endif
-    if (role == ROLE_VM && vm_stage >= 0) {
-        dir = DIR_TX;
-        stage = vm_stage;
-    } else if (role == ROLE_PHY && phy_stage >= 0) {
-        dir = DIR_RX;
-        stage = phy_stage;
-    } else {
-        return 0;
-    }
 #if SAMPLE > 1
     // --sample: one packet in SAMPLE, at random (no flow is favoured), before parsing
     if (bpf_get_prandom_u32() % SAMPLE)
-        return 0;
+        return;
 #endif
     // then where its frame is, the sk_buff's fields in one go
     u32 len = 0, data_len = 0;
@@ -2618,10 +2855,10 @@ static __always_inline int on_receive(void *ctx, void *skb, const int btf_arg, i
     u32 zero = 0;
     struct pkt *p = scratch.lookup(&zero);
     if (!p)
-        return 0;
+        return;
     __builtin_memset(p, 0, sizeof(*p));
     if (!parse_frame(len, data_len, mac, head, p, dir == DIR_RX))
-        return 0;
+        return;
     u64 now = bpf_ktime_get_ns();
     p->dir = dir;
     p->ts[stage] = now;
@@ -2634,6 +2871,10 @@ static __always_inline int on_receive(void *ctx, void *skb, const int btf_arg, i
         u64 id = bpf_get_current_pid_tgid();      // the VM's writer: QEMU or vhost
         p->pid = id >> 32;
         p->tid = id;
+        if (role & ROLE_PEER)
+            p->pflags = PF_PENDING | PF_PEER;
+        else if (!WANT_TX)
+            p->pflags = PF_PENDING;
     } else {
         p->phy_ifindex = ifindex;
     }
@@ -2643,11 +2884,51 @@ static __always_inline int on_receive(void *ctx, void *skb, const int btf_arg, i
         stat_add(STAT_vanished, dir);
         err = 0;
     }
-    if (err) {
-        stat_add(STAT_not_tracked, dir);
+    if (p->pflags & PF_PENDING)
+        return;
+    stat_add(err ? STAT_not_tracked : STAT_started, dir);
+}
+
+// netif_receive_skb: a frame from a tap starts TX, one from a physical NIC starts RX.
+static __always_inline int on_receive(void *ctx, void *skb, const int btf_arg, int vm_stage,
+                                      int phy_stage, int tun_stage, int mvt_stage)
+{
+    // the device first: most frames a host receives are not ours, and for those it is
+    // all a raw program reads (8 bytes, not the sk_buff's fields in one 184-byte read)
+    const int typed = btf_arg >= 0;
+    void *dev = skb_dev(skb, typed);
+    u32 ifindex = 0;
+    u32 role = dev_role(dev, typed, &ifindex);
+    if (!role)
+        return 0;
+#if TUNNELS
+    if (IS_TUN(role) && tun_stage >= 0) {
+        // decap: the tunnel device receives the inner frame, in the same sk_buff
+        u64 key = skb_key(ctx, skb, btf_arg);
+        struct pkt *t = tracked(key);
+        if (t && t->dir == DIR_RX && t->tunnel) {
+            stamp(t, tun_stage, bpf_ktime_get_ns());
+            t->tun_ifindex = ifindex;
+        }
         return 0;
     }
-    stat_add(STAT_started, dir);
+#endif
+#if MACVTAPS
+    if ((role == ROLE_PHY_MVT || role == ROLE_MVT_LOWER) && phy_stage >= 0) {
+        // a bridge-mode macvtap's frame to another macvtap of the same device comes
+        // back through it (dev_forward_skb): the same sk_buff, a VM's TX packet
+        u64 key = skb_key(ctx, skb, btf_arg);
+        struct pkt *t = tracked(key);
+        if (t && t->dir == DIR_TX && t->ts[STAGE_MVT_QUEUE])
+            stamp(t, phy_stage, bpf_ktime_get_ns());
+        if (t || role == ROLE_MVT_LOWER)
+            return 0;       // (a VLAN's or bond's receive: not where RX starts)
+    }
+#endif
+    if (ROLE_KIND(role) == ROLE_VM && vm_stage >= 0)
+        start_packet(ctx, skb, btf_arg, dev, role, ifindex, DIR_TX, vm_stage);
+    else if (IS_PHY(role) && phy_stage >= 0 && WANT_RX)
+        start_packet(ctx, skb, btf_arg, dev, role, ifindex, DIR_RX, phy_stage);
     return 0;
 }
 
@@ -2677,36 +2958,79 @@ static __always_inline int learn_outer(void *skb, const int typed, struct pkt *p
 }
 #endif
 
+// The VM's side (a tap, a macvtap) at one of its stages: an RX packet or a VM-to-VM
+// one arriving, or the sender's own macvtap passing its TX packet on.
+static __always_inline void at_vm_device(void *ctx, u64 key, struct pkt *p, u32 role,
+                                         u32 ifindex, u32 stage, u64 now)
+{
+    if (p->dir == DIR_TX && ifindex == p->vm_ifindex) {
+        if (stage == STAGE_MVT_XMIT)
+            stamp(p, stage, now);       // the sender's macvtap: its qdisc is done
+        return;
+    }
+    if (stage == STAGE_MVT_QUEUE || stage == STAGE_MVT_XMIT)
+        return;                         // another VM's macvtap transmits nothing to it
+    if (p->dir == DIR_TX && !to_vm(p, key, role, ifindex))
+        return;
+    if (p->dir == DIR_RX) {
+        if (role & ROLE_PEER) {         // for a VM not selected
+            leave(p, key);
+            return;
+        }
+        p->vm_ifindex = ifindex;
+    }
+    stamp(p, stage, now);
+    if (stage == FINAL_RX_VM) {
+        u64 id = bpf_get_current_pid_tgid();      // the VM's reader: QEMU or vhost
+        p->pid = id >> 32;
+        p->tid = id;
+        complete(ctx, key, p, now);
+    }
+}
+
 static __always_inline int on_device(void *ctx, void *skb, const int btf_arg, int vm_stage,
-                                     int phy_stage, int tun_stage)
+                                     int phy_stage, int tun_stage, int mvt_stage)
 {
     const int typed = btf_arg >= 0;
     u64 key = skb_key(ctx, skb, btf_arg);
     struct pkt *p = tracked(key);
-    if (!p)
+    if (!p) {
+#if MACVTAPS
+        // a VM's frame from its macvtap: TX starts at the macvtap's queue
+        if (mvt_stage == STAGE_MVT_QUEUE) {
+            void *dev = skb_dev(skb, typed);
+            u32 ifindex = 0;
+            u32 role = dev_role(dev, typed, &ifindex);
+            if (ROLE_KIND(role) == ROLE_MVTAP)
+                start_packet(ctx, skb, btf_arg, dev, role, ifindex, DIR_TX, mvt_stage);
+        }
+#endif
         return 0;
+    }
     u32 ifindex = 0, role;
     void *dev = skb_dev(skb, typed);
     if ((u64)dev == p->dev) {     // the same device as the last stage: known already
         role = p->dev_role;
-        ifindex = role == ROLE_VM ? p->vm_ifindex : role == ROLE_PHY ? p->phy_ifindex :
-                  p->tun_ifindex;
+        ifindex = IS_VM_SIDE(role) ? (p->dir == DIR_VM2VM ? p->peer_ifindex : p->vm_ifindex)
+                  : IS_PHY(role) ? p->phy_ifindex : p->tun_ifindex;
     } else {
         role = dev_role(dev, typed, &ifindex);
         p->dev = (u64)dev;
         p->dev_role = role;
 #if TUNNELS
-        if (role >= ROLE_TUN_VXLAN)     // seen first at its queue (noqueue), not stamped
+        if (IS_TUN(role))               // seen first at its queue (noqueue), not stamped
             p->tun_ifindex = ifindex;
 #endif
     }
     u64 now = bpf_ktime_get_ns();
-    if (role == ROLE_VM && vm_stage >= 0 && p->dir == DIR_RX) {
-        stamp(p, vm_stage, now);
-        p->vm_ifindex = ifindex;
-        if (vm_stage == FINAL_RX_VM)
-            complete(ctx, key, p, now);
-    } else if (role == ROLE_PHY && phy_stage >= 0 && p->dir == DIR_TX) {
+    int vm_side = ROLE_KIND(role) == ROLE_MVTAP ? mvt_stage : vm_stage;
+    if (IS_VM_SIDE(role) && vm_side >= 0) {
+        at_vm_device(ctx, key, p, role, ifindex, vm_side, now);
+    } else if (IS_PHY(role) && phy_stage >= 0 && p->dir == DIR_TX) {
+        if (p->pflags & PF_PENDING) {   // leaving the host: not one of the wanted packets
+            untrack(key);
+            return 0;
+        }
 #if TUNNELS
         if (p->tunnel ? !p->outer_version : FILTER_VNI) {
             if (!learn_outer(skb, typed, p)) {         // another tenant's network: not ours
@@ -2721,7 +3045,7 @@ static __always_inline int on_device(void *ctx, void *skb, const int btf_arg, in
         if (phy_stage == FINAL_TX)
             complete(ctx, key, p, now);
 #if TUNNELS
-    } else if (role >= ROLE_TUN_VXLAN && tun_stage >= 0 && p->dir == DIR_TX) {
+    } else if (IS_TUN(role) && tun_stage >= 0 && p->dir == DIR_TX) {
         stamp(p, tun_stage, now);              // encap: the tunnel device's transmit
         p->tun_ifindex = ifindex;
         p->tunnel = role - ROLE_TUN_VXLAN + TUNNEL_VXLAN;
@@ -2800,7 +3124,7 @@ static __always_inline int on_ovs_execute(void *ctx, void *skb, const int btf_ar
     rec->upcalled = 0;
     stamp(rec, stage, bpf_ktime_get_ns());
     int err = track(key, rec);
-    if (err && err != -ERR_EEXIST)
+    if (err && err != -ERR_EEXIST && !(rec->pflags & PF_PENDING))
         stat_add(STAT_not_tracked, rec->dir);
     upcalls.delete(&k);
     upcall_pending_add(-1);
@@ -2809,24 +3133,37 @@ static __always_inline int on_ovs_execute(void *ctx, void *skb, const int btf_ar
 
 #endif
 
-// The VM's backend copies the frame out of the tap: only for packets that were
-// put on a tap, so a host socket reading a tracked packet is never taken for a VM.
+// The VM's backend copies the frame out of its tap or macvtap: only for packets put on
+// a VM's device, so that a host socket reading a tracked packet is never taken for a
+// VM. A macvtap's packet is known by the device it is read from (its ring has no
+// tracepoint).
 static __always_inline int on_vm_read(void *ctx, void *skb, const int btf_arg, u32 stage)
 {
     u64 key = skb_key(ctx, skb, btf_arg);
     struct pkt *p = tracked(key);
-    if (!p || p->dir != DIR_RX || !ON_TAP(p))
+    if (!p || p->dir == DIR_TX && !MACVTAPS)
         return 0;
     u64 now = bpf_ktime_get_ns();
-    stamp(p, stage, now);
+    if (!ON_TAP(p)) {
+#if MACVTAPS
+        const int typed = btf_arg >= 0;
+        u32 ifindex = 0;
+        u32 role = dev_role(skb_dev(skb, typed), typed, &ifindex);
+        if (ROLE_KIND(role) != ROLE_MVTAP)
+            return 0;
+        at_vm_device(ctx, key, p, role, ifindex, stage, now);
+#endif
+        return 0;
+    }
     u64 id = bpf_get_current_pid_tgid();
     p->pid = id >> 32;
     p->tid = id;
+    stamp(p, stage, now);
     complete(ctx, key, p, now);
     return 0;
 }
 
-// The host's own stack takes an RX packet that never went towards a tap.
+// The host's own stack takes an RX packet that never went towards a VM.
 static __always_inline int on_host_rcv(void *ctx, void *skb, const int btf_arg, u32 stage)
 {
     u64 key = skb_key(ctx, skb, btf_arg);
@@ -2855,14 +3192,11 @@ static __always_inline int on_free(void *ctx, u64 key, u32 reason, u64 location)
         upcall_forget(p);           // the upcall failed (ovs-dpctl show: lost)
     }
 #endif
-    stat_add(reason == FATE_LEFT ? STAT_left_path : STAT_dropped, p->dir);
-    struct fate_key fk = {.reason = reason, .dir = p->dir, .last = p->last};
-    // lookup_or_try_init + an atomic add, not fates.atomic_increment(): that one
-    // arrived in BCC 0.21, and Ubuntu 22.04 and Debian 11 ship BCC 0.18
-    u64 zero64 = 0;
-    u64 *count = fates.lookup_or_try_init(&fk, &zero64);
-    if (count)
-        __sync_fetch_and_add(count, 1);
+    if (p->pflags & PF_PENDING) {   // never counted in
+        untrack(key);
+        return 0;
+    }
+    count_fate(p, reason);
 #if EMIT_DROPS
     if (reason != FATE_LEFT) {
         p->type = EV_DROP;
@@ -2978,9 +3312,9 @@ def _handler_call(att, upcalls):
     hooks = set(p.stage.hook for p in att.stages)
     if len(hooks) == 1 and plan.stage.hook in ROLE_SPLIT_HOOKS:
         by_role = dict((p.stage.role, p.stage.sid) for p in att.stages)
-        return "%s(%s, %d, %d, %d)" % (HOOK_HANDLERS[plan.stage.hook], skb,
-                                       by_role.get("vm", -1), by_role.get("phy", -1),
-                                       by_role.get("tun", -1))
+        return "%s(%s, %d, %d, %d, %d)" % (HOOK_HANDLERS[plan.stage.hook], skb,
+                                           by_role.get("vm", -1), by_role.get("phy", -1),
+                                           by_role.get("tun", -1), by_role.get("mvtap", -1))
     if len(att.stages) != 1:
         raise AssertionError("stages %s share %s" % ([p.stage.name for p in att.stages],
                                                      att.probe))
@@ -3001,7 +3335,11 @@ def _wrapper(att, upcalls):
     it for a kernel pointer, and does not turn the typed path's plain loads (in the
     helpers both share) into probe reads. A tp_btf program's ctx is a plain u64 array
     to BCC, so it leaves that program's loads alone too."""
-    if att.method == "kprobe":
+    if att.method == "kprobe" and att.arg < 0:     # a pointer to the skb's pointer
+        head = "int %s(struct pt_regs *ctx)\n{\n    u64 arg = 0;\n    " \
+               "bpf_probe_read_kernel(&arg, sizeof(arg), (void *)PT_REGS_PARM%d(ctx));" \
+            % (att.fn_name, -att.arg)
+    elif att.method == "kprobe":
         head = "int %s(struct pt_regs *ctx)\n{\n    u64 arg = PT_REGS_PARM%d(ctx);" \
             % (att.fn_name, att.arg)
     elif att.method == "tp_btf":
@@ -3050,12 +3388,13 @@ ProgramOptions = namedtuple("ProgramOptions", [
     "histogram", "per_vm", "vm_table_size", "hist_sums", "sample", "emit_drops",
     "threshold_ns", "protocol", "src_ip", "dst_ip", "src_port", "dst_port", "vni",
     "max_inflight", "tunnels", "tunnel_ports", "ringbuf", "probe_read_kernel",
-    "netns_inum"])
+    "netns_inum", "directions", "macvtaps"])
 
 
 def program_options(args, features, devices):
     """ProgramOptions of this run: args, the kernel's features, the host's devices (the
-    overlay parsing is on when the host has tunnel devices, or --vni asks)."""
+    overlay parsing is on when the host has tunnel devices, or --vni asks; macvtaps are
+    followed when the host has one: a first one made later needs a restart)."""
     return ProgramOptions(
         histogram=args.mode == "histogram", per_vm=keeps_per_vm_counts(args),
         vm_table_size=args.vm_table_size,
@@ -3064,9 +3403,12 @@ def program_options(args, features, devices):
         protocol=args.protocol, src_ip=args.src_ip, dst_ip=args.dst_ip,
         src_port=args.src_port, dst_port=args.dst_port, vni=args.vni,
         max_inflight=args.max_inflight,
-        tunnels=args.vni is not None or any(is_tunnel(d) for d in devices),
+        # (--dry-run: everything the program can do goes through the verifier)
+        tunnels=args.dry_run or args.vni is not None or any(is_tunnel(d) for d in devices),
         tunnel_ports=tunnel_ports(devices), ringbuf=features.ringbuf,
-        probe_read_kernel=features.probe_read_kernel, netns_inum=host_netns_inum())
+        probe_read_kernel=features.probe_read_kernel, netns_inum=host_netns_inum(),
+        directions=wanted_directions(args.direction),
+        macvtaps=args.dry_run or any(is_macvtap(d) for d in devices))
 
 
 def tunnel_defines(opts):
@@ -3101,6 +3443,14 @@ def address_filters(opts):
     return out + [("FILTER_FAMILY", family)]
 
 
+def first_ts_c():
+    """C for when a packet entered the path: the time of its first start stage in path
+    order (the stages it did not pass are 0)."""
+    sids = sorted(set(sid for sids in START_SIDS for sid in sids))
+    return "(%s(p)->ts[%d])" % ("".join("(p)->ts[%d] ? (p)->ts[%d] : " % (sid, sid)
+                                        for sid in sids[:-1]), sids[-1])
+
+
 def _c_value(value):
     """A #define's value: numbers past int's range as unsigned hexadecimal."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0x7fffffff:
@@ -3124,11 +3474,17 @@ def generate_program(opts, plan, layout):
         ("HIST_SLOTS", hist_slots(plan.segments)),
         ("TRACE_UPCALLS", int(plan.upcalls)),
         ("FINAL_TX", plan.final["tx"]), ("FINAL_RX_VM", plan.final["rx"]),
-        ("START_TX", START_SID[Dir.TX]), ("START_RX", START_SID[Dir.RX]),
         ("STAGE_OVS_EXECUTE", OVS_SID),
-        # an RX packet was put on a tap: a VM-role stage of RX saw it
+        ("STAGE_MVT_QUEUE", STAGE_BY_NAME["mvt_queue"].sid),
+        ("STAGE_MVT_XMIT", STAGE_BY_NAME["mvt_xmit"].sid),
+        ("WANT_TX", int("tx" in opts.directions)), ("WANT_RX", int("rx" in opts.directions)),
+        ("WANT_VM2VM", int("vm2vm" in opts.directions)), ("MACVTAPS", int(opts.macvtaps)),
+        # when a packet entered: its first start stage in path order (unseen ones are 0)
+        ("FIRST_TS(p)", first_ts_c()),
+        # an RX or VM-to-VM packet was put on a VM's device: a VM-side stage of RX saw it
         ("ON_TAP(p)", "(%s)" % " | ".join("(p)->ts[%d]" % s.sid for s in STAGES
-                                          if s.direction == "rx" and s.role == "vm")),
+                                          if "rx" in s.directions and
+                                          s.role in ("vm", "mvtap"))),
     ] + sorted(layout.offsets.items())
     if not opts.probe_read_kernel:
         defines.append(("bpf_probe_read_kernel", "bpf_probe_read"))
@@ -3418,21 +3774,24 @@ class KernelCounters(object):
 
     def vm_hist(self):
         """--per-vm: {(tap ifindex, slot): cumulative count}."""
-        return dict(((k.vm_ifindex, k.slot), v.value) for k, v in self.bpf["vm_hist"].items())
+        return dict(((k.vm_ifindex, k.peer_ifindex, k.slot), v.value)
+                    for k, v in self.bpf["vm_hist"].items())
 
     def forget_vm_counts(self, keys):
         table = self.bpf["vm_hist"]
-        for tap, slot in keys:
+        for tap, peer, slot in keys:
             try:
-                del table[table.Key(tap, slot)]
+                del table[table.Key(tap, peer, slot)]
             except KeyError:
                 pass
 
     def stats(self):
-        values = [0] * (2 * len(STAT_NAMES))
+        """The per-CPU counters, summed (mod 2^64: a count moved from one direction to
+        another on two CPUs is a decrement on one of them)."""
+        values = [0] * C.NSTATS
         for k, v in self.bpf["stats"].items():
             if k.value < len(values):
-                values[k.value] = sum(v)
+                values[k.value] = sum(v) & COUNT_MASK
         return values
 
     def fates(self):
@@ -3663,6 +4022,8 @@ def packet_record(fields, book, wall_offset):
     end_ns = seen[-1][1] if seen else 0
     vm_if, phy_if = fields[F.vm_ifindex], fields[F.phy_ifindex]
     vm = book.vms.get(vm_if, NO_VM) if vm_if else NO_VM
+    peer_if = fields[F.peer_ifindex]
+    peer = book.vms.get(peer_if, NO_VM) if peer_if else NO_VM
     rec = {
         "type": "packet" if fields[F.type] == Ev.PACKET else "drop",
         "timestamp": float(timestamp_text(wall_us(wall_offset, end_ns))),
@@ -3680,6 +4041,9 @@ def packet_record(fields, book, wall_offset):
         "vm_dev": book.devices.get(vm_if) if vm_if else None,
         "vm": vm.name, "vm_uuid": vm.uuid, "vm_pid": vm.pid,
         "phy_dev": book.devices.get(phy_if) if phy_if else None,
+        "uplink": book.uplinks.get(phy_if) if phy_if else None,
+        "peer_vm_dev": book.devices.get(peer_if) if peer_if else None,
+        "peer_vm": peer.name, "peer_vm_uuid": peer.uuid, "peer_vm_pid": peer.pid,
         "pid": pid or None,
         "comm": book.process_name(pid) if pid else None,
         "thread": thread,
@@ -3821,7 +4185,8 @@ def order_tables(tables):
 
 def stats_by_direction(values):
     """The kernel's stats array as {name: (tx, rx)}."""
-    return dict((name, (values[2 * i + Dir.TX], values[2 * i + Dir.RX]))
+    n = C.NDIRS     # (a per-CPU count moved between directions can wrap: mod 2^64)
+    return dict((name, tuple(values[n * i + d] & COUNT_MASK for d in range(n)))
                 for i, name in enumerate(STAT_NAMES))
 
 
@@ -3847,13 +4212,16 @@ def _num(v):
 
 
 def summary_line(s):
-    return ("Summary: %d packets reported (tx %d, rx %d); %d below the latency threshold; "
-            "%d dropped by the kernel; %d left the traced path before its end; "
+    # VM-to-VM packets named only when there were some: the line of hosts without them
+    # stays the one scripts already read
+    vm2vm = ", vm2vm %d" % s["reported_vm2vm"] if s["reported_vm2vm"] else ""
+    return ("Summary: %d packets reported (tx %d, rx %d%s); %d below the latency "
+            "threshold; %d dropped by the kernel; %d left the traced path before its end; "
             "%d still in flight; %d not tracked (tracking table full); "
             "%d lost by the output buffer; %d vanished untraced"
-            % (s["reported"], s["reported_tx"], s["reported_rx"], s["below_threshold"],
-               s["dropped"], s["left_path"], s["in_flight"], s["not_tracked"], s["lost"],
-               s["vanished"]))
+            % (s["reported"], s["reported_tx"], s["reported_rx"], vm2vm,
+               s["below_threshold"], s["dropped"], s["left_path"], s["in_flight"],
+               s["not_tracked"], s["lost"], s["vanished"]))
 
 
 class Reporter(object):
@@ -3924,11 +4292,20 @@ class Reporter(object):
         else:
             what = "%s -> %s" % (endpoint(rec["src_ip"], rec["src_port"]),
                                  endpoint(rec["dst_ip"], rec["dst_port"]))
-        ends = (rec["vm_dev"], rec["phy_dev"]) if rec["direction"] == "tx" else \
-            (rec["phy_dev"], rec["vm_dev"])
-        path = " -> ".join(shown_name(d) for d in ends if d)
-        if rec["vm"]:
-            path = "%s %s" % (shown_name(rec["vm"]), path)
+        vm = "%s %s" % (shown_name(rec["vm"]), shown_name(rec["vm_dev"])) if rec["vm"] \
+            else shown_name(rec["vm_dev"]) if rec["vm_dev"] else None
+        phy = rec["phy_dev"] and shown_name(rec["phy_dev"]) + (
+            " (%s)" % "/".join(shown_name(d) for d in rec["uplink"]) if rec["uplink"] else "")
+        if rec["direction"] == "vm2vm":
+            peer = "%s %s" % (shown_name(rec["peer_vm"]), shown_name(rec["peer_vm_dev"])) \
+                if rec["peer_vm"] else rec["peer_vm_dev"] and shown_name(rec["peer_vm_dev"])
+            ends = (vm, peer)
+        else:
+            ends = (vm, phy) if rec["direction"] == "tx" else (phy, vm)
+        path = " -> ".join(d for d in ends if d)
+        if rec["direction"] == "rx" and rec["vm"]:      # "web-03 eth1 -> vnet0", as ever
+            path = "%s %s" % (shown_name(rec["vm"]), " -> ".join(
+                d for d in (phy, shown_name(rec["vm_dev"])) if d))
         vlan = " vlan=%d" % rec["vlan"] if rec["vlan"] is not None else ""
         tun = rec["tunnel"]
         if tun:
@@ -3948,7 +4325,7 @@ class Reporter(object):
 
     def histograms(self, when, tables, vm=None):
         """tables: [(direction, segment, {bucket: count})], segment 'total' last.
-        vm: (label, name or None, [taps]) of --per-vm tables."""
+        vm: VmTables of --per-vm tables (whose they are)."""
         stamp = time.strftime("%H:%M:%S", time.localtime(when))
         if self.json:
             for direction, segment, buckets in tables:
@@ -3957,7 +4334,10 @@ class Reporter(object):
                 if self.sample > 1:
                     obj["sample"] = self.sample
                 if vm:
-                    obj.update({"vm": vm[1], "vm_label": vm[0], "vm_dev": vm[2]})
+                    obj.update({"vm": vm.name, "vm_label": vm.label, "vm_dev": vm.devs})
+                    if vm.peer_label:
+                        obj.update({"peer_vm": vm.peer_name, "peer_vm_label": vm.peer_label,
+                                    "peer_vm_dev": vm.peer_devs})
                 obj.update({
                     "direction": direction, "segment": segment, "count": count,
                     "p50_us": _round(percentile(buckets, 0.50)),
@@ -3968,8 +4348,14 @@ class Reporter(object):
                 })
                 self.emit_json(obj)
             return
-        who = "VM %s (%s): " % (shown_name(vm[0]), ", ".join(
-            shown_name(d) for d in vm[2])) if vm else ""
+        who = ""
+        if vm:
+            who = "VM %s (%s)" % (shown_name(vm.label), ", ".join(shown_name(d)
+                                                                   for d in vm.devs))
+            if vm.peer_label:
+                who += " -> VM %s (%s)" % (shown_name(vm.peer_label), ", ".join(
+                    shown_name(d) for d in vm.peer_devs))
+            who += ": "
         if not tables:
             self.write("[%s] %sno packets completed the path in this interval\n\n"
                        % (stamp, who))
@@ -4030,20 +4416,25 @@ class Reporter(object):
                 self.fmt_us(p["waiting_us"])))
 
 
+def stage_directions(stage):
+    """The directions a stage is on, as --list-stages and the metrics say them."""
+    return "all" if len(stage.directions) == len(DIRECTIONS) else ",".join(stage.directions)
+
+
 def list_stages_report(plans, layout, out_json, reporter):
     if out_json:
         for p in plans:
             reporter.emit_json({"type": "stage", "name": p.stage.name,
-                                "direction": p.stage.direction, "method": p.method,
+                                "direction": stage_directions(p.stage), "method": p.method,
                                 "probe": ",".join(n for n, _a in p.probes) or None,
                                 "reason": p.reason or None,
                                 "meaning": p.stage.meaning})
         return
-    reporter.write("%-10s %-5s %-11s %-34s %s\n" % ("STAGE", "DIR", "METHOD", "PROBE",
+    reporter.write("%-10s %-8s %-11s %-34s %s\n" % ("STAGE", "DIR", "METHOD", "PROBE",
                                                      "MEANING / WHY NOT TRACED"))
     for p in plans:
-        reporter.write("%-10s %-5s %-11s %-34s %s\n" % (
-            p.stage.name, p.stage.direction, p.method or "-",
+        reporter.write("%-10s %-8s %-11s %-34s %s\n" % (
+            p.stage.name, stage_directions(p.stage), p.method or "-",
             ",".join(n for n, _a in p.probes) or "-",
             p.stage.meaning if p.method else p.reason))
     reporter.write("struct layouts: %s\n" % layout.source)
@@ -4122,6 +4513,7 @@ class NameBook(object):
 
     def __init__(self, live=True, ksym=None, recorder=None):
         self.devices = {}               # {ifindex: device name}
+        self.uplinks = {}               # {NIC ifindex: [devices stacked on it]}
         self.vms = {}                   # {tap ifindex: VmInfo}
         self.known = {"comm": {}, "thread": {}, "location": {}}
         self.live = live
@@ -4152,11 +4544,14 @@ class NameBook(object):
             return "?"
         return self._resolve("location", addr, lambda: ksym_name(self.ksym, addr))
 
-    def set_devices(self, names):
+    def set_devices(self, names, uplinks=None):
+        """{ifindex: name}; uplinks: {NIC's ifindex: [the VLAN, bond... above it]}."""
         self.devices.update(names)
+        self.uplinks.update(uplinks or {})
         if self.recorder:
             self.recorder.write({"kind": "names", "names": dict(
-                (str(k), v) for k, v in sorted(self.devices.items()))})
+                (str(k), v) for k, v in sorted(self.devices.items())), "uplinks": dict(
+                (str(k), v) for k, v in sorted(self.uplinks.items()))})
 
     def set_vms(self, owners):
         """The VM of each tap ({tap name: VmInfo}), as ifindex -> VmInfo; True if that
@@ -4206,9 +4601,10 @@ class HistogramDiff(object):
 
 
 class VmHistogramDiff(object):
-    """The same for the per-VM table, {(tap ifindex, slot): count}: what each tap
-    added since the last read, as {tap: {(direction index, segment): {bucket: count}}}.
-    A slot past a segment's buckets holds the sum of its ns (for the metrics)."""
+    """The same for the per-VM table, {(tap, peer, slot): count} (tap: the VM's device;
+    VM-to-VM: the sender's, peer the receiver's, else 0): what each (tap, peer) added
+    since the last read, as {(tap, peer): {(direction index, segment): {bucket:
+    count}}}. A slot past a segment's buckets holds the sum of its ns (the metrics')."""
 
     def __init__(self, segments):
         self.segments = segments
@@ -4219,20 +4615,20 @@ class VmHistogramDiff(object):
 
     def added(self, counts):
         per, prev = {}, self.prev
-        for (tap, slot), count in counts.items():
-            added = count - prev.get((tap, slot), 0)
+        for (tap, peer, slot), count in counts.items():
+            added = count - prev.get((tap, peer, slot), 0)
             seg, bucket = divmod(slot, C.VM_HIST_ROW)
             if not added or bucket == C.HIST_BUCKETS:
                 continue
             direction, segment = self.segments[seg]
-            buckets = per.setdefault(tap, {}).setdefault(
+            buckets = per.setdefault((tap, peer), {}).setdefault(
                 (DIRECTIONS.index(direction), segment), {})
             buckets[bucket] = buckets.get(bucket, 0) + added
         self.prev = dict(counts)
         return per
 
     def forget(self, taps):
-        for key in [k for k in self.prev if k[0] in taps]:
+        for key in [k for k in self.prev if k[0] in taps or k[1] in taps]:
             del self.prev[key]
 
 
@@ -4252,9 +4648,9 @@ class Run(object):
         self.wall_offset = wall_offset
         self.recorder = recorder
         self.counters = None            # KernelCounters or RecordedCounters
-        self.reported = {"tx": 0, "rx": 0}
+        self.reported = dict.fromkeys(DIRECTIONS, 0)
         self.per_vm_reported = {}       # {tap ifindex: packets reported}
-        self.hist_totals = {"tx": 0, "rx": 0}
+        self.hist_totals = dict.fromkeys(DIRECTIONS, 0)
         self.vm_hist_totals = {}        # --per-vm: {tap ifindex: packets in its totals}
         self.hist = HistogramDiff(segments)
         self.vm_hist = VmHistogramDiff(segments)
@@ -4270,9 +4666,9 @@ class Run(object):
         return name[len("SKB_DROP_REASON_"):] if name and name.startswith(
             "SKB_DROP_REASON_") else (name or str(code))
 
-    def set_names(self, names):
+    def set_names(self, names, uplinks=None):
         """Devices by ifindex: the outputs made of the old names are made again."""
-        self.book.set_devices(names)
+        self.book.set_devices(names, uplinks)
         self.formatter.clear()
 
     def set_vms(self, owners):
@@ -4365,16 +4761,22 @@ class Run(object):
 
     def vm_histograms(self, when, counts, last=False):
         """--per-vm: [((label, name, [taps]), tables)] of what each VM's taps added
-        since the last read, VMs in the order of their labels."""
+        since the last read (VM-to-VM: each sender and receiver's), in the order of
+        their labels."""
         if self.recorder:
             self.recorder.write({"kind": "vmhist", "when": when, "last": last, "counts": dict(
-                ("%d:%d" % k, c) for k, c in sorted(counts.items()))})
+                ("%d:%d:%d" % k, c) for k, c in sorted(counts.items()))})
         per = {}
-        for tap, tables in self.vm_hist.added(counts).items():
+        for (tap, peer), tables in self.vm_hist.added(counts).items():
             label, name, dev = self.book.vm_of(tap)
-            entry = per.setdefault(label, ((label, name, []), {}))
-            if dev not in entry[0][2]:
-                entry[0][2].append(dev)
+            to = self.book.vm_of(peer) if peer else None    # (label, name, device)
+            entry = per.setdefault((label, to and to[0]), (VmTables(label, name, [], to and
+                                                                    to[0], to and to[1],
+                                                                    []), {}))
+            if dev not in entry[0].devs:
+                entry[0].devs.append(dev)
+            if to and to[2] not in entry[0].peer_devs:
+                entry[0].peer_devs.append(to[2])
             for key, buckets in tables.items():
                 into = entry[1].setdefault(key, {})
                 for b, n in buckets.items():
@@ -4420,7 +4822,6 @@ class Run(object):
         st = stats_by_direction(self.counters.stats())
         in_flight, in_upcall, stuck = self.packets_in_flight(now)
         totals = self.hist_totals if self.settings.mode == "histogram" else self.reported
-        rep_tx, rep_rx = totals["tx"], totals["rx"]
         fates = []
         for reason, direction, last, count in self.counters.fates():
             fates.append({"direction": DIRECTIONS[direction],
@@ -4429,8 +4830,9 @@ class Run(object):
                           self.reason_name(reason),
                           "last_stage": STAGE_NAMES[last], "count": count})
         fates.sort(key=lambda f: -f["count"])
-        return {
-            "reported": rep_tx + rep_rx, "reported_tx": rep_tx, "reported_rx": rep_rx,
+        out = {"reported": sum(totals.values())}
+        out.update(("reported_" + d, totals[d]) for d in DIRECTIONS)
+        out.update({
             "started": sum(st["started"]), "completed": sum(st["completed"]),
             "below_threshold": sum(st["below_threshold"]), "dropped": sum(st["dropped"]),
             "left_path": sum(st["left_path"]), "in_flight": in_flight,
@@ -4439,7 +4841,8 @@ class Run(object):
             "in_flight_examples": stuck, "vms": self.vm_counts(),
             "vm_hist_full": sum(st["vm_hist_full"]), "other_vni": sum(st["other_vni"]),
             "sample": self.settings.sample,
-        }
+        })
+        return out
 
     def vm_counts(self):
         """Packets reported per VM (its taps' packets), when more than one VM was seen."""
@@ -4490,7 +4893,9 @@ class Run(object):
 # file's line, exit 2. Impossible values (a stage time beyond any uptime, a direction
 # that is neither, counts that go backwards) are refused, never printed.
 
-RECORDING_FORMAT = 2            # 2: names before the events; host; "final" in summary
+# 2: names before the events, host, "final" in summary; 3: VM-to-VM (a third direction,
+# per-VM counts by sender and receiver)
+RECORDING_FORMAT = 3
 
 
 def create_private_file(path, option):
@@ -4648,7 +5053,7 @@ def recording_meta(settings, opts, plan, layout, wall_offset):
 RECORDING_LINE_MAX = 64 << 20   # bytes: the longest line a run writes is far below
 TIME_MAX_NS = 1 << 60           # 36 years of uptime: a monotonic stamp is below it
 WALL_MAX_S = 1 << 34            # the wall clock's offset from it: before year 2514
-COUNT_MAX = (1 << 64) - 1
+COUNT_MAX = COUNT_MASK
 
 
 class BadRecording(Exception):
@@ -4730,7 +5135,8 @@ def _hex_record(v, what):
 def check_packet_fields(fields, what, event=True):
     """A record's values as the kernel writes them, or BadRecording."""
     d = fields[F.dir]
-    _want(d in (Dir.TX, Dir.RX), "%s: direction %d is neither tx (0) nor rx (1)", what, d)
+    _want(d in (Dir.TX, Dir.RX, Dir.VM2VM), "%s: direction %d is not tx (0), rx (1) or "
+          "vm2vm (2)", what, d)
     if event:
         _want(fields[F.type] in (Ev.PACKET, Ev.DROP), "%s: type %d is neither a packet "
               "(%d) nor a drop (%d)", what, fields[F.type], Ev.PACKET, Ev.DROP)
@@ -4753,7 +5159,8 @@ def check_packet_fields(fields, what, event=True):
           "time", what, DIRECTIONS[d])
     _want(fields[F.seen] == seen, "%s: the stages marked seen are not those with a time",
           what)
-    _want(fields[START_SID[d]], "%s: no time where the %s path starts", what, DIRECTIONS[d])
+    _want(any(fields[sid] for sid in START_SIDS[d]), "%s: no time where the %s path starts",
+          what, DIRECTIONS[d])
     times = [fields[sid] for sid in path if fields[sid]]
     _want(times == sorted(times), "%s: stage times out of path order", what)
     return fields
@@ -4877,8 +5284,12 @@ class RecordingReader(object):
         return raw
 
     def check_names(self, obj):
-        return dict((_int_key(k, 0, 0xffffffff, "an ifindex"), _text(v, "a device name"))
-                    for k, v in _dict(_key(obj, "names", "names"), "names").items())
+        names = dict((_int_key(k, 0, 0xffffffff, "an ifindex"), _text(v, "a device name"))
+                     for k, v in _dict(_key(obj, "names", "names"), "names").items())
+        uplinks = dict((_int_key(k, 0, 0xffffffff, "an ifindex"),
+                        [_text(d, "a device name") for d in _list(v, "an uplink", limit=8)])
+                       for k, v in _dict(_key(obj, "uplinks", "names"), "uplinks").items())
+        return names, uplinks
 
     def check_vms(self, obj):
         vms = {}
@@ -4912,10 +5323,11 @@ class RecordingReader(object):
         when, last, counts = self._counts(obj)
         out = {}
         for k, v in counts.items():
-            tap, sep, slot = k.partition(":")
-            _want(sep, "per-VM key %s is not TAP:SLOT", _shown(k))
-            out[(_int_key(tap, 0, 0xffffffff, "a per-VM ifindex"),
-                 _int_key(slot, 0, self.vm_slots - 1, "a per-VM slot"))] = \
+            parts = k.split(":")
+            _want(len(parts) == 3, "per-VM key %s is not TAP:PEER:SLOT", _shown(k))
+            out[(_int_key(parts[0], 0, 0xffffffff, "a per-VM ifindex"),
+                 _int_key(parts[1], 0, 0xffffffff, "a per-VM peer ifindex"),
+                 _int_key(parts[2], 0, self.vm_slots - 1, "a per-VM slot"))] = \
                 _int(v, 0, COUNT_MAX, "a count")
         return when, last, out
 
@@ -4927,12 +5339,12 @@ class RecordingReader(object):
         def count(key):
             return _int(_key(obj, key, "final"), 0, COUNT_MAX, key)
         stats = [_int(v, 0, COUNT_MAX, "a counter") for v in
-                 _list(_key(obj, "stats", "final"), "stats", 2 * len(STAT_NAMES))]
+                 _list(_key(obj, "stats", "final"), "stats", C.NSTATS)]
         fates = []
         for f in _list(_key(obj, "fates", "final"), "fates"):
             reason, d, last, n = _list(f, "a fate", 4)
             fates.append((_int(reason, 0, 0xffffffff, "a drop reason"),
-                          _int(d, 0, 1, "a direction"),
+                          _int(d, 0, C.NDIRS - 1, "a direction"),
                           _int(last, 0, NSTAGES - 1, "a stage"),
                           _int(n, 0, COUNT_MAX, "a count")))
         inflight = []
@@ -5149,7 +5561,7 @@ class Metrics(object):
                                             labels=["stage", "direction", "method", "probe"])
         for p in self.plan.plans:
             if p.method:
-                stage.add_metric([p.stage.name, p.stage.direction, p.method,
+                stage.add_metric([p.stage.name, stage_directions(p.stage), p.method,
                                   ",".join(n for n, _a in p.probes)], 1)
         return stage
 
@@ -5164,22 +5576,26 @@ class Metrics(object):
     def retire(self, counts, gone):
         """Taps gone for good: their counts stay in their VM's series while the VM has
         another tap in the table (a VM restarted), so that its counters never go back;
-        a VM with none left leaves the metrics."""
-        alive = set(self.label(tap) for tap, _slot in counts if tap not in gone)
-        for (tap, slot), count in counts.items():
-            label = self.label(tap)
-            if tap in gone and label in alive:
-                self.retired[(label, slot)] = self.retired.get((label, slot), 0) + count
-        for key in [k for k in self.retired if k[0] not in alive]:
+        a VM with none left leaves the metrics (and so do its VM-to-VM series)."""
+        alive = set(self.label(t) for tap, peer, _s in counts for t in (tap, peer)
+                    if t not in gone)
+        for (tap, peer, slot), count in counts.items():
+            key = (self.label(tap), self.label(peer), slot)
+            if (tap in gone or peer in gone) and key[0] in alive and \
+                    (not peer or key[1] in alive):
+                self.retired[key] = self.retired.get(key, 0) + count
+        for key in [k for k in self.retired if k[0] not in alive or
+                    (k[1] and k[1] not in alive)]:
             del self.retired[key]
 
     def histograms(self, counts):
-        rows = {}       # (vm, direction, segment) -> [per Prometheus bucket], sum ns
-        by_label = [((self.label(tap), slot), count) for (tap, slot), count in counts.items()]
-        for (label, slot), count in by_label + list(self.retired.items()):
+        rows = {}       # (vm, peer vm, direction, segment) -> [per bucket], sum ns
+        by_label = [((self.label(tap), self.label(peer), slot), count)
+                    for (tap, peer, slot), count in counts.items()]
+        for (label, peer, slot), count in by_label + list(self.retired.items()):
             seg, bucket = divmod(slot, C.VM_HIST_ROW)
             direction, segment = self.run.segments[seg]
-            row = rows.setdefault((label, direction, segment),
+            row = rows.setdefault((label, peer, direction, segment),
                                   [[0] * (len(PROM_BUCKETS_US) + 1), 0])
             if bucket == C.HIST_BUCKETS:
                 row[1] += count
@@ -5187,14 +5603,14 @@ class Metrics(object):
                 row[0][self.bucket_index[bucket]] += count
         fam = self.core.HistogramMetricFamily(
             "vm_network_latency_seconds", "Time between stages of the path, per packet",
-            labels=["direction", "segment", "vm"])
-        for (label, direction, segment), (per, sum_ns) in sorted(rows.items()):
+            labels=["direction", "segment", "vm", "peer_vm"])
+        for (label, peer, direction, segment), (per, sum_ns) in sorted(rows.items()):
             cum, buckets = 0, []
             for le, n in zip(PROM_BUCKETS_US, per):
                 cum += n
                 buckets.append(("%g" % (le / 1e6), cum))
             buckets.append(("+Inf", cum + per[-1]))
-            fam.add_metric([direction, segment, label], buckets, sum_ns / 1e9)
+            fam.add_metric([direction, segment, label, peer], buckets, sum_ns / 1e9)
         yield fam
 
     def table_usage(self, used, size, stats):
@@ -5297,8 +5713,11 @@ def announce(verbose, vni, layout, plan, view, devices, features):
                                   "no (kfree_skb has no reason argument in this kernel)"))
         log("kprobes: %s" % (view.kprobe_why if not view.kprobes_ok else
                              "available (%s)" % view.kprobe_why))
-        log("VM devices: %s; physical devices: %s" % (", ".join(devices.taps) or "none yet",
-                                                      ", ".join(devices.phys) or "none"))
+        found = devices.found
+        log("VM devices: %s; physical devices: %s" % (
+            ", ".join(found.vm_devs) or "none yet", ", ".join(
+                "%s%s" % (d, " (under %s)" % ", ".join(found.uplinks[d])
+                          if d in found.uplinks else "") for d in found.phys) or "none"))
         tunnels = [d for d in list_devices() if is_tunnel(d)]
         for tun in tunnels:
             info = tunnel_info(tun)
@@ -5312,7 +5731,9 @@ def announce(verbose, vni, layout, plan, view, devices, features):
     for p in plan.plans:
         if not p.method and "--direction" not in p.reason:
             log("note: stage %s not traced: %s" % (p.stage.name, p.reason))
-    if not devices.phys:
+    for note in uplink_notes(devices.found):
+        log("note: " + note)
+    if not devices.found.phys:
         log("warning: no physical device found; name it with --phy-dev")
 
 
@@ -5334,9 +5755,10 @@ class LiveTrace(object):
     counters feed, the metrics, the host's devices and the event reader. trace()
     always detaches, whatever stops it."""
 
-    def __init__(self, args, tracer, run, devices, metrics=None):
+    def __init__(self, args, tracer, run, devices, metrics=None, macvtaps=True):
         self.args, self.tracer, self.run, self.devices, self.metrics = \
             args, tracer, run, devices, metrics
+        self.macvtaps = macvtaps        # the program follows macvtaps (the host had one)
         self.events = None              # EventSource, in detailed mode or with --drops
         self.stop_reason = None         # the signal that stopped it, or None
         self.gone_since = {}            # {tap ifindex: since when (monotonic) it is gone}
@@ -5409,8 +5831,14 @@ class LiveTrace(object):
         """New VMs start and stop: the kernel's device map and the VM names follow."""
         old = self.devices.roles
         if self.devices.refresh():
+            if not self.macvtaps and any(r & ~Role.PEER == Role.MVTAP
+                                         for r in self.devices.roles.values()):
+                self.macvtaps = True     # (said once)
+                log("note: a macvtap appeared (%s): the tool follows macvtaps from its "
+                    "next start" % ", ".join(d for d in self.devices.found.vm_devs
+                                             if is_macvtap(d)))
             set_device_roles(self.tracer.bpf, old, self.devices.roles)
-            self.run.set_names(self.devices.names)
+            self.run.set_names(self.devices.names, self.devices.uplinks)
             if self.args.verbose:
                 log("devices now: %s" % self.devices.describe())
         self.run.set_vms(self.devices.owners)
@@ -5434,9 +5862,10 @@ class LiveTrace(object):
         """The per-VM counts of taps gone for --forget-after seconds leave the kernel's
         table, which then has room for the VMs that come (a long-running exporter sees
         many). The counts without them."""
-        now, present = time.monotonic(), set(i for i, role in self.devices.roles.items()
-                                             if role == Role.VM)
-        in_table = set(tap for tap, _slot in counts if tap)
+        now = time.monotonic()
+        present = set(i for i, role in self.devices.roles.items()
+                      if role & ~Role.PEER in (Role.VM, Role.MVTAP))
+        in_table = set(t for tap, peer, _slot in counts for t in (tap, peer) if t)
         for tap in in_table - present:
             self.gone_since.setdefault(tap, now)
         for tap in [t for t in self.gone_since if t in present or t not in in_table]:
@@ -5445,13 +5874,15 @@ class LiveTrace(object):
                    if now - since >= self.args.forget_after)
         if not gone:
             return counts
-        self.run.counters.forget_vm_counts([k for k in counts if k[0] in gone])
+        going = [k for k in counts if k[0] in gone or k[1] in gone]
+        self.run.counters.forget_vm_counts(going)
         if self.metrics:
             self.metrics.retire(counts, gone)
         self.run.forget_taps(gone)
         for tap in gone:
             del self.gone_since[tap]
-        return dict((k, v) for k, v in counts.items() if k[0] not in gone)
+        going = set(going)
+        return dict((k, v) for k, v in counts.items() if k not in going)
 
     def final_report(self):
         """Nothing is attached any more: drain what is left, then the summary."""
@@ -5496,7 +5927,8 @@ def replay(path, output):
         if kind == "event":
             run.on_event(value)
         elif kind == "names":
-            run.book.devices.update(value)
+            run.book.devices.update(value[0])
+            run.book.uplinks.update(value[1])
             run.formatter.clear()
         elif kind == "vms":
             run.book.vms = value
@@ -5601,9 +6033,9 @@ def run_command(args):
         metrics.attach(run, tracer, plan, layout.prog_info)
     if recorder:
         recorder.write_meta(recording_meta(settings, opts, plan, layout, run.wall_offset))
-    run.set_names(devices.names)
+    run.set_names(devices.names, devices.uplinks)
     run.set_vms(devices.owners)
-    return LiveTrace(args, tracer, run, devices, metrics).trace()
+    return LiveTrace(args, tracer, run, devices, metrics, opts.macvtaps).trace()
 
 
 def main(argv=None):

@@ -40,7 +40,21 @@ sends 0 packets, UdpNoPorts counts every frame).
 The whole host path runs in the writer's thread, so the generator's own CPU time per
 frame (getrusage, user+sys) is the cost of the path, tracers' BPF programs included.
 Each configuration is measured REPS times, interleaved (rotating order); report.py turns
-the raw measurements into the table (medians, ratios, targets). With BPF statistics on
+the raw measurements into the table (medians, ratios, targets).
+
+Two other paths, each measured the same way against its own baseline (nothing
+attached) and with the tool in histogram mode:
+
+  macvtap   tapflood writes into macvtap vnbmvt0 (bridge mode) through its /dev/tapN,
+            as QEMU does for libvirt's <interface type='direct'>: tap_get_user ->
+            the macvtap's queue -> macvlan -> veth vnbphy1 -> the namespace's eth1
+            (10.78.1.3), udp_rcv, no socket; all in the writer's thread.
+  VM to VM  tapflood writes into vnbtap2 frames for vnbtap3 on the same bridge, whose
+            "VM" is a second tapflood (--drain) reading every frame: the writer's CPU
+            time per frame plus the reader's (tun_put_user and the tool's vm_read probe
+            run there). The reader must get every frame: one read() a frame is slower
+            than the writer, whose floods here are paced at V2V_RATE frames/s (pacing
+            costs both of its configurations the same sleeps). With BPF statistics on
 (kernel.bpf_stats_enabled, one flood each), the run time of every program, and two
 variants of the floor's (floor.py empty, clock): what a program run and a clock read
 cost, from which report.py gives the least histogram mode can cost on this machine.
@@ -87,6 +101,13 @@ FAST_TAP, SINK = "vnbtap1", "vnbsink0"
 SINK_KINDS = [("dummy", ("tx_packets",)), ("ifb", ("rx_dropped", "tx_dropped"))]
 FAST_VM_MAC, SINK_MAC = "52:54:00:78:00:05", "52:54:00:78:00:04"
 VM_IP, REMOTE_IP = "10.78.0.2", "10.78.0.3"
+# the macvtap path: its own veth "NIC" into the namespace (eth1), a macvtap on it
+MVT, MVT_PHY = "vnbmvt0", "vnbphy1"
+MVT_MAC, MVT_REMOTE_MAC, MVT_REMOTE_IP = "52:54:00:78:01:02", "52:54:00:78:01:03", "10.78.1.3"
+# the VM-to-VM path: a writer's tap and a reader's tap on the bridge
+V2V_TAP, V2V_MAC, RECV_TAP, RECV_MAC = "vnbtap2", "52:54:00:78:00:06", "vnbtap3", \
+    "52:54:00:78:00:07"
+V2V_RATE = 250000   # frames/s the reader keeps up with (unpaced it read 15,110 of 20,000)
 
 DEVS = ["--vm-dev", TAP, "--phy-dev", PHY, "--output", "json"]
 TOOL_ARGS = {
@@ -101,7 +122,15 @@ TOOL_ARGS = {
     "tool_sample": DEVS + ["--mode", "histogram", "--interval", "3600", "--sample", "100"],
     "tool_keepup": ["--vm-dev", FAST_TAP, "--phy-dev", SINK, "--output", "json",
                     "--mode", "detailed"],
+    # the other paths, histogram mode as config 2
+    "mvt_hist": ["--vm-dev", MVT, "--phy-dev", MVT_PHY, "--output", "json", "--mode",
+                 "histogram", "--interval", "3600"],
+    "v2v_hist": ["--vm-dev", V2V_TAP, "--vm-dev", RECV_TAP, "--output", "json", "--mode",
+                 "histogram", "--interval", "3600"],
 }
+# which generator floods each configuration's path (the rest: the main one)
+PATH_OF = {"mvt_baseline": "mvt", "mvt_hist": "mvt", "v2v_baseline": "v2v",
+           "v2v_hist": "v2v"}
 # the soaks: is resident memory flat once warm, at full rate for half an hour?
 SOAK_PORT = 9478
 SOAK_ARGS = {
@@ -291,9 +320,9 @@ def snapshot_tool(args, work):
 class Generator(object):
     """tapflood --serve: creates and holds the tap, answers one line per command."""
 
-    def __init__(self, binary, errpath, tap, options=()):
+    def __init__(self, binary, errpath, tap, options=(), mode="--serve"):
         self.err = open(errpath, "w")
-        self.proc = subprocess.Popen([binary, "-i", tap, "--serve", "-p", "1"] + list(options),
+        self.proc = subprocess.Popen([binary, "-i", tap, mode, "-p", "1"] + list(options),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.err, preexec_fn=die_with_parent)
         GENERATORS.append(self)
@@ -350,7 +379,8 @@ def in_ns(*argv):
 
 
 def lab_down():
-    left = topology.remove([BR, PHY, TAP, SINK, FAST_TAP], [NS])
+    left = topology.remove([BR, PHY, TAP, SINK, FAST_TAP, MVT, MVT_PHY, V2V_TAP, RECV_TAP],
+                           [NS])
     if left:
         log("warning: could not remove %s" % " ".join(left))
 
@@ -383,12 +413,61 @@ def lab_up(gen_binary, work):
     else:
         raise BenchError("bridge ports do not forward")
     lab = {"tap_ifindex": ifindex(TAP), "phy_ifindex": ifindex(PHY),
-           "sink_kind": sink and sink[0], "sink_counters": sink and sink[1]}
+           "sink_kind": sink and sink[0], "sink_counters": sink and sink[1],
+           "mvt": macvtap_path(gen_binary, work), "v2v": vm_to_vm_path(gen_binary, work)}
     log("lab up: %s (ifindex %d) -> %s -> %s (ifindex %d) -> %s eth0 %s; keep-up: %s" % (
         TAP, lab["tap_ifindex"], BR, PHY, lab["phy_ifindex"], NS, REMOTE_IP,
         "%s -> %s (%s)" % (FAST_TAP, SINK, sink[0]) if sink else
         "on that path (no dummy or ifb driver for a shorter one)"))
     return gen, fast, lab
+
+
+def macvtap_path(gen_binary, work):
+    """The macvtap path: veth vnbphy1 into the namespace (eth1, 10.78.1.3), macvtap
+    vnbmvt0 on it in bridge mode, a generator writing into the macvtap's queue."""
+    topology.add_veth_into(MVT_PHY, NS, "eth1", mac=MVT_REMOTE_MAC,
+                           address=MVT_REMOTE_IP + "/24")
+    in_ns("ip", "neigh", "replace", "10.78.1.2", "lladdr", MVT_MAC, "dev", "eth1", "nud",
+          "permanent")
+    topology.up(MVT_PHY)
+    topology.add_macvtap(MVT, MVT_PHY, MVT_MAC)
+    gen = Generator(gen_binary, os.path.join(work, "gen-%s.err" % MVT), MVT,
+                    ("--src-mac", MVT_MAC, "--dst-mac", MVT_REMOTE_MAC, "--src-ip",
+                     "10.78.1.2", "--dst-ip", MVT_REMOTE_IP))
+    line = gen.readline(10)
+    if not line.startswith("created"):
+        raise BenchError("macvtap generator: %s" % line)
+    gen.cmd("up", 10)
+    return gen
+
+
+def vm_to_vm_path(gen_binary, work):
+    """The VM-to-VM path: a writer on vnbtap2 and a reader draining vnbtap3, both
+    ports of the bridge, which knows both MACs. Returns (writer, reader)."""
+    reader = Generator(gen_binary, os.path.join(work, "drain-%s.err" % RECV_TAP), RECV_TAP,
+                       (), mode="--drain")
+    line = reader.readline(10)
+    if not line.startswith("created"):
+        raise BenchError("reader: %s" % line)
+    topology.disable_ipv6(RECV_TAP)
+    # room for 40 ms of the flood while the reader is off its CPU (a tap's ring holds
+    # 500 frames: 2 ms here)
+    topology.ip("link", "set", RECV_TAP, "txqueuelen", "10000")
+    topology.ip("link", "set", RECV_TAP, "master", BR)
+    reader.cmd("up", 10)
+    run(["bridge", "fdb", "replace", RECV_MAC, "dev", RECV_TAP, "master", "static"])
+    writer = start_generator(gen_binary, work, V2V_TAP, V2V_MAC,
+                             ("--src-mac", V2V_MAC, "--dst-mac", RECV_MAC, "--src-ip",
+                              "10.78.0.6", "--dst-ip", "10.78.0.7"))
+    return writer, reader
+
+
+def drained(reader):
+    """The reader's tally: (frames read, its CPU seconds) so far."""
+    kv = report.key_values(reader.cmd("count", 10))
+    if "frames" not in kv:
+        raise BenchError("the reader did not answer its count")
+    return kv["frames"], kv["cpu_s"]
 
 
 def add_sink():
@@ -596,11 +675,28 @@ class Bench(object):
     def measure(self, cfg, rep):
         """One flood under one configuration: the generator's figures and the tracers'."""
         tag = "%s-%d" % (cfg, rep)
+        path = PATH_OF.get(cfg)
+        gen, reader = self.gen, None
+        if path == "mvt":
+            gen = self.lab["mvt"]
+        elif path == "v2v":
+            gen, reader = self.lab["v2v"]
         tracers = self.start(cfg, tag)
         try:
             snap = CpuSnapshot([t.pid for t in tracers], self.ksoftirqd)
-            res = self.gen.flood(self.args.frames, self.args.ports)
+            got0 = drained(reader) if reader else None
+            res = gen.flood(self.args.frames, self.args.ports, V2V_RATE if reader else 0)
             res.update(snap.since())
+            if reader:
+                # the receiving "VM"'s reads are part of this path's cost
+                time.sleep(0.2)
+                got, cpu = drained(reader)
+                res["received"] = got - got0[0]
+                res["writer_cpu_ns_per_frame"] = res["cpu_ns_per_frame"]
+                res["cpu_ns_per_frame"] += (cpu - got0[1]) * 1e9 / self.args.frames
+                if res["received"] != self.args.frames:
+                    log("warning: %s run %d: the reader got %d of %d frames" % (
+                        cfg, rep, res["received"], self.args.frames))
             res["hwm_kb"] = vm_hwm_kb(tracers[0].pid) if cfg in TOOL_ARGS or cfg == "floor" \
                 else 0
         finally:
@@ -749,6 +845,8 @@ def measure_all(args, bench, gen):
     c0 = path_counters()
     log("warm-up flood")
     gen.flood(args.frames, args.ports)
+    bench.lab["mvt"].flood(args.frames // 10, args.ports)
+    bench.lab["v2v"][0].flood(args.frames // 10, args.ports, V2V_RATE)
     c1 = path_counters()
     raw["path_check_warmup"] = counter_delta(c0, c1)
     log("path check: %s" % raw["path_check_warmup"])

@@ -9,7 +9,12 @@ import statistics
 import sys
 
 CONFIGS = ["baseline", "tool_hist", "tool_hist_raw", "tool_thresh", "tool_detail",
-           "tool_filtered", "tool_sample", "tcpdump", "bpftrace", "floor"]
+           "tool_filtered", "tool_sample", "tcpdump", "bpftrace", "floor",
+           "mvt_baseline", "mvt_hist", "v2v_baseline", "v2v_hist"]
+# the other paths (overhead.py): each configuration's added cost is over its own baseline
+BASELINE_OF = {"mvt_hist": "mvt_baseline", "v2v_hist": "v2v_baseline"}
+BASELINES = ("baseline", "mvt_baseline", "v2v_baseline")
+PATH_TOOLS = ("mvt_hist", "v2v_hist")
 LABEL = {
     "baseline": "1 baseline (nothing attached)",
     "tool_hist": "2 tool histogram",
@@ -21,6 +26,10 @@ LABEL = {
     "tcpdump": "6 tcpdump -w on tap + veth",
     "bpftrace": "7 bpftrace rx->xmit hist()",
     "floor": "8 floor: 4 raw tp, ifindex only",
+    "mvt_baseline": "9 macvtap: nothing attached",
+    "mvt_hist": "9b macvtap: tool histogram",
+    "v2v_baseline": "10 VM to VM: nothing (+ reader)",
+    "v2v_hist": "10b VM to VM: tool histogram",
 }
 EXTRAS = ("captured", "received", "kernel_dropped", "hist_count", "hits")
 
@@ -114,24 +123,27 @@ def config_results(runs, frames):
              "ksoftirqd_ticks": [r["ksoftirqd_ticks"] for r in rr],
              "tracer_process_ns_per_frame": [r["tracer_ticks"] * 1e7 / frames for r in rr]}
         d["background_cpu_pct_median"] = median(d["background_cpu_pct"])
-        if c.startswith("tool_") or c == "floor":
+        if c.startswith("tool_") or c == "floor" or c in PATH_TOOLS:
             d["vmhwm_kb"] = [r["hwm_kb"] for r in rr]
-        if c.startswith("tool_"):
+        if c.startswith("tool_") or c in PATH_TOOLS:
             d["summaries"] = [r.get("summary") for r in rr]
         for extra in EXTRAS:
             vals = [r[extra] for r in rr if r.get(extra) is not None]
             if vals:
                 d[extra] = vals
         res[c] = d
-    # added CPU: minus the baseline's median; and paired per repetition (a drift check)
-    base = res["baseline"]["cpu_ns_per_frame_median"]
+    # added CPU: minus the (path's) baseline's median; and paired per repetition (a
+    # drift check)
     for c in CONFIGS:
+        base_cfg = BASELINE_OF.get(c, "baseline")
+        base = res[base_cfg]["cpu_ns_per_frame_median"]
         m = res[c]["cpu_ns_per_frame_median"]
-        res[c]["added_ns"] = None if m is None or base is None else m - base
+        res[c]["added_ns"] = None if m is None or base is None or c in BASELINES[1:] \
+            else m - base
         pairs = []
-        for r in (x for x in runs if x["cfg"] == c):
+        for r in (x for x in runs if x["cfg"] == c and c not in BASELINES[1:]):
             b = [x["cpu_ns_per_frame"] for x in runs
-                 if x["cfg"] == "baseline" and x["rep"] == r["rep"]]
+                 if x["cfg"] == base_cfg and x["rep"] == r["rep"]]
             if b:
                 pairs.append(r["cpu_ns_per_frame"] - b[0])
         res[c]["added_ns_paired_median"] = median(pairs)
@@ -363,14 +375,15 @@ def render(result):
         ns = d["cpu_ns_per_frame"]
         P("%-36s %10s %9s %8s %8s %8s %8s  %-13s %s" % (
             LABEL[c], fmt(d["pps_median"]), fmt(d["cpu_ns_per_frame_median"]),
-            "-" if c == "baseline" else fmt(d["added_ns"], "{:+,.0f}"),
+            "-" if c in BASELINES else fmt(d["added_ns"], "{:+,.0f}"),
             fmt(d["ratio_to_tcpdump"], "{:.2f}"), fmt(d["ratio_to_bpftrace"], "{:.2f}"),
             fmt(d["ratio_to_floor"], "{:.2f}"),
             "%s-%s" % (fmt(min(ns)), fmt(max(ns))) if ns else "-",
             fmt(d["background_cpu_pct_median"], "{:.0f}%")))
-    P("(frames/s: the writer's wall-clock rate; ns/frame: its CPU time per frame, median; "
-      "added: minus the baseline's median; /tcpdump, /bpftrc, /floor: added ns over theirs; "
-      "bg cpu: other processes' share of all CPUs during the floods, median)")
+    P("(frames/s: the writer's wall-clock rate; ns/frame: its CPU time per frame, median "
+      "(VM to VM: the writer's and the reader's, paced at 250,000/s); added: minus the baseline's median (9b, "
+      "10b: their own path's); /tcpdump, /bpftrc, /floor: added ns over theirs; bg cpu: "
+      "other processes' share of all CPUs during the floods, median)")
     P("")
     P("paired added ns (median over reps of run minus same-rep baseline): " + ", ".join(
         "%s %s" % (c, fmt(res[c]["added_ns_paired_median"], "{:+,.0f}")) for c in CONFIGS[1:]))

@@ -1,5 +1,6 @@
 /*
- * tapflood - write 64-byte UDP/IPv4 Ethernet frames into a tap device as a VM would.
+ * tapflood - write 64-byte UDP/IPv4 Ethernet frames into a tap device as a VM would
+ * (or into a macvtap, through its /dev/tapN; or read a tap dry, as a receiving VM).
  *
  * Part of the overhead benchmark of vm_network_latency.py (bench/overhead.py).
  *
@@ -26,6 +27,12 @@
  *                           -> "ticked frames=.. t_first=.."
  *     quit                  exit
  *   Times t_* are wall-clock seconds (CLOCK_REALTIME).
+ * Drain:     tapflood -i vnbtap3 --drain
+ *   a receiving VM: creates the tap, prints "created ifindex=N", and after "up" reads
+ *   every frame the host puts in it; "count" on stdin -> "drained frames=.. cpu_s=.."
+ *   (the CPU time of its reads: tun_put_user and the vm_read probe run there).
+ * -i NAME may be a macvtap: its queue is opened through /dev/tap<ifindex> (made from
+ * sysfs if devtmpfs has not), without the virtio-net header (TUNSETIFF IFF_NO_PI).
  *
  * Options: --src-mac, --dst-mac, --src-ip, --dst-ip, --src-port, --dst-port.
  * Defaults: 52:54:00:78:00:02 10.78.0.2:5000 -> 52:54:00:78:00:03 10.78.0.3:9000.
@@ -46,6 +53,8 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -142,8 +151,56 @@ static void tap_up(const char *name)
     close(s);
 }
 
+static int ifindex_of(const char *name)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        die("socket");
+    if (ioctl(s, SIOCGIFINDEX, &ifr) < 0)
+        die("SIOCGIFINDEX");
+    close(s);
+    return ifr.ifr_ifindex;
+}
+
+/* a macvtap's queue, as libvirt hands it to QEMU: /dev/tap<ifindex> */
+static int open_macvtap(const char *name, int ifindex)
+{
+    char node[64], path[128], dev[32];
+    unsigned maj, min;
+    snprintf(node, sizeof(node), "/dev/tap%d", ifindex);
+    int fd = open(node, O_RDWR | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT) {
+        snprintf(path, sizeof(path), "/sys/class/net/%s/macvtap/tap%d/dev", name, ifindex);
+        FILE *f = fopen(path, "r");
+        if (!f || !fgets(dev, sizeof(dev), f) || sscanf(dev, "%u:%u", &maj, &min) != 2)
+            die(path);
+        fclose(f);
+        if (mknod(node, S_IFCHR | 0600, makedev(maj, min)) < 0)
+            die(node);
+        fd = open(node, O_RDWR | O_CLOEXEC);
+    }
+    if (fd < 0)
+        die(node);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI;            /* no virtio-net header */
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0)
+        die("TUNSETIFF on the macvtap");
+    return fd;
+}
+
 static int open_tap(const char *name, int *ifindex)
 {
+    char sysdir[128];
+    struct stat st;
+    snprintf(sysdir, sizeof(sysdir), "/sys/class/net/%s/macvtap", name);
+    if (stat(sysdir, &st) == 0) {
+        *ifindex = ifindex_of(name);
+        return open_macvtap(name, *ifindex);
+    }
     int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
     if (fd < 0)
         die("open /dev/net/tun");
@@ -153,13 +210,7 @@ static int open_tap(const char *name, int *ifindex)
     strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
     if (ioctl(fd, TUNSETIFF, &ifr) < 0)
         die("TUNSETIFF");
-    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (s < 0)
-        die("socket");
-    if (ioctl(s, SIOCGIFINDEX, &ifr) < 0)
-        die("SIOCGIFINDEX");
-    *ifindex = ifr.ifr_ifindex;
-    close(s);
+    *ifindex = ifindex_of(name);
     return fd;
 }
 
@@ -251,10 +302,48 @@ static void tick(int fd, long interval_us, FILE *out)
     fflush(out);
 }
 
+/* a receiving VM: read every frame; "count" on stdin answers with the tally */
+static void drain(int fd, const char *ifname, FILE *out)
+{
+    static uint8_t buf[65536];
+    long frames = 0;
+    char line[256];
+    int up = 0;
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    for (;;) {
+        struct pollfd p[2] = {{.fd = 0, .events = POLLIN}, {.fd = fd, .events = POLLIN}};
+        if (poll(p, up ? 2 : 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            die("poll");
+        }
+        if (up && (p[1].revents & POLLIN)) {
+            while (read(fd, buf, sizeof(buf)) > 0)
+                frames++;
+        }
+        if (p[0].revents & (POLLIN | POLLHUP)) {
+            if (!fgets(line, sizeof(line), stdin) || strncmp(line, "quit", 4) == 0)
+                return;
+            if (strncmp(line, "up", 2) == 0) {
+                tap_up(ifname);
+                up = 1;
+                fprintf(out, "ready ifindex=%d\n", ifindex_of(ifname));
+            } else if (strncmp(line, "count", 5) == 0) {
+                while (read(fd, buf, sizeof(buf)) > 0)
+                    frames++;
+                fprintf(out, "drained frames=%ld cpu_s=%.6f\n", frames, cpu_seconds());
+            } else {
+                fprintf(out, "error unknown command\n");
+            }
+            fflush(out);
+        }
+    }
+}
+
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: tapflood -i TAP [-n FRAMES] [-p NPORTS] [-r RATE] [--serve]\n"
+            "usage: tapflood -i TAP [-n FRAMES] [-p NPORTS] [-r RATE] [--serve | --drain]\n"
             "                [--src-mac MAC] [--dst-mac MAC] [--src-ip IP] [--dst-ip IP]\n"
             "                [--src-port PORT] [--dst-port PORT]\n");
     exit(2);
@@ -264,12 +353,13 @@ int main(int argc, char **argv)
 {
     const char *ifname = NULL;
     long n = 200000;
-    int nports = 1, serve = 0;
+    int nports = 1, serve = 0, draining = 0;
     double rate = 0;
     inet_pton(AF_INET, "10.78.0.2", &src_ip);
     inet_pton(AF_INET, "10.78.0.3", &dst_ip);
     static struct option opts[] = {
         {"serve", no_argument, 0, 'S'},
+        {"drain", no_argument, 0, 'D'},
         {"src-mac", required_argument, 0, 1},
         {"dst-mac", required_argument, 0, 2},
         {"src-ip", required_argument, 0, 3},
@@ -286,6 +376,7 @@ int main(int argc, char **argv)
         case 'p': nports = atoi(optarg); break;
         case 'r': rate = atof(optarg); break;
         case 'S': serve = 1; break;
+        case 'D': draining = 1; break;
         case 1: if (parse_mac(optarg, src_mac)) usage(); break;
         case 2: if (parse_mac(optarg, dst_mac)) usage(); break;
         case 3: if (inet_pton(AF_INET, optarg, &src_ip) != 1) usage(); break;
@@ -300,6 +391,12 @@ int main(int argc, char **argv)
     prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);     /* precise sleeps when pacing */
     int ifindex;
     int fd = open_tap(ifname, &ifindex);
+    if (draining) {
+        printf("created ifindex=%d\n", ifindex);
+        fflush(stdout);
+        drain(fd, ifname, stdout);
+        return 0;
+    }
     if (!serve) {
         tap_up(ifname);
         flood(fd, n, nports, rate, stdout);

@@ -35,6 +35,12 @@ def test_a_short_benchmark_run_counts_every_frame(tmp_path):
     assert 0 < res["tcpdump"]["captured"][0] <= 2 * frames
     assert res["bpftrace"]["hist_count"] == [frames]
     assert res["floor"]["hits"] == [3 * frames]
+    # the other paths: the macvtap's tool saw every frame; the VM-to-VM tool every frame
+    # as VM to VM, and the receiving "VM" read every one, in both of its runs
+    assert res["mvt_hist"]["summaries"][0]["reported"] == frames
+    v2v = res["v2v_hist"]["summaries"][0]
+    assert (v2v["reported"], v2v["reported_vm2vm"]) == (frames, frames)
+    assert res["v2v_baseline"]["received"] == [frames] and res["v2v_hist"]["received"] == [frames]
     assert saved["result"]["path_check_warmup"]["rx"] == frames
     assert saved["result"]["path_check_warmup"]["tx"] == 0
     k = saved["result"]["keepup"][0]

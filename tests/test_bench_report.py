@@ -19,7 +19,8 @@ def synthetic_raw():
     costs = {"baseline": 1000, "tool_hist": 1400, "tool_hist_raw": 1450,
              "tool_thresh": 1300, "tool_detail": 1500,
              "tool_filtered": 1220, "tool_sample": 1100, "tcpdump": 1400, "bpftrace": 1800,
-             "floor": 1200}
+             "floor": 1200, "mvt_baseline": 800, "mvt_hist": 1000, "v2v_baseline": 2000,
+             "v2v_hist": 2300}
     runs = [run_of(c, rep, ns + 10 * rep) for rep in (1, 2, 3) for c, ns in costs.items()]
     keepup = [{"rate": 50000, "frames": 150000, "pps": 50000.0, "wall_s": 3.0,
                "machine_total_ticks": 0, "summary": {"reported": 150000, "lost": 0}},
@@ -40,6 +41,10 @@ def test_report_ratios_and_targets_from_known_numbers():
     assert c["tool_filtered"]["ratio_to_floor"] == pytest.approx(1.1)
     assert c["tool_sample"]["ratio_to_tcpdump"] == 0.25
     assert c["tool_hist"]["added_ns_paired_median"] == 400
+    # the other paths: over their own baselines, not compared with tcpdump's path
+    assert (c["mvt_hist"]["added_ns"], c["v2v_hist"]["added_ns"]) == (200, 300)
+    assert c["v2v_hist"]["added_ns_paired_median"] == 300
+    assert c["mvt_baseline"]["added_ns"] is None and c["mvt_hist"]["ratio_to_tcpdump"] is None
     targets = dict((t["target"], t["pass"]) for t in result["targets"])
     assert targets["histogram added <= 1.0 x tcpdump added"] is True
     assert targets["histogram added <= 1.4 x floor added"] is False
@@ -48,6 +53,8 @@ def test_report_ratios_and_targets_from_known_numbers():
     assert [k["kept_up"] for k in result["keepup"]] == [True, False]
     text = report.render(result)
     assert "2 tool histogram" in text and "FAIL histogram added <= 1.4 x floor" in text
+    row = [l for l in text.splitlines() if l.startswith("9b macvtap: tool histogram")][0]
+    assert row.split()[6] == "+200"
 
 
 def test_a_rate_the_generator_cannot_reach_decides_nothing():

@@ -341,3 +341,124 @@ def test_the_readmes_map_of_the_file_is_the_file(tool):
             assert name in defined, "README names %s, which the file does not define" % name
             assert starts[i] < defined[name] < starts[i + 1], \
                 "%s is not in the section %s" % (name, title)
+
+
+# ---------------------------------------------------------------------------
+# The host's devices: which are the VM side, which the NICs, from sysfs
+# ---------------------------------------------------------------------------
+
+class FakeSysfs(object):
+    """A /sys/class/net of made-up devices, as the kernel lays it out: ifindex, uevent
+    (DEVTYPE), master, lower_* links, tun_flags for taps, macvtap/tapN/dev, device for
+    NICs backed by hardware."""
+
+    def __init__(self, root):
+        self.root = root
+        self.next = 2
+
+    def add(self, name, devtype=None, tap=False, nic=False, master=None, lower=(),
+            macvtap=None):
+        d = os.path.join(self.root, name)
+        os.makedirs(d)
+        with open(os.path.join(d, "ifindex"), "w") as f:
+            f.write("%d\n" % self.next)
+        self.next += 1
+        with open(os.path.join(d, "uevent"), "w") as f:
+            f.write("INTERFACE=%s\n" % name + ("DEVTYPE=%s\n" % devtype if devtype else ""))
+        if tap:
+            open(os.path.join(d, "tun_flags"), "w").write("0x1002\n")
+        if nic:
+            os.makedirs(os.path.join(d, "device"))
+        if master:
+            os.symlink("../" + master, os.path.join(d, "master"))
+        for low in lower:
+            os.symlink("../" + low, os.path.join(d, "lower_" + low))
+        if macvtap:
+            t = os.path.join(d, "macvtap", "tap%d" % (self.next - 1))
+            os.makedirs(t)
+            open(os.path.join(t, "dev"), "w").write("%d:%d\n" % macvtap)
+        return self
+
+    def roles(self, tool, **selection):
+        found = tool.resolve_roles(tool.DeviceSelection(
+            selection.get("vm_devs", []), selection.get("vms", []),
+            selection.get("phy_devs", [])), selection.get("owners", {}))
+        return dict((found.names[i], r) for i, r in found.roles.items()), found
+
+
+@pytest.fixture
+def sysfs(tool, tmp_path, monkeypatch):
+    monkeypatch.setattr(tool, "SYS_NET", str(tmp_path))
+    return FakeSysfs(str(tmp_path))
+
+
+def test_a_bridge_on_a_vlan_of_a_bond_has_the_bonds_nics_as_the_physical_side(tool, sysfs):
+    """br0 -> bond0.100 -> bond0 -> eth0, eth1: TX ends and RX starts on the NICs; the
+    VLAN and the bond are what the record says the NIC carried it under."""
+    (sysfs.add("eth0", nic=True, master="bond0").add("eth1", nic=True, master="bond0")
+     .add("bond0", devtype="bond", lower=["eth0", "eth1"])
+     .add("bond0.100", devtype="vlan", lower=["bond0"], master="br0")
+     .add("br0", devtype="bridge", lower=["bond0.100", "vnet0"])
+     .add("vnet0", tap=True, master="br0"))
+    roles, found = sysfs.roles(tool)
+    R = tool.Role
+    assert roles == {"vnet0": R.VM, "eth0": R.PHY, "eth1": R.PHY}
+    assert found.phys == ["eth0", "eth1"]
+    assert found.uplinks == {"eth0": ["bond0.100", "bond0"], "eth1": ["bond0.100", "bond0"]}
+
+
+def test_a_vlan_on_a_nic_and_a_team(tool, sysfs):
+    (sysfs.add("eth2", nic=True).add("eth2.7", devtype="vlan", lower=["eth2"], master="br1")
+     .add("eth3", nic=True, master="team0").add("eth4", nic=True, master="team0")
+     .add("team0", lower=["eth3", "eth4"], master="br1")
+     .add("br1", devtype="bridge", lower=["eth2.7", "team0", "vnet1"])
+     .add("vnet1", tap=True, master="br1"))
+    roles, found = sysfs.roles(tool)
+    assert sorted(found.phys) == ["eth2", "eth3", "eth4"]
+    assert found.uplinks == {"eth2": ["eth2.7"], "eth3": ["team0"], "eth4": ["team0"]}
+    # --phy-dev may name the bond or team (its NICs), or a NIC
+    assert sysfs.roles(tool, phy_devs=["team0"])[1].phys == ["eth3", "eth4"]
+    assert sysfs.roles(tool, phy_devs=["eth3"])[1].phys == ["eth3"]
+
+
+def test_macvtaps_are_vm_devices_and_their_lower_nic_the_physical_side(tool, sysfs):
+    """Two macvtaps on eth0 (bridge mode: their frames to each other come back through
+    eth0), one on a VLAN of eth1; a VM selected by name: the other macvtaps are peers."""
+    R = tool.Role
+    (sysfs.add("eth0", nic=True).add("eth1", nic=True)
+     .add("eth1.5", devtype="vlan", lower=["eth1"])
+     .add("macvtap0", lower=["eth0"], macvtap=(240, 1))
+     .add("macvtap1", lower=["eth0"], macvtap=(240, 2))
+     .add("macvtap2", lower=["eth1.5"], macvtap=(240, 3)))
+    roles, found = sysfs.roles(tool)
+    assert roles == {"macvtap0": R.MVTAP, "macvtap1": R.MVTAP, "macvtap2": R.MVTAP,
+                     "eth0": R.PHY_MVT, "eth1": R.PHY, "eth1.5": R.MVT_LOWER}
+    assert found.uplinks == {"eth1": ["eth1.5"]}
+    assert tool.macvtap_chardevs() == {(240, 1): "macvtap0", (240, 2): "macvtap1",
+                                       (240, 3): "macvtap2"}
+    owners = {"macvtap1": tool.VmInfo("db-01", None, 10, "qemu")}
+    roles, found = sysfs.roles(tool, vms=["db-01"], owners=owners)
+    assert roles["macvtap1"] == R.MVTAP and found.vm_devs == ["macvtap1"]
+    assert roles["macvtap0"] == roles["macvtap2"] == R.MVTAP | R.PEER
+    assert found.phys == ["eth0"]       # the selected VM's NIC only
+
+
+def test_taps_of_a_bridge_a_tunnel_and_vms_not_selected(tool, sysfs, monkeypatch):
+    R = tool.Role
+    (sysfs.add("vnet0", tap=True, master="br0").add("vnet1", tap=True, master="br0")
+     .add("veth0", master="br0").add("br0", devtype="bridge"))
+    roles, found = sysfs.roles(tool, vm_devs=["vnet1"])
+    assert roles == {"vnet1": R.VM, "vnet0": R.VM | R.PEER, "veth0": R.PHY}
+    assert found.vm_devs == ["vnet1"] and found.uplinks == {}
+
+
+def test_a_vlan_of_a_bond_without_nics_is_a_note_not_an_error(tool, sysfs):
+    """--phy-dev naming a bond's VLAN while the bond has no slaves: tracing can go on
+    (a slave may be added), and the user is told why nothing arrives there."""
+    (sysfs.add("bond7", devtype="bond").add("bond7.100", devtype="vlan", lower=["bond7"])
+     .add("vnet0", tap=True))
+    _roles, found = sysfs.roles(tool, phy_devs=["bond7.100"])
+    assert found.phys == ["bond7"] and found.uplinks == {"bond7": ["bond7.100"]}
+    assert tool.uplink_notes(found) == [
+        "bond7 (under bond7.100) is a bond with no NIC under it: no packet leaves or "
+        "arrives there until it has one"]

@@ -65,7 +65,7 @@ class Book(object):
     """A NameBook's face to packet_record(): fixed names for every process."""
 
     def __init__(self, devices=None, vms=None, comm="qemu", thread=lambda tid: "t"):
-        self.devices, self.vms = devices or NAMES, vms or {}
+        self.devices, self.vms, self.uplinks = devices or NAMES, vms or {}, {}
         self.comm, self.thread = comm, thread
 
     def process_name(self, pid):
@@ -275,16 +275,16 @@ def test_a_drop_record_names_reason_stage_and_place(tool):
     rec = json.loads(out.getvalue())
     assert (rec["type"], rec["last_stage"], rec["reason"], rec["location"]) == \
         ("drop", "phy_queue", "QDISC_DROP", "__dev_queue_xmit+0x5a")
-    assert run.reported == {"tx": 0, "rx": 0}      # a drop is not a reported packet
+    assert run.reported == {"tx": 0, "rx": 0, "vm2vm": 0}   # a drop is not reported
 
 
 def test_summary_accounts_for_every_packet(tool):
     run = new_run(tool)
     run.on_event(udp_tx(tool))
     run.on_event(icmp_rx(tool))
-    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0))
-    stats.update(started=(4, 3), completed=(1, 1), dropped=(1, 0), left_path=(0, 1),
-                 lost=(2, 0))
+    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0, 0))
+    stats.update(started=(4, 3, 0), completed=(1, 1, 0), dropped=(1, 0, 0),
+                 left_path=(0, 1, 0), lost=(2, 0, 0))
     waiting = udp_tx(tool, ts={"tap_rx": 299000000000}, last=0)
     upcalled = udp_tx(tool, ts={"tap_rx": 299500000000}, last=0, upcalled=1)
     run.counters = tool.RecordedCounters({
@@ -305,8 +305,8 @@ def test_summary_accounts_for_every_packet(tool):
     ex = s["in_flight_examples"][0]
     assert (ex["last_stage"], ex["waiting_us"]) == ("tap_rx", 1000000.0)
     line = tool.summary_line(s)
-    assert line.startswith("Summary: 2 packets reported (tx 1, rx 1); 0 below the latency "
-                           "threshold; 1 dropped by the kernel; 1 left the traced path")
+    assert line.startswith("Summary: 2 packets reported (tx 1, rx 1); 0 below the "
+                           "latency threshold; 1 dropped by the kernel; 1 left the traced path")
 
 
 def test_histogram_intervals_report_what_each_added(tool):
@@ -324,7 +324,7 @@ def test_histogram_intervals_report_what_each_added(tool):
     counts[total + 41] = 1
     t2 = run.histograms(2.0, counts)
     assert t1 == [("tx", "total", {40: 3})] and t2 == [("tx", "total", {40: 2, 41: 1})]
-    assert run.hist_totals == {"tx": 6, "rx": 0}
+    assert run.hist_totals == {"tx": 6, "rx": 0, "vm2vm": 0}
 
 
 # --- --read-events as a process, as nobody ---
@@ -341,8 +341,8 @@ def recording_meta(tool, **over):
 
 
 def recording_final(tool, **over):
-    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0))
-    stats.update(started=(1, 0), completed=(1, 0))
+    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0, 0))
+    stats.update(started=(1, 0, 0), completed=(1, 0, 0))
     final = {"kind": "final", "now": 200.0, "perf_lost": 0,
              "stats": [v for n in tool.STAT_NAMES for v in stats[n]], "fates": [],
              "inflight": [], "inflight_count": 0, "inflight_upcalled": 0,
@@ -368,7 +368,7 @@ def as_nobody(*argv):
 def test_read_events_replays_a_recording_without_root(tool, recording_dir):
     path = os.path.join(recording_dir, "run.vnl")
     write_recording(tool, path, [
-        {"kind": "names", "names": {"7": "vnet0", "3": "eth1"}},
+        {"kind": "names", "names": {"7": "vnet0", "3": "eth1"}, "uplinks": {}},
         {"kind": "comm", "key": 4242, "name": "qemu-system-x86"},
         {"kind": "thread", "key": 4243, "name": "CPU 0/KVM"},
         {"kind": "event", "raw": udp_tx(tool).hex()}])
@@ -486,7 +486,7 @@ def test_timestamps_are_exact_to_the_microsecond_and_print_as_json_prints_them(t
 
 def valid_lines(tool):
     """The lines of a small recording of every kind, after its meta."""
-    return [{"kind": "names", "names": {"7": "vnet0", "3": "eth1"}},
+    return [{"kind": "names", "names": {"7": "vnet0", "3": "eth1"}, "uplinks": {}},
             {"kind": "vms", "vms": {"7": ["web-03", None, 4242, "qemu-system-x86"]}},
             {"kind": "comm", "key": 4242, "name": "qemu-system-x86"},
             {"kind": "thread", "key": 4243, "name": "CPU 0/KVM"},
@@ -524,7 +524,8 @@ def malformed(tool):
         ("an unknown kind", meta, [{"kind": "telemetry"}], "line 2: unknown kind"),
         ("a 50-byte record", meta, [{"kind": "event", "raw": "00" * 50}],
          "line 2: the event has 50 bytes, a record has %d" % tool.PKT.size),
-        ("direction 9", meta, [ev["raw"](dir=9)], "direction 9 is neither"),
+        ("direction 9", meta, [ev["raw"](dir=9)], "direction 9 is not tx (0), rx (1) or "
+                                                  "vm2vm (2)"),
         ("stage 200", meta, [ev["raw"](last=200)], "stage 200 does not exist"),
         ("a time of 2^64-1 ns", meta, [ev["raw"](ts={"tap_rx": 100, "phy_xmit": 2 ** 64 - 1})],
          "is beyond any uptime"),
@@ -550,12 +551,12 @@ def malformed(tool):
          "a count -1 is outside"),
         ("a non-numeric per-VM key", recording_meta(tool, mode="histogram", per_vm=True,
                                                     segments=[["tx", "total"]]),
-         [{"kind": "vmhist", "when": 1.0, "last": False, "counts": {"vnet0:3": 1}}],
+         [{"kind": "vmhist", "when": 1.0, "last": False, "counts": {"vnet0:0:3": 1}}],
          "a per-VM ifindex 'vnet0' is not a whole number"),
         ("a per-VM key without a slot", recording_meta(tool, mode="histogram", per_vm=True,
                                                        segments=[["tx", "total"]]),
-         [{"kind": "vmhist", "when": 1.0, "last": False, "counts": {"7": 1}}],
-         "is not TAP:SLOT"),
+         [{"kind": "vmhist", "when": 1.0, "last": False, "counts": {"7:3": 1}}],
+         "is not TAP:PEER:SLOT"),
         ("names given as a list", meta, [{"kind": "names", "names": ["vnet0"]}],
          "names is not an object"),
         ("an ifindex that is not a number", meta,
@@ -566,7 +567,7 @@ def malformed(tool):
         ("bad hex", meta, [{"kind": "event", "raw": "zz" * tool.PKT.size}],
          "the event is not hexadecimal"),
         ("short stats", meta, [event, recording_final(tool, stats=[1, 2, 3])],
-         "stats has 3 items, not %d" % (2 * len(tool.STAT_NAMES))),
+         "stats has 3 items, not %d" % tool.C.NSTATS),
         ("a fate at stage 200", meta, [recording_final(tool, fates=[[0, 0, 200, 1]])],
          "a stage 200 is outside"),
         ("more in flight listed than counted", meta,
@@ -642,7 +643,7 @@ def test_replay_names_come_from_the_recording_not_this_machine(tool, tmp_path):
     """A pid the recording names is some other process here (this test's own): the
     replay must print the recorded name, and '?' where the recording has none."""
     me = os.getpid()
-    lines = [{"kind": "names", "names": {"7": "vnet0", "3": "eth1"}},
+    lines = [{"kind": "names", "names": {"7": "vnet0", "3": "eth1"}, "uplinks": {}},
              {"kind": "comm", "key": me, "name": "qemu-system-x86"},
              {"kind": "thread", "key": me + 1, "name": "IO iothread1"},
              {"kind": "event", "raw": udp_tx(tool, pid=me, tid=me + 1).hex()},
@@ -714,7 +715,7 @@ def fuzz_base(tool):
     return [meta] + valid_lines(tool) + [
         {"kind": "location", "key": 18446744072000000000, "name": "kfree_skb+0x1"},
         {"kind": "hist", "when": 1.5, "last": False, "counts": {"5": 1, "800": 2}},
-        {"kind": "vmhist", "when": 1.5, "last": False, "counts": {"7:5": 1, "0:800": 2}},
+        {"kind": "vmhist", "when": 1.5, "last": False, "counts": {"7:0:5": 1, "0:0:800": 2}},
         {"kind": "prune", "taps": [7]},
         recording_final(tool, fates=[[2, 0, 8, 1], [0xffffffff, 1, 1, 2]],
                         inflight=[udp_tx(tool).hex()], inflight_count=3,
@@ -816,9 +817,9 @@ def test_hostile_names_are_escaped_in_every_text_path(tool):
     run.on_event(udp_tx(tool, sport=1))             # the templated path as well
     run.on_event(udp_tx(tool, type=tool.Ev.DROP, reason=64, location=0xffffffff81000000,
                         ts={"tap_rx": 100000000000, "phy_queue": 100000012500}))
-    run.reporter.histograms(1.0, [("tx", "total", {40: 1})],
-                            (tool.vm_label(run.book.vms[7], "vnet0"), HOSTILE, ["vnet\x1b[1m"]))
-    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0))
+    run.reporter.histograms(1.0, [("tx", "total", {40: 1})], tool.VmTables(
+        tool.vm_label(run.book.vms[7], "vnet0"), HOSTILE, ["vnet\x1b[1m"], None, None, []))
+    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0, 0))
     run.counters = tool.RecordedCounters({
         "stats": [v for n in tool.STAT_NAMES for v in stats[n]], "fates": [[64, 0, 7, 1]],
         "inflight": [], "inflight_count": 0, "inflight_upcalled": 0, "upcalls_waiting": 0})
@@ -845,3 +846,64 @@ def test_list_vms_escapes_names(tool):
     tool.list_vms_report({"vnet0": tool.VmInfo(HOSTILE, "u\x1bu", 7, "c\rc")}, False,
                          tool.Reporter("text", "all", out=out))
     assert terminal_safe(out.getvalue()) and "\\x1b]0;pwned" in out.getvalue()
+
+
+def icmp_vm2vm(tool, **over):
+    v = dict(ts={"tap_rx": 300000000000, "tap_queue": 300000004000,
+                 "tap_xmit": 300000005000, "vm_read": 300000025000},
+             saddr=ip("10.0.0.1"), daddr=ip("10.0.0.5"), sport=9, dport=1, icmp_type=8,
+             proto=1, ip_version=4, dir=tool.Dir.VM2VM, last=tool.STAGE_BY_NAME["vm_read"].sid,
+             type=tool.Ev.PACKET, vm_ifindex=7, peer_ifindex=8, pid=4242, tid=4243)
+    v.update(over)
+    return raw(tool, **v)
+
+
+def test_a_vm_to_vm_record_names_sender_and_receiver(tool):
+    web = tool.VmInfo("web-03", "0c0ffee0", 4242, "qemu-system-x86")
+    db = tool.VmInfo("db-05", "0d0ffee0", 4343, "qemu-system-x86")
+    book = Book(devices={7: "vnet0", 8: "vnet5", 3: "eth1"}, vms={7: web, 8: db})
+    rec = tool.packet_record(tool.PKT.unpack(icmp_vm2vm(tool)), book, WALL)
+    assert (rec["direction"], rec["vm"], rec["vm_dev"], rec["peer_vm"], rec["peer_vm_dev"],
+            rec["peer_vm_uuid"], rec["peer_vm_pid"], rec["phy_dev"]) == \
+        ("vm2vm", "web-03", "vnet0", "db-05", "vnet5", "0d0ffee0", 4343, None)
+    assert rec["stages"] == ["tap_rx", "tap_queue", "tap_xmit", "vm_read"]
+    assert [s["us"] for s in rec["segments"]] == [4.0, 1.0, 20.0] and rec["total_us"] == 25.0
+    out = io.StringIO()
+    run = new_run(tool, output="text", out=out)
+    run.book.devices.update({8: "vnet5"})
+    run.book.vms = {7: web, 8: db}
+    run.on_event(icmp_vm2vm(tool))
+    assert out.getvalue().splitlines()[0].endswith(
+        "ICMP 10.0.0.1 -> 10.0.0.5 id=9 seq=1 VM2VM web-03 vnet0 -> db-05 vnet5")
+    assert run.reported == {"tx": 0, "rx": 0, "vm2vm": 1}
+    # a receiver whose owner is unknown: its device alone
+    rec = tool.packet_record(tool.PKT.unpack(icmp_vm2vm(tool)),
+                             Book(devices={7: "vnet0", 8: "vnet5"}, vms={7: web}), WALL)
+    assert (rec["peer_vm"], rec["peer_vm_dev"]) == (None, "vnet5")
+
+
+def test_the_summary_line_names_vm_to_vm_packets_only_when_there_were_some(tool):
+    run = new_run(tool)
+    run.on_event(udp_tx(tool))
+    run.on_event(icmp_vm2vm(tool))
+    stats = dict.fromkeys(tool.STAT_NAMES, (0, 0, 0))
+    stats.update(started=(1, 0, 1), completed=(1, 0, 1))
+    run.counters = tool.RecordedCounters({
+        "stats": [v for n in tool.STAT_NAMES for v in stats[n]], "fates": [],
+        "inflight": [], "inflight_count": 0, "inflight_upcalled": 0, "upcalls_waiting": 0})
+    s = run.summary(400.0)
+    assert (s["reported"], s["reported_tx"], s["reported_rx"], s["reported_vm2vm"]) == \
+        (2, 1, 0, 1)
+    assert tool.summary_line(s).startswith("Summary: 2 packets reported (tx 1, rx 0, vm2vm 1);")
+
+
+def test_a_record_names_the_nic_and_the_bond_and_vlan_above_it(tool):
+    book = Book(devices={7: "vnet0", 3: "eth1"})
+    book.uplinks = {3: ["bond0.100", "bond0"]}
+    rec = tool.packet_record(tool.PKT.unpack(icmp_rx(tool, vlan=101)), book, WALL)
+    assert (rec["phy_dev"], rec["uplink"], rec["vlan"]) == ("eth1", ["bond0.100", "bond0"], 100)
+    out = io.StringIO()
+    run = new_run(tool, output="text", out=out)
+    run.book.uplinks = {3: ["bond0.100", "bond0"]}
+    run.on_event(icmp_rx(tool))
+    assert out.getvalue().splitlines()[0].endswith("RX eth1 (bond0.100/bond0) -> vnet0")

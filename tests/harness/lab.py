@@ -76,9 +76,14 @@ class Lab:
     # every device a lab may create (a stand-in VM vnltap1, more guests vnltap2...)
     # a tap whose name holds an escape sequence (the tests of names printed to a terminal)
     HOSTILE_TAP = "vnl\x1b[7mX"
+    # the macvtap topology (test_topologies): no bridge; macvtaps in bridge mode on a
+    # veth "NIC" of their own, MVT_PHY, whose other end is a second remote, MVT_NS, with
+    # the same address and MAC as the first (the guests' static ARP entry)
+    MVT_PHY, MVT_NS = "vnlphy1", "vnl-mremote"
+    MACVTAPS = tuple("vnlmvt%d" % i for i in range(2))
     DEVICES = (TAP, PHY, BRIDGE, HOSTILE_TAP) + tuple("vnltap%d" % i for i in range(1, 8)) + \
-        ("vnlbr1", "vnlvx0", "vnlund0")     # the overlay topology (test_tunnels)
-    EXTRA_NS = ("vnl-vtep", "vnl-evil")
+        ("vnlbr1", "vnlvx0", "vnlund0") + MACVTAPS + (MVT_PHY,)
+    EXTRA_NS = ("vnl-vtep", "vnl-evil", MVT_NS)
 
     def __init__(self, cache_dir=None, memory_mb=512, boot_timeout=60, build=True,
                  qemu="qemu-system-x86_64", lock_timeout=120, verbose=False,
@@ -268,7 +273,8 @@ class Lab:
     def cleanup_stale(cls):
         """Remove leftovers of a killed run: its QEMU, namespace processes, devices."""
         # QEMU processes attached to one of our taps (matched by the ifname argument)
-        needle = re.compile(rb"ifname=vnltap\d+,")
+        # or to a macvtap (by descriptor: then its files in a lab's work directory)
+        needle = re.compile(rb"ifname=vnltap\d+,|/vnl-lab-\d+-")
         for pid in os.listdir("/proc"):
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
@@ -348,6 +354,48 @@ class Lab:
         vm.start(self.boot_timeout)
         return vm, ip_addr
 
+    def add_macvtap_guest(self, index, name, uuid=None):
+        """A guest on macvtap vnlmvt<index> (bridge mode) of MVT_PHY: 10.77.0.<16 + index>,
+        MAC 52:54:00:77:00:<16 + index> (the macvtap's own: it takes only frames to its
+        MAC), known to the remote MVT_NS, which the first call creates. Its QEMU gets the
+        macvtap's /dev/tapN as a descriptor, as libvirt does. Stopped at teardown (or by
+        remove_guest). Returns (QemuGuest, its IP)."""
+        dev, ip_addr = self.MACVTAPS[index], "10.77.0.%d" % (16 + index)
+        mac = "52:54:00:77:00:%02x" % (16 + index)
+        if not topology.link_exists(self.MVT_PHY):
+            self._macvtap_remote()
+        topology.add_macvtap(dev, self.MVT_PHY, mac)
+        topology.in_ns(self.MVT_NS, "ip", "neigh", "replace", ip_addr, "lladdr", mac, "dev",
+                       self.MVT_NS_BR, "nud", "permanent")
+        workdir = os.path.join(self.workdir, dev)
+        shutil.rmtree(workdir, True)
+        os.mkdir(workdir)
+        vm = self.new_guest(dev, mac, workdir, name=name, uuid=uuid,
+                            append="vnl.ip=%s" % ip_addr)
+        self._guests.append(vm)
+        vm.start(self.boot_timeout)
+        return vm, ip_addr
+
+    MVT_NS_BR = "br0"
+
+    def _macvtap_remote(self):
+        """The macvtaps' remote: its end of the veth is a port of a bridge there, with
+        hairpin on, as the adjacent switch of VEPA mode is (a frame from one macvtap to
+        another comes back the way it went); the address and MAC on the bridge."""
+        ns, br = self.MVT_NS, self.MVT_NS_BR
+        topology.add_netns(ns)
+        topology.add_veth_into(self.MVT_PHY, ns, self.NS_DEV)
+        topology.in_ns(ns, "ip", "link", "add", br, "address", self.REMOTE_MAC, "type",
+                       "bridge", "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0")
+        topology.in_ns(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/%s/disable_ipv6"
+                       % br)
+        topology.in_ns(ns, "ip", "link", "set", self.NS_DEV, "master", br)
+        topology.in_ns(ns, "bridge", "link", "set", "dev", self.NS_DEV, "hairpin", "on")
+        topology.in_ns(ns, "ip", "addr", "add", "%s/%d" % (self.REMOTE_IP, self.PREFIX),
+                       "dev", br)
+        topology.in_ns(ns, "ip", "link", "set", br, "up")
+        topology.up(self.MVT_PHY)
+
     def remote_ipv6(self, on):
         """The remote end's IPv6 address REMOTE_IP6 on (neighbour discovery, no DAD)
         or off again."""
@@ -408,22 +456,23 @@ class Lab:
 
     # ------------------------------------------------------------------ the remote namespace
     def remote(self, *argv, **popen_kwargs):
-        """Start argv inside the namespace (ip netns exec); returns a subprocess.Popen.
-
-        The process is killed at teardown if still running.
+        """Start argv inside the namespace (ip netns exec; ns=MVT_NS: the macvtaps'
+        remote); returns a subprocess.Popen. Killed at teardown if still running.
         """
+        ns = popen_kwargs.pop("ns", None) or self.NS
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
         popen_kwargs.setdefault("start_new_session", True)
         if "preexec_fn" not in popen_kwargs:
             popen_kwargs["preexec_fn"] = die_with_parent
-        p = subprocess.Popen(["ip", "netns", "exec", self.NS] + [str(a) for a in argv],
+        p = subprocess.Popen(["ip", "netns", "exec", ns] + [str(a) for a in argv],
                              **popen_kwargs)
         self._procs.append(p)
         return p
 
-    def remote_run(self, *argv, timeout=30, check=False):
+    def remote_run(self, *argv, timeout=30, check=False, ns=None):
         """Run argv inside the namespace to completion; CompletedProcess with text output."""
-        p = self.remote(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = self.remote(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        ns=ns)
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -438,18 +487,18 @@ class Lab:
                 p.returncode, " ".join(map(str, argv)), out, err))
         return cp
 
-    def _start_server(self, kind, port, bind_ip):
-        srv = start_server(self.NS, kind, port, bind_ip)
+    def _start_server(self, kind, port, bind_ip, ns):
+        srv = start_server(ns or self.NS, kind, port, bind_ip)
         self._servers.append(srv)
         return srv
 
-    def start_udp_sink(self, port, bind_ip=None):
+    def start_udp_sink(self, port, bind_ip=None, ns=None):
         """UDP sink in the namespace; handle.count = datagrams received; .stop()."""
-        return self._start_server("udp", port, bind_ip)
+        return self._start_server("udp", port, bind_ip, ns)
 
-    def start_tcp_echo(self, port, bind_ip=None):
+    def start_tcp_echo(self, port, bind_ip=None, ns=None):
         """TCP echo server in the namespace; handle.connections/.closed/.bytes; .stop()."""
-        return self._start_server("tcp", port, bind_ip)
+        return self._start_server("tcp", port, bind_ip, ns)
 
     # ------------------------------------------------------------------ teardown
     def _teardown(self, errors):

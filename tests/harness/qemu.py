@@ -43,6 +43,7 @@ class QemuGuest(object):
         self._qmp_sock = None
         self._qmp_file = None
         self.qmp_events = []
+        self._fds = []
         self._active = False
 
     def start(self, boot_timeout):
@@ -66,7 +67,7 @@ class QemuGuest(object):
             "-chardev", "socket,id=cmd0,path=%s,server=on,wait=off" % self._cmd_path,
             "-serial", "chardev:cmd0",
             "-qmp", "unix:%s,server=on,wait=off" % self._qmp_path,
-            "-netdev", "tap,id=net0,ifname=%s,script=no,downscript=no" % self.tap,
+        ] + self._netdev() + [
             "-device", "virtio-net-pci,netdev=net0,mac=%s,romfile=" % self.mac,
         ] + (["-uuid", self.uuid] if self.uuid else [])
         self.qemu_argv = argv
@@ -76,7 +77,23 @@ class QemuGuest(object):
         self._log("qemu: %s" % " ".join(argv))
         self.qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._qemu_out,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+                                     preexec_fn=die_with_parent, pass_fds=self._fds)
+        for fd in self._fds:        # QEMU has its own copy now
+            os.close(fd)
+        self._fds = []
+
+    def _netdev(self):
+        """The guest's NIC's backend: its tap by name, or a macvtap's character device
+        opened here and handed to QEMU as a descriptor, as libvirt does for
+        <interface type='direct'> (QEMU cannot open /dev/tapN by a name)."""
+        self._fds = []
+        if not os.path.isdir("/sys/class/net/%s/macvtap" % self.tap):
+            return ["-netdev", "tap,id=net0,ifname=%s,script=no,downscript=no" % self.tap]
+        with open("/sys/class/net/%s/ifindex" % self.tap) as f:
+            node = "/dev/tap%d" % int(f.read())
+        fd = os.open(node, os.O_RDWR)
+        self._fds.append(fd)
+        return ["-netdev", "tap,id=net0,fd=%d" % fd]
 
     def _qemu_failure(self, what):
         return LabError("%s\n--- qemu (rc=%s) output:\n%s\n--- console log (%s):\n%s" % (

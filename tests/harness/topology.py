@@ -49,6 +49,14 @@ def add_tap(name, master=None):
         ip("link", "set", name, "master", master)
 
 
+def add_macvtap(name, lower, mac, mode="bridge"):
+    """A macvtap on lower with the guest's MAC, up (its /dev/tapN appears with it)."""
+    ip("link", "add", "link", lower, "name", name, "address", mac, "type", "macvtap",
+       "mode", mode)
+    disable_ipv6(name)
+    up(name)
+
+
 def add_netns(ns):
     ip("netns", "add", ns)
     in_ns(ns, "ip", "link", "set", "lo", "up")
