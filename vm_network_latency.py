@@ -5768,9 +5768,10 @@ class LiveTrace(object):
         def on_signal(signum, _frame):
             self.stop_reason = signum
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            # a signal ignored when the tool started stays ignored: nohup's SIGHUP
-            # (else the run would end at logout), a background job's SIGINT
-            if signal.getsignal(sig) != signal.SIG_IGN:
+            # a SIGHUP ignored when the tool started stays ignored: nohup's (else the run
+            # would end at logout). SIGINT and SIGTERM always stop it, also where a shell
+            # started it as a background job, whose SIGINT it ignores
+            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
                 signal.signal(sig, on_signal)
         run = self.run
         try:

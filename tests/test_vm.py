@@ -305,6 +305,16 @@ def test_a_sighup_ignored_at_start_stays_ignored(lab, traces):
     assert t.returncode == 0 and t.summary()["reported"] == 4
 
 
+def test_a_background_job_of_a_script_still_stops_on_sigint(lab, traces):
+    """A script's `tool &` starts with SIGINT ignored (no job control: the shell guards
+    its background jobs from the terminal's Ctrl-C); `kill -INT` must still stop it with
+    its summary, as the kernel matrix's lane stops it."""
+    t = traces(*DEVS, pre=["sh", "-c", 'trap "" INT; exec "$0" "$@"'])
+    guest_ok(lab, "ping -c 2 -i 0.2 -W 2 %s" % REMOTE)
+    t.stop(signal.SIGINT, timeout=20)
+    assert t.returncode == 0 and t.summary()["reported"] == 4, t.stderr
+
+
 def test_a_named_tap_recreated_while_tracing_is_followed(lab, traces):
     """--vm-dev names a tap; the VM restarts, its tap is made again (a new ifindex):
     the tool follows the new one."""
