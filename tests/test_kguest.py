@@ -21,7 +21,10 @@ the tool: tcpdump's captures (parsed here), the traffic generators' own counts,
 ovs-dpctl's lookup counters, bpftool's list of loaded programs, tracefs' kprobe_events.
 
 Topologies: A = Open vSwitch bridge ovsbr0 (kernel datapath), B = Linux bridge vnlbr0;
-both with the tap vnltap0 (held by vmstub, a stand-in for the VM's QEMU, whose "guest" is
+G = OVS with a Geneve port; V = the Linux bridge on VLAN 100 of an active-backup bond of
+vnlphy0 and vnlphy1; O = OVS with a balance-xor bond port and a second VM's tap
+vnltap1 (10.77.0.4); M = the VM on a macvtap vnlmvt0 of vnlphy0 (no switch). A and B
+with the tap vnltap0 (held by vmstub, a stand-in for the VM's QEMU, whose "guest" is
 namespace vm, 10.77.0.2) and the veth vnlphy0 (the "NIC"; its peer is namespace remote,
 10.77.0.3). Runs per topology, in results/runs/<A|B>-<run>/:
   mix    VM <-> remote: 5 pings, 10 UDP datagrams echoed back, one TCP connection with
@@ -51,14 +54,19 @@ pytestmark = pytest.mark.kguest
 
 TAP, PHY = "vnltap0", "vnlphy0"
 VM, REMOTE, HOST = "10.77.0.2", "10.77.0.3", "10.77.0.1"
+# topologies V and O: the bond's second "NIC"; O: the second VM; M: the VM's macvtap
+PHY2, TAP2, VM2, MVT = "vnlphy1", "vnltap1", "10.77.0.4", "vnlmvt0"
+UPLINK = {"V": ["vnlbond0.100", "vnlbond0"], "O": ["vnlbond0"]}   # above the NICs
+PHYS = {"V": (PHY, PHY2), "O": (PHY, PHY2)}
+SWITCH = {"V": "B", "O": "A"}       # V: a Linux bridge, O: OVS
 UND_LOCAL, UND_REMOTE = "10.88.0.1", "10.88.0.2"     # topology G's underlay
 METHODS = ("kprobe", "tracepoint")      # in every run
 # the mix run also has --attach auto and --attach tp_btf (BTF-typed tracepoints) instances
 ALL_METHODS = METHODS + ("auto", "tp_btf")
 # where each release's kernel loads tp_btf programs (BPF_PROG_TYPE_TRACING, 5.5+, with
 # its vmlinux BTF): the stages that read sk_buff fields attach typed there
-TP_BTF_STAGES = ("tap_rx", "phy_rx", "decap", "encap", "phy_queue", "phy_xmit", "tap_queue",
-                 "tap_xmit")
+TP_BTF_STAGES = ("tap_rx", "mvt_queue", "mvt_xmit", "phy_rx", "decap", "encap", "phy_queue",
+                 "phy_xmit", "tap_queue", "tap_xmit")
 TOPOS = ("A", "B")
 # The releases of the matrix and what each must have run: kernel, BCC, Python.
 SUITE_VERSIONS = {
@@ -178,7 +186,12 @@ def expected_stages(traced, topo, direction, upcall=False, host=False):
     (traced, from --list-stages): bridge only when the bridge forwards (not for the
     host's own traffic); ovs_dp on OVS, ovs_upcall before it when the packet went up to
     ovs-vswitchd; host_rcv (kprobes) ends the host's own traffic."""
-    stages = ["tap_rx" if direction == "tx" else "phy_rx"]
+    if topo == "M":     # a macvtap: its own queue (TX), its ring (RX), no switch
+        if direction == "tx":
+            return ["mvt_queue", "mvt_xmit", "phy_queue", "phy_xmit"]
+        return ["phy_rx"] + (["mvt_ring"] if "mvt_ring" in traced else []) + ["vm_read"]
+    topo = SWITCH.get(topo, topo)
+    stages = ["tap_rx" if direction in ("tx", "vm2vm") else "phy_rx"]
     if topo == "B" and "bridge" in traced and not host:
         stages.append("bridge")
     if topo == "A":
@@ -209,13 +222,25 @@ def shape_problems(rec, topo, traced, vmstub_pid=None, host=False):
     if abs(sum(s["us"] for s in segs) - rec.get("total_us", -1)) > 0.002 * len(segs) + 0.01:
         out.append("segments add up to %.3f, total_us %.3f" % (
             sum(s["us"] for s in segs), rec.get("total_us", -1)))
-    if rec.get("phy_dev") != PHY:
+    if rec.get("direction") == "vm2vm":
+        ends = (rec.get("vm_dev"), rec.get("peer_vm_dev"), rec.get("phy_dev"))
+        if ends not in ((TAP, TAP2, None), (TAP2, TAP, None)):
+            out.append("vm_dev/peer_vm_dev/phy_dev %s" % (ends,))
+        # the receiver's stand-in read the frame (vmstub_pid: {tap: its stub's pid})
+        if vmstub_pid and (rec.get("pid"), rec.get("comm")) != (
+                vmstub_pid.get(rec.get("peer_vm_dev")), "vmstub"):
+            out.append("pid/comm %s/%s, want the receiver's vmstub %s" % (
+                rec.get("pid"), rec.get("comm"), vmstub_pid))
+        return out
+    if rec.get("phy_dev") not in PHYS.get(topo, (PHY,)):
         out.append("phy_dev %r" % rec.get("phy_dev"))
+    if rec.get("uplink") != UPLINK.get(topo):
+        out.append("uplink %r, want %r" % (rec.get("uplink"), UPLINK.get(topo)))
     if host:
         if (rec.get("direction"), rec.get("src_ip"), rec.get("dst_ip")) != ("rx", REMOTE, HOST):
             out.append("not remote -> host rx")
     else:
-        if rec.get("vm_dev") != TAP:
+        if rec.get("vm_dev") != (MVT if topo == "M" else TAP):
             out.append("vm_dev %r" % rec.get("vm_dev"))
         # the process on the VM's side of the tap wrote (tx) or read (rx) the frame
         if vmstub_pid and (rec.get("pid"), rec.get("comm")) != (vmstub_pid, "vmstub"):
@@ -300,7 +325,8 @@ def test_every_lane_step_passed(lane):
     missing = [n for n in ("run.A-mix", "run.A-netem", "run.A-drop", "run.A-host", "sigkill",
                            "run.B-mix", "run.B-netem", "run.B-drop", "run.B-host",
                            "run.B-cost", "run.B-cost-reversed", "run.B-vhost",
-                           "run.G-overlay")
+                           "run.G-overlay", "run.O-mix", "run.O-vm2vm", "run.V-mix",
+                           "run.V-failover", "run.M-mix")
                if n not in names]
     assert not failed and not missing, "guest steps failed: %s; never reached: %s" % (
         failed, missing)
@@ -310,7 +336,7 @@ def upcalls_lost_to(lane, run, method):
     """How many packets of the run went up to ovs-vswitchd (the datapath's miss counter)
     while the method has no probe that follows them back (5.10's tracepoints): 0 where
     it follows them."""
-    if run.topo not in ("A", "G") or "ovs_upcall" in lane.traced(method):
+    if run.topo not in ("A", "G", "O") or "ovs_upcall" in lane.traced(method):
         return 0
     lk = dict((o["when"], o) for o in run.oracle_of("ovs_lookups"))
     return lk["after"]["missed"] - lk["before"]["missed"]
@@ -896,3 +922,149 @@ def test_lane_time_within_budget(lane):
         t["image_s"], "built" if t["image_built"] else "cached", t["guest_s"], t["total_s"]))
     assert not t["timed_out"] and t["total_s"] <= budget, "lane took %.1f s (budget %d s, " \
         "image %s): %s" % (t["total_s"], budget, "built" if t["image_built"] else "cached", t)
+
+
+# ============================================ the topologies of issue 23: bonds, macvtap, VM to VM
+
+def nic_wire(run, topo):
+    """Counter of (NIC, flow) of every packet tcpdump saw on the topology's NICs."""
+    return collections.Counter((dev, flow_key(p)) for dev in PHYS.get(topo, (PHY,))
+                               for p in run.capture(dev) if p["direction"] != "other")
+
+
+def upcalled(run):
+    """The flows of the packets that went up to ovs-vswitchd, from the kprobe instance
+    (which follows them; checked against the datapath's miss counter elsewhere)."""
+    return collections.Counter(flow_key(r) for r in run.out["kprobe"].packets
+                               if "ovs_upcall" in r["stages"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("topo", ("V", "O"))
+def test_bonded_uplinks_name_the_nic_each_packet_crossed(lane, topo, method):
+    """A Linux bridge on VLAN 100 of an active-backup bond (V), OVS with a balance-xor
+    bond port (O); the tool given no device options. Each packet tcpdump saw on the tap
+    is reported once, naming the NIC (the bond's slave) tcpdump saw it on, with the bond
+    and VLAN above it as its uplink; TX ends at the slave's driver, RX starts at the
+    slave's receive."""
+    run = lane.run("%s-mix" % topo)
+    out = run.out[method]
+    wire = run.capture(TAP)
+    check_generators_against_capture(run, wire)
+    lost = upcalls_lost_to(lane, run, method)
+    up = upcalled(run) if lost else collections.Counter()
+    assert sum(up.values()) == lost
+    nics = nic_wire(run, topo)
+    assert collections.Counter(k for _dev, k in nics.elements()) == \
+        collections.Counter(map(flow_key, wire)), "%s: the NICs did not carry what the tap " \
+        "did" % run.name
+    want = nics - collections.Counter(dict(((d, k), n) for (d, k), n in nics.items() if up[k]))
+    got = collections.Counter((r["phy_dev"], flow_key(r)) for r in out.packets)
+    assert got == want, "%s: records by (NIC, packet) differ from tcpdump on %s and %s:\n%s" % (
+        out.label, PHY, PHY2, counter_diff(collections.Counter(dict(
+            ("%s %s" % (d, fmt_key(k)), n) for (d, k), n in got.items())),
+            collections.Counter(dict(("%s %s" % (d, fmt_key(k)), n)
+                                     for (d, k), n in want.items()))))
+    assert_everything_accounted(out, len(wire), left_path=lost)
+    assert_shapes(lane, out, topo, run.meta.get("vmstub_pid"))
+    print("%s: NICs of TX %s, of RX %s" % (out.label, sorted(set(
+        r["phy_dev"] for r in out.packets if r["direction"] == "tx")), sorted(set(
+            r["phy_dev"] for r in out.packets if r["direction"] == "rx"))))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bond_fail_over_while_tracing_loses_nothing_silently(lane, method):
+    """Pings every 50 ms through the active-backup bond of topology V; midway the active
+    slave's link fails (its peer taken down: a pulled cable) and both ends' bonds move to
+    the other NIC. Every packet that entered the path (the VM's on the tap, the remote's
+    on either NIC) is in the summary; every record is a packet tcpdump saw on the NIC it
+    names (RX: and on the tap); TX records name both NICs, before and after; what was
+    not reported is counted as dropped or left, nothing in flight, lost or untracked."""
+    run = lane.run("V-failover")
+    out = run.out[method]
+    fo = one(run.oracle_of("failover"), "failover")
+    assert (fo["active_before"], fo["active_after"]) == (PHY, PHY2), fo
+    tap = [p for p in run.capture(TAP) if p["direction"] != "other"]
+    nics = nic_wire(run, "V")
+    tap_rx = collections.Counter(flow_key(p) for p in tap if p["direction"] == "rx")
+    s = out.summary
+    entered = sum(1 for p in tap if p["direction"] == "tx") + \
+        sum(n for (_d, k), n in nics.items() if k[0] == "rx")
+    assert s["started"] == entered, "%s: started %s, %d packets entered (tcpdump): %s" % (
+        out.label, s["started"], entered, s)
+    want = collections.Counter(dict(((d, k), n) for (d, k), n in nics.items()
+                                    if k[0] == "tx" or tap_rx[k]))
+    got = collections.Counter((r["phy_dev"], flow_key(r)) for r in out.packets)
+    assert got == want, "%s:\n%s" % (out.label, counter_diff(
+        collections.Counter(dict(("%s %s" % (d, fmt_key(k)), n) for (d, k), n in got.items())),
+        collections.Counter(dict(("%s %s" % (d, fmt_key(k)), n) for (d, k), n in want.items()))))
+    assert set(d for d, k in got if k[0] == "tx") == {PHY, PHY2}, sorted(got)
+    assert all(s[k] == 0 for k in ("in_flight", "not_tracked", "lost", "vanished")), s
+    assert s["reported"] + s["below_threshold"] + s["dropped"] + s["left_path"] == \
+        s["started"] and s["reported"] == len(out.packets), s
+    assert_shapes(lane, out, "V", run.meta.get("vmstub_pid"))
+    assert out.rc == 0, out.stderr
+    print("%s: %d entered, %d reported, %d dropped %s, %d left" % (
+        out.label, entered, s["reported"], s["dropped"], [
+            (f["direction"], f.get("reason"), f["last_stage"], f["count"])
+            for f in s["fates"]], s["left_path"]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_vm_on_a_macvtap_is_followed_per_packet(lane, method):
+    """Topology M: the VM on a macvtap (bridge mode) of vnlphy0, held through /dev/tapN.
+    Each packet tcpdump saw on the macvtap is reported once, as the NIC saw it too; TX
+    from the macvtap's queue through its hand-off to macvlan and the NIC's queue and
+    driver; RX from the NIC through the macvtap's ring (kprobes: tap_handle_frame) to the
+    stand-in's read. Tracepoints alone cannot see the ring, and say so."""
+    run = lane.run("M-mix")
+    out = run.out[method]
+    wire = run.capture(MVT)
+    check_generators_against_capture(run, wire)
+    nic = collections.Counter(flow_key(p) for p in run.capture(PHY) if p["direction"] != "other")
+    assert nic == collections.Counter(map(flow_key, wire))
+    got = collections.Counter(map(flow_key, out.packets))
+    assert got == nic, "%s:\n%s" % (out.label, counter_diff(got, nic))
+    assert_everything_accounted(out, len(wire))
+    assert_shapes(lane, out, "M", run.meta.get("vmstub_pid"))
+    if "mvt_ring" not in lane.traced(method):
+        assert any(l.startswith("note: stage mvt_ring not traced: ")
+                   for l in out.stderr.splitlines()), out.stderr
+    else:
+        assert method == "kprobe"
+    print("%s: %s" % (out.label, sorted(set(tuple(r["stages"]) for r in out.packets))))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vm_to_vm_across_ovs_is_one_record_naming_both_vms(lane, method):
+    """Topology O: the VM pings a second VM on the same OVS bridge and sends it a UDP
+    burst it echoes. Each packet tcpdump saw on the sender's tap is one vm2vm record,
+    from the sender's tap through the datapath to the receiver's read, naming both
+    taps, read by the receiver's stand-in; none is reported as TX or RX."""
+    run = lane.run("O-vm2vm")
+    out = run.out[method]
+    stubs = one(run.oracle_of("vmstubs"), "vmstubs")
+    wire = [p for p in run.capture(TAP) if {p["src_ip"], p["dst_ip"]} == {VM, VM2}]
+    assert collections.Counter(map(flow_key, wire)) == collections.Counter(
+        flow_key(p) for p in run.capture(TAP2) if p["direction"] != "other")
+    by = collections.Counter((p["protocol"], p["direction"]) for p in wire)
+    ping = one(run.oracle_of("ping"), "ping")
+    burst = one(run.oracle_of("udp_burst"), "udp_burst")["udp_burst"]
+    assert (by[("icmp", "tx")], by[("icmp", "rx")]) == (ping["transmitted"], ping["received"]) \
+        == (5, 5) and (by[("udp", "tx")], by[("udp", "rx")]) == (burst["sent"],
+                                                                burst["replies"]) == (10, 10), by
+    lost = upcalls_lost_to(lane, run, method)
+    up = upcalled(run) if lost else collections.Counter()
+
+    def as_on_tap0(r):      # the VM's packets to VM2 are "tx" on vnltap0's capture
+        return flow_key(dict(r, direction="tx" if r["vm_dev"] == TAP else "rx"))
+    got = collections.Counter(map(as_on_tap0, out.packets))
+    want = collections.Counter(map(flow_key, wire))
+    if lost:
+        want = want - collections.Counter(dict(
+            ("tx" if k[2] == VM else "rx",) + k[1:] for k in up.elements()))
+    assert got == want, "%s:\n%s" % (out.label, counter_diff(got, want))
+    assert all(r["direction"] == "vm2vm" for r in out.packets)
+    assert_everything_accounted(out, len(wire), left_path=lost)
+    assert_shapes(lane, out, "O", dict((TAP if k == TAP else TAP2, v)
+                                       for k, v in stubs.items() if k in (TAP, TAP2)))

@@ -8,8 +8,13 @@
  * network namespace holding the VM's address. Traffic started in that namespace
  * therefore reaches the host exactly as traffic from a guest would.
  *
+ * A macvtap (libvirt's <interface type='direct'>) is held the same way through its
+ * character device /dev/tapN (N its ifindex), without the virtio-net header a macvtap
+ * queue has by default (TUNSETIFF IFF_TAP | IFF_NO_PI), so frames are plain Ethernet.
+ *
  * usage: vmstub TAPNAME LINKDEV [READYFILE]
- *   TAPNAME   tap to create/attach (e.g. vnltap0); it is brought up here
+ *   TAPNAME   tap to create/attach (e.g. vnltap0), or an existing macvtap (vnlmvt0);
+ *             it is brought up here
  *   LINKDEV   existing veth in this namespace (e.g. vnlvm0) whose peer is the VM's NIC
  *   READYFILE written once both ends are open and the tap is up
  * Runs until SIGTERM/SIGINT. Build: gcc -O2 -static -o vmstub vmstub.c
@@ -29,6 +34,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #ifndef PACKET_IGNORE_OUTGOING
@@ -40,6 +47,33 @@ static void on_signal(int sig) { (void)sig; stop = 1; }
 
 #include "stub_link.h"      /* ifindex_of(), set_up() */
 
+/* A macvtap's queue: /dev/tapN, made from sysfs' MAJ:MIN if devtmpfs has not. */
+static int open_macvtap(const char *name)
+{
+    char path[128], node[64], dev[32];
+    unsigned maj, min;
+    int ifindex = ifindex_of(name);
+    snprintf(node, sizeof(node), "/dev/tap%d", ifindex);
+    int fd = open(node, O_RDWR);
+    if (fd < 0 && errno == ENOENT) {
+        snprintf(path, sizeof(path), "/sys/class/net/%s/macvtap/tap%d/dev", name, ifindex);
+        FILE *f = fopen(path, "r");
+        if (!f || !fgets(dev, sizeof(dev), f) || sscanf(dev, "%u:%u", &maj, &min) != 2) {
+            fprintf(stderr, "no %s\n", path);
+            return -1;
+        }
+        fclose(f);
+        if (mknod(node, S_IFCHR | 0600, makedev(maj, min)) < 0) { perror(node); return -1; }
+        fd = open(node, O_RDWR);
+    }
+    if (fd < 0) { perror(node); return -1; }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI;        /* no IFF_VNET_HDR */
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0) { perror("TUNSETIFF on the macvtap"); return -1; }
+    return fd;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -48,13 +82,22 @@ int main(int argc, char **argv)
     }
     const char *tapname = argv[1], *linkdev = argv[2];
 
-    int tap = open("/dev/net/tun", O_RDWR);
-    if (tap < 0) { perror("open /dev/net/tun"); return 1; }
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof(ifr));
-    ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
-    strncpy(ifr.ifr_name, tapname, IFNAMSIZ - 1);
-    if (ioctl(tap, TUNSETIFF, &ifr) < 0) { perror("TUNSETIFF"); return 1; }
+    char sysdir[128];
+    struct stat st;
+    int tap;
+    snprintf(sysdir, sizeof(sysdir), "/sys/class/net/%s/macvtap", tapname);
+    if (stat(sysdir, &st) == 0) {
+        tap = open_macvtap(tapname);
+        if (tap < 0) return 1;
+    } else {
+        tap = open("/dev/net/tun", O_RDWR);
+        if (tap < 0) { perror("open /dev/net/tun"); return 1; }
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof(ifr));
+        ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+        strncpy(ifr.ifr_name, tapname, IFNAMSIZ - 1);
+        if (ioctl(tap, TUNSETIFF, &ifr) < 0) { perror("TUNSETIFF"); return 1; }
+    }
     /* A tap that is down returns EIO on read: bring it up before polling it. */
     if (set_up(tapname) < 0) { perror("bringing the tap up"); return 1; }
 

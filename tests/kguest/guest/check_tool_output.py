@@ -4,14 +4,16 @@
 usage: check_tool_output.py [--case NAME] [--samples N] OUT.jsonl [RC_FILE]
 
 The case name says what traffic ran and where:
-"<A|B>-<kprobe|tracepoint|auto|tp_btf>[-mix|-netem|-host|-drop|-cost]".
-A (OVS) and B (Linux bridge) topologies; the traffic mix is ping + a UDP burst with the
+"<TOPO>-<kprobe|tracepoint|auto|tp_btf>[-mix|-netem|-host|-drop|-cost|-failover|-vm2vm]".
+A (OVS) and B (Linux bridge) topologies, V (a Linux bridge on VLAN 100 of a bond of
+vnlphy0 and vnlphy1), O (OVS with a bond port and a second VM), M (the VM on a macvtap); the traffic mix is ping + a UDP burst with the
 fixed 5-tuple 10.77.0.2:40000 -> 10.77.0.3:40001 + one TCP connection
 10.77.0.2:40003 -> 10.77.0.3:40002; a "-netem" case pings with netem delay 20ms on
 the physical device; a "-host" case is traffic from the remote end to the host's own
 address (only --attach kprobe can see it end: host_rcv); a "-drop" case pings into
 netem loss 100% with --drops: drop records, no packet records; a "-cost" case is pings
-and a bigger UDP burst, no TCP.
+and a bigger UDP burst, no TCP; "-failover" pings while the bond's active slave fails;
+"-vm2vm" pings and UDP from the VM to a second VM on the same switch.
 A quick look for the lane's log, printed one check a line (FAIL, WARN), the last line a
 one-line verdict; exit 0 when no FAIL. The checks that decide the lane are in
 tests/test_kguest.py, against the oracles. Stdlib only: runs in the guest and on the host.
@@ -24,9 +26,15 @@ import sys
 
 VM_IP, REMOTE_IP = "10.77.0.2", "10.77.0.3"
 # Stage names the lane knows (ovs_upcall: the first packet of a flow, sent to ovs-vswitchd).
-TX_STAGES = ["tap_rx", "bridge", "ovs_upcall", "ovs_dp", "encap", "phy_queue", "phy_xmit"]
+TX_STAGES = ["tap_rx", "mvt_queue", "mvt_xmit", "bridge", "ovs_upcall", "ovs_dp", "encap",
+             "phy_queue", "phy_xmit"]
 RX_STAGES = ["phy_rx", "decap", "bridge", "ovs_upcall", "ovs_dp", "tap_queue", "tap_xmit",
-             "vm_read", "host_rcv"]
+             "mvt_ring", "vm_read", "host_rcv"]
+VM2VM_STAGES = ["tap_rx", "mvt_queue", "mvt_xmit", "phy_rx", "bridge", "ovs_upcall",
+                "ovs_dp", "tap_queue", "tap_xmit", "mvt_ring", "vm_read"]
+# each topology's VM device and NICs
+VM_DEV = {"M": "vnlmvt0"}
+PHY_DEVS = {"V": ("vnlphy0", "vnlphy1"), "O": ("vnlphy0", "vnlphy1")}
 
 
 def main():
@@ -42,6 +50,8 @@ def main():
     host = "host" in parts
     drop = "drop" in parts
     vhost = "vhost" in parts or "overlay" in parts or "cost" in parts   # no TCP
+    pings_only = netem or "failover" in parts
+    vm2vm = "vm2vm" in parts
 
     fails, warns = [], []
     rc = None
@@ -108,12 +118,17 @@ def main():
             fails.append("packet record without %s: %s" % (",".join(missing), json.dumps(r)[:200]))
             break
     devs = collections.Counter((r.get("vm_dev"), r.get("phy_dev")) for r in pkts)
-    if pkts and not host and ("vnltap0", "vnlphy0") not in devs:
-        fails.append("no record with vm_dev=vnltap0 phy_dev=vnlphy0 (seen %s)" % dict(devs))
+    vm_dev, phys = VM_DEV.get(topo, "vnltap0"), PHY_DEVS.get(topo, ("vnlphy0",))
+    if pkts and not host and not vm2vm and not any((vm_dev, p) in devs for p in phys):
+        fails.append("no record with vm_dev=%s phy_dev in %s (seen %s)" % (
+            vm_dev, phys, dict(devs)))
+    if vm2vm and (not pkts or any(r.get("direction") != "vm2vm" for r in pkts)):
+        fails.append("VM to VM: want only vm2vm records, have %s" % dict(
+            collections.Counter(r.get("direction") for r in pkts)))
     for r in pkts:
         d = r.get("direction")
         names = set(r.get("stages") or [])
-        allowed = set(TX_STAGES if d == "tx" else RX_STAGES)
+        allowed = set(TX_STAGES if d == "tx" else VM2VM_STAGES if d == "vm2vm" else RX_STAGES)
         if names - allowed:
             warns.append("unknown stage names for %s: %s" % (d, sorted(names - allowed)))
             break
@@ -131,7 +146,7 @@ def main():
     if pkts and host:
         if any(r.get("direction") != "rx" or (r.get("stages") or [""])[-1] != "host_rcv" for r in pkts):
             fails.append("host-local traffic, yet a record that is not rx ending in host_rcv")
-    elif pkts:
+    elif pkts and not vm2vm:
         # a method that cannot follow OVS upcalls (5.10's tracepoints) counts the packets
         # that went to ovs-vswitchd as having left the path: the host's tests judge those
         left = summaries and summaries[-1].get("left_path")
@@ -140,7 +155,7 @@ def main():
             presence.append("no tx icmp record 10.77.0.2 -> 10.77.0.3 (the VM's echo requests)")
         if not has("rx", "icmp", ips(REMOTE_IP, VM_IP)):
             presence.append("no rx icmp record 10.77.0.3 -> 10.77.0.2 (the echo replies)")
-        if not netem:
+        if not pings_only:
             udp_tx = lambda r: ips(VM_IP, REMOTE_IP)(r) and r.get("src_port") == 40000 and r.get("dst_port") == 40001
             udp_rx = lambda r: ips(REMOTE_IP, VM_IP)(r) and r.get("src_port") == 40001 and r.get("dst_port") == 40000
             if not has("tx", "udp", udp_tx):

@@ -2,7 +2,9 @@
 # guest_lane.sh [CASES] - the kguest lane, run inside the QEMU guest as root.
 #
 # CASES: comma list of  A (OVS kernel datapath topology), B (Linux bridge topology),
-#        tool (run vm_network_latency.py on the topologies selected), or "all".
+#        G (OVS with a Geneve port), V (Linux bridge on a VLAN of a bond), O (OVS with a
+#        bond port and a second VM), M (the VM on a macvtap), tool (run
+#        vm_network_latency.py on the topologies selected), or "all".
 #
 # TOPOLOGY A                                   TOPOLOGY B
 #   ns vm: eth0 10.77.0.2/24                     the same, with a Linux bridge vnlbr0
@@ -40,6 +42,12 @@ TOOL=${TOOL:-$LANE_DIR/vm_network_latency.py}
 TOOL_ATTACH_WAIT=${TOOL_ATTACH_WAIT:-300} # BCC compiles ~20x slower under TCG
 PY=/usr/bin/python3
 OVS_RUN=/run/openvswitch
+# topologies V, O, M: the bond and its second "NIC", the macvtap, the second VM
+BOND=vnlbond0 PHY2=vnlphy1 VLAN_ID=100 MVT=vnlmvt0
+TAP2=vnltap1 VMLINK2=vnlvm1 VM2_NS=vm2 VM2_IP=10.77.0.4
+VMSTUB2_PID=
+CAP_FILTER=ip         # what tcpdump keeps (V: VLAN-tagged frames too)
+TOOL_DEVS=(--vm-dev "$TAP" --phy-dev "$PHY")   # V, O, M: none, as a user's first run
 
 FAILS=0
 STEPS="$OUT/steps.tsv"
@@ -58,12 +66,14 @@ in_remote() { ip netns exec "$REMOTE_NS" "$@"; }
 # ------------------------------------------------------------------ kernel + OVS
 prepare_kernel() {
     local m ok=1
-    for m in openvswitch tun veth bridge sch_netem; do
+    for m in openvswitch tun veth bridge sch_netem 8021q macvtap; do
         modprobe "$m" || { say "modprobe $m failed"; ok=0; }
     done
+    # no bond0 of its own: only the bonds the lane makes
+    modprobe bonding max_bonds=0 || { say "modprobe bonding failed"; ok=0; }
     mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
     mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug
-    [ $ok = 1 ] && step modules PASS "openvswitch tun veth bridge sch_netem" \
+    [ $ok = 1 ] && step modules PASS "openvswitch tun veth bridge sch_netem 8021q macvtap bonding" \
                 || step modules FAIL "see log"
     {
         echo "kernel: $(uname -r)"
@@ -131,13 +141,75 @@ setup_endpoints() {
     in_remote ip link set eth0 up
     ip link set "$PHY" up
     ip link set "$VMLINK" up
-    "$LANE_DIR/bin/vmstub" "$TAP" "$VMLINK" /run/vmstub.ready 2>"$OUT/vmstub-$1.log" &
-    VMSTUB_PID=$!
+    [ -n "${2:-}" ] && { "$2" || return 1; }     # what must exist before the stub (M)
+    start_vmstub "${STUB_DEV:-$TAP}" "$VMLINK" vmstub "$1" || return 1
+    VMSTUB_PID=$STUB_PID
+    sysctl -qw "net.ipv6.conf.${STUB_DEV:-$TAP}.disable_ipv6=1" \
+        "net.ipv6.conf.$PHY.disable_ipv6=1" "net.ipv6.conf.$VMLINK.disable_ipv6=1" 2>/dev/null
+    return 0
+}
+
+start_vmstub() { # start_vmstub DEV LINK NAME TOPO: a stand-in VM on DEV; STUB_PID
+    rm -f "/run/$3.ready"
+    "$LANE_DIR/bin/vmstub" "$1" "$2" "/run/$3.ready" 2>"$OUT/$3-$4.log" &
+    STUB_PID=$!
     local i
-    for i in $(seq 1 100); do [ -s /run/vmstub.ready ] && break; sleep 0.1; done
-    [ -s /run/vmstub.ready ] || { say "vmstub did not start: $(cat "$OUT/vmstub-$1.log")"; return 1; }
-    sysctl -qw "net.ipv6.conf.$TAP.disable_ipv6=1" "net.ipv6.conf.$PHY.disable_ipv6=1" \
-        "net.ipv6.conf.$VMLINK.disable_ipv6=1" 2>/dev/null
+    for i in $(seq 1 100); do [ -s "/run/$3.ready" ] && break; sleep 0.1; done
+    [ -s "/run/$3.ready" ] || { say "$3 did not start: $(cat "$OUT/$3-$4.log")"; return 1; }
+}
+
+# A second VM (namespace vm2, 10.77.0.4) on tap vnltap1, which the caller puts on its switch
+setup_second_vm() {
+    ip netns add "$VM2_NS"
+    ip netns exec "$VM2_NS" ip link set lo up
+    ip netns exec "$VM2_NS" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    ip link add "$VMLINK2" type veth peer name eth0 netns "$VM2_NS"
+    ip netns exec "$VM2_NS" ip addr add "$VM2_IP/24" dev eth0
+    ip netns exec "$VM2_NS" ethtool -K eth0 tx off tso off gso off sg off >/dev/null 2>&1
+    ip netns exec "$VM2_NS" ip link set eth0 up
+    ip link set "$VMLINK2" up
+    start_vmstub "$TAP2" "$VMLINK2" vmstub2 "$1" || return 1
+    VMSTUB2_PID=$STUB_PID
+    sysctl -qw "net.ipv6.conf.$TAP2.disable_ipv6=1" "net.ipv6.conf.$VMLINK2.disable_ipv6=1" 2>/dev/null
+}
+
+# The host's "NICs" bonded: vnlphy0 (from setup_endpoints) and vnlphy1, both veths into
+# namespace remote, where their peers eth0 and eth1 are a bond of the same mode too
+# (rbond; a VLAN rbond.100 on it for V), holding 10.77.0.3. Active-backup bonds prefer
+# vnlphy0 / eth0: which slave is active is known.
+setup_bond() { # setup_bond MODE [VLAN]
+    local mode=$1 vlan=${2:-} rdev=rbond
+    ip link add "$PHY2" type veth peer name eth1 netns "$REMOTE_NS" || return 1
+    in_remote ip addr flush dev eth0
+    in_remote ip link add rbond type bond mode "$mode" miimon 100 || return 1
+    ip link add "$BOND" type bond mode "$mode" miimon 100 || return 1
+    local d
+    for d in eth0 eth1; do in_remote ip link set "$d" down; in_remote ip link set "$d" master rbond || return 1; done
+    for d in "$PHY" "$PHY2"; do ip link set "$d" down; ip link set "$d" master "$BOND" || return 1; done
+    if [ "$mode" = active-backup ]; then
+        ip link set "$BOND" type bond primary "$PHY"
+        in_remote ip link set rbond type bond primary eth0
+    fi
+    in_remote ip link set rbond up
+    ip link set "$BOND" up
+    ip link set "$PHY" up
+    ip link set "$PHY2" up
+    if [ -n "$vlan" ]; then
+        in_remote ip link add link rbond name rbond.$vlan type vlan id "$vlan" || return 1
+        in_remote ip link set rbond.$vlan up
+        ip link add link "$BOND" name "$BOND.$vlan" type vlan id "$vlan" || return 1
+        ip link set "$BOND.$vlan" up
+        rdev=rbond.$vlan
+    fi
+    in_remote ip addr add "$REMOTE_IP/24" dev "$rdev"
+    REMOTE_DEV=$rdev
+    local i
+    for i in $(seq 1 50); do
+        grep -q "^MII Status: up" /proc/net/bonding/$BOND && \
+            in_remote grep -q "^MII Status: up" /proc/net/bonding/rbond && break
+        sleep 0.1
+    done
+    cat "/proc/net/bonding/$BOND" > "$OUT/bond-$mode.txt"
 }
 
 topo_a_up() {
@@ -184,6 +256,73 @@ topo_g_up() {
     ip link show genev_sys_6081 > "$OUT/genev_sys_6081.txt"
 }
 
+# TOPOLOGY V: production's "br0 -> bond0.100 -> bond0 -> eth0/eth1": the Linux bridge
+# vnlbr0 with the tap and VLAN 100 of an active-backup bond of vnlphy0 and vnlphy1.
+topo_v_up() {
+    setup_endpoints V || return 1
+    setup_bond active-backup "$VLAN_ID" || return 1
+    ip link add "$LBR" type bridge stp_state 0 forward_delay 0 || return 1
+    ip link set "$TAP" master "$LBR" || return 1
+    ip link set "$BOND.$VLAN_ID" master "$LBR" || return 1
+    ip link set "$LBR" up
+}
+
+# TOPOLOGY O: OVS ovsbr0 with the tap, a second VM's tap vnltap1 and a balance-xor bond
+# of vnlphy0 and vnlphy1 as its uplink port (a Linux bond, not OVS's own bonding)
+topo_o_up() {
+    setup_endpoints O || return 1
+    setup_bond balance-xor || return 1
+    setup_second_vm O || return 1
+    ovs-vsctl --timeout=30 add-br "$OVSBR" -- set bridge "$OVSBR" datapath_type=system || return 1
+    ovs-vsctl --timeout=30 add-port "$OVSBR" "$TAP" -- add-port "$OVSBR" "$TAP2" -- \
+        add-port "$OVSBR" "$BOND" || return 1
+    ip link set "$OVSBR" up
+}
+
+# TOPOLOGY M: libvirt's <interface type='direct'>: the VM on macvtap vnlmvt0 (bridge
+# mode) of vnlphy0 with the VM's MAC, held by vmstub through /dev/tapN; no switch
+make_macvtap() {
+    local mac
+    mac=$(in_vm cat /sys/class/net/eth0/address)
+    ip link add link "$PHY" name "$MVT" address "$mac" type macvtap mode bridge || return 1
+    sysctl -qw "net.ipv6.conf.$MVT.disable_ipv6=1" 2>/dev/null
+    ip link set "$MVT" up
+}
+topo_m_up() {
+    STUB_DEV=$MVT setup_endpoints M make_macvtap
+}
+
+uplink_cases() { # uplink_cases V|O: the tool without device options on bonded uplinks
+    TOPO=$1
+    local t=$1
+    static_arp "$REMOTE_DEV"
+    if [ "$t" = O ]; then
+        ovs-vsctl set Open_vSwitch . other_config:max-idle=3600000
+        ovs-vsctl set bridge "$OVSBR" other_config:mac-aging-time=3600
+        static_arp_vm2
+    fi
+    [ "$t" = V ] && CAP_FILTER="ip or (vlan and ip)"
+    TOOL_DEVS=()
+    warm_up
+    [ "$t" = O ] && in_vm ping -n -c 2 -i 0.2 -W 3 "$VM2_IP" > /dev/null 2>&1
+    run_pair "$t-mix" traffic_mix "$TAP" "$PHY" "$PHY2"
+    [ "$t" = O ] && run_pair "O-vm2vm" traffic_vm2vm "$TAP" "$TAP2"
+    [ "$t" = V ] && run_pair "V-failover" traffic_failover "$TAP" "$PHY" "$PHY2"
+    TOOL_DEVS=(--vm-dev "$TAP" --phy-dev "$PHY")
+    CAP_FILTER=ip
+    TOPO=
+}
+
+macvtap_cases() {
+    TOPO=M
+    static_arp
+    TOOL_DEVS=()
+    warm_up
+    run_pair "M-mix" traffic_mix "$MVT" "$PHY"
+    TOOL_DEVS=(--vm-dev "$TAP" --phy-dev "$PHY")
+    TOPO=
+}
+
 geneve_case() { # the VM <-> its peer across the Geneve overlay: ICMP and UDP
     TOPO=G
     static_arp gnv0
@@ -195,16 +334,23 @@ geneve_case() { # the VM <-> its peer across the Geneve overlay: ICMP and UDP
 
 topo_down() {
     netem_off 2>/dev/null
-    if [ -n "$VMSTUB_PID" ]; then
-        kill "$VMSTUB_PID" 2>/dev/null; wait "$VMSTUB_PID" 2>/dev/null; VMSTUB_PID=
-    fi
-    rm -f /run/vmstub.ready
+    local p
+    for p in "$VMSTUB_PID" "$VMSTUB2_PID"; do
+        [ -n "$p" ] && { kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; }
+    done
+    VMSTUB_PID= VMSTUB2_PID=
+    rm -f /run/vmstub.ready /run/vmstub2.ready
     ovs-vsctl --timeout=10 --if-exists del-br "$OVSBR" 2>/dev/null
     ip addr flush dev "$PHY" 2>/dev/null
     ip link del "$LBR" 2>/dev/null
+    ip link del "$MVT" 2>/dev/null
+    ip link del "$BOND" 2>/dev/null
     ip link del "$PHY" 2>/dev/null
+    ip link del "$PHY2" 2>/dev/null
     ip link del "$VMLINK" 2>/dev/null
+    ip link del "$VMLINK2" 2>/dev/null
     ip netns del "$VM_NS" 2>/dev/null
+    ip netns del "$VM2_NS" 2>/dev/null
     ip netns del "$REMOTE_NS" 2>/dev/null
     return 0
 }
@@ -217,15 +363,15 @@ do_ping() { # do_ping COUNT [INTERVAL]
     in_vm ping -n -c "${1:-5}" -i "${2:-0.2}" -W 3 "$REMOTE_IP"
 }
 
-do_udp() { # do_udp COUNT: a burst with the fixed 5-tuple 10.77.0.2:40000 -> 10.77.0.3:40001
-    local n=${1:-20} rc
+do_udp() { # do_udp COUNT [NS IP]: a burst 10.77.0.2:40000 -> 10.77.0.3:40001 (or IP in NS)
+    local n=${1:-20} ns=${2:-$REMOTE_NS} dst=${3:-$REMOTE_IP} rc
     rm -f /run/udp.ready
-    in_remote "$PY" "$LANE_DIR/traffic.py" udp-server --bind "$REMOTE_IP" --port "$UDP_DPORT" \
+    ip netns exec "$ns" "$PY" "$LANE_DIR/traffic.py" udp-server --bind "$dst" --port "$UDP_DPORT" \
         --count "$n" --timeout 60 --ready /run/udp.ready &
     local spid=$! i
     for i in $(seq 1 200); do [ -e /run/udp.ready ] && break; sleep 0.1; done
     in_vm "$PY" "$LANE_DIR/traffic.py" udp-burst --src "$VM_IP" --sport "$UDP_SPORT" \
-        --dst "$REMOTE_IP" --dport "$UDP_DPORT" --count "$n"
+        --dst "$dst" --dport "$UDP_DPORT" --count "$n"
     rc=$?
     wait "$spid"
     return $rc
@@ -326,7 +472,9 @@ oracle() { printf '%s\n' "$1" >> "$ORACLE"; }
 
 tool_start() { # tool_start DIR METHOD: the tool in the background; TOOL_PID is python's pid
     local d=$1 m=$2
-    "$PY" "$TOOL" --attach "$m" --output json --vm-dev "$TAP" --phy-dev "$PHY" --verbose \
+    # PYTHONFAULTHANDLER: an instance that does not stop is sent SIGABRT (tool_stop),
+    # on which Python prints every thread's traceback to its stderr
+    PYTHONFAULTHANDLER=1 "$PY" "$TOOL" --attach "$m" --output json "${TOOL_DEVS[@]}" --verbose \
         --timeout "$TOOL_MAX_RUN" "${TOOL_EXTRA[@]}" > "$d/$m.jsonl" 2> "$d/$m.stderr" &
     TOOL_PID=$!
     echo "$TOOL_PID" > "$d/$m.pid"
@@ -348,22 +496,34 @@ wait_tracing() { # wait_tracing DIR METHOD...: 0 once every instance printed "Tr
     done
 }
 
-tool_stop() { # tool_stop DIR METHOD...: SIGINT (the tool's Ctrl-C), SIGKILL after 60 s
-    local d=$1 m pid i
+tool_stop() { # tool_stop DIR METHOD...: SIGINT (the tool's Ctrl-C); 60 s later SIGABRT
+    # (its threads' tracebacks, where it was stuck) and SIGKILL
+    local d=$1 m pid i t0=$SECONDS
     shift
     for m in "$@"; do kill -INT "$(cat "$d/$m.pid")" 2>/dev/null; done
     for m in "$@"; do
         pid=$(cat "$d/$m.pid")
-        for i in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null
+        for i in $(seq 1 600); do
+            kill -0 "$pid" 2>/dev/null || break
+            [ $((SECONDS - t0)) -ge 60 ] && break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            say "--attach $m still running 60 s after SIGINT: SIGABRT, then SIGKILL"
+            cat "/proc/$pid/stack" > "$d/$m.stuck-stack" 2>&1
+            kill -ABRT "$pid" 2>/dev/null
+            sleep 2
+            kill -KILL "$pid" 2>/dev/null
+        fi
         wait "$pid"; echo $? > "$d/$m.rc"
     done
+    echo "$((SECONDS - t0))" > "$d/stop_s"
 }
 
 CAP_PIDS=()
 capture_start() { # capture_start DIR DEV: tcpdump -w DIR/DEV.pcap, returns once it listens
     local d=$1 dev=$2 i
-    tcpdump -i "$dev" -w "$d/$dev.pcap" --immediate-mode -U -n -s 256 ip \
+    tcpdump -i "$dev" -w "$d/$dev.pcap" --immediate-mode -U -n -s 256 $CAP_FILTER \
         2> "$d/$dev.tcpdump.stderr" &
     CAP_PIDS+=($!)
     for i in $(seq 1 300); do
@@ -381,7 +541,7 @@ capture_stop() {
 }
 
 ovs_lookups() { # ovs_lookups WHEN: the datapath's hit/missed/lost counters into the oracle
-    case "$TOPO" in A|G) ;; *) return 0 ;; esac
+    case "$TOPO" in A|G|O) ;; *) return 0 ;; esac
     local when=$1 l
     l=$(ovs-dpctl show 2>/dev/null | sed -n 's/.*lookups: hit:\([0-9]*\) missed:\([0-9]*\) lost:\([0-9]*\).*/\1 \2 \3/p' | head -n1)
     set -- $l
@@ -458,6 +618,37 @@ vhost_case() { # topology B again, the tap served by the kernel's vhost-net work
     ip link set "$TAP" master "$LBR" || { step B.vhost FAIL "tap not on $LBR"; return 1; }
     warm_up
     run_pair "B-vhost" traffic_vhost "$TAP" "$PHY"
+}
+
+traffic_vm2vm() { # VM -> the second VM on the same switch: pings, a UDP burst echoed back
+    local rc=0 out
+    oracle '{"kind": "vmstubs", "'"$TAP"'": '"$VMSTUB_PID"', "'"$TAP2"'": '"$VMSTUB2_PID"'}'
+    out=$(in_vm ping -n -c 5 -i 0.2 -W 3 "$VM2_IP") || rc=1
+    echo "$out"; ping_oracle vm "$VM2_IP" "$out"
+    out=$(do_udp 10 "$VM2_NS" "$VM2_IP") || rc=1
+    echo "$out"; echo "$out" | grep '^{' | while read -r l; do oracle "$l"; done
+    return $rc
+}
+
+traffic_failover() { # VM -> remote pings every 50 ms; the active slave's link fails midway
+    local out pid before after i
+    before=$(cat "/sys/class/net/$BOND/bonding/active_slave")
+    in_vm ping -n -c 60 -i 0.05 -W 3 "$REMOTE_IP" > /run/failover.ping 2>&1 &
+    pid=$!
+    sleep 1.5
+    # its cable pulled: the peer goes down, vnlphy0 loses its carrier, the bonds' MII
+    # monitors (100 ms) move both ends to the other link
+    in_remote ip link set eth0 down
+    for i in $(seq 1 50); do
+        after=$(cat "/sys/class/net/$BOND/bonding/active_slave")
+        [ "$after" != "$before" ] && break
+        sleep 0.1
+    done
+    wait "$pid"
+    out=$(cat /run/failover.ping); echo "$out"; ping_oracle vm "$REMOTE_IP" "$out"
+    oracle '{"kind": "failover", "active_before": "'"$before"'", "active_after": "'"$after"'"}'
+    in_remote ip link set eth0 up
+    [ "$before" = "$PHY" ] && [ "$after" = "$PHY2" ]
 }
 
 traffic_cost() { # VM <-> remote: ICMP and a bigger UDP burst, for the programs' run time
@@ -647,6 +838,14 @@ host_addr() { # host_addr add|del: the host's own address on the switch
     ip addr "$1" "$HOST_IP/24" dev "$br"
 }
 
+static_arp_vm2() { # the two VMs know each other
+    local vm_mac vm2_mac
+    vm_mac=$(in_vm cat /sys/class/net/eth0/address)
+    vm2_mac=$(ip netns exec "$VM2_NS" cat /sys/class/net/eth0/address)
+    in_vm ip neigh replace "$VM2_IP" lladdr "$vm2_mac" dev eth0 nud permanent
+    ip netns exec "$VM2_NS" ip neigh replace "$VM_IP" lladdr "$vm_mac" dev eth0 nud permanent
+}
+
 static_arp() { # the VM and the remote know each other: no ARP during the traced runs
     local vm_mac remote_mac rdev=${1:-eth0}   # the remote's device holding 10.77.0.3
     vm_mac=$(in_vm cat /sys/class/net/eth0/address)
@@ -696,10 +895,11 @@ tool_cases() { # tool_cases TOPO
 
 # ------------------------------------------------------------------ main
 lane_main() {
-    local cases=${1:-all} want_a=0 want_b=0 want_g=0 want_tool=0 c
-    [ "$cases" = all ] && cases=A,B,G,tool
+    local cases=${1:-all} want_a=0 want_b=0 want_g=0 want_v=0 want_o=0 want_m=0 want_tool=0 c
+    [ "$cases" = all ] && cases=A,B,G,V,O,M,tool
     for c in ${cases//,/ }; do
-        case "$c" in A) want_a=1 ;; B) want_b=1 ;; G) want_g=1 ;; tool) want_tool=1 ;; esac
+        case "$c" in A) want_a=1 ;; B) want_b=1 ;; G) want_g=1 ;; V) want_v=1 ;;
+                     O) want_o=1 ;; M) want_m=1 ;; tool) want_tool=1 ;; esac
     done
     mkdir -p "$OUT"; : > "$STEPS"
     say "lane start: cases=$cases"
@@ -735,10 +935,23 @@ lane_main() {
         fi
         topo_down
         cp /var/log/openvswitch/*.log "$OUT/" 2>/dev/null
+        [ $want_g = 1 ] || [ $want_o = 1 ] || stop_ovs
+    fi
+    if [ $want_o = 1 ]; then
+        [ $want_a = 1 ] || start_ovs || step ovs_start FAIL "see /var/log/openvswitch"
+        if topo_o_up; then
+            step O.topology PASS "$OVSBR: $TAP + $TAP2 + $BOND (balance-xor: $PHY $PHY2)"
+            if out=$(do_ping 3 0.2 2>&1); then step O.ping PASS "$(echo "$out" | tail -n1)"
+            else step O.ping FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
+            [ $want_tool = 1 ] && uplink_cases O
+        else
+            step O.topology FAIL "could not build topology O"
+        fi
+        topo_down
         [ $want_g = 1 ] || stop_ovs
     fi
     if [ $want_g = 1 ]; then
-        [ $want_a = 1 ] || start_ovs || step ovs_start FAIL "see /var/log/openvswitch"
+        [ $want_a = 1 ] || [ $want_o = 1 ] || start_ovs || step ovs_start FAIL "see /var/log/openvswitch"
         if topo_g_up; then
             step G.topology PASS "$OVSBR: $TAP + geneve (genev_sys_6081, VNI $GENEVE_VNI) over $PHY"
             if out=$(do_ping 3 0.2 2>&1); then step G.ping PASS "$(echo "$out" | tail -n1)"
@@ -758,6 +971,28 @@ lane_main() {
             [ $want_tool = 1 ] && tool_cases B
         else
             step B.topology FAIL "could not build topology B"
+        fi
+        topo_down
+    fi
+    if [ $want_v = 1 ]; then
+        if topo_v_up; then
+            step V.topology PASS "$LBR: $TAP + $BOND.$VLAN_ID (active-backup: $PHY $PHY2)"
+            if out=$(do_ping 3 0.2 2>&1); then step V.ping PASS "$(echo "$out" | tail -n1)"
+            else step V.ping FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
+            [ $want_tool = 1 ] && uplink_cases V
+        else
+            step V.topology FAIL "could not build topology V"
+        fi
+        topo_down
+    fi
+    if [ $want_m = 1 ]; then
+        if topo_m_up; then
+            step M.topology PASS "$MVT (macvtap, bridge mode) on $PHY"
+            if out=$(do_ping 3 0.2 2>&1); then step M.ping PASS "$(echo "$out" | tail -n1)"
+            else step M.ping FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
+            [ $want_tool = 1 ] && macvtap_cases
+        else
+            step M.topology FAIL "could not build topology M"
         fi
         topo_down
     fi
