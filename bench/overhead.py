@@ -43,7 +43,9 @@ Each configuration is measured REPS times, interleaved (rotating order); report.
 the raw measurements into the table (medians, ratios, targets).
 
 Two other paths, each measured the same way against its own baseline (nothing
-attached) and with the tool in histogram mode:
+attached) and with the tool in histogram mode, after everything else (the main path
+is measured on a host without a macvtap: with one, the tool compiles its macvtap code
+in):
 
   macvtap   tapflood writes into macvtap vnbmvt0 (bridge mode) through its /dev/tapN,
             as QEMU does for libvirt's <interface type='direct'>: tap_get_user ->
@@ -191,6 +193,9 @@ def parse_args(argv):
                    help="length of each paced run (default 3)")
     p.add_argument("--startup-runs", type=pos, default=3,
                    help="start-up time measurements (default 3)")
+    p.add_argument("--main-only", action="store_true",
+                   help="only the main path, not the macvtap and VM-to-VM ones (a version "
+                        "from before issue 23 follows neither)")
     p.add_argument("--no-bpf-stats", action="store_true",
                    help="skip the per-program breakdown (kernel.bpf_stats_enabled run)")
     p.add_argument("-o", "--json", metavar="FILE",
@@ -414,7 +419,7 @@ def lab_up(gen_binary, work):
         raise BenchError("bridge ports do not forward")
     lab = {"tap_ifindex": ifindex(TAP), "phy_ifindex": ifindex(PHY),
            "sink_kind": sink and sink[0], "sink_counters": sink and sink[1],
-           "mvt": macvtap_path(gen_binary, work), "v2v": vm_to_vm_path(gen_binary, work)}
+           "mvt": None, "v2v": None, "gen_binary": gen_binary}     # other_paths_up()
     log("lab up: %s (ifindex %d) -> %s -> %s (ifindex %d) -> %s eth0 %s; keep-up: %s" % (
         TAP, lab["tap_ifindex"], BR, PHY, lab["phy_ifindex"], NS, REMOTE_IP,
         "%s -> %s (%s)" % (FAST_TAP, SINK, sink[0]) if sink else
@@ -460,6 +465,14 @@ def vm_to_vm_path(gen_binary, work):
                              ("--src-mac", V2V_MAC, "--dst-mac", RECV_MAC, "--src-ip",
                               "10.78.0.6", "--dst-ip", "10.78.0.7"))
     return writer, reader
+
+
+def other_paths_up(lab, work):
+    """The macvtap and VM-to-VM paths, made after the main path's runs: on a host with a
+    macvtap the tool compiles its macvtap code in, and the main path is measured on a
+    host without one, as it was before macvtaps were followed."""
+    lab["v2v"] = vm_to_vm_path(lab["gen_binary"], work)
+    lab["mvt"] = macvtap_path(lab["gen_binary"], work)
 
 
 def drained(reader):
@@ -837,27 +850,17 @@ def measure_all(args, bench, gen):
     raw = {"frames": args.frames, "reps": args.reps, "source_ports": args.ports,
            "kernel": os.uname().release, "cpus": os.cpu_count(),
            "keepup_seconds": args.keepup_seconds}
-    for cfg in TOOL_ARGS:           # fail early: every configuration passes the verifier
-        r = run([PY, bench.tool] + TOOL_ARGS[cfg] + ["--dry-run"], check=False, timeout=180)
-        if r.returncode:
-            raise BenchError("the tool fails its --dry-run for %s: %s"
-                             % (cfg, r.stderr.strip()[-300:]))
+    dry_run_all([c for c in TOOL_ARGS if c not in PATH_OF], bench)
     c0 = path_counters()
     log("warm-up flood")
     gen.flood(args.frames, args.ports)
-    bench.lab["mvt"].flood(args.frames // 10, args.ports)
-    bench.lab["v2v"][0].flood(args.frames // 10, args.ports, V2V_RATE)
     c1 = path_counters()
     raw["path_check_warmup"] = counter_delta(c0, c1)
     log("path check: %s" % raw["path_check_warmup"])
     if raw["path_check_warmup"]["rx"] < args.frames:
         raise BenchError("the frames do not reach the namespace")
 
-    raw["runs"] = []
-    n = len(report.CONFIGS)
-    for rep in range(1, args.reps + 1):    # interleaved, in rotating order
-        for j in range(n):
-            raw["runs"].append(bench.measure(report.CONFIGS[(j + rep - 1) % n], rep))
+    raw["runs"] = interleaved(args, bench, report.MAIN_CONFIGS)
 
     raw["keepup"] = []
     for i, rate in enumerate(args.keepup_rates):
@@ -888,7 +891,34 @@ def measure_all(args, bench, gen):
         finally:
             bpf_stats_enabled(old)
     raw["path_check_total"] = counter_delta(c0, path_counters())
+    if args.main_only:
+        return raw
+
+    log("the other paths: macvtap and VM to VM")
+    other_paths_up(bench.lab, bench.work)
+    dry_run_all([c for c in TOOL_ARGS if c in PATH_OF], bench)
+    bench.lab["mvt"].flood(args.frames // 10, args.ports)
+    bench.lab["v2v"][0].flood(args.frames // 10, args.ports, V2V_RATE)
+    raw["runs"] += interleaved(args, bench, report.PATH_CONFIGS)
     return raw
+
+
+def dry_run_all(configs, bench):
+    """Fail early: every configuration's programs pass the verifier."""
+    for cfg in configs:
+        r = run([PY, bench.tool] + TOOL_ARGS[cfg] + ["--dry-run"], check=False, timeout=180)
+        if r.returncode:
+            raise BenchError("the tool fails its --dry-run for %s: %s"
+                             % (cfg, r.stderr.strip()[-300:]))
+
+
+def interleaved(args, bench, configs):
+    """REPS runs of each configuration, interleaved in rotating order."""
+    runs, n = [], len(configs)
+    for rep in range(1, args.reps + 1):
+        for j in range(n):
+            runs.append(bench.measure(configs[(j + rep - 1) % n], rep))
+    return runs
 
 
 def vm_rss_kb(pid):

@@ -8,9 +8,10 @@ import json
 import statistics
 import sys
 
-CONFIGS = ["baseline", "tool_hist", "tool_hist_raw", "tool_thresh", "tool_detail",
-           "tool_filtered", "tool_sample", "tcpdump", "bpftrace", "floor",
-           "mvt_baseline", "mvt_hist", "v2v_baseline", "v2v_hist"]
+MAIN_CONFIGS = ["baseline", "tool_hist", "tool_hist_raw", "tool_thresh", "tool_detail",
+                "tool_filtered", "tool_sample", "tcpdump", "bpftrace", "floor"]
+PATH_CONFIGS = ["mvt_baseline", "mvt_hist", "v2v_baseline", "v2v_hist"]
+CONFIGS = MAIN_CONFIGS + PATH_CONFIGS
 # the other paths (overhead.py): each configuration's added cost is over its own baseline
 BASELINE_OF = {"mvt_hist": "mvt_baseline", "v2v_hist": "v2v_baseline"}
 BASELINES = ("baseline", "mvt_baseline", "v2v_baseline")
@@ -163,7 +164,8 @@ def min_based(res):
                 if res[c]["cpu_ns_per_frame"])
     if "baseline" not in mins:
         return {}, {}
-    add = dict((c, mins[c] - mins["baseline"]) for c in mins)
+    add = dict((c, mins[c] - mins[BASELINE_OF.get(c, "baseline")]) for c in mins
+               if c not in BASELINES[1:] and BASELINE_OF.get(c, "baseline") in mins)
     view = {"tool_hist_to_tcpdump": ratio(add.get("tool_hist"), add.get("tcpdump")),
             "tool_hist_to_floor": ratio(add.get("tool_hist"), add.get("floor")),
             "tool_filtered_to_floor": ratio(add.get("tool_filtered"), add.get("floor"))}
@@ -386,11 +388,13 @@ def render(result):
       "other processes' share of all CPUs during the floods, median)")
     P("")
     P("paired added ns (median over reps of run minus same-rep baseline): " + ", ".join(
-        "%s %s" % (c, fmt(res[c]["added_ns_paired_median"], "{:+,.0f}")) for c in CONFIGS[1:]))
+        "%s %s" % (c, fmt(res[c]["added_ns_paired_median"], "{:+,.0f}")) for c in CONFIGS
+        if c not in BASELINES))
     add_min, mv = result["added_ns_min_based"], result["min_based_ratios"]
     if add_min:
         P("with each configuration's minimum instead of its median: added " + ", ".join(
-            "%s %s" % (c, fmt(add_min.get(c), "{:+,.0f}")) for c in CONFIGS[1:]) +
+            "%s %s" % (c, fmt(add_min.get(c), "{:+,.0f}")) for c in CONFIGS
+            if c not in BASELINES) +
           "; histogram/tcpdump %s, histogram/floor %s, filtered/floor %s" % (
               fmt(mv["tool_hist_to_tcpdump"], "{:.2f}"), fmt(mv["tool_hist_to_floor"], "{:.2f}"),
               fmt(mv["tool_filtered_to_floor"], "{:.2f}")))
