@@ -31,9 +31,9 @@
 #            [--forget-after SECONDS] [--vm-table-size N] [--prometheus-textfile PATH]
 #            [--quiet] [--latency-threshold US] [--timeout SECONDS]
 #            [--output {text,json}] [--attach {auto,kprobe,tracepoint,tp_btf}]
-#            [--drops] [--list-vms] [--list-stages] [--dry-run] [--sample N]
-#            [--max-inflight N] [--btf FILE] [--verbose] [--write-events FILE]
-#            [--read-events FILE] [--version] [--ebpf]
+#            [--explain [US]] [--drops] [--list-vms] [--list-stages] [--dry-run]
+#            [--sample N] [--max-inflight N] [--btf FILE] [--verbose]
+#            [--write-events FILE] [--read-events FILE] [--version] [--ebpf]
 #
 # Copyright (c) 2026 The vm_network_latency developers. MIT License (see LICENSE).
 #
@@ -257,6 +257,11 @@ def _threshold(text):
     return value
 
 
+# --explain without a value: the last segments of 100 us or more (an idle host's are
+# tens of microseconds; a wait worth a question is longer)
+EXPLAIN_DEFAULT_US = 100
+
+
 def build_parser():
     parser = _Parser(
         prog="vm_network_latency.py", allow_abbrev=False,   # --vm is not --vm-dev
@@ -340,6 +345,12 @@ def build_parser():
                         help="how stages attach: tracepoint is raw tracepoints, tp_btf "
                              "BTF-typed ones (plain loads of sk_buff fields) where the "
                              "kernel has them (default: auto, chosen per stage)")
+    parser.add_argument("--explain", type=_threshold, nargs="?",
+                        const=EXPLAIN_DEFAULT_US, metavar="US",
+                        help="why each packet's last segment took long (the VM's "
+                             "backend asleep, stopped, waiting in the run queue behind "
+                             "another task, interrupted; a qdisc's hold), when it is at "
+                             "least US microseconds (default %d)" % EXPLAIN_DEFAULT_US)
     parser.add_argument("--drops", action="store_true",
                         help="also report each tracked packet the kernel dropped, "
                              "with its drop reason and the last stage it reached")
@@ -560,6 +571,15 @@ END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
 # packets freed before their path's end: how each one's fate is learnt
 FREE_TRACEPOINTS = [("skb", "kfree_skb", "packet dropped (with the kernel's reason)"),
                     ("skb", "consume_skb", "packet freed normally: it left the path")]
+# --explain: the scheduler's view of the followed threads (the interrupts' where the
+# kernel has those tracepoints: without them, interrupts are part of running)
+SCHED_TRACEPOINTS = [("sched", "sched_switch", "a followed thread switched out or in"),
+                     ("sched", "sched_wakeup", "a followed thread woken"),
+                     ("sched", "sched_wakeup_new", "a followed thread started")]
+IRQ_TRACEPOINTS = [("irq", "softirq_entry", "a softirq cuts into a followed thread"),
+                   ("irq", "softirq_exit", "the softirq ends"),
+                   ("irq", "irq_handler_entry", "an interrupt cuts into a followed thread"),
+                   ("irq", "irq_handler_exit", "the interrupt ends")]
 
 TRACEPOINTS_USED = set(s.tracepoint[1] for s in STAGES if s.tracepoint) | \
     set(name for _cat, name, _what in FREE_TRACEPOINTS)
@@ -635,6 +655,29 @@ class Err(Shared):
     EEXIST = errno.EEXIST
 
 
+class Cause(Shared):
+    """--explain: where the thread that ended a packet's last segment spent it (x_ns[i]):
+    ASLEEP, blocked (waiting for work, or for the guest's buffers); STOPPED (SIGSTOP, a
+    debugger); RUN_QUEUE, runnable while other tasks had its CPU; RUNNING; IRQ, hard and
+    soft interrupts that cut into its running; UNKNOWN, before the oldest event it keeps
+    of the thread, or a thread not followed (a softirq's dequeue: the queue's time)."""
+    ASLEEP, STOPPED, RUN_QUEUE, RUNNING, IRQ, UNKNOWN = range(6)
+
+
+class XF(Shared):
+    """--explain flags: an explanation's FOLLOWED (the thread's scheduling is followed),
+    PARTIAL (its history did not reach back to the segment's start) and IN_IRQ (the
+    segment ended in an interrupt or softirq, not in a thread's own work); a followed
+    thread's KSOFTIRQD (softirqs are its work, not interruptions)."""
+    FOLLOWED, PARTIAL, KSOFTIRQD, IN_IRQ = 1, 2, 4, 8
+
+
+class TaskState(Shared):
+    """The scheduler's task states a switched-out thread may have (stable since 2.6)."""
+    C_PREFIX = "TASK"
+    STOPPED_BITS = 0x4 | 0x8        # __TASK_STOPPED, __TASK_TRACED
+
+
 # IP protocols, PROTOCOLS of the command line: Proto.TCP here, PROTO_TCP in C
 Proto = type("Proto", (Shared,), dict((name.upper(), number)
                                       for name, number in PROTOCOLS.items()))
@@ -671,9 +714,14 @@ class C(Shared):
     # the reader is woken at every WAKE_EVERY-th event of a CPU (and drains every 100
     # ms): far below the ring's ~14,000 events, far above one wake-up per packet
     WAKE_EVERY = 64
+    # --explain: a followed thread's last scheduling events (a power of two), and how
+    # many threads can be followed (the VMs' threads, vhost workers, ksoftirqd)
+    EXPLAIN_RING = 32
+    EXPLAIN_THREADS = 4096
+    NCAUSES = 6
 
 
-SHARED = [Dir, Role, Tunnel, Ev, PF, Err, Proto, C]
+SHARED = [Dir, Role, Tunnel, Ev, PF, Err, Cause, XF, TaskState, Proto, C]
 INFLIGHT_EXAMPLES = 10      # packets still in flight at the end that the summary shows
 PERF_BUFFER_PAGES = 256
 
@@ -727,6 +775,7 @@ RECORD_FIELDS = [
     ("outer_version", "u8", 1, "tunnel: 4 or 6, 0 while the outer headers are unknown"),
     ("dir", "u8", 1, "DIR_TX, DIR_RX or DIR_VM2VM"),
     ("last", "u8", 1, "the last stage that saw it"),
+    ("prev", "u8", 1, "the stage that saw it before the last (--explain's segment start)"),
     ("type", "u8", 1, "EV_PACKET or EV_DROP"),
     ("icmp_type", "u8", 1, "ICMP type"),
     ("upcalled", "u8", 1, "a copy waits for ovs-vswitchd to return it"),
@@ -803,13 +852,32 @@ EVENT_TIMES = struct.Struct("<I4x%dQ%dx%ds" % (NSTAGES, KIND_AT - 8 * NSTAGES,
 
 assert EVENT_TIMES.size == 8 + PKT.size, "the record is padded to 8 bytes"
 
+# --explain: what an event adds after the record, declared once like the record (C's
+# struct explain, Python's EXPL)
+EXPLAIN_CAUSES = ("asleep", "stopped", "run_queue", "running", "irq", "unknown")
+EXPLAIN_FIELDS = [
+    ("x_ns", "u64", len(EXPLAIN_CAUSES), "ns of the last segment in each Cause"),
+    ("x_tid", "u32", 1, "the thread that ended it (0: not explained)"),
+    ("x_behind", "u32", 1, "the task that had its CPU before it got it back"),
+    ("x_cpu", "u16", 1, "the CPU it waited for"),
+    ("x_from", "u8", 1, "the segment's first stage (it ends at the path's end)"),
+    ("x_flags", "u8", 1, "XF_FOLLOWED, XF_PARTIAL"),
+    ("x_behind_comm", "u8", 16, "that task's name"),
+]
+EXPL, EXPL_INDEX = record_struct(EXPLAIN_FIELDS)
+X = namedtuple("ExplainIndex", [name for name, _t, _n, _w in EXPLAIN_FIELDS])(
+    *[EXPL_INDEX[name] for name, _t, _n, _w in EXPLAIN_FIELDS])
+assert Cause.UNKNOWN + 1 == len(EXPLAIN_CAUSES) == C.NCAUSES
+
 
 # --- the program's types ---
 
 # prog_info: {field: offset} of struct bpf_prog_info's run-time statistics (5.1+;
 # recursion_misses 5.12+), for the metrics of the tool's own cost; None without BTF
+# sched: {macro: offset} of the task_struct fields --explain reads (and SWITCH_STATE_ARG:
+# sched_switch passes prev's state, 5.18+), None without BTF
 Layout = namedtuple("Layout", "source offsets sizes netns drop_reasons kfree_skb_reason "
-                              "tracepoints prog_info")
+                              "tracepoints prog_info sched")
 
 Capabilities = namedtuple("Capabilities", "ringbuf probe_read_kernel how")
 
@@ -1107,6 +1175,34 @@ NETNS_FIELDS = [
 
 PROG_INFO_FIELDS = ("run_time_ns", "run_cnt", "recursion_misses")
 
+# --explain's task_struct fields, each with the paths it has had: the state is __state
+# since 5.14; the CPU moved into thread_info in 5.16
+SCHED_FIELDS = [
+    ("TASK_PID", ("pid",)),
+    ("TASK_COMM", ("comm",)),
+    ("TASK_STATE", ("__state", "state")),
+    ("TASK_CPU", ("cpu", "thread_info.cpu")),
+]
+
+
+def sched_layout(btf):
+    """{macro: offset} of what --explain reads of a task, and SWITCH_STATE_ARG (1 where
+    sched_switch passes the previous task's state as its 4th argument, 5.18+: reading
+    it back from the task races with its wake-up); None when a field is missing."""
+    out = {}
+    for macro, paths in SCHED_FIELDS:
+        for path in paths:
+            try:
+                out[macro] = btf.offset("task_struct", path)[0]
+                break
+            except BTFError:
+                continue
+        else:
+            return None
+    params = btf.tracepoint_params("sched_switch") or []
+    out["SWITCH_STATE_ARG"] = int(len(params) >= 4)
+    return out
+
 
 def prog_info_layout(btf):
     out = {}
@@ -1143,7 +1239,7 @@ def layout_from_btf(btf):
     reasons = dict((code & 0xffffffff, name) for code, name in
                    btf.enum_values("skb_drop_reason").items()) if has_reason else {}
     return Layout("BTF", offsets, sizes, netns, reasons,
-                  has_reason, tracepoints, prog_info_layout(btf))
+                  has_reason, tracepoints, prog_info_layout(btf), sched_layout(btf))
 
 
 # --- what this kernel can attach to ---
@@ -1247,7 +1343,7 @@ def layout_from_headers(release):
     reasons = drop_reasons_from_tracefs()
     # no BTF to list the tracepoints: tracefs says which exist (tracepoint_exists)
     return Layout("kernel headers " + found, offsets, sizes, False, reasons or {},
-                  reasons is not None, {}, None)
+                  reasons is not None, {}, None, None)
 
 
 def find_layout(btf_path, release):
@@ -1912,6 +2008,71 @@ def check_vms_exist(wanted, owners):
             ", ".join(repr(n) for n in missing), ", ".join(sorted(names)) or "none"))
 
 
+def threads_to_follow(owners):
+    """--explain: {tid: XF flags} of the threads whose scheduling explains a packet's
+    wait: every thread of the processes holding VM devices (QEMU's I/O threads; since
+    6.4 the vhost workers too), the vhost workers that are kernel threads (before 6.4:
+    vhost-PID, PID the VMM's), and ksoftirqd (softirq work deferred to a thread)."""
+    pids = set(vm.pid for vm in owners.values() if vm and vm.pid)
+    out = {}
+    for pid in pids:
+        try:
+            out.update((int(t), 0) for t in os.listdir("/proc/%d/task" % pid) if t.isdigit())
+        except OSError:
+            continue            # gone since
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        comm = (_read_proc(int(entry), "comm") or b"").strip()
+        if comm.startswith(b"ksoftirqd/"):
+            out[int(entry)] = XF.KSOFTIRQD
+        elif comm.startswith(b"vhost-") and comm[6:].isdigit() and int(comm[6:]) in pids:
+            out[int(entry)] = 0
+    return out
+
+
+def explain_tracepoints():
+    """The tracepoints --explain attaches: the scheduler's, and the interrupts' where
+    this kernel has them (tracefs says)."""
+    events = os.path.join(tracefs_dir() or TRACEFS_PATHS[0], "events")
+    missing = [tp for cat, tp, _w in SCHED_TRACEPOINTS
+               if not os.path.isdir(os.path.join(events, cat, tp))]
+    if missing:
+        raise Fatal("--explain: this kernel has no tracepoint %s" % ", ".join(missing))
+    return SCHED_TRACEPOINTS + [t for t in IRQ_TRACEPOINTS
+                                if os.path.isdir(os.path.join(events, t[0], t[1]))]
+
+
+class FollowedThreads(object):
+    """--explain: the kernel's table of followed threads, kept in step with the VMs
+    (their threads come and go: QEMU starts workers, VMs stop). A thread keeps its
+    scheduling history while it stays."""
+    RESCAN_S = 5.0
+
+    def __init__(self, table):
+        self.table = table
+        self.tids = {}
+        self.scanned = None
+
+    def update(self, owners, force=False):
+        now = time.monotonic()
+        if not force and self.scanned is not None and now - self.scanned < self.RESCAN_S:
+            return
+        self.scanned = now
+        wanted = threads_to_follow(owners)
+        for tid in set(self.tids) - set(wanted):
+            try:
+                del self.table[self.table.Key(tid)]
+            except KeyError:
+                pass
+        for tid, flags in wanted.items():
+            if self.tids.get(tid) != flags:
+                leaf = self.table.Leaf()
+                leaf.flags = flags
+                self.table[self.table.Key(tid)] = leaf
+        self.tids = wanted
+
+
 def switch_of(dev):
     """The bridge a device is a port of ("ovs-system" means an OVS datapath port); for a
     macvtap, the device it is on (macvtap@eth0): the macvlan there is its switch."""
@@ -2188,6 +2349,135 @@ def bucket_bounds(bucket):
 
 # --- the program ---
 
+# --explain: a followed thread's last scheduling events, and the C that attributes a
+# segment's time from them (EXPLAIN_WALK_C, also run alone in the kernel by the tests)
+EXPLAIN_TYPES_C = r"""
+// One scheduling event of a thread: from ts on it was in state kind (a Cause: ASLEEP,
+// STOPPED, RUN_QUEUE, RUNNING); irq: the thread's interrupt time so far (thist.irq)
+struct tev { u64 ts; u64 irq; u32 kind; u32 pad; };
+struct thist {
+    u32 head;                   // events written so far; the next one's slot: head % RING
+    u32 flags;                  // XF_KSOFTIRQD (user space sets it)
+    u64 irq;                    // ns interrupts cut into its running, since followed
+    u32 behind;                 // the task that had its CPU before its last wait ended
+    u32 wait_cpu;               // the CPU it last waited for
+    char behind_comm[16];
+    struct tev ev[EXPLAIN_RING];
+};
+"""
+
+EXPLAIN_WALK_C = r"""
+static __always_inline void thread_event(struct thist *h, u64 ts, u32 kind)
+{
+    u32 i = h->head & (EXPLAIN_RING - 1);
+    h->head = h->head + 1;
+    h->ev[i].ts = ts;
+    h->ev[i].irq = h->irq;
+    h->ev[i].kind = kind;
+}
+
+static __always_inline u32 last_kind(struct thist *h)
+{
+    u32 head = h->head;
+    return head ? h->ev[(head - 1) & (EXPLAIN_RING - 1)].kind : CAUSE_UNKNOWN;
+}
+
+// What the thread h did from a to b (b: now, while it runs), walking its events from
+// the newest: each state lasted from its event to the next one (x_ns[kind] += its
+// share of [a, b]; x is a map value, so kind may index it). What its oldest event kept
+// does not reach back to is UNKNOWN (XF_PARTIAL). Interrupts: the thread's interrupt
+// time since its last event at or before a (an event is rare while it runs), taken out
+// of its running.
+static __always_inline void explain_walk(struct thist *h, u64 a, u64 b, struct explain *x)
+{
+    u64 hi = b, irq_a = h->irq;
+    u32 head = h->head, covered = 0;
+    u32 n = head < EXPLAIN_RING ? head : EXPLAIN_RING;
+    for (u32 i = 0; i < EXPLAIN_RING; i++) {
+        if (i >= n)
+            break;
+        struct tev *e = &h->ev[(head - 1 - i) & (EXPLAIN_RING - 1)];
+        u64 ts = e->ts, lo = ts > a ? ts : a;
+        irq_a = e->irq;
+        if (hi > lo)
+            x->x_ns[e->kind & 3] += hi - lo;
+        if (ts <= a) {
+            covered = 1;
+            break;
+        }
+        hi = ts < hi ? ts : hi;
+    }
+    u64 irq = h->irq - irq_a;
+    if (irq > x->x_ns[CAUSE_RUNNING])
+        irq = x->x_ns[CAUSE_RUNNING];
+    x->x_ns[CAUSE_RUNNING] -= irq;
+    x->x_ns[CAUSE_IRQ] = irq;
+    x->x_ns[CAUSE_UNKNOWN] = covered ? 0 : hi - a;
+    x->x_flags = XF_FOLLOWED | (covered ? 0 : XF_PARTIAL);
+    x->x_cpu = h->wait_cpu;
+}
+"""
+
+EXPLAIN_C = r"""
+#if EXPLAIN
+/*EXPLAIN_WALK*/
+
+// The explanation of a packet's last segment (from the latest stage before its end
+// to now), by the thread that ends it; NULL when the segment is shorter than
+// EXPLAIN_MIN_NS
+static __always_inline struct explain *explain_last(struct pkt *p, u64 now)
+{
+    u32 zero = 0;
+    struct xevent *xe = xscratch.lookup(&zero);
+    if (!xe)
+        return 0;
+    struct explain *x = &xe->x;
+    __builtin_memset(x, 0, sizeof(*x));
+    u32 from = p->prev;
+    if (from >= NSTAGES || from == p->last)
+        return 0;
+    u64 from_ts = p->ts[from];
+    if (!from_ts || now < from_ts + EXPLAIN_MIN_NS)
+        return 0;
+    x->x_from = from;
+    u32 tid = bpf_get_current_pid_tgid();
+    x->x_tid = tid;
+    struct thist *h = threads.lookup(&tid);
+    // in an interrupt or softirq that cut into a followed thread (a qdisc's dequeue on
+    // a timer, say), the work is not that thread's: it is not what ended the segment
+    struct oncpu *c = oncpu.lookup(&zero);
+    if (c && c->depth) {
+        x->x_flags = XF_IN_IRQ;
+        x->x_ns[CAUSE_UNKNOWN] = now - from_ts;
+        return x;
+    }
+    if (!h) {
+        x->x_ns[CAUSE_UNKNOWN] = now - from_ts;    // not a followed thread
+        return x;
+    }
+    explain_walk(h, from_ts, now, x);
+    if (x->x_ns[CAUSE_RUN_QUEUE]) {
+        x->x_behind = h->behind;
+        __builtin_memcpy(x->x_behind_comm, h->behind_comm, sizeof(x->x_behind_comm));
+    }
+    return x;
+}
+
+#if HISTOGRAM
+static __always_inline void explain_add(struct pkt *p, struct explain *x)
+{
+    u32 base = ((p->dir * NSTAGES + x->x_from) * NSTAGES + p->last) * NCAUSES;
+    for (u32 c = 0; c < NCAUSES; c++) {
+        u32 idx = base + c;
+        u64 *sum = explain_sums.lookup(&idx);
+        if (sum && x->x_ns[c])
+            __sync_fetch_and_add(sum, x->x_ns[c]);
+    }
+}
+#endif
+#endif
+"""
+
 C_PROGRAM = r"""
 #include <uapi/linux/ptrace.h>
 
@@ -2236,6 +2526,22 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERCPU_ARRAY(emitted, u64, 1);      // events this CPU put in the ring (wake-ups)
 #else
 BPF_PERF_OUTPUT(events);
+#endif
+#if EXPLAIN
+/*EXPLAIN_TYPES*/
+// An event: the record and what explains its last segment
+struct xevent { struct pkt p; struct explain x; };
+BPF_PERCPU_ARRAY(xscratch, struct xevent, 1);
+// The followed threads (the VMs' QEMU threads and vhost workers, ksoftirqd: user space
+// fills the table), each with its last scheduling events
+BPF_HASH(threads, u32, struct thist, EXPLAIN_THREADS);
+// per CPU: the followed thread running here, and the interrupts cutting into it
+struct oncpu { u32 tid; u32 depth; u64 since; u32 irq_counts; u32 pad; };
+BPF_PERCPU_ARRAY(oncpu, struct oncpu, 1);
+#if HISTOGRAM
+// ns of the explained last segments by direction, first and last stage, and cause
+BPF_ARRAY(explain_sums, u64, NDIRS * NSTAGES * NSTAGES * NCAUSES);
+#endif
 #endif
 
 static __always_inline void stat_add(u32 stat, u32 dir)
@@ -2667,15 +2973,30 @@ static __always_inline int parse_frame(u32 len, u32 data_len, u32 mac, u8 *head,
     return parse_l3(be16(b + 20), b, 22, head, mac, len, headlen, p);
 }
 
-static __always_inline void emit(void *ctx, struct pkt *p)
+#if EXPLAIN
+#define EVENT_T struct xevent
+#else
+#define EVENT_T struct pkt
+#endif
+
+// x: what explains its last segment (--explain; else, or for a drop, NULL)
+static __always_inline void emit(void *ctx, struct pkt *p, void *x)
 {
 #if USE_RINGBUF
-    struct pkt *ev = events.ringbuf_reserve(sizeof(struct pkt));
+    EVENT_T *ev = events.ringbuf_reserve(sizeof(EVENT_T));
     if (!ev) {
         stat_add(STAT_lost, p->dir);
         return;
     }
+#if EXPLAIN
+    __builtin_memcpy(&ev->p, p, sizeof(struct pkt));
+    if (x)
+        __builtin_memcpy(&ev->x, x, sizeof(struct explain));
+    else
+        __builtin_memset(&ev->x, 0, sizeof(struct explain));
+#else
     __builtin_memcpy(ev, p, sizeof(struct pkt));
+#endif
     // Wake the reader at one event in WAKE_EVERY of a CPU, not at each: a wake-up is an
     // interrupt and a cross-CPU kick paid on the packet's own path (under this VM, a
     // second tracer saw 8-25 us added to 30-60% of packets). The reader
@@ -2687,8 +3008,22 @@ static __always_inline void emit(void *ctx, struct pkt *p)
         flags = BPF_RB_FORCE_WAKEUP;
     events.ringbuf_submit(ev, flags);
 #else
+#if EXPLAIN
+    u32 zero = 0;
+    struct xevent *ev = xscratch.lookup(&zero);
+    if (!ev)
+        return;
+    __builtin_memcpy(&ev->p, p, sizeof(struct pkt));
+    if (x)
+        __builtin_memcpy(&ev->x, x, sizeof(struct explain));
+    else
+        __builtin_memset(&ev->x, 0, sizeof(struct explain));
+    if (events.perf_submit(ctx, ev, sizeof(struct xevent)))
+        stat_add(STAT_lost, p->dir);
+#else
     if (events.perf_submit(ctx, p, sizeof(struct pkt)))
         stat_add(STAT_lost, p->dir);
+#endif
 #endif
 }
 
@@ -2773,6 +3108,8 @@ static __always_inline void leave(struct pkt *p, u64 key)
     untrack(key);
 }
 
+/*EXPLAIN*/
+
 static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
 {
     if (p->pflags & PF_PENDING) {   // never counted in: not one of the wanted packets
@@ -2788,11 +3125,20 @@ static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
     if (total < THRESHOLD_NS) {
         stat_add(STAT_below_threshold, p->dir);
     } else {
+#if EXPLAIN
+        struct explain *x = explain_last(p, now);
+#else
+        void *x = 0;
+#endif
 #if HISTOGRAM
         hist_packet(p);
+#if EXPLAIN
+        if (x)
+            explain_add(p, x);
+#endif
 #else
         p->type = EV_PACKET;
-        emit(ctx, p);
+        emit(ctx, p, x);
 #endif
     }
     untrack(key);
@@ -2808,6 +3154,7 @@ static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
     if (!p->ts[stage]) {
         p->ts[stage] = now;
         p->seen |= 1 << stage;
+        p->prev = p->last;
         p->last = stage;
     }
 }
@@ -2864,6 +3211,7 @@ static __always_inline void start_packet(void *ctx, void *skb, const int btf_arg
     p->ts[stage] = now;
     p->seen = 1 << stage;
     p->last = stage;
+    p->prev = stage;
     p->dev = (u64)dev;
     p->dev_role = role;
     if (dir == DIR_TX) {
@@ -3202,7 +3550,7 @@ static __always_inline int on_free(void *ctx, u64 key, u32 reason, u64 location)
         p->type = EV_DROP;
         p->reason = reason;
         p->location = location;
-        emit(ctx, p);
+        emit(ctx, p, 0);
     }
 #endif
     untrack(key);
@@ -3222,6 +3570,116 @@ int rtp_consume_skb(struct bpf_raw_tracepoint_args *ctx)
 {
     return on_free(ctx, ctx->args[0], FATE_LEFT, 0);
 }
+
+#if EXPLAIN
+// --explain: the scheduler's events of the followed threads. These fire on every
+// context switch and interrupt of the machine: for a thread not followed they cost a
+// lookup (two per switch) and nothing else.
+int rtp_sched_switch(struct bpf_raw_tracepoint_args *ctx)
+{
+    void *prev = (void *)ctx->args[1], *next = (void *)ctx->args[2];
+    u32 prev_tid = 0, next_tid = 0;
+    bpf_probe_read_kernel(&prev_tid, 4, (u8 *)prev + TASK_PID);
+    bpf_probe_read_kernel(&next_tid, 4, (u8 *)next + TASK_PID);
+    struct thist *h = threads.lookup(&prev_tid);
+    struct thist *n = threads.lookup(&next_tid);
+    u32 zero = 0;
+    struct oncpu *c = oncpu.lookup(&zero);
+    if (c) {
+        c->tid = n ? next_tid : 0;
+        c->depth = 0;
+        c->irq_counts = n && !(n->flags & XF_KSOFTIRQD);  // ksoftirqd's softirqs: its work
+    }
+    u64 now = 0;
+    if (h) {
+        now = bpf_ktime_get_ns();
+        u32 cpu = bpf_get_smp_processor_id();
+        // the thread switched out is prev (not next): preempted, it stays runnable
+        u32 kind = CAUSE_RUN_QUEUE;
+        if (!ctx->args[0]) {
+#if SWITCH_STATE_ARG
+            u32 state = ctx->args[3];
+#else
+            u32 state = 0;
+            bpf_probe_read_kernel(&state, sizeof(state), (u8 *)prev + TASK_STATE);
+#endif
+            if (state & TASK_STOPPED_BITS)
+                kind = CAUSE_STOPPED;
+            else if (state)
+                kind = CAUSE_ASLEEP;
+        }
+        if (kind == CAUSE_RUN_QUEUE)
+            h->wait_cpu = cpu;
+        thread_event(h, now, kind);
+    }
+    if (n) {
+        if (!now)
+            now = bpf_ktime_get_ns();
+        if (last_kind(n) == CAUSE_RUN_QUEUE) {  // it waited: prev had the CPU last
+            n->behind = prev_tid;
+            bpf_probe_read_kernel(n->behind_comm, sizeof(n->behind_comm),
+                                  (u8 *)prev + TASK_COMM);
+        }
+        thread_event(n, now, CAUSE_RUNNING);
+    }
+    return 0;
+}
+
+static __always_inline int on_wakeup(void *task)
+{
+    u32 tid = 0;
+    bpf_probe_read_kernel(&tid, 4, (u8 *)task + TASK_PID);
+    struct thist *h = threads.lookup(&tid);
+    if (!h)
+        return 0;
+    u32 kind = last_kind(h);
+    if (kind != CAUSE_ASLEEP && kind != CAUSE_STOPPED)
+        return 0;       // woken before it was off its CPU: it never stopped running
+    u32 cpu = 0;        // the CPU it is queued on
+    bpf_probe_read_kernel(&cpu, sizeof(cpu), (u8 *)task + TASK_CPU);
+    h->wait_cpu = cpu;
+    thread_event(h, bpf_ktime_get_ns(), CAUSE_RUN_QUEUE);
+    return 0;
+}
+
+int rtp_sched_wakeup(struct bpf_raw_tracepoint_args *ctx)
+{
+    return on_wakeup((void *)ctx->args[0]);
+}
+
+int rtp_sched_wakeup_new(struct bpf_raw_tracepoint_args *ctx)
+{
+    return on_wakeup((void *)ctx->args[0]);
+}
+
+// Interrupts cutting into a followed thread's running (outermost entry to exit)
+static __always_inline int irq_entered(void)
+{
+    u32 zero = 0;
+    struct oncpu *c = oncpu.lookup(&zero);
+    if (c && c->irq_counts && c->depth++ == 0)
+        c->since = bpf_ktime_get_ns();
+    return 0;
+}
+
+static __always_inline int irq_left(void)
+{
+    u32 zero = 0;
+    struct oncpu *c = oncpu.lookup(&zero);
+    if (!c || !c->irq_counts || !c->depth || --c->depth)
+        return 0;
+    u32 tid = c->tid;
+    struct thist *h = threads.lookup(&tid);
+    if (h)
+        h->irq += bpf_ktime_get_ns() - c->since;
+    return 0;
+}
+
+int rtp_softirq_entry(struct bpf_raw_tracepoint_args *ctx) { return irq_entered(); }
+int rtp_softirq_exit(struct bpf_raw_tracepoint_args *ctx) { return irq_left(); }
+int rtp_irq_handler_entry(struct bpf_raw_tracepoint_args *ctx) { return irq_entered(); }
+int rtp_irq_handler_exit(struct bpf_raw_tracepoint_args *ctx) { return irq_left(); }
+#endif
 
 /*WRAPPERS*/
 """
@@ -3388,7 +3846,7 @@ ProgramOptions = namedtuple("ProgramOptions", [
     "histogram", "per_vm", "vm_table_size", "hist_sums", "sample", "emit_drops",
     "threshold_ns", "protocol", "src_ip", "dst_ip", "src_port", "dst_port", "vni",
     "max_inflight", "tunnels", "tunnel_ports", "ringbuf", "probe_read_kernel",
-    "netns_inum", "directions", "macvtaps"])
+    "netns_inum", "directions", "macvtaps", "explain_ns"])
 
 
 def program_options(args, features, devices):
@@ -3408,7 +3866,9 @@ def program_options(args, features, devices):
         tunnel_ports=tunnel_ports(devices), ringbuf=features.ringbuf,
         probe_read_kernel=features.probe_read_kernel, netns_inum=host_netns_inum(),
         directions=wanted_directions(args.direction),
-        macvtaps=args.dry_run or any(is_macvtap(d) for d in devices))
+        macvtaps=args.dry_run or any(is_macvtap(d) for d in devices),
+        # --explain US: the last segments at least this long (0: off)
+        explain_ns=int(round(args.explain * 1000)) if args.explain is not None else 0)
 
 
 def tunnel_defines(opts):
@@ -3485,7 +3945,13 @@ def generate_program(opts, plan, layout):
         ("ON_TAP(p)", "(%s)" % " | ".join("(p)->ts[%d]" % s.sid for s in STAGES
                                           if "rx" in s.directions and
                                           s.role in ("vm", "mvtap"))),
+        ("EXPLAIN", int(bool(opts.explain_ns))), ("EXPLAIN_MIN_NS", "%dULL" % opts.explain_ns),
     ] + sorted(layout.offsets.items())
+    if opts.explain_ns:
+        if not layout.sched:
+            raise Fatal("--explain needs the running kernel's BTF (the scheduler's task "
+                        "fields): this kernel has none (%s)" % layout.source)
+        defines += sorted(layout.sched.items())
     if not opts.probe_read_kernel:
         defines.append(("bpf_probe_read_kernel", "bpf_probe_read"))
     config = "\n".join("#define %s %s" % (k, _c_value(v)) for k, v in defines)
@@ -3504,6 +3970,9 @@ def generate_program(opts, plan, layout):
     wrappers = "\n\n".join(_wrapper(a, plan.upcalls) for a in plan.attachments)
     return (C_PROGRAM.replace("/*CONFIG*/", config)
             .replace("/*RECORD*/", record_c_struct())
+            .replace("/*EXPLAIN_TYPES*/", record_c_struct("explain", EXPLAIN_FIELDS) +
+                     EXPLAIN_TYPES_C)
+            .replace("/*EXPLAIN*/", EXPLAIN_C.replace("/*EXPLAIN_WALK*/", EXPLAIN_WALK_C))
             .replace("/*HIST_ADD*/", HIST_ADD_C)
             .replace("/*SEGMENTS*/", _hist_c(plan.path))
             .replace("/*READERS*/", generate_readers(layout))
@@ -3568,7 +4037,7 @@ def release_compiler_memory():
 class Tracer(object):
     """The loaded program and what is attached; detach() undoes everything."""
 
-    def __init__(self, bcc, text, plan, verbose, type_ids=None):
+    def __init__(self, bcc, text, plan, verbose, type_ids=None, explain=()):
         # -Wno-macro-redefined: BCC 0.18 with 5.10's headers warns about its own
         # __HAVE_BUILTIN_BSWAP*__ definitions on every start (harmless, and noisy)
         self.bpf = bcc.BPF(text=text, cflags=["-Wno-macro-redefined"])
@@ -3580,6 +4049,7 @@ class Tracer(object):
         self.verbose = verbose
         self.type_ids = type_ids or {}     # tracepoint: btf_trace_<name> type id
         self.typed_fds = {}                # fn_name: fd of a tp_btf program the tool loaded
+        self.explain = explain             # --explain: the scheduler's tracepoints it uses
 
     def load_typed(self, att):
         """A tp_btf program: BCC compiled it (map fds in place), the tool loads it."""
@@ -3611,7 +4081,7 @@ class Tracer(object):
                 self.bpf.load_func(att.fn_name, BPF.KPROBE if att.method == "kprobe"
                                    else BPF.RAW_TRACEPOINT)
             count += 1
-        for _cat, tp, _what in FREE_TRACEPOINTS:
+        for _cat, tp, _what in FREE_TRACEPOINTS + list(self.explain):
             self.bpf.load_func("rtp_" + tp, BPF.RAW_TRACEPOINT)
             count += 1
         return count
@@ -3640,7 +4110,7 @@ class Tracer(object):
             if self.verbose:
                 log("attached %s %s -> %s" % (att.method, att.probe,
                                               ", ".join(p.stage.name for p in att.stages)))
-        for cat, tp, what in FREE_TRACEPOINTS:
+        for cat, tp, what in FREE_TRACEPOINTS + list(self.explain):
             self.bpf.attach_raw_tracepoint(tp=tp, fn_name="rtp_" + tp)
             self.attached.append(("raw_tracepoint", tp))
             if self.verbose:
@@ -3772,6 +4242,13 @@ class KernelCounters(object):
             self.hist_reader = U64ArrayReader(self.bpf["hist"], size)
         return self.hist_reader.read()
 
+    def explain_sums(self):
+        """--explain in histogram mode: the cumulative ns of the explained segments,
+        EXPLAIN_SLOTS of them (ExplainDiff says which is which)."""
+        if getattr(self, "explain_reader", None) is None:
+            self.explain_reader = U64ArrayReader(self.bpf["explain_sums"], EXPLAIN_SLOTS)
+        return self.explain_reader.read()
+
     def vm_hist(self):
         """--per-vm: {(tap ifindex, slot): cumulative count}."""
         return dict(((k.vm_ifindex, k.peer_ifindex, k.slot), v.value)
@@ -3840,7 +4317,8 @@ class RingReader(object):
     BUSY, DISCARD = 1 << 31, 1 << 30
     RELEASE_EVERY = 256     # records read between two releases of their space
 
-    def __init__(self, ring, consumed, size, deliver, fast=None, done=None, epoll=None):
+    def __init__(self, ring, consumed, size, deliver, fast=None, done=None, epoll=None,
+                 record_size=None):
         # ring: the producer's page and the data pages, twice; consumed: a ctypes
         # c_uint64 on the consumer position
         self.ring, self.consumed, self.epoll = ring, consumed, epoll
@@ -3849,9 +4327,14 @@ class RingReader(object):
         # same, False if it needs deliver(); done(): after each RELEASE_EVERY records
         self.deliver, self.fast = deliver, fast or (lambda _t: False)
         self.done = done or (lambda: None)
+        # events longer than the record (--explain's): a run of them read by their
+        # headers only, each delivered whole
+        self.record_size = record_size or PKT.size
+        self.events = EVENT_TIMES if self.record_size == PKT.size else struct.Struct(
+            "<I4x%ds" % ((self.record_size + 7) & ~7))
 
     @classmethod
-    def of_map(cls, map_fd, size, *callbacks):
+    def of_map(cls, map_fd, size, *callbacks, **kw):
         page = mmap.PAGESIZE
         consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
@@ -3862,7 +4345,7 @@ class RingReader(object):
         # the consumer position is written with one aligned 8-byte store (the kernel
         # reads it while we write; struct's "<Q" would store it byte by byte)
         return cls(ring, ctypes.c_uint64.from_buffer(consumer), size, *callbacks,
-                   epoll=epoll)
+                   epoll=epoll, **kw)
 
     def poll(self, ms):
         self.epoll.poll(ms / 1000.0)
@@ -3877,7 +4360,7 @@ class RingReader(object):
         u64, u32 = struct.Struct("Q").unpack_from, struct.Struct("I").unpack_from  # native
         ring, page, mask, deliver, fast = self.ring, self.page, self.mask, self.deliver, \
             self.fast
-        size, stride, events = PKT.size, EVENT_TIMES.size, EVENT_TIMES.iter_unpack
+        size, stride, events = self.record_size, self.events.size, self.events.iter_unpack
         pos = self.consumed.value
         end = u64(ring, 0)[0]
         while pos < end:
@@ -3920,7 +4403,8 @@ def open_events(tracer, this):
     if type(table).__name__ == "RingBuf" and os.uname()[4] in ORDERED_LOADS:
         # recording: every event is recorded whole, by on_record()
         ring = RingReader.of_map(table.map_fd, C.RINGBUF_PAGES * mmap.PAGESIZE, this.on_record,
-                                 None if this.recorder else this.on_times, this.write_pending)
+                                 None if this.recorder or this.explain else this.on_times,
+                                 this.write_pending, record_size=this.event_size)
         return EventSource(ring.poll, ring.drain)
     if type(table).__name__ == "RingBuf":
         table.open_ring_buffer(lambda _ctx, data, size: this.on_event(data, size))
@@ -4004,9 +4488,9 @@ def json_us(ns):
     return ("%d.%03d" % (us, frac)).rstrip("0")
 
 
-def packet_record(fields, book, wall_offset):
+def packet_record(fields, book, wall_offset, why=None):
     """A decoded packet (or drop) event, as the dict the JSON output prints (book: the
-    NameBook of devices, VMs and processes).
+    NameBook of devices, VMs and processes; why: --explain's tail of the event).
 
     Runs once per event in detailed mode: keep it plain."""
     direction = DIRECTIONS[fields[F.dir]]
@@ -4051,9 +4535,56 @@ def packet_record(fields, book, wall_offset):
         "segments": segments,
         "total_us": round((end_ns - seen[0][1]) / 1000.0, 3) if seen else 0.0,
     }
+    if why is not None:
+        rec["explain"] = explain_record(why, fields, book)
     if rec["type"] == "drop":
         rec["last_stage"] = STAGE_NAMES[fields[F.last]]
     return rec
+
+
+# how text output names --explain's causes ("queue": a qdisc's hold, see explain_record)
+EXPLAIN_WORDS = {"asleep": "asleep", "stopped": "stopped", "run_queue": "run-queue",
+                 "running": "running", "irq": "interrupts", "unknown": "unknown",
+                 "queue": "queue"}
+# segments that end where a queue hands the packet on: the time nobody was scheduled
+# for (the dequeuing thread asleep, or a softirq, which is never followed) is the queue's
+QUEUE_SEGMENTS = set("%s->%s" % pair for pair in (
+    ("phy_queue", "phy_xmit"), ("tap_queue", "tap_xmit"), ("mvt_queue", "mvt_xmit")))
+
+
+def explain_causes(segment, ns):
+    """{cause: ns} of an explained segment's time ([ns] by Cause), as reports name the
+    causes: in a queue segment, the time nobody was scheduled for is "queue"."""
+    out = dict(zip(EXPLAIN_CAUSES, ns))
+    out["queue"] = 0
+    if segment in QUEUE_SEGMENTS:
+        out["queue"] = out["asleep"] + out["unknown"]
+        out["asleep"] = out["unknown"] = 0
+    return out
+
+
+def explain_record(why, fields, book):
+    """--explain's part of a record: the last segment's time by cause (us), the thread
+    that ended it, and what it waited behind; None when the segment was not explained
+    (shorter than --explain's threshold)."""
+    if not (why[X.x_flags] or why[X.x_tid]):
+        return None
+    tid = why[X.x_tid]
+    followed = bool(why[X.x_flags] & XF.FOLLOWED)
+    segment = "%s->%s" % (STAGE_NAMES[why[X.x_from]], STAGE_NAMES[fields[F.last]])
+    us = dict((c, round(ns / 1000.0, 3)) for c, ns in explain_causes(
+        segment, why[X.x_ns:X.x_ns + C.NCAUSES]).items())
+    run_queue = why[X.x_ns + Cause.RUN_QUEUE]
+    behind = None
+    if run_queue and why[X.x_behind]:
+        behind = {"pid": why[X.x_behind],
+                  "comm": why[X.x_behind_comm].split(b"\0", 1)[0].decode("utf-8", "replace")}
+    in_irq = bool(why[X.x_flags] & XF.IN_IRQ)
+    return {"segment": segment, "in_irq": in_irq,
+            "tid": None if in_irq else tid,
+            "thread": book.thread_name(tid, tid) if tid and not in_irq else None,
+            "followed": followed, "partial": bool(why[X.x_flags] & XF.PARTIAL),
+            "cpu": why[X.x_cpu] if run_queue else None, "behind": behind, "us": us}
 
 
 MARK = "\x01"      # where a time goes in an output template
@@ -4319,9 +4850,60 @@ class Reporter(object):
                           for s in rec["segments"])
         who = " | PID: %d (%s)" % (rec["pid"], shown_name(rec["comm"])) \
             if rec["pid"] else ""
-        return "[%s] %s %s%s %s %s\n  %s\n  Total Latency: %s%s\n" % (
+        why = rec.get("explain")
+        return "[%s] %s %s%s %s %s\n  %s\n  Total Latency: %s%s\n%s" % (
             when, proto, what, vlan, rec["direction"].upper(), path, segs or "-",
-            fmt_us(rec["total_us"]), who)
+            fmt_us(rec["total_us"]), who, ("  why: %s\n" % self.why_text(why)) if why else "")
+
+    def why_text(self, why):
+        """--explain's line: the segment = its causes, largest first."""
+        causes = [(us, c) for c, us in why["us"].items() if us > 0]
+        causes.sort(reverse=True)
+        parts = []
+        for us, cause in causes:
+            text = "%s %s" % (EXPLAIN_WORDS[cause], self.fmt_us(us))
+            if cause == "run_queue":
+                text += " on CPU %d" % why["cpu"] if why["cpu"] is not None else ""
+                if why["behind"]:
+                    text += " behind %s[%d]" % (shown_name(why["behind"]["comm"]),
+                                               why["behind"]["pid"])
+            elif cause == "unknown" and why["in_irq"]:
+                text += " (it ended in an interrupt or softirq)"
+            elif cause == "unknown" and not why["followed"]:
+                text += " (%s[%d] is not followed)" % (shown_name(why["thread"] or "?"),
+                                                       why["tid"])
+            elif cause == "unknown":
+                text += " (before the oldest of its events kept)"
+            parts.append(text)
+        total = sum(us for us, _c in causes)
+        return "%s %s = %s" % (why["segment"], self.fmt_us(total), " + ".join(parts) or "-")
+
+    def explanations(self, when, added):
+        """--explain in histogram mode: each explained segment's time this interval, by
+        cause ({(direction, segment): [ns by Cause]})."""
+        rows = []
+        for (direction, segment), ns in sorted(added.items()):
+            causes = explain_causes(segment, ns)
+            total = sum(causes.values())
+            if total:
+                rows.append((direction, segment, causes, total))
+        if self.json:
+            for direction, segment, causes, total in rows:
+                self.emit_json({"type": "explain", "timestamp": round(when, 3),
+                                "direction": direction, "segment": segment,
+                                "us": dict((c, round(v / 1000.0, 3)) for c, v in
+                                           sorted(causes.items()))})
+            return
+        if not rows:
+            return
+        lines = ["[%s] Why (the explained segments' time, by what the thread that ended "
+                 "them did):" % time.strftime("%H:%M:%S", time.localtime(when))]
+        for direction, segment, causes, total in rows:
+            parts = ["%s %.0f%%" % (EXPLAIN_WORDS[c], 100.0 * v / total)
+                     for c, v in sorted(causes.items(), key=lambda cv: -cv[1]) if v]
+            lines.append("  %s %s %s: %s" % (direction.upper(), segment,
+                                             self.fmt_us(total / 1000.0), " | ".join(parts)))
+        self.write("\n".join(lines) + "\n\n")
 
     def histograms(self, when, tables, vm=None):
         """tables: [(direction, segment, {bucket: count})], segment 'total' last.
@@ -4495,11 +5077,14 @@ def final_counters(counters, now, perf_lost):
 
 # What the accounting and reporting of a run need of its options: from the command
 # line while tracing, from the recording's meta when replaying.
-RunSettings = namedtuple("RunSettings", "mode per_vm sample quiet drops")
+# explain: --explain's threshold in us (events carry an explanation), None when off
+RunSettings = namedtuple("RunSettings", "mode per_vm sample quiet drops explain")
+RunSettings.__new__.__defaults__ = (None,)
 
 
 def run_settings(args):
-    return RunSettings(args.mode, args.per_vm, args.sample, args.quiet, args.drops)
+    return RunSettings(args.mode, args.per_vm, args.sample, args.quiet, args.drops,
+                       args.explain)
 
 
 class NameBook(object):
@@ -4600,6 +5185,30 @@ class HistogramDiff(object):
         return tables
 
 
+EXPLAIN_SLOTS = C.NDIRS * NSTAGES * NSTAGES * C.NCAUSES
+
+
+class ExplainDiff(object):
+    """--explain in histogram mode: what each read of the kernel's explain_sums added,
+    as {(direction, "from->to"): [ns in each cause]} (slot: ((direction * NSTAGES +
+    from) * NSTAGES + to) * NCAUSES + cause)."""
+
+    def __init__(self):
+        self.prev = array.array("Q", bytes(8 * EXPLAIN_SLOTS))
+
+    def added(self, counts):
+        out, prev = {}, self.prev
+        for idx, ns in enumerate(counts):
+            if ns != prev[idx]:
+                rest, cause = divmod(idx, C.NCAUSES)
+                rest, to = divmod(rest, NSTAGES)
+                direction, frm = divmod(rest, NSTAGES)
+                key = (DIRECTIONS[direction], "%s->%s" % (STAGE_NAMES[frm], STAGE_NAMES[to]))
+                out.setdefault(key, [0] * C.NCAUSES)[cause] += (ns - prev[idx]) & COUNT_MASK
+                prev[idx] = ns
+        return out
+
+
 class VmHistogramDiff(object):
     """The same for the per-VM table, {(tap, peer, slot): count} (tap: the VM's device;
     VM-to-VM: the sender's, peer the receiver's, else 0): what each (tap, peer) added
@@ -4658,6 +5267,10 @@ class Run(object):
         self.output_broken = False
         self.formatter = PacketFormatter(reporter, wall_offset)
         self.pending = []               # outputs of on_times(), written by write_pending()
+        # an event: the record, and with --explain what explains its last segment
+        self.explain = settings.explain is not None
+        self.event_size = PKT.size + (EXPL.size if self.explain else 0)
+        self.explain_sums = ExplainDiff()
 
     def reason_name(self, code):
         if not self.kfree_skb_reason:
@@ -4678,7 +5291,8 @@ class Run(object):
     # -- what happens during a run --
     def on_event(self, data, size=None):
         """One event from BCC's readers (a ctypes pointer) or a recording (bytes)."""
-        self.on_record(data if isinstance(data, bytes) else ctypes.string_at(data, PKT.size))
+        self.on_record(data if isinstance(data, bytes) else
+                       ctypes.string_at(data, self.event_size))
 
     def on_record(self, buf, off=0):
         """One event, read where it lies: in the ring buffer's pages (RingReader), or
@@ -4687,23 +5301,25 @@ class Run(object):
         if self.output_broken:
             return
         fields = PKT.unpack_from(buf, off)
+        why = EXPL.unpack_from(buf, off + PKT.size) if self.explain else None
 
         def record():
-            return packet_record(fields, self.book, self.wall_offset)
+            return packet_record(fields, self.book, self.wall_offset, why)
         text = None
         if fields[F.type] == Ev.PACKET:
             self.reported[DIRECTIONS[fields[F.dir]]] += 1
             vm_if = fields[F.vm_ifindex]
             self.per_vm_reported[vm_if] = self.per_vm_reported.get(vm_if, 0) + 1
-            text = self.formatter.packet(fields, bytes(buf[off + KIND_AT:off + PKT.size]),
-                                         record)
+            if not (why and why[X.x_flags] | why[X.x_tid]):  # explained: its own output
+                text = self.formatter.packet(fields, bytes(buf[off + KIND_AT:off + PKT.size]),
+                                             record)
         if text is None:        # a drop, or a packet whose output is not templated
             rec = record()
             if rec["type"] == "drop":
                 rec["reason"] = self.reason_name(fields[F.reason])
                 rec["location"] = self.book.location(fields[F.location])
         if self.recorder:       # after the names it needed: a replay meets them first
-            self.recorder.event(bytes(buf[off:off + PKT.size]))
+            self.recorder.event(bytes(buf[off:off + self.event_size]))
         self.write_pending()
         try:
             if text is None:
@@ -4811,6 +5427,19 @@ class Run(object):
         if not per_vm and not last:
             self.reporter.histograms(when, [])
 
+    def explanations(self, when, counts, last=False):
+        """--explain in histogram mode: the kernel's cumulative ns of the explained
+        segments at `when`; what this interval added, {(direction, segment): [ns by
+        cause]}."""
+        if self.recorder:
+            self.recorder.write({"kind": "explain", "when": when, "last": last, "counts": dict(
+                (str(i), c) for i, c in enumerate(counts) if c)})
+        return self.explain_sums.added(counts)
+
+    def report_explanations(self, when, added, last):
+        if added and not self.settings.quiet:
+            self.reporter.explanations(when, added)
+
     def forget_taps(self, taps):
         """The per-VM counts of these taps were taken out of the kernel's table."""
         if self.recorder:
@@ -4894,8 +5523,8 @@ class Run(object):
 # that is neither, counts that go backwards) are refused, never printed.
 
 # 2: names before the events, host, "final" in summary; 3: VM-to-VM (a third direction,
-# per-VM counts by sender and receiver)
-RECORDING_FORMAT = 3
+# per-VM counts by sender and receiver); 4: the record's prev stage, --explain's tail
+RECORDING_FORMAT = 4
 
 
 def create_private_file(path, option):
@@ -5045,6 +5674,7 @@ def recording_meta(settings, opts, plan, layout, wall_offset):
             "segments": [list(x) for x in plan.segments], "mode": settings.mode,
             "protocol": opts.protocol, "drops": settings.drops, "per_vm": settings.per_vm,
             "sample": settings.sample, "per_vm_kernel": opts.per_vm,
+            "explain": settings.explain, "explain_record": EXPL.format,
             "kfree_skb_reason": layout.kfree_skb_reason,
             "drop_reasons": dict((str(k), v) for k, v in layout.drop_reasons.items()),
             "wall_offset": wall_offset}
@@ -5121,10 +5751,26 @@ def _int_key(text, lo, hi, what):
     return _int(int(text), lo, hi, what)
 
 
-def _hex_record(v, what):
-    _text(v, what, 2 * PKT.size)
-    _want(len(v) == 2 * PKT.size, "%s has %d bytes, a record has %d", what, len(v) // 2,
-          PKT.size)
+def check_explain_fields(why, fields):
+    """An event's explanation: a stage it passed, flags it can have, times within the
+    packet's own; nothing explained is all zeros."""
+    if not (why[X.x_flags] or why[X.x_tid]):
+        _want(not any(why[X.x_ns:X.x_ns + C.NCAUSES]) and not why[X.x_behind],
+              "an explanation of nothing has times")
+        return
+    _want(why[X.x_from] < NSTAGES and fields[why[X.x_from]],
+          "explained from stage %d, which the packet did not pass", why[X.x_from])
+    _want(not why[X.x_flags] & ~(XF.FOLLOWED | XF.PARTIAL | XF.IN_IRQ),
+          "explanation flags %d", why[X.x_flags])
+    total = sum(why[X.x_ns:X.x_ns + C.NCAUSES])
+    _want(total <= fields[fields[F.last]] - fields[why[X.x_from]] + 1,
+          "an explanation longer than its segment")
+
+
+def _hex_record(v, what, size=None):
+    size = size or PKT.size
+    _text(v, what, 2 * size)
+    _want(len(v) == 2 * size, "%s has %d bytes, a record has %d", what, len(v) // 2, size)
     try:
         raw = binascii.unhexlify(v)
     except (binascii.Error, TypeError, ValueError):
@@ -5274,14 +5920,30 @@ class RecordingReader(object):
         }
         _want(meta["mode"] in ("detailed", "histogram"), "mode %s", _shown(meta["mode"]))
         _want(meta["protocol"] in PROTOCOL_CHOICES, "protocol %s", _shown(meta["protocol"]))
+        explain = _key(obj, "explain", "meta")
+        meta["explain"] = None if explain is None else \
+            _number(explain, 0, LATENCY_THRESHOLD_MAX_US, "explain")
+        _want(explain is None or obj.get("explain_record") == EXPL.format,
+              "recorded by version %s, whose explanations differ from this version's",
+              version)
+        self.event_size = PKT.size + (EXPL.size if explain is not None else 0)
         self.hist_slots = hist_slots(segments)
         self.vm_slots = max(1, len(segments)) * C.VM_HIST_ROW
         return meta
 
     def check_event(self, obj):
-        raw = _hex_record(_key(obj, "raw", "an event"), "the event")
-        check_packet_fields(PKT.unpack(raw), "the event")
+        raw = _hex_record(_key(obj, "raw", "an event"), "the event", self.event_size)
+        fields = PKT.unpack_from(raw)
+        check_packet_fields(fields, "the event")
+        if self.event_size > PKT.size:
+            check_explain_fields(EXPL.unpack_from(raw, PKT.size), fields)
         return raw
+
+    def check_explain(self, obj):
+        when, last, counts = self._counts(obj)
+        return when, last, dict(
+            (_int_key(k, 0, EXPLAIN_SLOTS - 1, "an explanation's index"),
+             _int(v, 0, COUNT_MAX, "ns")) for k, v in counts.items())
 
     def check_names(self, obj):
         names = dict((_int_key(k, 0, 0xffffffff, "an ifindex"), _text(v, "a device name"))
@@ -5369,7 +6031,7 @@ class RecordingReader(object):
     CHECKS = {"event": check_event, "names": check_names, "vms": check_vms,
               "comm": check_name, "thread": check_name, "location": check_name,
               "hist": check_hist, "vmhist": check_vmhist, "prune": check_prune,
-              "final": check_final, "truncated": check_truncated}
+              "explain": check_explain, "final": check_final, "truncated": check_truncated}
 
 
 # --- metrics for Prometheus (--prometheus, --prometheus-textfile) ---
@@ -5516,6 +6178,7 @@ class Metrics(object):
         self.body = b""         # and its exposition
         self.retired = {}       # {(vm label, slot): count} of taps forgotten, their VM alive
         self.server = None
+        self.explain_counts = None      # --explain: the kernel's explain_sums
 
     def serve(self, addr, port, tls=None):
         """Bind now, before any BPF is compiled: a port in use is bad input."""
@@ -5536,6 +6199,7 @@ class Metrics(object):
         families += list(self.histograms(counts))
         families += list(self.packet_counters(stats, fates))
         families += list(self.table_usage(len(counts), table_size, stats))
+        families += list(self.explained())
         families += list(self.own_cost())
         self.families = families
         self.body = self.prom.generate_latest(self.registry)
@@ -5659,6 +6323,22 @@ class Metrics(object):
                                       DIRECTIONS[direction]], count)
             yield drops
 
+    def explained(self):
+        """--explain: the explained last segments' time by what the thread ending them
+        did (a queue segment's idle time: the queue's)."""
+        if self.explain_counts is None:
+            return
+        fam = self.core.CounterMetricFamily(
+            "vm_network_latency_explained_seconds", "Time of the explained last segments "
+            "(--explain), by cause", labels=["direction", "segment", "cause"])
+        rows = {}
+        for (direction, segment), ns in ExplainDiff().added(self.explain_counts).items():
+            for cause, value in explain_causes(segment, ns).items():
+                rows[(direction, segment, cause)] = value / 1e9
+        for key in sorted(rows):
+            fam.add_metric(list(key), rows[key])
+        yield fam
+
     def own_cost(self):
         """BPF run time and runs per program, when kernel.bpf_stats_enabled is on."""
         try:
@@ -5762,6 +6442,7 @@ class LiveTrace(object):
         self.events = None              # EventSource, in detailed mode or with --drops
         self.stop_reason = None         # the signal that stopped it, or None
         self.gone_since = {}            # {tap ifindex: since when (monotonic) it is gone}
+        self.followed = None            # --explain: FollowedThreads
 
     def trace(self):
         """Attach, report until a stop, detach, account for every packet."""
@@ -5794,6 +6475,12 @@ class LiveTrace(object):
     def attach_and_report(self):
         args, run = self.args, self.run
         set_device_roles(self.tracer.bpf, {}, self.devices.roles)
+        if self.tracer.explain:
+            self.followed = FollowedThreads(self.tracer.bpf["threads"])
+            self.followed.update(self.devices.owners, force=True)
+            if args.verbose:
+                log("--explain: following %d threads (the VMs' own, vhost workers, "
+                    "ksoftirqd)" % len(self.followed.tids))
         if args.mode == "detailed" or args.drops:
             self.events = open_events(self.tracer, run)
         try:
@@ -5842,13 +6529,21 @@ class LiveTrace(object):
             self.run.set_names(self.devices.names, self.devices.uplinks)
             if self.args.verbose:
                 log("devices now: %s" % self.devices.describe())
+            changed = True
+        else:
+            changed = False
         self.run.set_vms(self.devices.owners)
+        if self.followed:
+            self.followed.update(self.devices.owners, force=changed)
 
     def report_interval(self, last=False):
         """One interval's histograms (all of them, or one set per VM with --per-vm); the
         last read, after detaching, is reported only where it added anything. The
         metrics are rendered from the same read."""
         run, when = self.run, time.time()
+        sums = run.counters.explain_sums() if run.explain else None
+        if self.metrics and sums is not None:
+            self.metrics.explain_counts = sums     # in the snapshot below
         if keeps_per_vm_counts(self.args):
             counts = run.counters.vm_hist()
             run.report_vm_histograms(when, run.vm_histograms(when, counts, last), last)
@@ -5858,6 +6553,8 @@ class LiveTrace(object):
         else:
             run.report_histograms(when, run.histograms(when, run.counters.hist(
                 hist_slots(run.segments)), last), last)
+        if sums is not None:
+            run.report_explanations(when, run.explanations(when, sums, last), last)
 
     def forget_gone_taps(self, counts):
         """The per-VM counts of taps gone for --forget-after seconds leave the kernel's
@@ -5913,7 +6610,7 @@ def replay(path, output):
     reader = RecordingReader(path)
     meta = reader.meta
     settings = RunSettings(meta["mode"], meta["per_vm"], meta["sample"], False,
-                           meta["drops"])
+                           meta["drops"], meta["explain"])
     run = Run(settings, Reporter(output, meta["protocol"], sample=meta["sample"]),
               meta["segments"], meta["kfree_skb_reason"], meta["drop_reasons"],
               meta["wall_offset"], NameBook(live=False))
@@ -5951,6 +6648,12 @@ def replay(path, output):
             run.report_vm_histograms(when, run.vm_histograms(when, counts), last)
         elif kind == "prune":
             run.forget_taps(value)
+        elif kind == "explain":
+            when, last, counts = value
+            full = [0] * EXPLAIN_SLOTS
+            for idx, ns in counts.items():
+                full[idx] = ns
+            run.report_explanations(when, run.explanations(when, full, last), last)
         elif kind == "final":
             if truncated:
                 reader.fail("final counters in a recording that was cut short")
@@ -6021,7 +6724,8 @@ def run_command(args):
     announce(args.verbose, args.vni, layout, plan, view, devices, features)
     clear_stale_kprobe_events(args.verbose)
     try:
-        tracer = Tracer(bcc, text, plan, args.verbose, layout.tracepoints)
+        tracer = Tracer(bcc, text, plan, args.verbose, layout.tracepoints,
+                        explain_tracepoints() if opts.explain_ns else ())
     except Exception as e:
         raise Fatal("the BPF program failed to compile: %s" % str(e).strip().splitlines()[-1])
     if args.dry_run:

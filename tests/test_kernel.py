@@ -292,6 +292,125 @@ def test_percentiles_within_ten_percent_of_exact(tool, kernel_buckets, seed):
         assert abs(est - exact) <= 0.10 * exact, (f, est, exact)
 
 
+# ---------------------------------------------------------------------------
+# --explain: the C that splits a segment by a thread's scheduling events, in the kernel
+# ---------------------------------------------------------------------------
+
+class KernelExplainWalk(object):
+    """The tool's own explain_walk() (EXPLAIN_WALK_C), run in this kernel with
+    BPF_PROG_TEST_RUN on a thread history written here: (tid, a, b) in, the explanation
+    out of a map."""
+    TID = 4242
+
+    def __init__(self, tool):
+        import bcc
+        self.tool = tool
+        defines = "\n".join("#define %s %s" % (k, v) for k, v in tool.shared_defines())
+        text = "%s\n%s\n%s\n%s\n" % (
+            defines, tool.record_c_struct("explain", tool.EXPLAIN_FIELDS),
+            tool.EXPLAIN_TYPES_C, tool.EXPLAIN_WALK_C) + """
+BPF_HASH(threads, u32, struct thist, 4);
+BPF_ARRAY(out, struct explain, 1);
+int test_walk(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 tid = ctx->args[0], zero = 0;
+    struct thist *h = threads.lookup(&tid);
+    struct explain *x = out.lookup(&zero);
+    if (!h || !x)
+        return 0;
+    __builtin_memset(x, 0, sizeof(*x));
+    explain_walk(h, ctx->args[1], ctx->args[2], x);
+    return 0;
+}
+"""
+        self.bpf = bcc.BPF(text=text.encode())
+        self.fd = self.bpf.load_func(b"test_walk", bcc.BPF.RAW_TRACEPOINT).fd
+        self.threads, self.out = self.bpf[b"threads"], self.bpf[b"out"]
+
+    def walk(self, events, a, b, irq=0, wait_cpu=0):
+        """events: [(ts, cause name, the thread's interrupt ns so far)], oldest first,
+        as the scheduler's handlers append them (the ring keeps the last EXPLAIN_RING);
+        irq: its interrupt ns now. Returns ({cause: ns}, flags, cpu)."""
+        Cause, ring = self.tool.Cause, self.tool.C.EXPLAIN_RING
+        leaf = self.threads.Leaf()
+        leaf.head = len(events)
+        leaf.irq = irq
+        leaf.wait_cpu = wait_cpu
+        for i, (ts, kind, at_irq) in enumerate(events):
+            ev = leaf.ev[i % ring]
+            ev.ts, ev.irq, ev.kind = ts, at_irq, getattr(Cause, kind.upper())
+        self.threads[self.threads.Key(self.TID)] = leaf
+        ctx = ctypes.create_string_buffer(struct.pack("<QQQ", self.TID, a, b), 24)
+        attr = struct.pack("<IIIIQQIIIIQQII", self.fd, 0, 0, 0, 0, 0, 0, 0, 24, 0,
+                           ctypes.addressof(ctx), 0, 0, 0)
+        res = self.tool.bpf_call(10, attr)    # BPF_PROG_TEST_RUN
+        assert res == 0, "BPF_PROG_TEST_RUN: %s" % os.strerror(-res)
+        x = self.out[ctypes.c_uint32(0)]
+        ns = dict((c, x.x_ns[i]) for i, c in enumerate(self.tool.EXPLAIN_CAUSES) if x.x_ns[i])
+        return ns, x.x_flags, x.x_cpu
+
+
+@pytest.fixture(scope="module")
+def explain_walk(tool):
+    return KernelExplainWalk(tool)
+
+
+def test_a_wait_is_split_into_asleep_run_queue_and_running(tool, explain_walk):
+    XF = tool.XF
+    # asleep from 100, woken at 1000, on its CPU at 5000; the segment 500 .. 6000
+    ns, flags, cpu = explain_walk.walk([(100, "asleep", 0), (1000, "run_queue", 0),
+                                        (5000, "running", 0)], 500, 6000, wait_cpu=1)
+    assert ns == {"asleep": 500, "run_queue": 4000, "running": 1000}
+    assert (flags, cpu) == (XF.FOLLOWED, 1)
+    # the wake-up came before the segment started: only its part of the wait counts
+    ns, _f, _c = explain_walk.walk([(0, "asleep", 0), (100, "run_queue", 0),
+                                    (900, "running", 0)], 500, 1000)
+    assert ns == {"run_queue": 400, "running": 100}
+    # a segment inside one state
+    ns, _f, _c = explain_walk.walk([(0, "running", 0)], 500, 1000)
+    assert ns == {"running": 500}
+
+
+def test_a_stopped_thread_and_preemption_back_to_back(tool, explain_walk):
+    # running, stopped (SIGSTOP) at 100, runnable at 700 (SIGCONT), on its CPU at 800
+    ns, _f, _c = explain_walk.walk([(0, "running", 0), (100, "stopped", 0),
+                                    (700, "run_queue", 0), (800, "running", 0)], 50, 1000)
+    assert ns == {"running": 250, "stopped": 600, "run_queue": 100}
+    # preempted (runnable) at 300, back at 450: interleaved running and waiting
+    ns, _f, _c = explain_walk.walk([(0, "running", 0), (300, "run_queue", 0),
+                                    (450, "running", 0), (600, "run_queue", 0),
+                                    (650, "running", 0)], 200, 700)
+    assert ns == {"running": 100 + 150 + 50, "run_queue": 150 + 50}
+
+
+def test_interrupts_are_taken_out_of_running(tool, explain_walk):
+    # on its CPU since 200, when its interrupt time was 50; 300 now: 250 of interrupts
+    ns, _f, _c = explain_walk.walk([(0, "asleep", 0), (200, "running", 50)], 250, 1000,
+                                   irq=300)
+    assert ns == {"running": 500, "irq": 250}
+    # never more interrupt time than running time
+    ns, _f, _c = explain_walk.walk([(0, "asleep", 0), (900, "running", 0)], 100, 1000,
+                                   irq=5000)
+    assert ns == {"asleep": 800, "irq": 100}
+
+
+def test_history_that_does_not_reach_back_is_partial(tool, explain_walk):
+    XF = tool.XF
+    ns, flags, _c = explain_walk.walk([(800, "running", 0)], 500, 1000)
+    assert (ns, flags) == ({"running": 200, "unknown": 300}, XF.FOLLOWED | XF.PARTIAL)
+    # more events than the ring keeps: the oldest are gone, the segment's start with them
+    ring = tool.C.EXPLAIN_RING
+    events = [(1000 + 10 * i, "running" if i % 2 else "run_queue", 0) for i in range(ring + 8)]
+    ns, flags, _c = explain_walk.walk(events, 1000, 1000 + 10 * (ring + 8))
+    kept_from = 1000 + 10 * 8
+    assert ns["unknown"] == kept_from - 1000 and flags & XF.PARTIAL
+    assert ns["running"] + ns["run_queue"] == 10 * ring
+    # and never a negative share from events out of order (a wake-up stamped late)
+    ns, _f, _c = explain_walk.walk([(0, "asleep", 0), (600, "run_queue", 0),
+                                    (500, "running", 0)], 100, 1000)
+    assert sum(ns.values()) == 900 and all(v > 0 for v in ns.values()), ns
+
+
 def test_log2_rows_count_every_packet(tool, kernel_buckets):
     buckets = kernel_buckets.of([600, 1500, 2500, 70 * 10 ** 6])
     rows = tool.log2_rows(buckets)

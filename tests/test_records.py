@@ -335,6 +335,7 @@ def recording_meta(tool, **over):
             "stages": tool.STAGE_NAMES, "plans": {}, "segments": [], "mode": "detailed",
             "protocol": "all", "drops": False, "per_vm": False, "sample": 1,
             "kfree_skb_reason": False, "drop_reasons": {}, "wall_offset": WALL,
+            "explain": None,
             "host": {"hostname": "hv-01", "boot_id": "b", "kernel": "6.1", "machine": "x"}}
     meta.update(over)
     return meta
@@ -907,3 +908,140 @@ def test_a_record_names_the_nic_and_the_bond_and_vlan_above_it(tool):
     run.book.uplinks = {3: ["bond0.100", "bond0"]}
     run.on_event(icmp_rx(tool))
     assert out.getvalue().splitlines()[0].endswith("RX eth1 (bond0.100/bond0) -> vnet0")
+
+
+# ---------------------------------------------------------------------------
+# --explain: an event's explanation, decoded and reported
+# ---------------------------------------------------------------------------
+
+def explanation(tool, ns=None, **over):
+    """An event's --explain tail as the kernel writes it (EXPLAIN_FIELDS)."""
+    flat = list(tool.EXPL.unpack(b"\0" * tool.EXPL.size))
+    for cause, value in (ns or {}).items():
+        flat[tool.X.x_ns + tool.EXPLAIN_CAUSES.index(cause)] = value
+    for name, value in over.items():
+        flat[getattr(tool.X, name)] = value
+    return tool.EXPL.pack(*flat)
+
+
+def slow_read(tool):
+    """An RX packet whose frame waited 4.8 ms in the tap for the VM's reader."""
+    return icmp_rx(tool, ts={"phy_rx": 200000000000, "tap_queue": 200000001000,
+                             "tap_xmit": 200000002000, "vm_read": 200004802000},
+                   prev=tool.STAGE_BY_NAME["tap_xmit"].sid)
+
+
+def explain_run(tool, output, mode="detailed"):
+    out = io.StringIO()
+    settings = tool.RunSettings(mode, False, 1, False, False, 100.0)
+    run = tool.Run(settings, tool.Reporter(output, "all", out=out), tool.TracePlan([]).segments,
+                   False, {}, WALL, tool.NameBook(live=False))
+    run.book.devices.update(NAMES)
+    run.book.known["comm"][4242] = "qemu-system-x86"
+    run.book.known["thread"][4244] = "IO mon_iothread"
+    return run, out
+
+
+def test_an_explained_wait_names_the_run_queue_its_cpu_and_the_task_ahead(tool):
+    why = explanation(tool, {"run_queue": 4600000, "running": 200000}, x_tid=4244,
+                      x_behind=2231, x_behind_comm=b"stress-ng", x_cpu=1,
+                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, x_flags=tool.XF.FOLLOWED)
+    run, out = explain_run(tool, "text")
+    run.on_event(slow_read(tool) + why)
+    lines = out.getvalue().splitlines()
+    assert lines[3] == "  why: tap_xmit->vm_read 4800.00us = run-queue 4600.00us on CPU 1 " \
+                       "behind stress-ng[2231] + running 200.00us", lines
+    run, out = explain_run(tool, "json")
+    run.on_event(slow_read(tool) + why)
+    rec = json.loads(out.getvalue())
+    assert rec["explain"] == {
+        "segment": "tap_xmit->vm_read", "in_irq": False, "tid": 4244,
+        "thread": "IO mon_iothread", "followed": True, "partial": False, "cpu": 1,
+        "behind": {"pid": 2231, "comm": "stress-ng"},
+        "us": {"asleep": 0.0, "stopped": 0.0, "run_queue": 4600.0, "running": 200.0,
+               "irq": 0.0, "unknown": 0.0, "queue": 0.0}}
+    # a packet whose last segment was too short to explain: explain is null
+    run, out = explain_run(tool, "json")
+    run.on_event(icmp_rx(tool, prev=tool.STAGE_BY_NAME["tap_xmit"].sid) +
+                 explanation(tool))
+    assert json.loads(out.getvalue())["explain"] is None
+
+
+def test_a_qdisc_hold_is_the_queue_and_an_interrupt_names_no_thread(tool):
+    """phy_queue->phy_xmit dequeued by a softirq on a timer (the thread it cut into did
+    not end the segment): the time nobody was scheduled for is the queue's."""
+    tx = udp_tx(tool, ts={"tap_rx": 100000000000, "phy_queue": 100000012500,
+                          "phy_xmit": 100030012500},
+                prev=tool.STAGE_BY_NAME["phy_queue"].sid)
+    why = explanation(tool, {"unknown": 30000000}, x_tid=4243,
+                      x_from=tool.STAGE_BY_NAME["phy_queue"].sid, x_flags=tool.XF.IN_IRQ)
+    run, out = explain_run(tool, "text")
+    run.on_event(tx + why)
+    assert "  why: phy_queue->phy_xmit 30000.00us = queue 30000.00us\n" in out.getvalue()
+    run, out = explain_run(tool, "json")
+    run.on_event(tx + why)
+    x = json.loads(out.getvalue())["explain"]
+    assert (x["in_irq"], x["tid"], x["us"]["queue"], x["us"]["unknown"]) == \
+        (True, None, 30000.0, 0.0)
+
+
+def test_a_stopped_vm_and_a_thread_not_followed(tool):
+    stopped = explanation(tool, {"stopped": 4500000, "run_queue": 250000, "running": 50000},
+                          x_tid=4244, x_from=tool.STAGE_BY_NAME["tap_xmit"].sid,
+                          x_flags=tool.XF.FOLLOWED, x_cpu=0)
+    run, out = explain_run(tool, "text")
+    run.on_event(slow_read(tool) + stopped)
+    assert "why: tap_xmit->vm_read 4800.00us = stopped 4500.00us + run-queue 250.00us " \
+        "on CPU 0 + running 50.00us" in out.getvalue()
+    alone = explanation(tool, {"unknown": 4800000}, x_tid=999,
+                        x_from=tool.STAGE_BY_NAME["tap_xmit"].sid)
+    run, out = explain_run(tool, "text")
+    run.book.known["thread"][999] = "worker"
+    run.on_event(slow_read(tool) + alone)
+    assert "why: tap_xmit->vm_read 4800.00us = unknown 4800.00us (worker[999] is not " \
+        "followed)" in out.getvalue()
+
+
+def test_histogram_mode_reports_each_segments_time_by_cause(tool):
+    run, out = explain_run(tool, "text", mode="histogram")
+    counts = [0] * tool.EXPLAIN_SLOTS
+    rx, frm, to = tool.Dir.RX, tool.STAGE_BY_NAME["tap_xmit"].sid, \
+        tool.STAGE_BY_NAME["vm_read"].sid
+    base = ((rx * tool.NSTAGES + frm) * tool.NSTAGES + to) * tool.C.NCAUSES
+    counts[base + tool.Cause.RUN_QUEUE] = 8000000
+    counts[base + tool.Cause.RUNNING] = 2000000
+    run.report_explanations(WALL + 5, run.explanations(WALL + 5, counts), False)
+    assert "  RX tap_xmit->vm_read 10000.00us: run-queue 80% | running 20%" in out.getvalue()
+    # the next interval: only what it added
+    counts[base + tool.Cause.ASLEEP] = 1000000
+    added = run.explanations(WALL + 10, counts)
+    assert added == {("rx", "tap_xmit->vm_read"): [1000000, 0, 0, 0, 0, 0]}
+
+
+def test_a_recording_with_explanations_replays_them_and_refuses_impossible_ones(tool,
+                                                                               tmp_path):
+    why = explanation(tool, {"run_queue": 4600000, "running": 200000}, x_tid=4244,
+                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, x_flags=tool.XF.FOLLOWED)
+    good = tmp_path / "good.vnl"
+    meta = recording_meta(tool, explain=100.0, explain_record=tool.EXPL.format)
+    write_recording(tool, str(good), [{"kind": "names", "names": {"7": "vnet0", "3": "eth1"},
+                                       "uplinks": {}},
+                                      {"kind": "event", "raw": (slow_read(tool) + why).hex()}],
+                    meta=meta)
+    r = run_main(tool, ["--read-events", str(good)])
+    assert r[0] == 0, r
+    assert "why: tap_xmit->vm_read 4800.00us = run-queue 4600.00us" in r[1]
+    # an explanation longer than its segment, or from a stage the packet never passed
+    for bad_why, message in (
+            (explanation(tool, {"running": 9000000}, x_tid=1, x_flags=tool.XF.FOLLOWED,
+                         x_from=tool.STAGE_BY_NAME["tap_xmit"].sid),
+             "an explanation longer than its segment"),
+            (explanation(tool, {"running": 1000}, x_tid=1, x_flags=tool.XF.FOLLOWED,
+                         x_from=tool.STAGE_BY_NAME["phy_queue"].sid),
+             "which the packet did not pass")):
+        bad = tmp_path / "bad.vnl"
+        write_recording(tool, str(bad), [{"kind": "event",
+                                          "raw": (slow_read(tool) + bad_why).hex()}],
+                        meta=meta)
+        code, _out, err = run_main(tool, ["--read-events", str(bad)])
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
