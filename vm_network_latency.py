@@ -762,6 +762,7 @@ RECORD_FIELDS = [
     ("vni", "u32", 1, "tunnel: VXLAN/Geneve network identifier"),
     ("tun_ifindex", "u32", 1, "tunnel: the tunnel device"),
     ("peer_ifindex", "u32", 1, "VM-to-VM: the receiving VM's tap or macvtap"),
+    ("wait_tid", "u32", 1, "--explain: the thread that ended its longest segment"),
     ("saddr", "u8", 16, "source address, network order (IPv4: the first 4 bytes)"),
     ("daddr", "u8", 16, "destination address, network order (IPv4: the first 4 bytes)"),
     ("outer_saddr", "u8", 16, "tunnel: the outer source address (the local VTEP on TX)"),
@@ -775,7 +776,9 @@ RECORD_FIELDS = [
     ("outer_version", "u8", 1, "tunnel: 4 or 6, 0 while the outer headers are unknown"),
     ("dir", "u8", 1, "DIR_TX, DIR_RX or DIR_VM2VM"),
     ("last", "u8", 1, "the last stage that saw it"),
-    ("prev", "u8", 1, "the stage that saw it before the last (--explain's segment start)"),
+    ("wait_from", "u8", 1, "--explain: its longest segment's first stage"),
+    ("wait_to", "u8", 1, "and last stage (wait_from == wait_to: none long enough)"),
+    ("wait_flags", "u8", 1, "XF_IN_IRQ: that segment ended in an interrupt"),
     ("type", "u8", 1, "EV_PACKET or EV_DROP"),
     ("icmp_type", "u8", 1, "ICMP type"),
     ("upcalled", "u8", 1, "a copy waits for ovs-vswitchd to return it"),
@@ -856,11 +859,12 @@ assert EVENT_TIMES.size == 8 + PKT.size, "the record is padded to 8 bytes"
 # struct explain, Python's EXPL)
 EXPLAIN_CAUSES = ("asleep", "stopped", "run_queue", "running", "irq", "unknown")
 EXPLAIN_FIELDS = [
-    ("x_ns", "u64", len(EXPLAIN_CAUSES), "ns of the last segment in each Cause"),
-    ("x_tid", "u32", 1, "the thread that ended it (0: not explained)"),
-    ("x_behind", "u32", 1, "the task that had its CPU before it got it back"),
+    ("x_ns", "u64", len(EXPLAIN_CAUSES), "ns of the segment in each Cause"),
+    ("x_tid", "u32", 1, "the thread that ended it (0: idle, in a softirq)"),
+    ("x_behind", "u32", 1, "the task that preempted it, or that it got its CPU from"),
     ("x_cpu", "u16", 1, "the CPU it waited for"),
-    ("x_from", "u8", 1, "the segment's first stage (it ends at the path's end)"),
+    ("x_from", "u8", 1, "the segment's first stage"),
+    ("x_to", "u8", 1, "and its last"),
     ("x_flags", "u8", 1, "XF_FOLLOWED, XF_PARTIAL"),
     ("x_behind_comm", "u8", 16, "that task's name"),
 ]
@@ -2359,7 +2363,8 @@ struct thist {
     u32 head;                   // events written so far; the next one's slot: head % RING
     u32 flags;                  // XF_KSOFTIRQD (user space sets it)
     u64 irq;                    // ns interrupts cut into its running, since followed
-    u32 behind;                 // the task that had its CPU before its last wait ended
+    u32 behind;                 // its last run-queue wait's: the task that preempted
+                                // it, or after a wake-up the one it got its CPU from
     u32 wait_cpu;               // the CPU it last waited for
     char behind_comm[16];
     struct tev ev[EXPLAIN_RING];
@@ -2382,15 +2387,15 @@ static __always_inline u32 last_kind(struct thist *h)
     return head ? h->ev[(head - 1) & (EXPLAIN_RING - 1)].kind : CAUSE_UNKNOWN;
 }
 
-// What the thread h did from a to b (b: now, while it runs), walking its events from
-// the newest: each state lasted from its event to the next one (x_ns[kind] += its
-// share of [a, b]; x is a map value, so kind may index it). What its oldest event kept
-// does not reach back to is UNKNOWN (XF_PARTIAL). Interrupts: the thread's interrupt
-// time since its last event at or before a (an event is rare while it runs), taken out
-// of its running.
+// What the thread h did from a to b, walking its events from the newest: each state
+// lasted from its event to the next one (x_ns[kind] += its share of [a, b]; x is a map
+// value, so kind may index it). What its oldest event kept does not reach back to is
+// UNKNOWN (XF_PARTIAL). Interrupts: the thread's interrupt time between its last
+// event at or before a and its first after b (an event is rare while it runs), taken
+// out of its running.
 static __always_inline void explain_walk(struct thist *h, u64 a, u64 b, struct explain *x)
 {
-    u64 hi = b, irq_a = h->irq;
+    u64 hi = b, irq_a = h->irq, irq_b = h->irq;
     u32 head = h->head, covered = 0;
     u32 n = head < EXPLAIN_RING ? head : EXPLAIN_RING;
     for (u32 i = 0; i < EXPLAIN_RING; i++) {
@@ -2399,6 +2404,8 @@ static __always_inline void explain_walk(struct thist *h, u64 a, u64 b, struct e
         struct tev *e = &h->ev[(head - 1 - i) & (EXPLAIN_RING - 1)];
         u64 ts = e->ts, lo = ts > a ? ts : a;
         irq_a = e->irq;
+        if (ts >= b)
+            irq_b = e->irq;
         if (hi > lo)
             x->x_ns[e->kind & 3] += hi - lo;
         if (ts <= a) {
@@ -2407,7 +2414,7 @@ static __always_inline void explain_walk(struct thist *h, u64 a, u64 b, struct e
         }
         hi = ts < hi ? ts : hi;
     }
-    u64 irq = h->irq - irq_a;
+    u64 irq = irq_b - irq_a;
     if (irq > x->x_ns[CAUSE_RUNNING])
         irq = x->x_ns[CAUSE_RUNNING];
     x->x_ns[CAUSE_RUNNING] -= irq;
@@ -2422,40 +2429,58 @@ EXPLAIN_C = r"""
 #if EXPLAIN
 /*EXPLAIN_WALK*/
 
-// The explanation of a packet's last segment (from the latest stage before its end
-// to now), by the thread that ends it; NULL when the segment is shorter than
-// EXPLAIN_MIN_NS
-static __always_inline struct explain *explain_last(struct pkt *p, u64 now)
+// At each stage: is the segment it ends the packet's longest so far of at least
+// EXPLAIN_MIN_NS? Then remember it, with the thread that ended it (the explanation is
+// made when the packet completes, from that thread's events, which outlive the
+// segment by up to EXPLAIN_RING switches)
+static __always_inline void explain_mark(struct pkt *p, u32 stage, u64 now)
 {
+    u32 last = p->last, from = p->wait_from, to = p->wait_to;
+    if (last >= NSTAGES || from >= NSTAGES || to >= NSTAGES)
+        return;
+    u64 start = p->ts[last];
+    if (!start || now < start + EXPLAIN_MIN_NS)
+        return;
+    if (from != to && now - start <= p->ts[to] - p->ts[from])
+        return;
+    p->wait_from = last;
+    p->wait_to = stage;
+    p->wait_tid = bpf_get_current_pid_tgid();
+    // in an interrupt or softirq that cut into a followed thread (a qdisc's dequeue on
+    // a timer, say), the work is not that thread's: it is not what ended the segment
+    u32 zero = 0;
+    struct oncpu *c = oncpu.lookup(&zero);
+    p->wait_flags = c && c->depth ? XF_IN_IRQ : 0;
+}
+
+// The explanation of the packet's longest segment; NULL when none was long enough
+static __always_inline struct explain *explain_packet(struct pkt *p)
+{
+    u32 from = p->wait_from, to = p->wait_to;
+    if (from >= NSTAGES || to >= NSTAGES || from == to)
+        return 0;
     u32 zero = 0;
     struct xevent *xe = xscratch.lookup(&zero);
     if (!xe)
         return 0;
     struct explain *x = &xe->x;
     __builtin_memset(x, 0, sizeof(*x));
-    u32 from = p->prev;
-    if (from >= NSTAGES || from == p->last)
-        return 0;
-    u64 from_ts = p->ts[from];
-    if (!from_ts || now < from_ts + EXPLAIN_MIN_NS)
-        return 0;
+    u64 a = p->ts[from], b = p->ts[to];
     x->x_from = from;
-    u32 tid = bpf_get_current_pid_tgid();
+    x->x_to = to;
+    u32 tid = p->wait_tid;
     x->x_tid = tid;
-    struct thist *h = threads.lookup(&tid);
-    // in an interrupt or softirq that cut into a followed thread (a qdisc's dequeue on
-    // a timer, say), the work is not that thread's: it is not what ended the segment
-    struct oncpu *c = oncpu.lookup(&zero);
-    if (c && c->depth) {
+    if (p->wait_flags & XF_IN_IRQ) {
         x->x_flags = XF_IN_IRQ;
-        x->x_ns[CAUSE_UNKNOWN] = now - from_ts;
+        x->x_ns[CAUSE_UNKNOWN] = b - a;
         return x;
     }
+    struct thist *h = threads.lookup(&tid);
     if (!h) {
-        x->x_ns[CAUSE_UNKNOWN] = now - from_ts;    // not a followed thread
+        x->x_ns[CAUSE_UNKNOWN] = b - a;        // not a followed thread
         return x;
     }
-    explain_walk(h, from_ts, now, x);
+    explain_walk(h, a, b, x);
     if (x->x_ns[CAUSE_RUN_QUEUE]) {
         x->x_behind = h->behind;
         __builtin_memcpy(x->x_behind_comm, h->behind_comm, sizeof(x->x_behind_comm));
@@ -2466,7 +2491,7 @@ static __always_inline struct explain *explain_last(struct pkt *p, u64 now)
 #if HISTOGRAM
 static __always_inline void explain_add(struct pkt *p, struct explain *x)
 {
-    u32 base = ((p->dir * NSTAGES + x->x_from) * NSTAGES + p->last) * NCAUSES;
+    u32 base = ((p->dir * NSTAGES + x->x_from) * NSTAGES + x->x_to) * NCAUSES;
     for (u32 c = 0; c < NCAUSES; c++) {
         u32 idx = base + c;
         u64 *sum = explain_sums.lookup(&idx);
@@ -3126,7 +3151,7 @@ static __always_inline void complete(void *ctx, u64 key, struct pkt *p, u64 now)
         stat_add(STAT_below_threshold, p->dir);
     } else {
 #if EXPLAIN
-        struct explain *x = explain_last(p, now);
+        struct explain *x = explain_packet(p);
 #else
         void *x = 0;
 #endif
@@ -3152,9 +3177,11 @@ static __always_inline void stamp(struct pkt *p, u32 stage, u64 now)
     if (stage >= NSTAGES)
         return;
     if (!p->ts[stage]) {
+#if EXPLAIN
+        explain_mark(p, stage, now);
+#endif
         p->ts[stage] = now;
         p->seen |= 1 << stage;
-        p->prev = p->last;
         p->last = stage;
     }
 }
@@ -3211,7 +3238,6 @@ static __always_inline void start_packet(void *ctx, void *skb, const int btf_arg
     p->ts[stage] = now;
     p->seen = 1 << stage;
     p->last = stage;
-    p->prev = stage;
     p->dev = (u64)dev;
     p->dev_role = role;
     if (dir == DIR_TX) {
@@ -3608,14 +3634,19 @@ int rtp_sched_switch(struct bpf_raw_tracepoint_args *ctx)
             else if (state)
                 kind = CAUSE_ASLEEP;
         }
-        if (kind == CAUSE_RUN_QUEUE)
+        if (kind == CAUSE_RUN_QUEUE) {      // preempted: behind the task taking its CPU
             h->wait_cpu = cpu;
+            h->behind = next_tid;
+            bpf_probe_read_kernel(h->behind_comm, sizeof(h->behind_comm),
+                                  (u8 *)next + TASK_COMM);
+        }
         thread_event(h, now, kind);
     }
     if (n) {
         if (!now)
             now = bpf_ktime_get_ns();
-        if (last_kind(n) == CAUSE_RUN_QUEUE) {  // it waited: prev had the CPU last
+        // it waited since a wake-up: behind the task that had the CPU last
+        if (last_kind(n) == CAUSE_RUN_QUEUE && !n->behind) {
             n->behind = prev_tid;
             bpf_probe_read_kernel(n->behind_comm, sizeof(n->behind_comm),
                                   (u8 *)prev + TASK_COMM);
@@ -3638,6 +3669,7 @@ static __always_inline int on_wakeup(void *task)
     u32 cpu = 0;        // the CPU it is queued on
     bpf_probe_read_kernel(&cpu, sizeof(cpu), (u8 *)task + TASK_CPU);
     h->wait_cpu = cpu;
+    h->behind = 0;      // known when it gets its CPU
     thread_event(h, bpf_ktime_get_ns(), CAUSE_RUN_QUEUE);
     return 0;
 }
@@ -4563,15 +4595,21 @@ def explain_causes(segment, ns):
     return out
 
 
+def explained(why):
+    """Does an event's --explain tail explain a segment (its two stages differ; the
+    thread may be 0, the idle task a softirq cut into)?"""
+    return why[X.x_from] != why[X.x_to]
+
+
 def explain_record(why, fields, book):
-    """--explain's part of a record: the last segment's time by cause (us), the thread
-    that ended it, and what it waited behind; None when the segment was not explained
-    (shorter than --explain's threshold)."""
-    if not (why[X.x_flags] or why[X.x_tid]):
+    """--explain's part of a record: its longest segment's time by cause (us), the
+    thread that ended it, and what it waited behind; None when no segment was explained
+    (none as long as --explain's threshold)."""
+    if not explained(why):
         return None
     tid = why[X.x_tid]
     followed = bool(why[X.x_flags] & XF.FOLLOWED)
-    segment = "%s->%s" % (STAGE_NAMES[why[X.x_from]], STAGE_NAMES[fields[F.last]])
+    segment = "%s->%s" % (STAGE_NAMES[why[X.x_from]], STAGE_NAMES[why[X.x_to]])
     us = dict((c, round(ns / 1000.0, 3)) for c, ns in explain_causes(
         segment, why[X.x_ns:X.x_ns + C.NCAUSES]).items())
     run_queue = why[X.x_ns + Cause.RUN_QUEUE]
@@ -4869,6 +4907,8 @@ class Reporter(object):
                                                why["behind"]["pid"])
             elif cause == "unknown" and why["in_irq"]:
                 text += " (it ended in an interrupt or softirq)"
+            elif cause == "unknown" and not why["tid"]:
+                text += " (it ended in a softirq on an idle CPU)"
             elif cause == "unknown" and not why["followed"]:
                 text += " (%s[%d] is not followed)" % (shown_name(why["thread"] or "?"),
                                                        why["tid"])
@@ -5310,7 +5350,7 @@ class Run(object):
             self.reported[DIRECTIONS[fields[F.dir]]] += 1
             vm_if = fields[F.vm_ifindex]
             self.per_vm_reported[vm_if] = self.per_vm_reported.get(vm_if, 0) + 1
-            if not (why and why[X.x_flags] | why[X.x_tid]):  # explained: its own output
+            if not (why and explained(why)):        # explained: its own output
                 text = self.formatter.packet(fields, bytes(buf[off + KIND_AT:off + PKT.size]),
                                              record)
         if text is None:        # a drop, or a packet whose output is not templated
@@ -5523,7 +5563,7 @@ class Run(object):
 # that is neither, counts that go backwards) are refused, never printed.
 
 # 2: names before the events, host, "final" in summary; 3: VM-to-VM (a third direction,
-# per-VM counts by sender and receiver); 4: the record's prev stage, --explain's tail
+# per-VM counts by sender and receiver); 4: the record's longest segment, --explain's tail
 RECORDING_FORMAT = 4
 
 
@@ -5754,16 +5794,20 @@ def _int_key(text, lo, hi, what):
 def check_explain_fields(why, fields):
     """An event's explanation: a stage it passed, flags it can have, times within the
     packet's own; nothing explained is all zeros."""
-    if not (why[X.x_flags] or why[X.x_tid]):
-        _want(not any(why[X.x_ns:X.x_ns + C.NCAUSES]) and not why[X.x_behind],
+    if not explained(why):
+        _want(not any(why[X.x_ns:X.x_ns + C.NCAUSES]) and not why[X.x_behind]
+              and not why[X.x_tid] and not why[X.x_flags],
               "an explanation of nothing has times")
         return
-    _want(why[X.x_from] < NSTAGES and fields[why[X.x_from]],
-          "explained from stage %d, which the packet did not pass", why[X.x_from])
+    for end in (X.x_from, X.x_to):
+        _want(why[end] < NSTAGES and fields[why[end]],
+              "explained stage %d, which the packet did not pass", why[end])
+    _want(fields[why[X.x_from]] < fields[why[X.x_to]], "an explained segment that ends "
+          "before it starts")
     _want(not why[X.x_flags] & ~(XF.FOLLOWED | XF.PARTIAL | XF.IN_IRQ),
           "explanation flags %d", why[X.x_flags])
     total = sum(why[X.x_ns:X.x_ns + C.NCAUSES])
-    _want(total <= fields[fields[F.last]] - fields[why[X.x_from]] + 1,
+    _want(total <= fields[why[X.x_to]] - fields[why[X.x_from]] + 1,
           "an explanation longer than its segment")
 
 

@@ -927,8 +927,7 @@ def explanation(tool, ns=None, **over):
 def slow_read(tool):
     """An RX packet whose frame waited 4.8 ms in the tap for the VM's reader."""
     return icmp_rx(tool, ts={"phy_rx": 200000000000, "tap_queue": 200000001000,
-                             "tap_xmit": 200000002000, "vm_read": 200004802000},
-                   prev=tool.STAGE_BY_NAME["tap_xmit"].sid)
+                             "tap_xmit": 200000002000, "vm_read": 200004802000})
 
 
 def explain_run(tool, output, mode="detailed"):
@@ -945,7 +944,8 @@ def explain_run(tool, output, mode="detailed"):
 def test_an_explained_wait_names_the_run_queue_its_cpu_and_the_task_ahead(tool):
     why = explanation(tool, {"run_queue": 4600000, "running": 200000}, x_tid=4244,
                       x_behind=2231, x_behind_comm=b"stress-ng", x_cpu=1,
-                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, x_flags=tool.XF.FOLLOWED)
+                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                      x_to=tool.STAGE_BY_NAME["vm_read"].sid, x_flags=tool.XF.FOLLOWED)
     run, out = explain_run(tool, "text")
     run.on_event(slow_read(tool) + why)
     lines = out.getvalue().splitlines()
@@ -962,7 +962,7 @@ def test_an_explained_wait_names_the_run_queue_its_cpu_and_the_task_ahead(tool):
                "irq": 0.0, "unknown": 0.0, "queue": 0.0}}
     # a packet whose last segment was too short to explain: explain is null
     run, out = explain_run(tool, "json")
-    run.on_event(icmp_rx(tool, prev=tool.STAGE_BY_NAME["tap_xmit"].sid) +
+    run.on_event(icmp_rx(tool) +
                  explanation(tool))
     assert json.loads(out.getvalue())["explain"] is None
 
@@ -971,10 +971,10 @@ def test_a_qdisc_hold_is_the_queue_and_an_interrupt_names_no_thread(tool):
     """phy_queue->phy_xmit dequeued by a softirq on a timer (the thread it cut into did
     not end the segment): the time nobody was scheduled for is the queue's."""
     tx = udp_tx(tool, ts={"tap_rx": 100000000000, "phy_queue": 100000012500,
-                          "phy_xmit": 100030012500},
-                prev=tool.STAGE_BY_NAME["phy_queue"].sid)
+                          "phy_xmit": 100030012500})
     why = explanation(tool, {"unknown": 30000000}, x_tid=4243,
-                      x_from=tool.STAGE_BY_NAME["phy_queue"].sid, x_flags=tool.XF.IN_IRQ)
+                      x_from=tool.STAGE_BY_NAME["phy_queue"].sid,
+                      x_to=tool.STAGE_BY_NAME["phy_xmit"].sid, x_flags=tool.XF.IN_IRQ)
     run, out = explain_run(tool, "text")
     run.on_event(tx + why)
     assert "  why: phy_queue->phy_xmit 30000.00us = queue 30000.00us\n" in out.getvalue()
@@ -987,14 +987,16 @@ def test_a_qdisc_hold_is_the_queue_and_an_interrupt_names_no_thread(tool):
 
 def test_a_stopped_vm_and_a_thread_not_followed(tool):
     stopped = explanation(tool, {"stopped": 4500000, "run_queue": 250000, "running": 50000},
-                          x_tid=4244, x_from=tool.STAGE_BY_NAME["tap_xmit"].sid,
+                          x_tid=4244, x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                      x_to=tool.STAGE_BY_NAME["vm_read"].sid,
                           x_flags=tool.XF.FOLLOWED, x_cpu=0)
     run, out = explain_run(tool, "text")
     run.on_event(slow_read(tool) + stopped)
     assert "why: tap_xmit->vm_read 4800.00us = stopped 4500.00us + run-queue 250.00us " \
         "on CPU 0 + running 50.00us" in out.getvalue()
     alone = explanation(tool, {"unknown": 4800000}, x_tid=999,
-                        x_from=tool.STAGE_BY_NAME["tap_xmit"].sid)
+                        x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                      x_to=tool.STAGE_BY_NAME["vm_read"].sid)
     run, out = explain_run(tool, "text")
     run.book.known["thread"][999] = "worker"
     run.on_event(slow_read(tool) + alone)
@@ -1021,7 +1023,8 @@ def test_histogram_mode_reports_each_segments_time_by_cause(tool):
 def test_a_recording_with_explanations_replays_them_and_refuses_impossible_ones(tool,
                                                                                tmp_path):
     why = explanation(tool, {"run_queue": 4600000, "running": 200000}, x_tid=4244,
-                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, x_flags=tool.XF.FOLLOWED)
+                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                      x_to=tool.STAGE_BY_NAME["vm_read"].sid, x_flags=tool.XF.FOLLOWED)
     good = tmp_path / "good.vnl"
     meta = recording_meta(tool, explain=100.0, explain_record=tool.EXPL.format)
     write_recording(tool, str(good), [{"kind": "names", "names": {"7": "vnet0", "3": "eth1"},
@@ -1034,10 +1037,12 @@ def test_a_recording_with_explanations_replays_them_and_refuses_impossible_ones(
     # an explanation longer than its segment, or from a stage the packet never passed
     for bad_why, message in (
             (explanation(tool, {"running": 9000000}, x_tid=1, x_flags=tool.XF.FOLLOWED,
-                         x_from=tool.STAGE_BY_NAME["tap_xmit"].sid),
+                         x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                      x_to=tool.STAGE_BY_NAME["vm_read"].sid),
              "an explanation longer than its segment"),
             (explanation(tool, {"running": 1000}, x_tid=1, x_flags=tool.XF.FOLLOWED,
-                         x_from=tool.STAGE_BY_NAME["phy_queue"].sid),
+                         x_from=tool.STAGE_BY_NAME["phy_queue"].sid,
+                         x_to=tool.STAGE_BY_NAME["phy_xmit"].sid),
              "which the packet did not pass")):
         bad = tmp_path / "bad.vnl"
         write_recording(tool, str(bad), [{"kind": "event",
@@ -1045,3 +1050,21 @@ def test_a_recording_with_explanations_replays_them_and_refuses_impossible_ones(
                         meta=meta)
         code, _out, err = run_main(tool, ["--read-events", str(bad)])
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_longest_segment_is_explained_also_when_it_is_not_the_last(tool):
+    """A tap's qdisc held the frame 30 ms on its way into the VM (tap_queue->tap_xmit),
+    the VM then read it at once: that wait is the one explained, and it is the queue's."""
+    rx = icmp_rx(tool, ts={"phy_rx": 200000000000, "tap_queue": 200000001000,
+                           "tap_xmit": 200030001000, "vm_read": 200030021000})
+    why = explanation(tool, {"unknown": 30000000}, x_tid=11,
+                      x_from=tool.STAGE_BY_NAME["tap_queue"].sid,
+                      x_to=tool.STAGE_BY_NAME["tap_xmit"].sid)
+    run, out = explain_run(tool, "json")
+    run.on_event(rx + why)
+    x = json.loads(out.getvalue())["explain"]
+    assert (x["segment"], x["us"]["queue"], x["us"]["unknown"], x["followed"]) == \
+        ("tap_queue->tap_xmit", 30000.0, 0.0, False)
+    run, out = explain_run(tool, "text")
+    run.on_event(rx + why)
+    assert "  why: tap_queue->tap_xmit 30000.00us = queue 30000.00us\n" in out.getvalue()
