@@ -751,6 +751,8 @@ def shared_defines():
 RECORD_FIELDS = [
     ("ts", "u64", NSTAGES, "when each stage saw the packet, 0 = not seen"),
     ("location", "u64", 1, "drop events: where the kernel freed it"),
+    ("wait_start", "u64", 1, "--explain: when its longest segment began"),
+    ("wait_end", "u64", 1, "and ended (0: none as long as --explain's threshold)"),
     ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
     ("ip_id", "u16", 1, "IPv4 identification"),
     ("seen", "u16", 1, "bit 1 << stage set for each stage that saw it"),
@@ -777,7 +779,7 @@ RECORD_FIELDS = [
     ("dir", "u8", 1, "DIR_TX, DIR_RX or DIR_VM2VM"),
     ("last", "u8", 1, "the last stage that saw it"),
     ("wait_from", "u8", 1, "--explain: its longest segment's first stage"),
-    ("wait_to", "u8", 1, "and last stage (wait_from == wait_to: none long enough)"),
+    ("wait_to", "u8", 1, "and last stage"),
     ("wait_flags", "u8", 1, "XF_IN_IRQ: that segment ended in an interrupt"),
     ("type", "u8", 1, "EV_PACKET or EV_DROP"),
     ("icmp_type", "u8", 1, "ICMP type"),
@@ -2057,6 +2059,7 @@ class FollowedThreads(object):
         self.table = table
         self.tids = {}
         self.scanned = None
+        self.not_followed = 0       # threads the full table had no room for
 
     def update(self, owners, force=False):
         now = time.monotonic()
@@ -2069,12 +2072,18 @@ class FollowedThreads(object):
                 del self.table[self.table.Key(tid)]
             except KeyError:
                 pass
+        kept = {}
         for tid, flags in wanted.items():
             if self.tids.get(tid) != flags:
                 leaf = self.table.Leaf()
                 leaf.flags = flags
-                self.table[self.table.Key(tid)] = leaf
-        self.tids = wanted
+                try:
+                    self.table[self.table.Key(tid)] = leaf
+                except Exception:       # bcc says only "Could not update table"
+                    self.not_followed += 1      # (full: EXPLAIN_THREADS)
+                    continue
+            kept[tid] = flags
+        self.tids = kept
 
 
 def switch_of(dev):
@@ -2397,9 +2406,12 @@ static __always_inline void explain_walk(struct thist *h, u64 a, u64 b, struct e
 {
     u64 hi = b, irq_a = h->irq, irq_b = h->irq;
     u32 head = h->head, covered = 0;
-    u32 n = head < EXPLAIN_RING ? head : EXPLAIN_RING;
     for (u32 i = 0; i < EXPLAIN_RING; i++) {
-        if (i >= n)
+        // clang would fold the two bounds into one "i != min(head, RING)", which 5.10's
+        // verifier cannot bound (it walks the loop until it gives up): hide i from it
+        u32 seen = i;
+        asm volatile("" : "+r"(seen));
+        if (seen >= head)
             break;
         struct tev *e = &h->ev[(head - 1 - i) & (EXPLAIN_RING - 1)];
         u64 ts = e->ts, lo = ts > a ? ts : a;
@@ -2435,14 +2447,15 @@ EXPLAIN_C = r"""
 // segment by up to EXPLAIN_RING switches)
 static __always_inline void explain_mark(struct pkt *p, u32 stage, u64 now)
 {
-    u32 last = p->last, from = p->wait_from, to = p->wait_to;
-    if (last >= NSTAGES || from >= NSTAGES || to >= NSTAGES)
+    u32 last = p->last;
+    asm volatile("" : "+r"(last));      // one index, checked alone (see stamp())
+    if (last >= NSTAGES)
         return;
     u64 start = p->ts[last];
-    if (!start || now < start + EXPLAIN_MIN_NS)
+    if (!start || now < start + EXPLAIN_MIN_NS || now - start <= p->wait_end - p->wait_start)
         return;
-    if (from != to && now - start <= p->ts[to] - p->ts[from])
-        return;
+    p->wait_start = start;
+    p->wait_end = now;
     p->wait_from = last;
     p->wait_to = stage;
     p->wait_tid = bpf_get_current_pid_tgid();
@@ -2456,8 +2469,8 @@ static __always_inline void explain_mark(struct pkt *p, u32 stage, u64 now)
 // The explanation of the packet's longest segment; NULL when none was long enough
 static __always_inline struct explain *explain_packet(struct pkt *p)
 {
-    u32 from = p->wait_from, to = p->wait_to;
-    if (from >= NSTAGES || to >= NSTAGES || from == to)
+    u64 a = p->wait_start, b = p->wait_end;
+    if (!b)
         return 0;
     u32 zero = 0;
     struct xevent *xe = xscratch.lookup(&zero);
@@ -2465,9 +2478,8 @@ static __always_inline struct explain *explain_packet(struct pkt *p)
         return 0;
     struct explain *x = &xe->x;
     __builtin_memset(x, 0, sizeof(*x));
-    u64 a = p->ts[from], b = p->ts[to];
-    x->x_from = from;
-    x->x_to = to;
+    x->x_from = p->wait_from;
+    x->x_to = p->wait_to;
     u32 tid = p->wait_tid;
     x->x_tid = tid;
     if (p->wait_flags & XF_IN_IRQ) {
@@ -4891,10 +4903,12 @@ class Reporter(object):
         why = rec.get("explain")
         return "[%s] %s %s%s %s %s\n  %s\n  Total Latency: %s%s\n%s" % (
             when, proto, what, vlan, rec["direction"].upper(), path, segs or "-",
-            fmt_us(rec["total_us"]), who, ("  why: %s\n" % self.why_text(why)) if why else "")
+            fmt_us(rec["total_us"]), who, ("  why: %s\n" % self.why_text(why, rec))
+            if why else "")
 
-    def why_text(self, why):
-        """--explain's line: the segment = its causes, largest first."""
+    def why_text(self, why, rec):
+        """--explain's line: the segment (its time as the line above prints it) = its
+        causes, largest first."""
         causes = [(us, c) for c, us in why["us"].items() if us > 0]
         causes.sort(reverse=True)
         parts = []
@@ -4915,7 +4929,9 @@ class Reporter(object):
             elif cause == "unknown":
                 text += " (before the oldest of its events kept)"
             parts.append(text)
-        total = sum(us for us, _c in causes)
+        total = [g["us"] for g in rec["segments"]
+                 if "%s->%s" % (g["from"], g["to"]) == why["segment"]]
+        total = total[0] if total else sum(us for us, _c in causes)
         return "%s %s = %s" % (why["segment"], self.fmt_us(total), " + ".join(parts) or "-")
 
     def explanations(self, when, added):
@@ -6487,6 +6503,7 @@ class LiveTrace(object):
         self.stop_reason = None         # the signal that stopped it, or None
         self.gone_since = {}            # {tap ifindex: since when (monotonic) it is gone}
         self.followed = None            # --explain: FollowedThreads
+        self.said_unfollowed = False
 
     def trace(self):
         """Attach, report until a stop, detach, account for every packet."""
@@ -6522,6 +6539,7 @@ class LiveTrace(object):
         if self.tracer.explain:
             self.followed = FollowedThreads(self.tracer.bpf["threads"])
             self.followed.update(self.devices.owners, force=True)
+            self.note_unfollowed()
             if args.verbose:
                 log("--explain: following %d threads (the VMs' own, vhost workers, "
                     "ksoftirqd)" % len(self.followed.tids))
@@ -6579,6 +6597,13 @@ class LiveTrace(object):
         self.run.set_vms(self.devices.owners)
         if self.followed:
             self.followed.update(self.devices.owners, force=changed)
+            self.note_unfollowed()
+
+    def note_unfollowed(self):
+        if self.followed.not_followed and not self.said_unfollowed:
+            self.said_unfollowed = True
+            log("note: --explain follows at most %d threads: some are not followed (their "
+                "waits are explained as unknown)" % C.EXPLAIN_THREADS)
 
     def report_interval(self, last=False):
         """One interval's histograms (all of them, or one set per VM with --per-vm); the

@@ -122,6 +122,10 @@ TOOL_ARGS = {
     "tool_detail": DEVS + ["--mode", "detailed"],
     "tool_filtered": DEVS + ["--dst-port", "9999"],
     "tool_sample": DEVS + ["--mode", "histogram", "--interval", "3600", "--sample", "100"],
+    # --explain: each stage checks for the longest segment, and every context switch and
+    # interrupt of the machine runs the scheduler's handlers (two lookups for a thread
+    # not followed)
+    "tool_explain": DEVS + ["--mode", "histogram", "--interval", "3600", "--explain"],
     "tool_keepup": ["--vm-dev", FAST_TAP, "--phy-dev", SINK, "--output", "json",
                     "--mode", "detailed"],
     # the other paths, histogram mode as config 2
@@ -142,7 +146,10 @@ SOAK_ARGS = {
 }
 SOAK_SAMPLE_S = 10
 STATS_CONFIGS = ["tool_hist", "tool_hist_raw", "tool_detail", "tool_filtered",
-                 "tool_sample", "floor", "floor_empty", "floor_clock"]
+                 "tool_sample", "tool_explain", "floor", "floor_empty", "floor_clock"]
+# the options a configuration needs of the tool (a version from before them, --rev,
+# is measured without it)
+NEEDS_OPTION = {"tool_explain": "--explain"}
 # the floor's program on its four tracepoints, and its two variants that measure what
 # no tracer avoids (BPF run time only): a program that returns at once, one that reads
 # the clock once
@@ -850,7 +857,8 @@ def measure_all(args, bench, gen):
     raw = {"frames": args.frames, "reps": args.reps, "source_ports": args.ports,
            "kernel": os.uname().release, "cpus": os.cpu_count(),
            "keepup_seconds": args.keepup_seconds}
-    dry_run_all([c for c in TOOL_ARGS if c not in PATH_OF], bench)
+    main = [c for c in report.MAIN_CONFIGS if tool_has(bench.tool, c)]
+    dry_run_all([c for c in TOOL_ARGS if c not in PATH_OF and c in main], bench)
     c0 = path_counters()
     log("warm-up flood")
     gen.flood(args.frames, args.ports)
@@ -860,7 +868,7 @@ def measure_all(args, bench, gen):
     if raw["path_check_warmup"]["rx"] < args.frames:
         raise BenchError("the frames do not reach the namespace")
 
-    raw["runs"] = interleaved(args, bench, report.MAIN_CONFIGS)
+    raw["runs"] = interleaved(args, bench, main)
 
     raw["keepup"] = []
     for i, rate in enumerate(args.keepup_rates):
@@ -887,7 +895,8 @@ def measure_all(args, bench, gen):
         old = bpf_stats_enabled()
         bpf_stats_enabled("1")
         try:
-            raw["bpf_stats"] = [bench.bpf_stats(cfg) for cfg in STATS_CONFIGS]
+            raw["bpf_stats"] = [bench.bpf_stats(cfg) for cfg in STATS_CONFIGS
+                                if cfg not in TOOL_ARGS or cfg in main]
         finally:
             bpf_stats_enabled(old)
     raw["path_check_total"] = counter_delta(c0, path_counters())
@@ -901,6 +910,15 @@ def measure_all(args, bench, gen):
     bench.lab["v2v"][0].flood(args.frames // 10, args.ports, V2V_RATE)
     raw["runs"] += interleaved(args, bench, report.PATH_CONFIGS)
     return raw
+
+
+def tool_has(tool, cfg):
+    """Does this version of the tool have what configuration cfg needs?"""
+    option = NEEDS_OPTION.get(cfg)
+    if not option:
+        return True
+    r = run([PY, tool, "--help"], check=False, timeout=60)
+    return option in r.stdout
 
 
 def dry_run_all(configs, bench):

@@ -9,7 +9,8 @@ import statistics
 import sys
 
 MAIN_CONFIGS = ["baseline", "tool_hist", "tool_hist_raw", "tool_thresh", "tool_detail",
-                "tool_filtered", "tool_sample", "tcpdump", "bpftrace", "floor"]
+                "tool_filtered", "tool_sample", "tool_explain", "tcpdump", "bpftrace",
+                "floor"]
 PATH_CONFIGS = ["mvt_baseline", "mvt_hist", "v2v_baseline", "v2v_hist"]
 CONFIGS = MAIN_CONFIGS + PATH_CONFIGS
 # the other paths (overhead.py): each configuration's added cost is over its own baseline
@@ -24,6 +25,7 @@ LABEL = {
     "tool_detail": "4 tool detailed json, every pkt",
     "tool_filtered": "5 tool filtered (--dst-port 9999)",
     "tool_sample": "5b tool histogram --sample 100",
+    "tool_explain": "5c tool histogram --explain",
     "tcpdump": "6 tcpdump -w on tap + veth",
     "bpftrace": "7 bpftrace rx->xmit hist()",
     "floor": "8 floor: 4 raw tp, ifindex only",
@@ -256,6 +258,9 @@ def targets(res, keepup, startup_med, hwm_max_mb):
     target("threshold (reports nothing) <= 1.4 x floor", res["tool_thresh"]["ratio_to_floor"], 1.4)
     target("filtered added <= 1.1 x floor added", res["tool_filtered"]["ratio_to_floor"], 1.1)
     target("histogram added <= 0.5 x bpftrace added", res["tool_hist"]["ratio_to_bpftrace"], 0.5)
+    if res["tool_explain"]["added_ns"] is not None:     # (a version before --explain: none)
+        target("--explain added <= 1.2 x histogram added",
+               ratio(res["tool_explain"]["added_ns"], res["tool_hist"]["added_ns"]), 1.2)
     kept = [k["target_rate"] for k in keepup if k["kept_up"]]
     best = max(kept) if kept else None
     verdict = bool(best and best >= 200000)

@@ -18,7 +18,8 @@ def run_of(cfg, rep, ns, **extra):
 def synthetic_raw():
     costs = {"baseline": 1000, "tool_hist": 1400, "tool_hist_raw": 1450,
              "tool_thresh": 1300, "tool_detail": 1500,
-             "tool_filtered": 1220, "tool_sample": 1100, "tcpdump": 1400, "bpftrace": 1800,
+             "tool_filtered": 1220, "tool_sample": 1100, "tool_explain": 1500,
+             "tcpdump": 1400, "bpftrace": 1800,
              "floor": 1200, "mvt_baseline": 800, "mvt_hist": 1000, "v2v_baseline": 2000,
              "v2v_hist": 2300}
     runs = [run_of(c, rep, ns + 10 * rep) for rep in (1, 2, 3) for c, ns in costs.items()]
@@ -49,6 +50,7 @@ def test_report_ratios_and_targets_from_known_numbers():
     assert targets["histogram added <= 1.0 x tcpdump added"] is True
     assert targets["histogram added <= 1.4 x floor added"] is False
     assert targets["filtered added <= 1.1 x floor added"] is True
+    assert targets["--explain added <= 1.2 x histogram added"] is False     # 500 / 400
     assert targets["detailed >= 200,000 packets/s reported without loss"] is False
     assert [k["kept_up"] for k in result["keepup"]] == [True, False]
     text = report.render(result)

@@ -27,10 +27,11 @@ TAP, PHY = Lab.TAP, Lab.PHY
 DEVS = ("--vm-dev", TAP, "--phy-dev", PHY)
 HOG_CPU = 1
 HOG_NAME = "vnl-hog"
-# a busy loop in bursts of 20 ms every 50 ms at SCHED_FIFO 10 (above every normal task)
+# a busy loop in bursts of 20 ms, 10-50 ms apart at random (never in step with the pings),
+# at SCHED_FIFO 10 (above every normal task)
 # on one CPU, named so that the tool's "behind" can be checked
 HOG = r"""
-import ctypes, os, sys, time
+import ctypes, os, random, sys, time
 ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
 os.sched_setaffinity(0, {int(sys.argv[2])})
 os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
@@ -39,7 +40,7 @@ while True:
     t = time.monotonic() + 0.02
     while time.monotonic() < t:
         pass
-    time.sleep(0.03)
+    time.sleep(random.uniform(0.01, 0.05))
 """
 
 
@@ -115,16 +116,19 @@ def test_a_backend_starved_by_a_hog_waits_in_the_run_queue_behind_it(lab, traces
         ping_vm(lab, 40, 0.1)
         quiet.stop()
     assert quiet.returncode == 0, quiet.stderr
-    # the VM's reads that waited 2 ms or more, which a 20 ms burst in every 50 ms makes
+    # the VM's reads that waited 2 ms or more, which the 20 ms bursts (40% of the time) make
     # of about one in three packets
     long = [r for r in explained(t, "tap_xmit->vm_read", 2000) if not r["explain"]["partial"]]
     assert len(long) >= 5, [r["explain"] for r in t.packets(direction="rx")]
     for r in long:
         x = r["explain"]
         assert x["followed"] and not x["in_irq"], x
-        assert x["us"]["run_queue"] >= 0.8 * segment_us(r, "tap_xmit->vm_read"), x
-        assert x["cpu"] == HOG_CPU, x
+        assert x["cpu"] == HOG_CPU or not x["us"]["run_queue"], x
         assert x["thread"] == "qemu-system-x86", x       # QEMU's main loop reads the tap
+    # at least 80% of the long waits' time in the run queue (one of them may be QEMU
+    # busy, say: the hog's are most, not all)
+    assert sum(r["explain"]["us"]["run_queue"] for r in long) >= 0.8 * sum(
+        segment_us(r, "tap_xmit->vm_read") for r in long), [r["explain"] for r in long]
     behind_hog = [r for r in long if r["explain"]["behind"] ==
                   {"pid": hog.pid, "comm": HOG_NAME}]
     assert len(behind_hog) >= 0.8 * len(long), [r["explain"]["behind"] for r in long]
@@ -143,10 +147,15 @@ def test_a_backend_starved_by_a_hog_waits_in_the_run_queue_behind_it(lab, traces
                    x.labels["direction"] == "rx" and x.name.endswith("_total"))
     # the metrics are the same sums as the report
     assert abs(seconds["run_queue"] * 1e6 - us["run_queue"]) < 1, (seconds, us)
-    # without it: no run-queue wait worth a line
-    waits = [r["explain"]["us"]["run_queue"] for r in quiet.packets(direction="rx")
-             if r["explain"]]
-    assert all(w < 1000 for w in waits), waits
+    # without it: no run-queue wait worth a line, but behind QEMU's own threads (its
+    # vCPU shares the CPU with the main loop here)
+    qemu_tids = set(qemu_threads(lab))
+    waits = [(r["explain"]["us"]["run_queue"], r["explain"]["behind"])
+             for r in quiet.packets(direction="rx") if r["explain"]]
+    assert not [(us, b) for us, b in waits if us >= 1000 and
+                (not b or b["pid"] not in qemu_tids)], waits
+    assert sum(us for us, _b in waits) < 0.05 * sum(
+        r["explain"]["us"]["run_queue"] for r in t.packets(direction="rx") if r["explain"])
     assert len(quiet.packets(direction="rx")) >= 30
 
 

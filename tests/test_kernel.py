@@ -394,6 +394,20 @@ def test_interrupts_are_taken_out_of_running(tool, explain_walk):
     assert ns == {"asleep": 800, "irq": 100}
 
 
+def test_a_segment_that_ended_before_the_threads_last_events(tool, explain_walk):
+    """A packet's longest wait in the middle of its path (a qdisc, say): the thread
+    that ended it went on (asleep at 4000, running again at 6000) before the packet
+    completed. Only 500 .. 3000 counts; interrupts up to its first event after 3000."""
+    events = [(0, "asleep", 0), (1000, "run_queue", 0), (2000, "running", 0),
+              (4000, "asleep", 70), (6000, "running", 70)]
+    ns, flags, _c = explain_walk.walk(events, 500, 3000, irq=100)
+    assert ns == {"asleep": 500, "run_queue": 1000, "running": 930, "irq": 70}
+    assert flags == tool.XF.FOLLOWED
+    # a segment wholly between two of its events
+    ns, _f, _c = explain_walk.walk(events, 4500, 5500, irq=100)
+    assert ns == {"asleep": 1000}
+
+
 def test_history_that_does_not_reach_back_is_partial(tool, explain_walk):
     XF = tool.XF
     ns, flags, _c = explain_walk.walk([(800, "running", 0)], 500, 1000)

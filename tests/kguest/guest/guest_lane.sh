@@ -604,6 +604,13 @@ traffic_vhost() { # VM <-> remote through vhost-net: ICMP and UDP
     return $rc
 }
 
+traffic_vhost_starved() { # the same, then the worker starved by a hog (--explain)
+    local rc=0
+    traffic_vhost || rc=1
+    traffic_starved_worker || rc=1
+    return $rc
+}
+
 vhost_case() { # topology B again, the tap served by the kernel's vhost-net worker
     modprobe vhost_net || { step B.vhost FAIL "modprobe vhost_net"; return 1; }
     kill "$VMSTUB_PID" 2>/dev/null; wait "$VMSTUB_PID" 2>/dev/null   # its tap goes with it
@@ -617,7 +624,58 @@ vhost_case() { # topology B again, the tap served by the kernel's vhost-net work
     sysctl -qw "net.ipv6.conf.$TAP.disable_ipv6=1" 2>/dev/null
     ip link set "$TAP" master "$LBR" || { step B.vhost FAIL "tap not on $LBR"; return 1; }
     warm_up
-    run_pair "B-vhost" traffic_vhost "$TAP" "$PHY"
+    # with --explain: the records of the worker's starved reads say why they waited
+    TOOL_EXTRA=(--explain 1000)
+    run_pair "B-vhost" traffic_vhost_starved "$TAP" "$PHY"
+    TOOL_EXTRA=()
+}
+
+vhost_worker_tid() { # the vhost-net worker serving process $1: a kernel thread vhost-$1
+    # (before 6.4) or a thread of the process named so (6.4 on)
+    local f
+    for f in /proc/[0-9]*/task/[0-9]*/comm; do
+        [ "$(cat "$f" 2>/dev/null)" = "vhost-$1" ] && { f=${f%/comm}; echo "${f##*/}"; return 0; }
+    done
+    return 1
+}
+
+# a busy loop in bursts of 20 ms, 10-50 ms apart at random (never in step with the pings), at
+# SCHED_FIFO 10 on CPU 1, named vnl-hog
+HOG_PY='
+import ctypes, os, random, sys, time
+ctypes.CDLL(None).prctl(15, b"vnl-hog", 0, 0, 0)
+os.sched_setaffinity(0, {1})
+os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+print(os.getpid(), flush=True)
+while True:
+    t = time.monotonic() + 0.02
+    while time.monotonic() < t:
+        pass
+    time.sleep(random.uniform(0.01, 0.05))
+'
+
+traffic_starved_worker() { # remote -> VM pings while a real-time hog takes CPU 1 from
+    # the vhost worker (pinned there) 20 ms at a time: its reads wait in the run queue
+    local worker hog rc=0 out
+    worker=$(vhost_worker_tid "$VMSTUB_PID") || { echo "no vhost-$VMSTUB_PID thread"; return 1; }
+    "$PY" -c 'import os, sys; os.sched_setaffinity(int(sys.argv[1]), {1})' "$worker" || return 1
+    "$PY" -c "$HOG_PY" > /run/hog.pid 2> /run/hog.err &
+    hog=$!
+    sleep 0.5
+    # it runs, at real-time priority, on CPU 1 (chrt's and taskset's view of it)
+    kill -0 "$hog" 2>/dev/null || { echo "the hog died: $(cat /run/hog.err)"; return 1; }
+    echo "hog $hog: $(grep -E '^(policy|prio) ' "/proc/$hog/sched" | tr -s ' \n' ' ')"
+    echo "hog $hog cpus: $(grep Cpus_allowed_list "/proc/$hog/status")"
+    echo "worker $worker cpus: $(grep Cpus_allowed_list "/proc/$worker/status")"
+    oracle '{"kind": "explain_hog", "hog_pid": '"$hog"', "worker_tid": '"$worker"', "cpu": 1, "hog_comm": "vnl-hog"}'
+    grep -E '^(se.sum_exec_runtime|nr_switches|nr_involuntary_switches) ' "/proc/$hog/sched" "/proc/$worker/sched"
+    out=$(in_remote ping -n -c 40 -i 0.1 -W 3 "$VM_IP") || rc=1
+    grep -E '^(se.sum_exec_runtime|nr_switches|nr_involuntary_switches) ' "/proc/$hog/sched" "/proc/$worker/sched"
+    cat /proc/sys/kernel/sched_rt_runtime_us /proc/sys/kernel/sched_rt_period_us
+    kill "$hog"; wait "$hog" 2>/dev/null
+    "$PY" -c 'import os, sys; os.sched_setaffinity(int(sys.argv[1]), range(os.cpu_count()))' "$worker"
+    echo "$out"; ping_oracle remote "$VM_IP" "$out"
+    return $rc
 }
 
 traffic_vm2vm() { # VM -> the second VM on the same switch: pings, a UDP burst echoed back
@@ -918,6 +976,14 @@ lane_main() {
                     > "$OUT/list-stages-$m.json" 2>&1 ||
                     step "tool.list_stages_$m" FAIL "$(tail -n 3 "$OUT/list-stages-$m.json" | tr '\n' ' ')"
             done
+            # --explain's histogram-mode programs (the walk at completion adding to the
+            # shares) through this kernel's verifier; detailed mode's load in B-vhost
+            if "$PY" "$TOOL" --explain --dry-run --attach tracepoint --mode histogram \
+                    > "$OUT/explain-verifier.txt" 2>&1; then
+                step tool.explain_verifier PASS "$(tail -n 1 "$OUT/explain-verifier.txt")"
+            else
+                step tool.explain_verifier FAIL "$(grep -v '^note:' "$OUT/explain-verifier.txt" | tail -n 3 | tr '\n' ' ')"
+            fi
         else
             step tool SKIP "no $TOOL in the payload"
             want_tool=0
