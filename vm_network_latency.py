@@ -257,7 +257,7 @@ def _threshold(text):
     return value
 
 
-# --explain without a value: the last segments of 100 us or more (an idle host's are
+# --explain without a value: the longest segments of 100 us or more (an idle host's are
 # tens of microseconds; a wait worth a question is longer)
 EXPLAIN_DEFAULT_US = 100
 
@@ -347,7 +347,7 @@ def build_parser():
                              "kernel has them (default: auto, chosen per stage)")
     parser.add_argument("--explain", type=_threshold, nargs="?",
                         const=EXPLAIN_DEFAULT_US, metavar="US",
-                        help="why each packet's last segment took long (the VM's "
+                        help="why each packet's longest segment took long (the VM's "
                              "backend asleep, stopped, waiting in the run queue behind "
                              "another task, interrupted; a qdisc's hold), when it is at "
                              "least US microseconds (default %d)" % EXPLAIN_DEFAULT_US)
@@ -656,7 +656,7 @@ class Err(Shared):
 
 
 class Cause(Shared):
-    """--explain: where the thread that ended a packet's last segment spent it (x_ns[i]):
+    """--explain: where the thread that ended a packet's longest segment spent it (x_ns[i]):
     ASLEEP, blocked (waiting for work, or for the guest's buffers); STOPPED (SIGSTOP, a
     debugger); RUN_QUEUE, runnable while other tasks had its CPU; RUNNING; IRQ, hard and
     soft interrupts that cut into its running; UNKNOWN, before the oldest event it keeps
@@ -2566,7 +2566,7 @@ BPF_PERF_OUTPUT(events);
 #endif
 #if EXPLAIN
 /*EXPLAIN_TYPES*/
-// An event: the record and what explains its last segment
+// An event: the record and what explains its longest segment
 struct xevent { struct pkt p; struct explain x; };
 BPF_PERCPU_ARRAY(xscratch, struct xevent, 1);
 // The followed threads (the VMs' QEMU threads and vhost workers, ksoftirqd: user space
@@ -2576,7 +2576,7 @@ BPF_HASH(threads, u32, struct thist, EXPLAIN_THREADS);
 struct oncpu { u32 tid; u32 depth; u64 since; u32 irq_counts; u32 pad; };
 BPF_PERCPU_ARRAY(oncpu, struct oncpu, 1);
 #if HISTOGRAM
-// ns of the explained last segments by direction, first and last stage, and cause
+// ns of the explained segments by direction, first and last stage, and cause
 BPF_ARRAY(explain_sums, u64, NDIRS * NSTAGES * NSTAGES * NCAUSES);
 #endif
 #endif
@@ -3016,7 +3016,20 @@ static __always_inline int parse_frame(u32 len, u32 data_len, u32 mac, u8 *head,
 #define EVENT_T struct pkt
 #endif
 
-// x: what explains its last segment (--explain; else, or for a drop, NULL)
+#if EXPLAIN
+// An event with --explain: the record, and its explanation (zeros: none). x may be
+// the scratch event's own (perf buffer path): copying it onto itself is a no-op.
+static __always_inline void fill_xevent(struct xevent *ev, struct pkt *p, void *x)
+{
+    __builtin_memcpy(&ev->p, p, sizeof(struct pkt));
+    if (x)
+        __builtin_memcpy(&ev->x, x, sizeof(struct explain));
+    else
+        __builtin_memset(&ev->x, 0, sizeof(struct explain));
+}
+#endif
+
+// x: what explains its longest segment (--explain; else, or for a drop, NULL)
 static __always_inline void emit(void *ctx, struct pkt *p, void *x)
 {
 #if USE_RINGBUF
@@ -3026,11 +3039,7 @@ static __always_inline void emit(void *ctx, struct pkt *p, void *x)
         return;
     }
 #if EXPLAIN
-    __builtin_memcpy(&ev->p, p, sizeof(struct pkt));
-    if (x)
-        __builtin_memcpy(&ev->x, x, sizeof(struct explain));
-    else
-        __builtin_memset(&ev->x, 0, sizeof(struct explain));
+    fill_xevent(ev, p, x);
 #else
     __builtin_memcpy(ev, p, sizeof(struct pkt));
 #endif
@@ -3050,11 +3059,7 @@ static __always_inline void emit(void *ctx, struct pkt *p, void *x)
     struct xevent *ev = xscratch.lookup(&zero);
     if (!ev)
         return;
-    __builtin_memcpy(&ev->p, p, sizeof(struct pkt));
-    if (x)
-        __builtin_memcpy(&ev->x, x, sizeof(struct explain));
-    else
-        __builtin_memset(&ev->x, 0, sizeof(struct explain));
+    fill_xevent(ev, p, x);
     if (events.perf_submit(ctx, ev, sizeof(struct xevent)))
         stat_add(STAT_lost, p->dir);
 #else
@@ -3911,7 +3916,7 @@ def program_options(args, features, devices):
         probe_read_kernel=features.probe_read_kernel, netns_inum=host_netns_inum(),
         directions=wanted_directions(args.direction),
         macvtaps=args.dry_run or any(is_macvtap(d) for d in devices),
-        # --explain US: the last segments at least this long (0: off)
+        # --explain US: the longest segments at least this long (0: off)
         explain_ns=int(round(args.explain * 1000)) if args.explain is not None else 0)
 
 
@@ -5323,7 +5328,7 @@ class Run(object):
         self.output_broken = False
         self.formatter = PacketFormatter(reporter, wall_offset)
         self.pending = []               # outputs of on_times(), written by write_pending()
-        # an event: the record, and with --explain what explains its last segment
+        # an event: the record, and with --explain what explains its longest segment
         self.explain = settings.explain is not None
         self.event_size = PKT.size + (EXPL.size if self.explain else 0)
         self.explain_sums = ExplainDiff()
@@ -6384,12 +6389,12 @@ class Metrics(object):
             yield drops
 
     def explained(self):
-        """--explain: the explained last segments' time by what the thread ending them
+        """--explain: the explained segments' time by what the thread ending them
         did (a queue segment's idle time: the queue's)."""
         if self.explain_counts is None:
             return
         fam = self.core.CounterMetricFamily(
-            "vm_network_latency_explained_seconds", "Time of the explained last segments "
+            "vm_network_latency_explained_seconds", "Time of the explained segments "
             "(--explain), by cause", labels=["direction", "segment", "cause"])
         rows = {}
         for (direction, segment), ns in ExplainDiff().added(self.explain_counts).items():

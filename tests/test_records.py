@@ -960,7 +960,7 @@ def test_an_explained_wait_names_the_run_queue_its_cpu_and_the_task_ahead(tool):
         "behind": {"pid": 2231, "comm": "stress-ng"},
         "us": {"asleep": 0.0, "stopped": 0.0, "run_queue": 4600.0, "running": 200.0,
                "irq": 0.0, "unknown": 0.0, "queue": 0.0}}
-    # a packet whose last segment was too short to explain: explain is null
+    # a packet with no segment long enough to explain: explain is null
     run, out = explain_run(tool, "json")
     run.on_event(icmp_rx(tool) +
                  explanation(tool))

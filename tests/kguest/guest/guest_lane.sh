@@ -413,11 +413,16 @@ check_ovs_forwarding() {
     fi
 }
 
+ping_step() { # ping_step TOPO: three pings from the VM, the step TOPO.ping
+    local out
+    if out=$(do_ping 3 0.2 2>&1); then step "$1.ping" PASS "$(echo "$out" | tail -n1)"
+    else step "$1.ping" FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
+    echo "$out"
+}
+
 basic_traffic_checks() { # basic_traffic_checks TOPO
     local t=$1 out
-    if out=$(do_ping 3 0.2 2>&1); then step "$t.ping" PASS "$(echo "$out" | tail -n1)"
-    else step "$t.ping" FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
-    echo "$out"
+    ping_step "$t"
     if out=$(do_udp 20 2>&1); then step "$t.udp" PASS "$(echo "$out" | grep udp_burst)"
     else step "$t.udp" FAIL "$(echo "$out" | tr '\n' ' ')"; fi
     if out=$(do_tcp 5 2>&1); then step "$t.tcp" PASS "$(echo "$out" | grep tcp_client)"
@@ -999,8 +1004,7 @@ lane_main() {
         [ $want_a = 1 ] || start_ovs || step ovs_start FAIL "see /var/log/openvswitch"
         if topo_o_up; then
             step O.topology PASS "$OVSBR: $TAP + $TAP2 + $BOND (balance-xor: $PHY $PHY2)"
-            if out=$(do_ping 3 0.2 2>&1); then step O.ping PASS "$(echo "$out" | tail -n1)"
-            else step O.ping FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
+            ping_step O > /dev/null
             [ $want_tool = 1 ] && uplink_cases O
         else
             step O.topology FAIL "could not build topology O"
@@ -1012,8 +1016,7 @@ lane_main() {
         [ $want_a = 1 ] || [ $want_o = 1 ] || start_ovs || step ovs_start FAIL "see /var/log/openvswitch"
         if topo_g_up; then
             step G.topology PASS "$OVSBR: $TAP + geneve (genev_sys_6081, VNI $GENEVE_VNI) over $PHY"
-            if out=$(do_ping 3 0.2 2>&1); then step G.ping PASS "$(echo "$out" | tail -n1)"
-            else step G.ping FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
+            ping_step G > /dev/null
             [ $want_tool = 1 ] && geneve_case
         else
             step G.topology FAIL "could not build topology G"
@@ -1035,8 +1038,7 @@ lane_main() {
     if [ $want_v = 1 ]; then
         if topo_v_up; then
             step V.topology PASS "$LBR: $TAP + $BOND.$VLAN_ID (active-backup: $PHY $PHY2)"
-            if out=$(do_ping 3 0.2 2>&1); then step V.ping PASS "$(echo "$out" | tail -n1)"
-            else step V.ping FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
+            ping_step V > /dev/null
             [ $want_tool = 1 ] && uplink_cases V
         else
             step V.topology FAIL "could not build topology V"
@@ -1046,8 +1048,7 @@ lane_main() {
     if [ $want_m = 1 ]; then
         if topo_m_up; then
             step M.topology PASS "$MVT (macvtap, bridge mode) on $PHY"
-            if out=$(do_ping 3 0.2 2>&1); then step M.ping PASS "$(echo "$out" | tail -n1)"
-            else step M.ping FAIL "$(echo "$out" | tail -n2 | tr '\n' ' ')"; fi
+            ping_step M > /dev/null
             [ $want_tool = 1 ] && macvtap_cases
         else
             step M.topology FAIL "could not build topology M"
