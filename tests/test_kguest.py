@@ -7,7 +7,7 @@ release of the kernel matrix, each with its own kernel, BCC and Python:
   trixie    Linux 6.12, BCC 0.31, Python 3.13
 
 KGUEST_SUITES=bullseye,trixie (or ``./test_vm_latency.sh kguest SUITE``) picks some.
-tests/kguest/run_lane.sh runs once per release (about 5 minutes, plus one or two to
+tests/kguest/run_lane.sh runs once per release (11 to 14 minutes, plus one or two to
 build the cached guest image the first time), and every test below runs on each. In
 the guest, every traced run starts instances of the tool side by side on the same
 traffic, ``--attach kprobe`` and ``--attach tracepoint`` (the mix run also ``--attach
