@@ -2347,6 +2347,12 @@ def hist_slots(segments):
     return max(1, len(segments)) * C.HIST_BUCKETS
 
 
+def vm_explain_base(segments):
+    """--explain with the per-VM table: the slot of a VM's first explanation sum, after
+    its histogram rows (then EXPLAIN_SLOTS of them, indexed as explain_sums)."""
+    return max(1, len(segments)) * C.VM_HIST_ROW
+
+
 def bucket_bounds(bucket):
     """[lo, hi) of a bucket, in microseconds; the last one is open-ended (38 hours+)."""
     sub = 1 << C.HIST_SUB_BITS
@@ -2501,14 +2507,29 @@ static __always_inline struct explain *explain_packet(struct pkt *p)
 }
 
 #if HISTOGRAM
+// The ns of each cause, added up for all VMs and, with the per-VM table, for the packet's
+// VM (its slots follow the VM's histogram rows: VM_EXPLAIN_BASE + the same index)
 static __always_inline void explain_add(struct pkt *p, struct explain *x)
 {
     u32 base = ((p->dir * NSTAGES + x->x_from) * NSTAGES + x->x_to) * NCAUSES;
     for (u32 c = 0; c < NCAUSES; c++) {
         u32 idx = base + c;
+        u64 ns = x->x_ns[c];
+        if (!ns)
+            continue;
         u64 *sum = explain_sums.lookup(&idx);
-        if (sum && x->x_ns[c])
-            __sync_fetch_and_add(sum, x->x_ns[c]);
+        if (sum)
+            __sync_fetch_and_add(sum, ns);
+#if PER_VM
+        struct vm_hist_key k = {.vm_ifindex = p->vm_ifindex, .peer_ifindex = p->peer_ifindex,
+                                .slot = VM_EXPLAIN_BASE + idx};
+        u64 zero = 0;
+        u64 *vm_sum = vm_hist.lookup_or_try_init(&k, &zero);
+        if (vm_sum)
+            __sync_fetch_and_add(vm_sum, ns);
+        else
+            stat_add(STAT_vm_hist_full, p->dir);
+#endif
     }
 }
 #endif
@@ -3981,6 +4002,7 @@ def generate_program(opts, plan, layout):
         ("HOST_NETNS_INUM", "%dU" % opts.netns_inum),
         ("KFREE_SKB_HAS_REASON", int(layout.kfree_skb_reason)),
         ("HIST_SLOTS", hist_slots(plan.segments)),
+        ("VM_EXPLAIN_BASE", vm_explain_base(plan.segments)),
         ("TRACE_UPCALLS", int(plan.upcalls)),
         ("FINAL_TX", plan.final["tx"]), ("FINAL_RX_VM", plan.final["rx"]),
         ("STAGE_OVS_EXECUTE", OVS_SID),
@@ -4592,6 +4614,28 @@ def packet_record(fields, book, wall_offset, why=None):
 
 
 # how text output names --explain's causes ("queue": a qdisc's hold, see explain_record)
+def vm_json_fields(vm):
+    """A --per-vm output's owner (VmTables) as JSON fields; none for all VMs."""
+    if not vm:
+        return {}
+    out = {"vm": vm.name, "vm_label": vm.label, "vm_dev": vm.devs}
+    if vm.peer_label:
+        out.update({"peer_vm": vm.peer_name, "peer_vm_label": vm.peer_label,
+                    "peer_vm_dev": vm.peer_devs})
+    return out
+
+
+def vm_heading(vm):
+    """The same as the start of a text heading ("VM web1 (tap0): "), escaped."""
+    if not vm:
+        return ""
+    who = "VM %s (%s)" % (shown_name(vm.label), ", ".join(shown_name(d) for d in vm.devs))
+    if vm.peer_label:
+        who += " -> VM %s (%s)" % (shown_name(vm.peer_label), ", ".join(
+            shown_name(d) for d in vm.peer_devs))
+    return who + ": "
+
+
 EXPLAIN_WORDS = {"asleep": "asleep", "stopped": "stopped", "run_queue": "run-queue",
                  "running": "running", "irq": "interrupts", "unknown": "unknown",
                  "queue": "queue"}
@@ -4939,9 +4983,9 @@ class Reporter(object):
         total = total[0] if total else sum(us for us, _c in causes)
         return "%s %s = %s" % (why["segment"], self.fmt_us(total), " + ".join(parts) or "-")
 
-    def explanations(self, when, added):
+    def explanations(self, when, added, vm=None):
         """--explain in histogram mode: each explained segment's time this interval, by
-        cause ({(direction, segment): [ns by Cause]})."""
+        cause ({(direction, segment): [ns by Cause]}); vm: whose (--per-vm)."""
         rows = []
         for (direction, segment), ns in sorted(added.items()):
             causes = explain_causes(segment, ns)
@@ -4950,15 +4994,18 @@ class Reporter(object):
                 rows.append((direction, segment, causes, total))
         if self.json:
             for direction, segment, causes, total in rows:
-                self.emit_json({"type": "explain", "timestamp": round(when, 3),
-                                "direction": direction, "segment": segment,
-                                "us": dict((c, round(v / 1000.0, 3)) for c, v in
-                                           sorted(causes.items()))})
+                obj = {"type": "explain", "timestamp": round(when, 3)}
+                obj.update(vm_json_fields(vm))
+                obj.update({"direction": direction, "segment": segment,
+                            "us": dict((c, round(v / 1000.0, 3)) for c, v in
+                                       sorted(causes.items()))})
+                self.emit_json(obj)
             return
         if not rows:
             return
-        lines = ["[%s] Why (the explained segments' time, by what the thread that ended "
-                 "them did):" % time.strftime("%H:%M:%S", time.localtime(when))]
+        lines = ["[%s] %sWhy (the explained segments' time, by what the thread that ended "
+                 "them did):" % (time.strftime("%H:%M:%S", time.localtime(when)),
+                                 vm_heading(vm))]
         for direction, segment, causes, total in rows:
             parts = ["%s %.0f%%" % (EXPLAIN_WORDS[c], 100.0 * v / total)
                      for c, v in sorted(causes.items(), key=lambda cv: -cv[1]) if v]
@@ -4976,11 +5023,7 @@ class Reporter(object):
                 obj = {"type": "histogram", "timestamp": round(when, 3)}
                 if self.sample > 1:
                     obj["sample"] = self.sample
-                if vm:
-                    obj.update({"vm": vm.name, "vm_label": vm.label, "vm_dev": vm.devs})
-                    if vm.peer_label:
-                        obj.update({"peer_vm": vm.peer_name, "peer_vm_label": vm.peer_label,
-                                    "peer_vm_dev": vm.peer_devs})
+                obj.update(vm_json_fields(vm))
                 obj.update({
                     "direction": direction, "segment": segment, "count": count,
                     "p50_us": _round(percentile(buckets, 0.50)),
@@ -4991,14 +5034,7 @@ class Reporter(object):
                 })
                 self.emit_json(obj)
             return
-        who = ""
-        if vm:
-            who = "VM %s (%s)" % (shown_name(vm.label), ", ".join(shown_name(d)
-                                                                   for d in vm.devs))
-            if vm.peer_label:
-                who += " -> VM %s (%s)" % (shown_name(vm.peer_label), ", ".join(
-                    shown_name(d) for d in vm.peer_devs))
-            who += ": "
+        who = vm_heading(vm)
         if not tables:
             self.write("[%s] %sno packets completed the path in this interval\n\n"
                        % (stamp, who))
@@ -5048,8 +5084,8 @@ class Reporter(object):
             self.write("  %d of another VXLAN/Geneve network (--vni): not followed further\n"
                        % s["other_vni"])
         if s["vm_hist_full"]:
-            self.write("  %d histogram counts not kept: the --per-vm table was full\n"
-                       % s["vm_hist_full"])
+            self.write("  %d histogram counts (or --explain sums) not kept: the --per-vm "
+                       "table was full\n" % s["vm_hist_full"])
         for p in s["in_flight_examples"]:
             ends = "%s -> %s" % (p["src_ip"], p["dst_ip"]) if p["src_port"] is None else \
                 "%s -> %s" % (endpoint(p["src_ip"], p["src_port"]),
@@ -5261,23 +5297,42 @@ class ExplainDiff(object):
         out, prev = {}, self.prev
         for idx, ns in enumerate(counts):
             if ns != prev[idx]:
-                rest, cause = divmod(idx, C.NCAUSES)
-                rest, to = divmod(rest, NSTAGES)
-                direction, frm = divmod(rest, NSTAGES)
-                key = (DIRECTIONS[direction], "%s->%s" % (STAGE_NAMES[frm], STAGE_NAMES[to]))
+                key, cause = explain_slot(idx)
                 out.setdefault(key, [0] * C.NCAUSES)[cause] += (ns - prev[idx]) & COUNT_MASK
                 prev[idx] = ns
         return out
+
+
+def explain_slot(idx):
+    """An explain_sums index as ((direction, "from->to"), cause)."""
+    rest, cause = divmod(idx, C.NCAUSES)
+    rest, to = divmod(rest, NSTAGES)
+    direction, frm = divmod(rest, NSTAGES)
+    return (DIRECTIONS[direction], "%s->%s" % (STAGE_NAMES[frm], STAGE_NAMES[to])), cause
+
+
+def explain_sums_by_vm(counts, base):
+    """The per-VM table's explanation sums ({(tap, peer, slot): ns}, slots from
+    `base`) as {(tap, peer): {(direction, segment): [ns by cause]}}."""
+    out = {}
+    for (tap, peer, slot), ns in counts.items():
+        if slot >= base and ns:
+            key, cause = explain_slot(slot - base)
+            out.setdefault((tap, peer), {}).setdefault(key, [0] * C.NCAUSES)[cause] += ns
+    return out
 
 
 class VmHistogramDiff(object):
     """The same for the per-VM table, {(tap, peer, slot): count} (tap: the VM's device;
     VM-to-VM: the sender's, peer the receiver's, else 0): what each (tap, peer) added
     since the last read, as {(tap, peer): {(direction index, segment): {bucket:
-    count}}}. A slot past a segment's buckets holds the sum of its ns (the metrics')."""
+    count}}}. A slot past a segment's buckets holds the sum of its ns (the metrics').
+    With --explain, the slots after the histogram rows hold each VM's explanation sums:
+    what they added comes second, as explain_sums_by_vm() gives it."""
 
     def __init__(self, segments):
         self.segments = segments
+        self.explain_base = vm_explain_base(segments)
         self.prev = {}
 
     def backwards(self, counts):
@@ -5288,14 +5343,17 @@ class VmHistogramDiff(object):
         for (tap, peer, slot), count in counts.items():
             added = count - prev.get((tap, peer, slot), 0)
             seg, bucket = divmod(slot, C.VM_HIST_ROW)
-            if not added or bucket == C.HIST_BUCKETS:
+            if not added or bucket == C.HIST_BUCKETS or slot >= self.explain_base:
                 continue
             direction, segment = self.segments[seg]
             buckets = per.setdefault((tap, peer), {}).setdefault(
                 (DIRECTIONS.index(direction), segment), {})
             buckets[bucket] = buckets.get(bucket, 0) + added
+        explained = explain_sums_by_vm(dict(
+            (k, (ns - prev.get(k, 0)) & COUNT_MASK) for k, ns in counts.items()
+            if k[2] >= self.explain_base), self.explain_base)
         self.prev = dict(counts)
-        return per
+        return per, explained
 
     def forget(self, taps):
         for key in [k for k in self.prev if k[0] in taps or k[1] in taps]:
@@ -5437,23 +5495,33 @@ class Run(object):
         return tables
 
     def vm_histograms(self, when, counts, last=False):
-        """--per-vm: [((label, name, [taps]), tables)] of what each VM's taps added
-        since the last read (VM-to-VM: each sender and receiver's), in the order of
-        their labels."""
+        """--per-vm: [((label, name, [taps]), tables, explained)] of what each VM's taps
+        added since the last read (VM-to-VM: each sender and receiver's), in the order of
+        their labels; explained: with --explain, {(direction, segment): [ns by cause]}."""
         if self.recorder:
             self.recorder.write({"kind": "vmhist", "when": when, "last": last, "counts": dict(
                 ("%d:%d:%d" % k, c) for k, c in sorted(counts.items()))})
         per = {}
-        for (tap, peer), tables in self.vm_hist.added(counts).items():
+
+        def entry_of(tap, peer):
             label, name, dev = self.book.vm_of(tap)
             to = self.book.vm_of(peer) if peer else None    # (label, name, device)
             entry = per.setdefault((label, to and to[0]), (VmTables(label, name, [], to and
                                                                     to[0], to and to[1],
-                                                                    []), {}))
+                                                                    []), {}, {}))
             if dev not in entry[0].devs:
                 entry[0].devs.append(dev)
             if to and to[2] not in entry[0].peer_devs:
                 entry[0].peer_devs.append(to[2])
+            return entry
+
+        added, explained = self.vm_hist.added(counts)
+        for (tap, peer), by_segment in explained.items():
+            into = entry_of(tap, peer)[2]
+            for key, ns in by_segment.items():
+                into[key] = [a + b for a, b in zip(into.get(key, [0] * C.NCAUSES), ns)]
+        for (tap, peer), tables in added.items():
+            entry = entry_of(tap, peer)
             for key, buckets in tables.items():
                 into = entry[1].setdefault(key, {})
                 for b, n in buckets.items():
@@ -5462,7 +5530,8 @@ class Run(object):
                     added = sum(buckets.values())
                     self.hist_totals[DIRECTIONS[key[0]]] += added
                     self.vm_hist_totals[tap] = self.vm_hist_totals.get(tap, 0) + added
-        return [(who, order_tables(tables)) for _l, (who, tables) in sorted(per.items())]
+        return [(who, order_tables(tables), why)
+                for _l, (who, tables, why) in sorted(per.items())]
 
     def report_histograms(self, when, tables, last):
         if (tables or not last) and not self.settings.quiet:
@@ -5475,7 +5544,7 @@ class Run(object):
             return
         if not self.settings.per_vm:
             merged = {}
-            for _who, tables in per_vm:
+            for _who, tables, _why in per_vm:
                 for direction, segment, buckets in tables:
                     into = merged.setdefault((DIRECTIONS.index(direction), segment), {})
                     for b, n in buckets.items():
@@ -5483,8 +5552,11 @@ class Run(object):
             if merged or not last:
                 self.reporter.histograms(when, order_tables(merged))
             return
-        for who, tables in per_vm:
-            self.reporter.histograms(when, tables, who)
+        for who, tables, why in per_vm:
+            if tables or not last:
+                self.reporter.histograms(when, tables, who)
+            if why:
+                self.reporter.explanations(when, why, who)
         if not per_vm and not last:
             self.reporter.histograms(when, [])
 
@@ -5498,7 +5570,8 @@ class Run(object):
         return self.explain_sums.added(counts)
 
     def report_explanations(self, when, added, last):
-        if added and not self.settings.quiet:
+        """All VMs' explanations; with --per-vm each VM's come with its histograms."""
+        if added and not self.settings.quiet and not self.settings.per_vm:
             self.reporter.explanations(when, added)
 
     def forget_taps(self, taps):
@@ -5993,7 +6066,8 @@ class RecordingReader(object):
               version)
         self.event_size = PKT.size + (EXPL.size if explain is not None else 0)
         self.hist_slots = hist_slots(segments)
-        self.vm_slots = max(1, len(segments)) * C.VM_HIST_ROW
+        self.vm_slots = vm_explain_base(segments) + (EXPLAIN_SLOTS if explain is not None
+                                                     else 0)
         return meta
 
     def check_event(self, obj):
@@ -6243,7 +6317,6 @@ class Metrics(object):
         self.body = b""         # and its exposition
         self.retired = {}       # {(vm label, slot): count} of taps forgotten, their VM alive
         self.server = None
-        self.explain_counts = None      # --explain: the kernel's explain_sums
 
     def serve(self, addr, port, tls=None):
         """Bind now, before any BPF is compiled: a port in use is bad input."""
@@ -6264,7 +6337,7 @@ class Metrics(object):
         families += list(self.histograms(counts))
         families += list(self.packet_counters(stats, fates))
         families += list(self.table_usage(len(counts), table_size, stats))
-        families += list(self.explained())
+        families += list(self.explained(counts))
         families += list(self.own_cost())
         self.families = families
         self.body = self.prom.generate_latest(self.registry)
@@ -6321,7 +6394,10 @@ class Metrics(object):
         rows = {}       # (vm, peer vm, direction, segment) -> [per bucket], sum ns
         by_label = [((self.label(tap), self.label(peer), slot), count)
                     for (tap, peer, slot), count in counts.items()]
+        explain_base = vm_explain_base(self.run.segments)
         for (label, peer, slot), count in by_label + list(self.retired.items()):
+            if slot >= explain_base:
+                continue        # --explain's sums (explained())
             seg, bucket = divmod(slot, C.VM_HIST_ROW)
             direction, segment = self.run.segments[seg]
             row = rows.setdefault((label, peer, direction, segment),
@@ -6344,8 +6420,9 @@ class Metrics(object):
 
     def table_usage(self, used, size, stats):
         full = self.core.CounterMetricFamily(
-            "vm_network_latency_vm_table_full", "Histogram counts not kept because the "
-            "kernel's per-VM table was full (--vm-table-size)", labels=["direction"])
+            "vm_network_latency_vm_table_full", "Histogram counts (and --explain sums) not "
+            "kept because the kernel's per-VM table was full (--vm-table-size)",
+            labels=["direction"])
         for d, direction in enumerate(DIRECTIONS):
             full.add_metric([direction], stats["vm_hist_full"][d])
         yield full
@@ -6388,18 +6465,28 @@ class Metrics(object):
                                       DIRECTIONS[direction]], count)
             yield drops
 
-    def explained(self):
-        """--explain: the explained segments' time by what the thread ending them
-        did (a queue segment's idle time: the queue's)."""
-        if self.explain_counts is None:
+    def explained(self, counts):
+        """--explain: the explained segments' time by what the thread ending them did
+        (a queue segment's idle time: the queue's), per VM as the histograms are, from
+        the per-VM table's slots after the histogram rows."""
+        if not self.run.explain:
             return
         fam = self.core.CounterMetricFamily(
             "vm_network_latency_explained_seconds", "Time of the explained segments "
-            "(--explain), by cause", labels=["direction", "segment", "cause"])
+            "(--explain), by cause", labels=["direction", "segment", "cause", "vm",
+                                             "peer_vm"])
         rows = {}
-        for (direction, segment), ns in ExplainDiff().added(self.explain_counts).items():
-            for cause, value in explain_causes(segment, ns).items():
-                rows[(direction, segment, cause)] = value / 1e9
+        labelled = {}   # {(vm, peer vm, slot): ns}, taps gone but their VM alive included
+        for (tap, peer, slot), ns in counts.items():
+            key = (self.label(tap), self.label(peer), slot)
+            labelled[key] = labelled.get(key, 0) + ns
+        for key, ns in self.retired.items():
+            labelled[key] = labelled.get(key, 0) + ns
+        by_vm = explain_sums_by_vm(labelled, vm_explain_base(self.run.segments))
+        for (label, peer), segments in by_vm.items():
+            for (direction, segment), ns in segments.items():
+                for cause, value in explain_causes(segment, ns).items():
+                    rows[(direction, segment, cause, label, peer)] = value / 1e9
         for key in sorted(rows):
             fam.add_metric(list(key), rows[key])
         yield fam
@@ -6616,8 +6703,6 @@ class LiveTrace(object):
         metrics are rendered from the same read."""
         run, when = self.run, time.time()
         sums = run.counters.explain_sums() if run.explain else None
-        if self.metrics and sums is not None:
-            self.metrics.explain_counts = sums     # in the snapshot below
         if keeps_per_vm_counts(self.args):
             counts = run.counters.vm_hist()
             run.report_vm_histograms(when, run.vm_histograms(when, counts, last), last)

@@ -328,7 +328,8 @@ def test_every_lane_step_passed(lane):
     steps = [l.split("\t") for l in lane.read("steps.tsv").splitlines() if l.strip()]
     failed = ["%s: %s" % (s[0], s[2][:300] if len(s) > 2 else "") for s in steps if s[1] != "PASS"]
     names = [s[0] for s in steps]
-    missing = [n for n in ("run.A-mix", "run.A-netem", "run.A-drop", "run.A-host", "sigkill",
+    missing = [n for n in ("tool.explain_verifier", "run.A-mix", "run.A-netem", "run.A-drop",
+                           "run.A-host", "sigkill",
                            "run.B-mix", "run.B-netem", "run.B-drop", "run.B-host",
                            "run.B-cost", "run.B-cost-reversed", "run.B-vhost",
                            "run.G-overlay", "run.O-mix", "run.O-vm2vm", "run.V-mix",

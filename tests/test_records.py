@@ -944,7 +944,7 @@ def explain_run(tool, output, mode="detailed"):
 def test_an_explained_wait_names_the_run_queue_its_cpu_and_the_task_ahead(tool):
     why = explanation(tool, {"run_queue": 4600000, "running": 200000}, x_tid=4244,
                       x_behind=2231, x_behind_comm=b"stress-ng", x_cpu=1,
-                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid,
                       x_to=tool.STAGE_BY_NAME["vm_read"].sid, x_flags=tool.XF.FOLLOWED)
     run, out = explain_run(tool, "text")
     run.on_event(slow_read(tool) + why)
@@ -987,7 +987,7 @@ def test_a_qdisc_hold_is_the_queue_and_an_interrupt_names_no_thread(tool):
 
 def test_a_stopped_vm_and_a_thread_not_followed(tool):
     stopped = explanation(tool, {"stopped": 4500000, "run_queue": 250000, "running": 50000},
-                          x_tid=4244, x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                          x_tid=4244, x_from=tool.STAGE_BY_NAME["tap_xmit"].sid,
                       x_to=tool.STAGE_BY_NAME["vm_read"].sid,
                           x_flags=tool.XF.FOLLOWED, x_cpu=0)
     run, out = explain_run(tool, "text")
@@ -995,7 +995,7 @@ def test_a_stopped_vm_and_a_thread_not_followed(tool):
     assert "why: tap_xmit->vm_read 4800.00us = stopped 4500.00us + run-queue 250.00us " \
         "on CPU 0 + running 50.00us" in out.getvalue()
     alone = explanation(tool, {"unknown": 4800000}, x_tid=999,
-                        x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                        x_from=tool.STAGE_BY_NAME["tap_xmit"].sid,
                       x_to=tool.STAGE_BY_NAME["vm_read"].sid)
     run, out = explain_run(tool, "text")
     run.book.known["thread"][999] = "worker"
@@ -1020,10 +1020,88 @@ def test_histogram_mode_reports_each_segments_time_by_cause(tool):
     assert added == {("rx", "tap_xmit->vm_read"): [1000000, 0, 0, 0, 0, 0]}
 
 
+def test_per_vm_explanations_come_with_each_vms_histograms_and_only_theirs(tool):
+    """--per-vm --explain: the per-VM table's slots after the histogram rows hold each
+    VM's sums; each VM's Why block follows its own tables, under its (escaped) name."""
+    segments = [("rx", "tap_xmit->vm_read"), ("rx", "total")]
+    base = tool.vm_explain_base(segments)
+    rx, frm, to = tool.Dir.RX, tool.STAGE_BY_NAME["tap_xmit"].sid, \
+        tool.STAGE_BY_NAME["vm_read"].sid
+    slot = base + ((rx * tool.NSTAGES + frm) * tool.NSTAGES + to) * tool.C.NCAUSES
+    bucket = tool.C.VM_HIST_ROW + 40        # a count in the total's row
+    for output in ("text", "json"):
+        out = io.StringIO()
+        run = tool.Run(tool.RunSettings("histogram", True, 1, False, False, 100.0),
+                       tool.Reporter(output, "all", out=out), segments, False, {}, WALL,
+                       tool.NameBook(live=False))
+        run.book.devices.update({7: "vnet0", 8: "vnet1"})
+        run.book.vms = {7: tool.VmInfo("web\x1b[2J1", None, 4242, "qemu"),
+                        8: tool.VmInfo("db1", None, 4343, "qemu")}
+        counts = {(7, 0, bucket): 3, (7, 0, slot + tool.Cause.RUN_QUEUE): 9000000,
+                  (7, 0, slot + tool.Cause.RUNNING): 1000000,
+                  (8, 0, bucket): 2, (8, 0, slot + tool.Cause.ASLEEP): 4000000}
+        per_vm = run.vm_histograms(WALL + 5, counts)
+        assert [(who.name, why) for who, _t, why in per_vm] == [
+            ("db1", {("rx", "tap_xmit->vm_read"): [4000000, 0, 0, 0, 0, 0]}),
+            ("web\x1b[2J1", {("rx", "tap_xmit->vm_read"): [0, 0, 9000000, 1000000, 0, 0]})]
+        run.report_vm_histograms(WALL + 5, per_vm, False)
+        # all VMs' Why block is not printed as well (each VM's sums are in its own)
+        run.report_explanations(WALL + 5, {("rx", "tap_xmit->vm_read"): [1, 0, 0, 0, 0, 0]},
+                                False)
+        if output == "text":
+            text = out.getvalue()
+            assert "\x1b" not in text
+            web = text.index("VM web\\x1b[2J1 (vnet0): Why")
+            assert text.index("VM web\\x1b[2J1 (vnet0): Latency") < web
+            assert "  RX tap_xmit->vm_read 10000.00us: run-queue 90% | running 10%" in \
+                text[web:]
+            db = text.index("VM db1 (vnet1): Why")
+            assert "  RX tap_xmit->vm_read 4000.00us: asleep 100%" in text[db:web]
+            assert text.count("Why") == 2, text
+        else:
+            shares = [o for o in map(json.loads, out.getvalue().splitlines())
+                      if o["type"] == "explain"]
+            assert [(o["vm"], o["vm_dev"], o["us"]["run_queue"], o["us"]["asleep"])
+                    for o in shares] == [("db1", ["vnet1"], 0.0, 4000.0),
+                                         ("web\x1b[2J1", ["vnet0"], 9000.0, 0.0)]
+        # the next read: only what each VM added
+        counts[(8, 0, slot + tool.Cause.ASLEEP)] += 500000
+        assert [why for _w, _t, why in run.vm_histograms(WALL + 10, counts)] == [
+            {("rx", "tap_xmit->vm_read"): [500000, 0, 0, 0, 0, 0]}]
+
+
+def test_a_recording_of_per_vm_explanations_replays_them_per_vm(tool, tmp_path):
+    segments = [["rx", "tap_xmit->vm_read"], ["rx", "total"]]
+    base = tool.vm_explain_base(segments)
+    rx, frm, to = tool.Dir.RX, tool.STAGE_BY_NAME["tap_xmit"].sid, \
+        tool.STAGE_BY_NAME["vm_read"].sid
+    slot = base + ((rx * tool.NSTAGES + frm) * tool.NSTAGES + to) * tool.C.NCAUSES
+    meta = recording_meta(tool, mode="histogram", per_vm=True, segments=segments,
+                          explain=100.0, explain_record=tool.EXPL.format)
+    names = {"kind": "names", "names": {"7": "vnet0", "3": "eth1"}, "uplinks": {}}
+    vms = {"kind": "vms", "vms": {"7": ["web1", None, 4242, "qemu"]}}
+    good = str(tmp_path / "good.vnl")
+    write_recording(tool, good, [names, vms, {
+        "kind": "vmhist", "when": WALL + 5, "last": False,
+        "counts": {"7:0:%d" % (tool.C.VM_HIST_ROW + 40): 3,
+                   "7:0:%d" % (slot + tool.Cause.RUN_QUEUE): 6000000}}], meta=meta)
+    code, out, err = run_main(tool, ["--read-events", good])
+    assert code == 0, err
+    assert "VM web1 (vnet0): Why" in out and \
+        "  RX tap_xmit->vm_read 6000.00us: run-queue 100%" in out, out
+    # a slot past the explanations' is not a per-VM slot
+    bad = str(tmp_path / "bad.vnl")
+    write_recording(tool, bad, [names, {
+        "kind": "vmhist", "when": WALL + 5, "last": False,
+        "counts": {"7:0:%d" % (base + tool.EXPLAIN_SLOTS): 1}}], meta=meta)
+    code, _out, err = run_main(tool, ["--read-events", bad])
+    assert code == 2 and "a per-VM slot" in err and len(err.splitlines()) == 1, err
+
+
 def test_a_recording_with_explanations_replays_them_and_refuses_impossible_ones(tool,
                                                                                tmp_path):
     why = explanation(tool, {"run_queue": 4600000, "running": 200000}, x_tid=4244,
-                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                      x_from=tool.STAGE_BY_NAME["tap_xmit"].sid,
                       x_to=tool.STAGE_BY_NAME["vm_read"].sid, x_flags=tool.XF.FOLLOWED)
     good = tmp_path / "good.vnl"
     meta = recording_meta(tool, explain=100.0, explain_record=tool.EXPL.format)
@@ -1037,7 +1115,7 @@ def test_a_recording_with_explanations_replays_them_and_refuses_impossible_ones(
     # an explanation longer than its segment, or from a stage the packet never passed
     for bad_why, message in (
             (explanation(tool, {"running": 9000000}, x_tid=1, x_flags=tool.XF.FOLLOWED,
-                         x_from=tool.STAGE_BY_NAME["tap_xmit"].sid, 
+                         x_from=tool.STAGE_BY_NAME["tap_xmit"].sid,
                       x_to=tool.STAGE_BY_NAME["vm_read"].sid),
              "an explanation longer than its segment"),
             (explanation(tool, {"running": 1000}, x_tid=1, x_flags=tool.XF.FOLLOWED,
