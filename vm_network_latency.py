@@ -33,7 +33,8 @@
 #            [--output {text,json}] [--attach {auto,kprobe,tracepoint,tp_btf}]
 #            [--explain [US]] [--drops] [--list-vms] [--list-stages] [--dry-run]
 #            [--sample N] [--max-inflight N] [--btf FILE] [--verbose]
-#            [--write-events FILE] [--read-events FILE] [--version] [--ebpf]
+#            [--write-events FILE] [--read-events FILE]... [--clock-offset US]
+#            [--version] [--ebpf]
 #
 # Copyright (c) 2026 The vm_network_latency developers. MIT License (see LICENSE).
 #
@@ -43,12 +44,14 @@
 # 06-Dec-2026   Recordings, names and files as untrusted input; metrics over TLS;
 #               long-running exporters forget VMs that are gone. macvtap, VM to VM
 #               on one host, NICs behind bonds and VLANs.
+# 07-Dec-2026   --explain: why each long wait; two hosts' recordings joined.
 
 from __future__ import print_function
 
 import argparse
 import array
 import binascii
+import bisect
 import ctypes
 import errno
 import fcntl
@@ -111,6 +114,8 @@ EXAMPLES = """examples:
   # save a run, and read it again later without root
   sudo ./vm_network_latency.py --timeout 60 --write-events run.vnl
   ./vm_network_latency.py --read-events run.vnl
+  # one packet across two hypervisors: their recordings of the same minute, joined
+  ./vm_network_latency.py --read-events hv-a.vnl --read-events hv-b.vnl
 """
 
 # IP protocol numbers (PROTO_* in C); names as tcpdump's: icmp is ICMPv4, icmp6 ICMPv6
@@ -243,6 +248,18 @@ def _path(text):
     if not text:
         raise argparse.ArgumentTypeError("the file name is empty")
     return text
+
+
+def _clock_offset(text):
+    """An argparse type: microseconds, either way, within a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%s is not a number of microseconds" % printable(
+            text, 40))
+    if not -86400e6 <= value <= 86400e6:
+        raise argparse.ArgumentTypeError("%s is more than a day" % printable(text, 40))
+    return value
 
 
 # a day: a longer threshold is a typo, and ns of it must fit the C's unsigned 64 bits
@@ -382,9 +399,15 @@ def build_parser():
     parser.add_argument("--write-events", metavar="FILE", type=_path,
                         help="also save the run's raw events and final counters to FILE, "
                              "for --read-events")
-    parser.add_argument("--read-events", metavar="FILE", type=_path,
+    parser.add_argument("--read-events", metavar="FILE", type=_path, action="append",
                         help="report a run saved with --write-events again (its records, "
-                             "histograms and summary), offline: no root, no BPF")
+                             "histograms and summary), offline: no root, no BPF; given "
+                             "for two or more hosts' recordings, join them: each packet "
+                             "from one host's VM to another's, the wire between them")
+    parser.add_argument("--clock-offset", metavar="US", type=_clock_offset,
+                        help="joining two hosts' recordings: the second host's wall clock "
+                             "is US microseconds ahead of the first's (0: synchronised, "
+                             "PTP), instead of the offset estimated from the packets")
     # tests: the perf-buffer path of kernels without a BPF ring buffer (before 5.8)
     parser.add_argument("--perf-buffer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version="%(prog)s " + VERSION)
@@ -409,9 +432,13 @@ def parse_args(argv):
     def given_besides(*allowed):
         return sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
                       if k not in allowed and v != parser.get_default(k))
-    if args.read_events and given_besides("read_events", "output"):
+    if args.read_events and given_besides("read_events", "output", "clock_offset"):
         parser.error("--read-events replays a recording: only --output goes with it "
-                     "(not %s)" % ", ".join(given_besides("read_events", "output")))
+                     "(not %s)" % ", ".join(given_besides("read_events", "output",
+                                                          "clock_offset")))
+    if args.clock_offset is not None and len(args.read_events or ()) != 2:
+        parser.error("--clock-offset goes with a join of two recordings (--read-events A "
+                     "--read-events B)")
     if args.write_events and (args.list_stages or args.dry_run or args.ebpf):
         parser.error("--write-events records a trace: not with %s" % next(
             o for o in ("--list-stages", "--dry-run", "--ebpf")
@@ -753,7 +780,8 @@ RECORD_FIELDS = [
     ("location", "u64", 1, "drop events: where the kernel freed it"),
     ("wait_start", "u64", 1, "--explain: when its longest segment began"),
     ("wait_end", "u64", 1, "and ended (0: none as long as --explain's threshold)"),
-    ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
+    ("tcp_seq", "u32", 1, "TCP sequence number (with ip_id: a packet's identity on the "
+     "wire, which joins two hosts' records of it)"),
     ("ip_id", "u16", 1, "IPv4 identification"),
     ("seen", "u16", 1, "bit 1 << stage set for each stage that saw it"),
     ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
@@ -786,6 +814,7 @@ RECORD_FIELDS = [
     ("upcalled", "u8", 1, "a copy waits for ovs-vswitchd to return it"),
     ("dev_role", "u8", 1, "the role of dev"),
     ("pflags", "u8", 1, "PF_PENDING: not counted yet; PF_PEER: sent by an unselected VM"),
+    ("reason", "u32", 1, "drop events: enum skb_drop_reason"),
 ]
 
 _C_SIZES = {"u64": 8, "u32": 4, "u16": 2, "u8": 1}
@@ -2804,6 +2833,8 @@ static __always_inline int parse_l4(const u8 *l4, struct pkt *p)
     } else {
         p->sport = w0;
         p->dport = w1;
+        if (p->proto == PROTO_TCP)
+            p->tcp_seq = (w2 << 16) | w3;
     }
 #if FILTER_SPORT
     if (icmp || p->sport != FILTER_SPORT)
@@ -4613,7 +4644,6 @@ def packet_record(fields, book, wall_offset, why=None):
     return rec
 
 
-# how text output names --explain's causes ("queue": a qdisc's hold, see explain_record)
 def vm_json_fields(vm):
     """A --per-vm output's owner (VmTables) as JSON fields; none for all VMs."""
     if not vm:
@@ -4636,6 +4666,7 @@ def vm_heading(vm):
     return who + ": "
 
 
+# how text output names --explain's causes ("queue": a qdisc's hold, see explain_record)
 EXPLAIN_WORDS = {"asleep": "asleep", "stopped": "stopped", "run_queue": "run-queue",
                  "running": "running", "irq": "interrupts", "unknown": "unknown",
                  "queue": "queue"}
@@ -4909,21 +4940,29 @@ class Reporter(object):
             parts = self.packet_text(rec, lambda _t: MARK, lambda _us: MARK).split(MARK)
         return parts if len(parts) == len(rec["segments"]) + 3 else None
 
+    @staticmethod
+    def flow_text(rec):
+        """What a record's packet is: "10.0.0.1 -> 10.0.0.2 id=7 seq=1", or with ports."""
+        if rec["icmp_type"] is not None:
+            what = "%s -> %s" % (rec["src_ip"], rec["dst_ip"])
+            if rec["icmp_id"] is not None:
+                return what + " id=%d seq=%d" % (rec["icmp_id"], rec["icmp_seq"])
+            return what + " type=%d" % rec["icmp_type"]
+        return "%s -> %s" % (endpoint(rec["src_ip"], rec["src_port"]),
+                             endpoint(rec["dst_ip"], rec["dst_port"]))
+
+    @staticmethod
+    def vm_text(rec):
+        """The record's VM and its device ("web-03 vnet0"), or the device alone."""
+        return "%s %s" % (shown_name(rec["vm"]), shown_name(rec["vm_dev"])) if rec["vm"] \
+            else shown_name(rec["vm_dev"]) if rec["vm_dev"] else None
+
     def packet_text(self, rec, clock=None, fmt_us=None):
         clock, fmt_us = clock or self.clock, fmt_us or self.fmt_us
         when = clock(rec["timestamp"])
         proto = rec["protocol"].upper()
-        if rec["icmp_type"] is not None:
-            what = "%s -> %s" % (rec["src_ip"], rec["dst_ip"])
-            if rec["icmp_id"] is not None:
-                what += " id=%d seq=%d" % (rec["icmp_id"], rec["icmp_seq"])
-            else:
-                what += " type=%d" % rec["icmp_type"]
-        else:
-            what = "%s -> %s" % (endpoint(rec["src_ip"], rec["src_port"]),
-                                 endpoint(rec["dst_ip"], rec["dst_port"]))
-        vm = "%s %s" % (shown_name(rec["vm"]), shown_name(rec["vm_dev"])) if rec["vm"] \
-            else shown_name(rec["vm_dev"]) if rec["vm_dev"] else None
+        what = self.flow_text(rec)
+        vm = self.vm_text(rec)
         phy = rec["phy_dev"] and shown_name(rec["phy_dev"]) + (
             " (%s)" % "/".join(shown_name(d) for d in rec["uplink"]) if rec["uplink"] else "")
         if rec["direction"] == "vm2vm":
@@ -4954,6 +4993,76 @@ class Reporter(object):
             when, proto, what, vlan, rec["direction"].upper(), path, segs or "-",
             fmt_us(rec["total_us"]), who, ("  why: %s\n" % self.why_text(why, rec))
             if why else "")
+
+    def joined(self, rec):
+        """A packet across two hosts (--read-events A --read-events B)."""
+        if self.json:
+            self.emit_json(rec)
+            return
+        src, dst = rec["from"], rec["to"]
+
+        def side(r):
+            return "%s: %s" % (shown_name(r["host"]), " | ".join(
+                "%s->%s: %s" % (s["from"], s["to"], self.fmt_us(s["us"]))
+                for s in r["segments"]) or "-")
+        ends = ["%s %s" % (shown_name(r["host"]), self.vm_text(r) or shown_name(
+            r["phy_dev"] or "-")) for r in (src, dst)]
+        unc = rec["clock_uncertainty_us"]
+        if rec["wire_us"] is not None:
+            wire = "%s \u00b1%s" % (self.fmt_us(rec["wire_us"]), self.fmt_us(unc)) \
+                if unc else self.fmt_us(rec["wire_us"])
+            total = "%s%s" % (self.fmt_us(rec["total_us"]), " \u00b1%s" % self.fmt_us(unc)
+                              if unc else "")
+        elif rec["wire_max_us"] is not None:
+            wire = "at most %s (the clocks' uncertainty, \u00b1%s, is larger)" % (
+                self.fmt_us(rec["wire_max_us"]), self.fmt_us(unc))
+            total = "at most %s" % self.fmt_us(rec["total_max_us"])
+        else:
+            wire = "unknown (no packet went the other way to set the clocks: give " \
+                   "--clock-offset)"
+            total = "unknown"
+        if self.us != u"\u03bcs":
+            wire, total = wire.replace(u"\u00b1", "+/-"), total.replace(u"\u00b1", "+/-")
+        self.write("[%s] %s %s %s -> %s\n  %s\n  wire %s: %s\n  %s\n  Total Latency: "
+                   "%s\n" % (self.clock(rec["timestamp"]), rec["protocol"].upper(),
+                              self.flow_text(rec), ends[0], ends[1], side(src), rec["wire"],
+                              wire, side(dst), total))
+
+    def join_summary(self, s):
+        if self.json:
+            self.emit_json(s)
+            return
+        lines = ["Joined: %d packets across hosts (%s)" % (s["joined"], ", ".join(
+            "%s -> %s %d" % (shown_name(p["from"]), shown_name(p["to"]), p["joined"])
+            for p in s["pairs"] if p["joined"]))]
+        for c in s["clocks"]:
+            a, b = (shown_name(h) for h in c["hosts"])
+            if c["offset_us"] is None:
+                lines.append("  clocks of %s and %s: unknown (no packet went both ways "
+                             "between them; give --clock-offset)" % (a, b))
+                continue
+            lines.append("  clocks: %s's wall clock is %s ahead of %s's, %s (%s)" % (
+                b, self.fmt_us(c["wall_clock_ahead_us"]), a,
+                "\u00b1" + self.fmt_us(c["uncertainty_us"]) if c["source"] == "estimated"
+                else "as given", "from the packets both ways" if c["consistent"] else
+                "the packets disagree: the clocks drift apart, or a match is wrong"
+                if c["source"] == "estimated" else "--clock-offset"))
+        for p in s["pairs"]:
+            if p["joined"] or p["sent_only"] or p["received_only"]:
+                lines.append("  %s -> %s: %d joined; of those flows, %d left %s and were "
+                             "not seen arriving, %d arrived and were not seen leaving" % (
+                                 shown_name(p["from"]), shown_name(p["to"]), p["joined"],
+                                 p["sent_only"], shown_name(p["from"]), p["received_only"]))
+        for h in s["hosts"]:
+            lines.append("  %s (%s): %d records, %d not joined (another host's traffic, or "
+                         "not seen there), %d VM to VM on the host, %d drops%s" % (
+                             shown_name(h["host"]), shown_name(h["file"]), h["records"],
+                             h["not_joined"], h["vm2vm"], h["drops"],
+                             "; cut short" if h["truncated"] else ""))
+        text = "\n".join(lines) + "\n"
+        if self.us != u"\u03bcs":
+            text = text.replace(u"\u00b1", "+/-")
+        self.write(text)
 
     def why_text(self, why, rec):
         """--explain's line: the segment (its time as the line above prints it) = its
@@ -5658,7 +5767,7 @@ class Run(object):
 
 # 2: names before the events, host, "final" in summary; 3: VM-to-VM (a third direction,
 # per-VM counts by sender and receiver); 4: the record's longest segment, --explain's tail
-RECORDING_FORMAT = 4
+RECORDING_FORMAT = 5
 
 
 def create_private_file(path, option):
@@ -6839,10 +6948,385 @@ def replay(path, output):
                      % (path, reader.line))
 
 
+# --- --read-events A --read-events B: one packet across hosts, from their recordings ---
+#
+# Each host's records are in its own monotonic clock. A packet that left host X (its TX
+# record ends at X's NIC) and arrived at host Y (Y's RX record starts at Y's NIC) is
+# found in both by what stays the same on the wire; the offset of Y's clock from X's
+# (theta = Y's clock - X's) is bounded by the packets themselves, as NTP does: one sent
+# X->Y arrived after it left, so theta <= rx - tx; one sent Y->X gives theta >= tx - rx.
+# The estimate is the middle of the tightest bounds, its uncertainty half their width.
+
+JOIN_MAX_WIRE_NS = 10 ** 9      # a match more than a second apart is another packet
+TCP_GSO_WINDOW = 1 << 18        # a GSO segment's sequence: this far past its packet's
+
+# one host's packet, for a join: the recording (index), the decoded record, its one-host
+# JSON record (names from that recording), its NIC time and the stage there
+JoinSide = namedtuple("JoinSide", "host fields rec nic_ns nic_stage rec_end_ns")
+ClockOffset = namedtuple("ClockOffset", "theta_ns uncertainty_ns source lower upper")
+
+
+def wire_flow(f):
+    """What the packets of one flow share on the wire (through a tunnel, the inner
+    packet's; the network id: same_network())."""
+    proto, echo = f[F.proto], f[F.icmp_type] in ICMP_ECHO.get(f[F.proto], ())
+    ports = (f[F.icmp_type], f[F.sport] if echo else 0) if proto in (Proto.ICMP,
+                                                                     Proto.ICMP6) \
+        else (f[F.sport], f[F.dport])
+    return (f[F.ip_version], proto, f[F.saddr], f[F.daddr]) + ports
+
+
+def same_network(a, b):
+    """Tunnelled, the inner packets of two tenants may look alike: their network ids
+    differ (where each record knows its id: the outer headers were seen)."""
+    fa, fb = a.fields, b.fields
+    return not (fa[F.tunnel] and fb[F.tunnel] and fa[F.outer_version] and
+                fb[F.outer_version] and fa[F.vni] != fb[F.vni])
+
+
+def wire_ident(f):
+    """What tells a packet from the others of its flow: TCP's sequence, an echo's
+    sequence and the IPv4 id, the IPv4 id; None (IPv6 UDP): only the order tells."""
+    proto, v4 = f[F.proto], f[F.ip_version] == 4
+    if proto == Proto.TCP:
+        return f[F.tcp_seq]
+    if proto in (Proto.ICMP, Proto.ICMP6) and f[F.icmp_type] in ICMP_ECHO.get(proto, ()):
+        return (f[F.dport], f[F.ip_id] if v4 else None)
+    return f[F.ip_id] if v4 else None
+
+
+class HostRecording(object):
+    """One host's recording, read whole: its TX and RX packet records, with names."""
+
+    def __init__(self, path, index):
+        reader = RecordingReader(path)
+        meta = reader.meta
+        self.path, self.index, self.meta = path, index, meta
+        if meta["mode"] != "detailed":
+            reader.fail("a recording in histogram mode has no packets to join (record "
+                        "with --mode detailed)", line=False)
+        host = meta["host"]
+        self.name = host.get("hostname") or "host%d" % (index + 1)
+        self.boot_id = host.get("boot_id", "")
+        self.wall_offset = meta["wall_offset"]
+        self.book = NameBook(live=False)
+        self.sides = {"tx": [], "rx": []}
+        self.local = self.drops = 0
+        self.truncated = self.final = None
+        for line, kind, value in reader:
+            if self.final is not None:
+                reader.fail("%s after the recording's end" % kind)
+            if self.truncated and line > self.truncated[1]:
+                reader.fail("%s after the line where the recording was cut short" % kind)
+            if kind == "event":
+                self.on_event(value)
+            elif kind == "names":
+                self.book.devices.update(value[0])
+                self.book.uplinks.update(value[1])
+            elif kind == "vms":
+                self.book.vms = value
+            elif kind in self.book.known:
+                self.book.known[kind][value[0]] = value[1]
+            elif kind == "final":
+                if self.truncated:
+                    reader.fail("final counters in a recording that was cut short")
+                self.final = value
+            elif kind == "truncated":
+                if self.truncated or line != 2:
+                    reader.fail("a mark of a cut where the recording keeps none")
+                self.truncated = value
+        if self.final is None and not self.truncated:
+            raise UsageError("--read-events %s: the recording ends at line %d, before the "
+                             "run did (no final counters: the tool was killed, or the file "
+                             "is cut)" % (path, reader.line))
+
+    def on_event(self, raw):
+        fields = PKT.unpack_from(raw)
+        direction = DIRECTIONS[fields[F.dir]]
+        if fields[F.type] != Ev.PACKET:
+            self.drops += 1
+            return
+        if direction == "vm2vm":
+            self.local += 1             # from VM to VM on this host: no wire
+            return
+        seen = [(name, fields[sid]) for name, sid in _PATH_FIELDS[direction] if fields[sid]]
+        if not seen:
+            return
+        # the wire: from the last TX stage (the NIC's driver) to the first RX one
+        name, ns = seen[-1] if direction == "tx" else seen[0]
+        rec = packet_record(fields, self.book, self.wall_offset)
+        self.sides[direction].append(JoinSide(self.index, fields, rec, ns, name, seen[-1][1]))
+
+
+def wall_offset_resolution_ns(*hosts):
+    """How far the recordings' wall_offset floats may be from the true offsets."""
+    return int(math.ceil(sum(2.0 ** (math.frexp(h.wall_offset)[1] - 53) for h in hosts)
+                         * 1e9))
+
+
+def estimate_offset(pairs_xy, pairs_yx):
+    """theta (Y's clock - X's) from packets matched by identity alone: X->Y ones give
+    upper bounds (rx - tx), Y->X ones lower bounds (tx - rx). None without both."""
+    upper = min(b.nic_ns - a.nic_ns for a, b in pairs_xy) if pairs_xy else None
+    lower = max(b.nic_ns - a.nic_ns for b, a in pairs_yx) if pairs_yx else None
+    if upper is None or lower is None:
+        return None
+    return ClockOffset((upper + lower) // 2, abs(upper - lower) // 2 + abs(upper - lower) % 2,
+                       "estimated", lower, upper)
+
+
+class Join(object):
+    """The packets of several hosts' recordings joined: each sent by one host and
+    received by another is one record; what was seen on one side only is counted."""
+
+    def __init__(self, hosts, clock_offset_us=None):
+        self.hosts = hosts
+        self.offsets = {}           # {(x, y): ClockOffset of y's clock from x's}
+        self.records = []           # [(x side, y side, offset)]
+        self.counts = {}            # {(x, y): {"joined", "sent_only", "received_only"}}
+        exact = {}
+        for x in hosts:
+            for y in hosts:
+                if x is not y:
+                    exact[(x.index, y.index)] = self.unique_pairs(x, y)
+        for x in hosts:
+            for y in hosts[x.index + 1:]:
+                if clock_offset_us is not None:
+                    # wall clocks apart by the given amount: wall = monotonic + offset
+                    theta = int(round((x.wall_offset - y.wall_offset) * 1e9 +
+                                      clock_offset_us * 1000))
+                    # the recordings keep their wall clocks' offsets as floats of
+                    # seconds since 1970: to a quarter of a microsecond or so
+                    off = ClockOffset(theta, wall_offset_resolution_ns(x, y), "given",
+                                      None, None)
+                else:
+                    off = estimate_offset(exact[(x.index, y.index)],
+                                          exact[(y.index, x.index)])
+                self.offsets[(x.index, y.index)] = off
+                self.offsets[(y.index, x.index)] = off and off._replace(
+                    theta_ns=-off.theta_ns,
+                    lower=None if off.upper is None else -off.upper,
+                    upper=None if off.lower is None else -off.lower)
+        for x in hosts:
+            for y in hosts:
+                if x is not y:
+                    self.join_pair(x, y)
+        self.records.sort(key=lambda r: self.first_clock(r[1], r[1].rec_end_ns))
+
+    def first_clock(self, side, ns):
+        """A time of a host's, in the first recording's monotonic clock (where the
+        offset is unknown: its own)."""
+        off = self.offsets.get((0, side.host)) if side.host else None
+        return ns - off.theta_ns if off else ns
+
+    @staticmethod
+    def unique_pairs(x, y):
+        """X's TX and Y's RX records of one identity, where each host has exactly one."""
+        def by_ident(sides):
+            out = {}
+            for s in sides:
+                ident = wire_ident(s.fields)
+                if ident is not None:
+                    out.setdefault((wire_flow(s.fields), ident), []).append(s)
+            return out
+        sent, received = by_ident(x.sides["tx"]), by_ident(y.sides["rx"])
+        return [(sent[k][0], received[k][0]) for k in sent
+                if len(sent[k]) == 1 and len(received.get(k, ())) == 1]
+
+    def join_pair(self, x, y):
+        """Each of Y's RX records to the X TX record it was: the same identity (TCP: the
+        same sequence, or the GSO packet whose sequence it follows), sent last before it
+        arrived (retransmissions, IP ids that wrapped around)."""
+        off = self.offsets[(x.index, y.index)]
+        index, gso = {}, {}     # {(flow, identity): [X's records]}, {TCP flow: [(seq, a)]}
+        for a in sorted(x.sides["tx"], key=lambda s: s.nic_ns):
+            flow, ident = wire_flow(a.fields), wire_ident(a.fields)
+            index.setdefault((flow, ident), []).append(a)
+            if a.fields[F.proto] == Proto.TCP:
+                gso.setdefault(flow, []).append((ident, a.nic_ns, a))
+        for sides in gso.values():
+            sides.sort(key=lambda e: e[:2])
+        sent_flows = set(k[0] for k in index)
+        used, joined_flows, received_only = set(), set(), {}
+        first_free = {}         # {(flow, None): the first of its records not taken}
+        joined = 0
+        for b in sorted(y.sides["rx"], key=lambda s: s.nic_ns):
+            flow, ident = wire_flow(b.fields), wire_ident(b.fields)
+            a = self.same_identity(index.get((flow, ident), ()), b, ident, off, used,
+                                   first_free, (flow, ident))
+            if a is None and b.fields[F.proto] == Proto.TCP:
+                a = self.gso_packet(gso.get(flow, ()), b, ident, off)
+            if a is None:
+                if flow in sent_flows:
+                    received_only[flow] = received_only.get(flow, 0) + 1
+                continue
+            used.add(id(a))
+            joined_flows.add(flow)
+            joined += 1
+            self.records.append((a, b, off))
+        self.counts[(x.index, y.index)] = {
+            "joined": joined,
+            "sent_only": sum(1 for (flow, _i), sides in index.items() if flow in joined_flows
+                             for a in sides if id(a) not in used),
+            "received_only": sum(n for flow, n in received_only.items()
+                                 if flow in joined_flows)}
+
+    @staticmethod
+    def in_window(a, b, off):
+        """Could b (Y's) have been sent as a (X's)? In the same network, and with the
+        clocks' offset: sent before it arrived (within the uncertainty), less than a
+        second before."""
+        if not same_network(a, b):
+            return False
+        if off is None:
+            return True
+        wire = b.nic_ns - off.theta_ns - a.nic_ns
+        return -off.uncertainty_ns <= wire <= JOIN_MAX_WIRE_NS
+
+    def same_identity(self, sides, b, ident, off, used, first_free, key):
+        """X's record of b's identity not yet taken: the last one sent before b arrived (a
+        retransmission after the original was lost, an IP id that wrapped around); without
+        an identity (IPv6 UDP), or without the clocks' offset, the first not taken: a
+        flow's packets arrive in the order they left."""
+        if ident is None or off is None:
+            i = first_free.get(key, 0)
+            while i < len(sides) and id(sides[i]) in used:
+                i += 1
+            first_free[key] = i
+            for a in sides[i:]:
+                if id(a) not in used and self.in_window(a, b, off):
+                    return a
+            return None
+        for a in reversed(sides):
+            if id(a) not in used and self.in_window(a, b, off):
+                return a
+        return None
+
+    def gso_packet(self, sides, b, seq, off):
+        """The GSO packet a TCP segment came from: the one whose sequence it follows
+        closest (within TCP_GSO_WINDOW; sides sorted by sequence), the last one sent of
+        those. It may have given other segments already."""
+        i = bisect.bisect_right(sides, (seq, float("inf"))) - 1
+        while i >= 0 and seq - sides[i][0] < TCP_GSO_WINDOW:
+            start = sides[i][0]
+            for j in range(i, -1, -1):
+                if sides[j][0] != start:
+                    break
+                if self.in_window(sides[j][2], b, off):
+                    return sides[j][2]
+            while i >= 0 and sides[i][0] == start:
+                i -= 1
+        return None
+
+    def record(self, a, b, off):
+        """A joined packet as the JSON output prints it: the sender's record and the
+        receiver's, each with its host, and the wire between them."""
+        x, y = self.hosts[a.host], self.hosts[b.host]
+        f = a.fields
+        out = dict((k, a.rec[k]) for k in JOINED_FLOW_KEYS)
+        # when it finished its path (the receiver's last stage), in the first
+        # recording's wall clock: one clock for all records (each side's own record
+        # keeps its host's)
+        end = wall_us(self.hosts[0].wall_offset, self.first_clock(b, b.rec_end_ns))
+        out.update({"type": "joined", "timestamp": float(timestamp_text(end)),
+                    "ip_id": f[F.ip_id] if f[F.ip_version] == 4 else None,
+                    "tcp_seq": f[F.tcp_seq] if f[F.proto] == Proto.TCP else None,
+                    "from": dict(a.rec, host=x.name), "to": dict(b.rec, host=y.name),
+                    "wire": "%s->%s" % (a.nic_stage, b.nic_stage)})
+        wire = wire_max = unc = total = total_max = None
+        if off is not None:
+            ns = b.nic_ns - off.theta_ns - a.nic_ns
+            unc = off.uncertainty_ns / 1000.0
+            wire_max = round(max(0, ns + off.uncertainty_ns) / 1000.0, 3)
+            ends = a.rec["total_us"] + b.rec["total_us"]
+            total_max = round(ends + wire_max, 3)
+            if ns >= off.uncertainty_ns:        # never a wire time that may be negative
+                wire = round(ns / 1000.0, 3)
+                total = round(ends + wire, 3)
+        out.update({"wire_us": wire, "wire_max_us": wire_max,
+                    "clock_uncertainty_us": unc if unc is None else round(unc, 3),
+                    "total_us": total, "total_max_us": total_max})
+        return out
+
+    def summary(self):
+        joined = set()
+        for a, b, _o in self.records:
+            joined.add(id(a))
+            joined.add(id(b))
+        hosts = []
+        for h in self.hosts:
+            seen = h.sides["tx"] + h.sides["rx"]
+            hosts.append({"host": h.name, "boot_id": h.boot_id,
+                          "kernel": h.meta["host"].get("kernel"), "file": h.path,
+                          "records": len(seen),
+                          "not_joined": sum(1 for s in seen if id(s) not in joined),
+                          "vm2vm": h.local, "drops": h.drops,
+                          "truncated": bool(h.truncated)})
+        pairs = [dict({"from": self.hosts[x].name, "to": self.hosts[y].name}, **c)
+                 for (x, y), c in sorted(self.counts.items())]
+        clocks = []
+        for (x, y), off in sorted(self.offsets.items()):
+            if x > y:
+                continue
+            hx, hy = self.hosts[x], self.hosts[y]
+            entry = {"hosts": [hx.name, hy.name], "source": off.source if off else None,
+                     "offset_us": None, "uncertainty_us": None, "wall_clock_ahead_us": None,
+                     "consistent": None}
+            if off is not None:
+                entry.update({
+                    "offset_us": round(off.theta_ns / 1000.0, 3),
+                    "uncertainty_us": round(off.uncertainty_ns / 1000.0, 3),
+                    # wall = monotonic + wall_offset on each: how far y's wall clock is
+                    # ahead of x's at one instant
+                    "wall_clock_ahead_us": round(off.theta_ns / 1000.0 + (
+                        hy.wall_offset - hx.wall_offset) * 1e6, 3),
+                    "consistent": off.lower is None or off.lower <= off.upper})
+            clocks.append(entry)
+        return {"type": "join_summary", "joined": len(self.records), "hosts": hosts,
+                "pairs": pairs, "clocks": clocks}
+
+
+# the joined record's own fields, the sender's: what the packet was
+JOINED_FLOW_KEYS = ("protocol", "ip_version", "src_ip", "dst_ip", "src_port", "dst_port",
+                    "icmp_type", "icmp_id", "icmp_seq", "vlan", "tunnel")
+
+
+def join_recordings(paths, output, clock_offset_us):
+    """--read-events A --read-events B...: each packet sent by one of the hosts and
+    received by another, one record from the sender's VM to the receiver's."""
+    hosts = [HostRecording(path, i) for i, path in enumerate(paths)]
+    for i, h in enumerate(hosts):
+        for other in hosts[:i]:
+            if (h.boot_id or h.name) == (other.boot_id or other.name) and \
+                    h.name == other.name:
+                raise UsageError("--read-events %s and %s were recorded on the same host "
+                                 "(%s, boot %s): a join needs two hosts' recordings"
+                                 % (other.path, h.path, shown_name(h.name),
+                                    shown_name(h.boot_id or "?")))
+    join = Join(hosts, clock_offset_us)
+    if not join.records:
+        raise UsageError("--read-events: the recordings of %s share no packet: nothing "
+                         "to join (recorded at the same time, on the same traffic?)"
+                         % ", ".join(shown_name(h.name) for h in hosts))
+    for h in hosts:
+        if h.truncated:
+            log("note: --read-events %s: the recording was cut short after line %d (%s): "
+                "%s's packets after it are missing" % (h.path, h.truncated[1],
+                                                      h.truncated[0], shown_name(h.name)))
+    reporter = Reporter(output, "all")
+    for a, b, off in join.records:
+        reporter.joined(join.record(a, b, off))
+    reporter.join_summary(join.summary())
+    reporter.flush()
+    return 0
+
+
 def run_command(args):
     """From the command line to a trace, a listing, or a replay."""
+    if args.read_events and len(args.read_events) > 1:
+        return join_recordings(args.read_events, args.output, args.clock_offset)
     if args.read_events:
-        return replay(args.read_events, args.output)
+        return replay(args.read_events[0], args.output)
     selection = DeviceSelection(args.vm_dev or [], args.vm or [], args.phy_dev or [])
     check_devices_exist(selection)
     if args.list_vms:
