@@ -432,13 +432,15 @@ def parse_args(argv):
     def given_besides(*allowed):
         return sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
                       if k not in allowed and v != parser.get_default(k))
-    if args.read_events and given_besides("read_events", "output", "clock_offset"):
-        parser.error("--read-events replays a recording: only --output goes with it "
-                     "(not %s)" % ", ".join(given_besides("read_events", "output",
-                                                          "clock_offset")))
     if args.clock_offset is not None and len(args.read_events or ()) != 2:
         parser.error("--clock-offset goes with a join of two recordings (--read-events A "
                      "--read-events B)")
+    joining = ("clock_offset", "mode") if len(args.read_events or ()) > 1 else ()
+    if args.read_events and given_besides("read_events", "output", *joining):
+        parser.error("--read-events replays a recording: only --output goes with it%s "
+                     "(not %s)" % (" (joining: and --clock-offset, --mode)" if joining
+                                   else "", ", ".join(given_besides(
+                                       "read_events", "output", *joining))))
     if args.write_events and (args.list_stages or args.dry_run or args.ebpf):
         parser.error("--write-events records a trace: not with %s" % next(
             o for o in ("--list-stages", "--dry-run", "--ebpf")
@@ -2380,6 +2382,17 @@ def vm_explain_base(segments):
     """--explain with the per-VM table: the slot of a VM's first explanation sum, after
     its histogram rows (then EXPLAIN_SLOTS of them, indexed as explain_sums)."""
     return max(1, len(segments)) * C.VM_HIST_ROW
+
+
+def bucket_of(ns):
+    """hist_bucket() of the C, in Python: joined hosts' segments are bucketed here."""
+    v = ns + 3 * ns // 125
+    if v < 1 << (C.HIST_SUB_BITS + 1):
+        return v
+    lg = v.bit_length() - 1
+    bucket = ((lg - C.HIST_SUB_BITS + 1) << C.HIST_SUB_BITS) + \
+        ((v >> (lg - C.HIST_SUB_BITS)) & ((1 << C.HIST_SUB_BITS) - 1))
+    return min(bucket, C.HIST_BUCKETS - 1)
 
 
 def bucket_bounds(bucket):
@@ -4815,6 +4828,15 @@ def percentile(buckets, fraction):
     return bucket_bounds(max(buckets))[1]
 
 
+def histogram_json(buckets):
+    """A histogram's percentiles and non-empty power-of-two rows, as JSON fields."""
+    return {"p50_us": _round(percentile(buckets, 0.50)),
+            "p90_us": _round(percentile(buckets, 0.90)),
+            "p99_us": _round(percentile(buckets, 0.99)),
+            "buckets": [{"lo_us": lo, "hi_us": hi, "count": c}
+                        for lo, hi, c in log2_rows(buckets) if c]}
+
+
 def log2_rows(buckets):
     """Power-of-two rows [lo, hi) us with counts, from the first to the last non-empty."""
     rows = {}
@@ -5133,14 +5155,8 @@ class Reporter(object):
                 if self.sample > 1:
                     obj["sample"] = self.sample
                 obj.update(vm_json_fields(vm))
-                obj.update({
-                    "direction": direction, "segment": segment, "count": count,
-                    "p50_us": _round(percentile(buckets, 0.50)),
-                    "p90_us": _round(percentile(buckets, 0.90)),
-                    "p99_us": _round(percentile(buckets, 0.99)),
-                    "buckets": [{"lo_us": lo, "hi_us": hi, "count": c}
-                                for lo, hi, c in log2_rows(buckets) if c],
-                })
+                obj.update({"direction": direction, "segment": segment, "count": count})
+                obj.update(histogram_json(buckets))
                 self.emit_json(obj)
             return
         who = vm_heading(vm)
@@ -5159,16 +5175,44 @@ class Reporter(object):
                     " (sampled: 1 in %d)" % self.sample if self.sample > 1 else ""))
             title = "Total" if segment == "total" else "Stage: %s" % segment.replace(
                 "->", " -> ")
-            self.write(title + "\n")
-            rows = log2_rows(buckets)
-            peak = max(c for _lo, _hi, c in rows) or 1
-            for lo, hi, count in rows:
-                label = "[%s-%s)" % (_num(lo), _num(hi))
-                self.write("  %-14s: %-20s %s\n" % (label, self.bar * int(round(
-                    20.0 * count / peak)), "{:,}".format(count)))
-            self.write("  Percentiles: P50=%s P90=%s P99=%s\n" % tuple(
-                self.fmt_us(percentile(buckets, f)) for f in (0.5, 0.9, 0.99)))
+            self.write(self.histogram_text(title, buckets))
         self.write("\n")
+
+    def histogram_text(self, title, buckets):
+        """One table: its title, a bar per power of two, the percentiles."""
+        lines = [title]
+        rows = log2_rows(buckets)
+        peak = max(c for _lo, _hi, c in rows) or 1
+        for lo, hi, count in rows:
+            label = "[%s-%s)" % (_num(lo), _num(hi))
+            lines.append("  %-14s: %-20s %s" % (label, self.bar * int(round(
+                20.0 * count / peak)), "{:,}".format(count)))
+        lines.append("  Percentiles: P50=%s P90=%s P99=%s" % tuple(
+            self.fmt_us(percentile(buckets, f)) for f in (0.5, 0.9, 0.99)))
+        return "\n".join(lines) + "\n"
+
+    def joined_histograms(self, tables):
+        """Joined hosts' packets as distributions: per pair of hosts, each host's
+        segments, the wire and the total ([(sender, receiver, [(segment, buckets)],
+        packets, of which without a known wire)])."""
+        for sender, receiver, segments, packets, unknown in tables:
+            if self.json:
+                for segment, buckets in segments:
+                    obj = {"type": "histogram", "from_host": sender, "to_host": receiver,
+                           "segment": segment, "count": sum(buckets.values())}
+                    obj.update(histogram_json(buckets))
+                    self.emit_json(obj)
+                continue
+            self.write("Latency Distribution (%s) - %s -> %s: %d packets%s\n" % (
+                self.us, shown_name(sender), shown_name(receiver), packets,
+                " (%d with a wire time shorter than the clocks' uncertainty: not in wire "
+                "and total)" % unknown if unknown else ""))
+            for segment, buckets in segments:
+                title = "Total" if segment == "total" else "Wire: phy_xmit -> phy_rx" \
+                    if segment == "wire" else "Stage: %s" % shown_name(segment).replace(
+                        "->", " -> ")
+                self.write(self.histogram_text(title, buckets))
+            self.write("\n")
 
     def summary(self, s):
         if self.json:
@@ -7248,6 +7292,39 @@ class Join(object):
                     "total_us": total, "total_max_us": total_max})
         return out
 
+    def histograms(self):
+        """Per pair of hosts (sender, receiver): each host's segments, the wire and the
+        total bucketed as the kernel buckets one host's; a wire time shorter than the
+        clocks' uncertainty is counted apart, in neither."""
+        pairs = {}
+        for a, b, off in self.records:
+            rec = self.record(a, b, off)
+            key = (rec["from"]["host"], rec["to"]["host"])
+            entry = pairs.setdefault(key, ({}, [0, 0]))
+            tables, counts = entry
+            counts[0] += 1
+            names = ["%s:%s->%s" % (side["host"], s["from"], s["to"])
+                     for side in (rec["from"], rec["to"]) for s in side["segments"]]
+            values = [s["us"] for side in (rec["from"], rec["to"]) for s in side["segments"]]
+            if rec["wire_us"] is None:
+                counts[1] += 1
+            else:
+                names += ["wire", "total"]
+                values += [rec["wire_us"], rec["total_us"]]
+            for name, us in zip(names, values):
+                bucket = bucket_of(int(round(us * 1000)))
+                table = tables.setdefault(name, {})
+                table[bucket] = table.get(bucket, 0) + 1
+        out = []
+        for (sender, receiver), (tables, (packets, unknown)) in sorted(pairs.items()):
+            order = [n for n in tables if n.startswith(sender + ":")] + \
+                [n for n in ("wire",) if n in tables] + \
+                [n for n in tables if n.startswith(receiver + ":")] + \
+                [n for n in ("total",) if n in tables]
+            out.append((sender, receiver, [(n, tables[n]) for n in order], packets,
+                        unknown))
+        return out
+
     def summary(self):
         joined = set()
         for a, b, _o in self.records:
@@ -7291,7 +7368,7 @@ JOINED_FLOW_KEYS = ("protocol", "ip_version", "src_ip", "dst_ip", "src_port", "d
                     "icmp_type", "icmp_id", "icmp_seq", "vlan", "tunnel")
 
 
-def join_recordings(paths, output, clock_offset_us):
+def join_recordings(paths, output, clock_offset_us, mode="detailed"):
     """--read-events A --read-events B...: each packet sent by one of the hosts and
     received by another, one record from the sender's VM to the receiver's."""
     hosts = [HostRecording(path, i) for i, path in enumerate(paths)]
@@ -7314,8 +7391,11 @@ def join_recordings(paths, output, clock_offset_us):
                 "%s's packets after it are missing" % (h.path, h.truncated[1],
                                                       h.truncated[0], shown_name(h.name)))
     reporter = Reporter(output, "all")
-    for a, b, off in join.records:
-        reporter.joined(join.record(a, b, off))
+    if mode == "histogram":
+        reporter.joined_histograms(join.histograms())
+    else:
+        for a, b, off in join.records:
+            reporter.joined(join.record(a, b, off))
     reporter.join_summary(join.summary())
     reporter.flush()
     return 0
@@ -7324,7 +7404,7 @@ def join_recordings(paths, output, clock_offset_us):
 def run_command(args):
     """From the command line to a trace, a listing, or a replay."""
     if args.read_events and len(args.read_events) > 1:
-        return join_recordings(args.read_events, args.output, args.clock_offset)
+        return join_recordings(args.read_events, args.output, args.clock_offset, args.mode)
     if args.read_events:
         return replay(args.read_events[0], args.output)
     selection = DeviceSelection(args.vm_dev or [], args.vm or [], args.phy_dev or [])

@@ -234,6 +234,24 @@ def test_a_retransmission_joins_the_copy_that_arrived(tool, tmp_path):
     assert summary[0]["pairs"][0]["sent_only"] == 1
 
 
+def test_segments_in_flight_together_join_by_their_sequence_not_their_time(tool,
+                                                                          tmp_path):
+    """Two segments of one flow on the wire at once (10 us apart, 50 us of wire): the
+    last one sent before each arrived is the wrong one for the first."""
+    h = TwoHosts(tool)
+    h.ping("a", 10 ** 9, 77, 1, 100)
+    h.send("a", 2 * 10 ** 9, 50000, ip_id=1, **tcp(1000))
+    h.send("a", 2 * 10 ** 9 + 10000, 50000, ip_id=2, **tcp(2448))
+    code, joined, _s, err = join(tool, h.write(tmp_path))
+    assert code == 0, err
+    pairs = [(r["tcp_seq"], r["from"]["timestamp"], r["to"]["timestamp"]) for r in joined
+             if r["protocol"] == "tcp"]
+    assert [p[0] for p in pairs] == [1000, 2448]
+    # each sender's record with its own receiver's: 10 us apart on both hosts
+    assert round((pairs[1][1] - pairs[0][1]) * 1e6) == 10
+    assert round((pairs[1][2] - pairs[0][2]) * 1e6) == 10
+
+
 def test_gso_segments_each_join_the_packet_they_were_cut_from(tool, tmp_path):
     h = TwoHosts(tool)
     h.ping("a", 10 ** 9, 77, 1, 100)
@@ -350,3 +368,30 @@ def test_a_recording_cut_short_joins_what_it_has_with_a_note(tool, tmp_path):
     assert len(joined) == 2 and summary[0]["hosts"][0]["truncated"]
     assert len(err.splitlines()) == 1 and "cut short after line 6 (No space left on " \
         "device): hv-a's packets after it are missing" in err, err
+
+
+def test_histograms_of_joined_packets_have_each_hosts_segments_the_wire_and_the_total(
+        tool, tmp_path):
+    h = TwoHosts(tool)
+    for i in range(10):
+        h.ping("a", 10 ** 9 + i * 10 ** 8, 77, i, 100 + i, wire_there=40000 + 10000 * i,
+               wire_back=40000)
+    paths = h.write(tmp_path)
+    code, out, err = join(tool, paths, "--mode", "histogram", output="text")
+    assert code == 0, err
+    assert "Latency Distribution (us) - hv-a -> hv-b: 10 packets" in out, out
+    titles = [l for l in out.splitlines() if l.startswith(("Stage", "Wire", "Total"))]
+    assert titles[:5] == ["Stage: hv-a:tap_rx -> phy_queue", "Stage: hv-a:phy_queue -> phy_xmit",
+                          "Wire: phy_xmit -> phy_rx", "Stage: hv-b:phy_rx -> tap_queue",
+                          "Stage: hv-b:tap_queue -> tap_xmit"], titles
+    code, objs, summary, err = join(tool, paths, "--mode", "histogram")
+    assert code == 0 and objs == [], err
+    argv = []
+    for p in paths:
+        argv += ["--read-events", p]
+    _c, text, _e = run_main(tool, argv + ["--mode", "histogram", "--output", "json"])
+    hists = [json.loads(l) for l in text.splitlines() if '"histogram"' in l]
+    wire = [o for o in hists if o["from_host"] == "hv-a" and o["segment"] == "wire"]
+    # the offset from 40 us both ways: exact; the wires 40, 50, ... 130 us
+    assert wire[0]["count"] == 10 and 80 < wire[0]["p50_us"] < 95, wire
+    assert sum(o["count"] for o in hists if o["segment"] == "total") == 20

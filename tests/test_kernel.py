@@ -261,6 +261,8 @@ def test_buckets_contain_their_values(tool, kernel_buckets):
     values += [(1 << b) * 1000 // 1024 + d for b in range(4, 30) for d in (-1, 0, 1)]
     for ns in values:
         bucket = kernel_buckets.bucket(ns)
+        # joins bucket in Python what two kernels measured together: the same buckets
+        assert tool.bucket_of(ns) == bucket, ns
         lo, hi = tool.bucket_bounds(bucket)
         us = (ns + ns * 3 // 125) / 1024.0
         assert lo <= us < hi, ns

@@ -12,7 +12,7 @@ from .procs import stop_with_parent
 
 KGUEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kguest")
 LANE_SCRIPT = os.path.join(KGUEST, "run_lane.sh")
-LANE_PROCESS_TIMEOUT_S = 1500   # run_lane.sh's guest timeout is 720 s; plus the image
+LANE_PROCESS_TIMEOUT_S = 1500   # run_lane.sh's guest timeout is 1020 s; plus the image
 VM, HOST = "10.77.0.2", "10.77.0.1"     # the stand-in VM's address, the host's own
 
 
@@ -182,3 +182,48 @@ def run_lane(suite, results):
                 f.write(out or "")
         raise
     return proc.returncode, out
+
+
+def free_udp_port():
+    """A UDP port of the host's loopback that nothing holds now."""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+JOIN_GUEST_TIMEOUT_S = 900     # case J takes 3-5 minutes; each of its waits is bounded
+
+
+def run_join(suites, results):
+    """Case J: two guests at once (suites[0] host a, suites[1] host b, each its own
+    kernel and clock), their NICs one QEMU socket link on the host's loopback. Both
+    run_lane.sh in pytest's process group, stopped as run_lane() stops one.
+    [(exit status, output)] of a and b."""
+    ports = [free_udp_port(), free_udp_port()]
+    procs = []
+    try:
+        for i, (suite, role) in enumerate(zip(suites, "ab")):
+            procs.append(subprocess.Popen(
+                [LANE_SCRIPT, "--suite", suite, "--cases", "J", "--results", results[i],
+                 "--join", "%s,%d,%d" % (role, ports[i], ports[1 - i]),
+                 "--timeout", str(JOIN_GUEST_TIMEOUT_S)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                preexec_fn=stop_with_parent))
+        outs = []
+        for p in procs:
+            out, _ = p.communicate(timeout=LANE_PROCESS_TIMEOUT_S)
+            outs.append((p.returncode, out))
+        return outs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.communicate()

@@ -56,9 +56,14 @@ def parse_frame(frame):
         return None
     names = {1: "icmp", 6: "tcp", 17: "udp"} if version == 4 else {58: "icmp6", 6: "tcp",
                                                                     17: "udp"}
+    # what tells one packet from another (tests of joins): the IPv4 id, its length,
+    # TCP's sequence
     rec = {"protocol": names.get(proto), "ip_version": version, "src_ip": src,
            "dst_ip": dst, "src_port": None, "dst_port": None,
-           "icmp_type": None, "icmp_id": None, "icmp_seq": None}
+           "icmp_type": None, "icmp_id": None, "icmp_seq": None,
+           "ip_id": struct.unpack("!H", frame[l3 + 4:l3 + 6])[0] if version == 4 else None,
+           "ip_len": struct.unpack("!H", frame[l3 + 2:l3 + 4])[0] if version == 4 else None,
+           "tcp_seq": None}
     if rec["protocol"] is None:
         return None
     l4 = frame[l4_off:l4_off + 8]
@@ -68,4 +73,6 @@ def parse_frame(frame):
             rec["icmp_id"], rec["icmp_seq"] = struct.unpack("!HH", l4[4:8])
     else:
         rec["src_port"], rec["dst_port"] = struct.unpack("!HH", l4[0:4])
+        if rec["protocol"] == "tcp":
+            rec["tcp_seq"] = struct.unpack("!I", l4[4:8])[0]
     return rec

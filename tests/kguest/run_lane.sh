@@ -2,6 +2,7 @@
 # run_lane.sh [--suite bullseye|bookworm|trixie] [--keep-log] [--cases A,B,tool]
 #             [--timeout SECONDS] [--results DIR] [--cache DIR]
 #             [--guest-env NAME=VALUE]...   (e.g. --guest-env TOOL_ATTACH_WAIT=600)
+#             [--join a|b,LOCALPORT,PEERPORT]
 #
 # The kguest lane: runs vm_network_latency.py for real inside a QEMU guest (software
 # emulation) whose Debian cloud kernel has kprobes and the OVS kernel datapath, which
@@ -15,6 +16,9 @@
 #      serial console to a log; the guest runs guest/guest_lane.sh, writes its results
 #      as a tar archive onto a second (raw) virtio disk, prints a result marker, powers off
 #   4. the results are unpacked into --results DIR (default /var/tmp/vnl-kguest/last)
+# --join: this guest is host a or b of two (case J): its NIC a virtio-net device on a
+# QEMU socket network device, UDP between 127.0.0.1:LOCALPORT and 127.0.0.1:PEERPORT, the
+# other guest's (run the two at once: tests/harness/kguest.py run_join).
 # Exit status: the lane's (0 = every step passed), 2 when the guest gave no result marker
 # (crash or timeout), 130/143 when interrupted. QEMU is always killed on the way out.
 #
@@ -37,14 +41,16 @@ TOOL=${KGUEST_TOOL:-$REPO/vm_network_latency.py}
 RESULTS=${KGUEST_RESULTS:-/var/tmp/vnl-kguest/last}
 KEEP_LOG=0
 GUEST_ENV=()
+JOIN=
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
     case "$1" in
     --keep-log) KEEP_LOG=1 ;;
     --suite) SUITE=$2; shift ;;
     --cases) CASES=$2; shift ;;
     --guest-env) GUEST_ENV+=("$2"); shift ;;
+    --join) JOIN=$2; shift ;;
     --timeout) TIMEOUT=$2; shift ;;
     --results) RESULTS=$2; shift ;;
     --cache) CACHE_DIR=$2; shift ;;
@@ -137,10 +143,20 @@ for kv in "${GUEST_ENV[@]}"; do
     [[ "$kv" =~ ^[A-Z_][A-Z0-9_]*=[^[:space:]]*$ ]] || { log "--guest-env '$kv': want NAME=VALUE without spaces"; exit 64; }
     CMDLINE+=" kguest.env=$kv"
 done
-log "booting the guest (cases=$CASES, timeout ${TIMEOUT}s)"
+NIC_ARGS=(-nic none)
+if [ -n "$JOIN" ]; then
+    IFS=, read -r join_role join_local join_peer <<< "$JOIN"
+    [[ "$join_role" =~ ^[ab]$ && "$join_local" =~ ^[0-9]+$ && "$join_peer" =~ ^[0-9]+$ ]] ||
+        { log "--join '$JOIN': want a|b,LOCALPORT,PEERPORT"; exit 64; }
+    # the link stays on the host's loopback: UDP between the two QEMU processes
+    NIC_ARGS=(-netdev "socket,id=join0,udp=127.0.0.1:$join_peer,localaddr=127.0.0.1:$join_local"
+              -device "virtio-net-pci,netdev=join0,mac=52:54:00:78:00:$([ "$join_role" = a ] && echo 0a || echo 0b)")
+    CMDLINE+=" kguest.env=JOIN_ROLE=$join_role"
+fi
+log "booting the guest (cases=$CASES, timeout ${TIMEOUT}s${JOIN:+, join $JOIN})"
 T_BOOT=$(now)
 qemu-system-x86_64 -name kguest-vnl -accel tcg -cpu "${KGUEST_QEMU_CPU:-qemu64}" -smp 2 -m 2048 \
-    -nic none -no-reboot -display none -monitor none -serial "file:$LOG" \
+    "${NIC_ARGS[@]}" -no-reboot -display none -monitor none -serial "file:$LOG" \
     -kernel "$CACHE_DIR/vmlinuz" -initrd "$WORK/initrd.cpio" -append "$CMDLINE" \
     -drive "file=$CACHE_DIR/root.img,if=virtio,format=raw,snapshot=on" \
     -drive "file=$WORK/results.img,if=virtio,format=raw" \

@@ -4,7 +4,8 @@
 # CASES: comma list of  A (OVS kernel datapath topology), B (Linux bridge topology),
 #        G (OVS with a Geneve port), V (Linux bridge on a VLAN of a bond), O (OVS with a
 #        bond port and a second VM), M (the VM on a macvtap), tool (run
-#        vm_network_latency.py on the topologies selected), or "all".
+#        vm_network_latency.py on the topologies selected), J (one of two hosts joined
+#        by a QEMU socket link: run_lane.sh --join), or "all" (all but J).
 #
 # TOPOLOGY A                                   TOPOLOGY B
 #   ns vm: eth0 10.77.0.2/24                     the same, with a Linux bridge vnlbr0
@@ -957,12 +958,140 @@ tool_cases() { # tool_cases TOPO
 }
 
 # ------------------------------------------------------------------ main
+# CASE J (two hosts): this guest is host a or b ($JOIN_ROLE) of two QEMU guests whose
+# virtio-net NICs are joined by a QEMU socket network device (UDP on the host's
+# loopback: run_lane.sh --join). Each has a stand-in VM on a tap behind a bridge with
+# its NIC:
+#   ns vm: eth0 10.78.0.1 (a) / 10.78.0.2 (b)
+#     | veth
+#   vnlvm0 <-AF_PACKET-> vmstub <-fd-> vnltap0 -- vnlbr0 -- NIC ==socket== the other guest
+#   (vnlbr0's own 10.78.0.101 / .102: the guests meet there, traffic.py barrier)
+# Both run the tool with --write-events over the same traffic: each VM pings the other;
+# a's VM sends UDP and TCP to b's, which echoes them; one UDP packet of 1028 bytes is
+# dropped by a tc filter on b's NIC (tcpdump sees it there, the tool a drop). b's wall
+# clock is set 5 minutes ahead first. The host joins the two recordings
+# (tests/test_join_hosts.py), with tcpdump's captures of both NICs as the oracle.
+JOIN_VM_A=10.78.0.1 JOIN_VM_B=10.78.0.2 JOIN_HOST_A=10.78.0.101 JOIN_HOST_B=10.78.0.102
+JOIN_WALL_AHEAD_S=300 JOIN_DROP_LEN=1028
+JOIN_PIDS=()
+
+join_nic() { # the virtio-net NIC QEMU gave this guest
+    local d
+    for d in /sys/class/net/*; do
+        [ "$(basename "$(readlink -f "$d/device/driver" 2>/dev/null)")" = virtio_net ] &&
+            { basename "$d"; return 0; }
+    done
+    return 1
+}
+
+join_topology() { # join_topology ME_VM ME_HOST NIC
+    ip netns add "$VM_NS" || return 1
+    in_vm ip link set lo up
+    in_vm sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    sysctl -qw net.ipv6.conf.default.disable_ipv6=1 net.ipv6.conf.all.disable_ipv6=1
+    ip link add "$VMLINK" type veth peer name eth0 netns "$VM_NS" || return 1
+    in_vm ip addr add "$1/24" dev eth0
+    in_vm ethtool -K eth0 tx off tso off gso off sg off >/dev/null 2>&1
+    in_vm ip link set eth0 up
+    ip link set "$VMLINK" up
+    start_vmstub "$TAP" "$VMLINK" vmstub J || return 1
+    VMSTUB_PID=$STUB_PID
+    ip link add "$LBR" type bridge stp_state 0 forward_delay 0 || return 1
+    ip link set "$TAP" master "$LBR" || return 1
+    ip link set "$3" master "$LBR" || return 1
+    ip link set "$3" up
+    ip link set "$LBR" up
+    ip addr add "$2/24" dev "$LBR"
+}
+
+join_case() {
+    local role=${JOIN_ROLE:-} me peer me_host peer_host nic d="$OUT/J" rc
+    case "$role" in
+    a) me=$JOIN_VM_A peer=$JOIN_VM_B me_host=$JOIN_HOST_A peer_host=$JOIN_HOST_B ;;
+    b) me=$JOIN_VM_B peer=$JOIN_VM_A me_host=$JOIN_HOST_B peer_host=$JOIN_HOST_A ;;
+    *) step J.topology FAIL "JOIN_ROLE is '$role', not a or b"; return ;;
+    esac
+    mkdir -p "$d"
+    hostname "kguest-$role"
+    modprobe virtio_net 2>/dev/null
+    nic=$(join_nic) || { step J.topology FAIL "no virtio-net NIC (run_lane.sh --join)"; return; }
+    echo "$nic" > "$d/nic"
+    join_topology "$me" "$me_host" "$nic" || { step J.topology FAIL "could not build it"; return; }
+    # both topologies up, the link working: the other guest answers
+    if ! "$PY" "$LANE_DIR/traffic.py" barrier --bind "$me_host" --peer "$peer_host" --name up \
+            --timeout 240 2> "$d/barrier-up.err"; then
+        step J.topology FAIL "the other guest never came: $(cat "$d/barrier-up.err")"; return
+    fi
+    in_vm ping -n -c 3 -i 0.2 -W 3 "$peer" > "$d/warm-up.txt" 2>&1 ||
+        { step J.topology FAIL "the VMs do not reach each other: $(tail -n 2 "$d/warm-up.txt")"; return; }
+    step J.topology PASS "kguest-$role: $TAP + $nic on $LBR; the other guest's VM answers"
+    if [ "$role" = b ]; then
+        # the drop: UDP to the echo port with IP total length JOIN_DROP_LEN, on the NIC
+        tc qdisc add dev "$nic" ingress &&
+        tc filter add dev "$nic" parent ffff: protocol ip u32 match ip protocol 17 0xff \
+            match ip dport "$UDP_DPORT" 0xffff match u16 "$JOIN_DROP_LEN" 0xffff at 2 action drop ||
+            { step J.run FAIL "tc filter"; return; }
+        "$PY" -c 'import sys, time
+before = time.time()
+time.clock_settime(time.CLOCK_REALTIME, before + float(sys.argv[1]))
+print("wall clock set %s s ahead at %.6f (monotonic %.6f)" % (sys.argv[1], before,
+      time.monotonic()))' "$JOIN_WALL_AHEAD_S" > "$d/wall.txt"
+        in_vm "$PY" "$LANE_DIR/traffic.py" udp-server --bind "$me" --port "$UDP_DPORT" \
+            --count 20 --timeout 900 > "$d/udp-server.json" &
+        JOIN_PIDS+=($!)
+        in_vm "$PY" "$LANE_DIR/traffic.py" tcp-server --bind "$me" --port "$TCP_DPORT" \
+            --timeout 900 > "$d/tcp-server.json" &
+        JOIN_PIDS+=($!)
+    fi
+    TOOL_DEVS=(--vm-dev "$TAP" --phy-dev "$nic")
+    TOOL_EXTRA=(--drops --write-events "$d/host-$role.vnl")
+    TOOL_MAX_RUN=1200
+    tool_start "$d" auto
+    if ! wait_tracing "$d" auto; then
+        step J.run FAIL "the tool did not trace: $(tail -n 3 "$d/auto.stderr" | tr '\n' ' ')"
+        tool_stop "$d" auto; return
+    fi
+    CAP_FILTER=ip capture_start "$d" "$nic" || { tool_stop "$d" auto; step J.run FAIL "tcpdump"; return; }
+    say "J: tracing; waiting for the other guest's tool"
+    rc=0
+    "$PY" "$LANE_DIR/traffic.py" barrier --bind "$me_host" --peer "$peer_host" --name ready \
+        --timeout 360 2> "$d/barrier-ready.err" || rc=1
+    if [ $rc = 0 ]; then
+        in_vm ping -n -c 10 -i 0.2 -W 3 "$peer" > "$d/ping.txt" 2>&1 || rc=1
+        if [ "$role" = a ]; then
+            in_vm "$PY" "$LANE_DIR/traffic.py" udp-burst --src "$me" --sport "$UDP_SPORT" \
+                --dst "$peer" --dport "$UDP_DPORT" --count 20 > "$d/udp.json" || rc=1
+            # dropped on b's NIC: no echo comes back (exit 1 expected)
+            in_vm "$PY" "$LANE_DIR/traffic.py" udp-burst --src "$me" --sport "$UDP_SPORT" \
+                --dst "$peer" --dport "$UDP_DPORT" --count 1 --size $((JOIN_DROP_LEN - 28)) \
+                --reply-timeout 1 > "$d/udp-dropped.json"
+            in_vm "$PY" "$LANE_DIR/traffic.py" tcp-client --src "$me" --sport "$TCP_SPORT" \
+                --dst "$peer" --dport "$TCP_DPORT" --messages 10 > "$d/tcp.json" || rc=1
+        fi
+        "$PY" "$LANE_DIR/traffic.py" barrier --bind "$me_host" --peer "$peer_host" --name done \
+            --timeout 240 2> "$d/barrier-done.err" || rc=1
+    fi
+    sleep 1
+    capture_stop
+    tool_stop "$d" auto
+    local p
+    for p in "${JOIN_PIDS[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    JOIN_PIDS=()
+    [ "$role" = b ] && tc qdisc del dev "$nic" ingress 2>/dev/null
+    if [ $rc = 0 ] && [ "$(cat "$d/auto.rc")" = 0 ]; then
+        step J.run PASS "$(grep -h -o '"sent": [0-9]*\|[0-9]* received' "$d"/*.json "$d/ping.txt" | tr '\n' ' ')"
+    else
+        step J.run FAIL "traffic rc $rc, tool rc $(cat "$d/auto.rc"); $(cat "$d"/barrier-*.err | tr '\n' ' ')"
+    fi
+}
+
 lane_main() {
     local cases=${1:-all} want_a=0 want_b=0 want_g=0 want_v=0 want_o=0 want_m=0 want_tool=0 c
+    local want_j=0
     [ "$cases" = all ] && cases=A,B,G,V,O,M,tool
     for c in ${cases//,/ }; do
         case "$c" in A) want_a=1 ;; B) want_b=1 ;; G) want_g=1 ;; V) want_v=1 ;;
-                     O) want_o=1 ;; M) want_m=1 ;; tool) want_tool=1 ;; esac
+                     O) want_o=1 ;; M) want_m=1 ;; tool) want_tool=1 ;; J) want_j=1 ;; esac
     done
     mkdir -p "$OUT"; : > "$STEPS"
     say "lane start: cases=$cases"
@@ -1062,6 +1191,10 @@ lane_main() {
         else
             step M.topology FAIL "could not build topology M"
         fi
+        topo_down
+    fi
+    if [ $want_j = 1 ]; then
+        join_case
         topo_down
     fi
     say "steps:"; column -t -s $'\t' "$STEPS" 2>/dev/null || cat "$STEPS"

@@ -8,6 +8,7 @@ Every command is bounded in count and time and prints one JSON summary line.
   traffic.py udp-burst  --src 10.77.0.2 --sport 40000 --dst 10.77.0.3 --dport 40001 --count 20
   traffic.py tcp-server --bind 10.77.0.3 --port 40002 [--ready FILE]
   traffic.py tcp-client --src 10.77.0.2 --sport 40003 --dst 10.77.0.3 --dport 40002 --messages 5
+  traffic.py barrier --bind 10.78.0.101 --peer 10.78.0.102 --name ready   (case J's two guests)
 """
 import argparse
 import json
@@ -122,6 +123,30 @@ def tcp_client(a):
     return 0 if ok == a.messages else 1
 
 
+def barrier(a):
+    """Two guests meet (case J): each sends NAME to the other every 0.2 s until it hears
+    the other's, then a few more times (the other may have just begun listening)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((a.bind, a.port))
+    s.settimeout(0.2)
+    want = a.name.encode()
+    deadline = time.monotonic() + a.timeout
+    while time.monotonic() < deadline:
+        s.sendto(want, (a.peer, a.port))
+        try:
+            data, _peer = s.recvfrom(256)
+        except socket.timeout:
+            continue
+        if data == want:
+            for _ in range(5):
+                s.sendto(want, (a.peer, a.port))
+                time.sleep(0.1)
+            return 0
+    print("barrier %s: no word from %s in %ss" % (a.name, a.peer, a.timeout), file=sys.stderr)
+    return 1
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,9 +175,15 @@ def main():
         sp.add_argument("--reply-timeout", type=float, default=3.0)
     ub.add_argument("--count", type=int, default=20)
     tc.add_argument("--messages", type=int, default=5)
+    br = sub.add_parser("barrier")
+    br.add_argument("--bind", required=True)
+    br.add_argument("--peer", required=True)
+    br.add_argument("--port", type=int, default=40099)
+    br.add_argument("--name", required=True)
+    br.add_argument("--timeout", type=float, default=600)
     a = p.parse_args()
     return {"udp-server": udp_server, "udp-burst": udp_burst,
-            "tcp-server": tcp_server, "tcp-client": tcp_client}[a.cmd](a)
+            "tcp-server": tcp_server, "tcp-client": tcp_client, "barrier": barrier}[a.cmd](a)
 
 
 if __name__ == "__main__":
