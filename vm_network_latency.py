@@ -33,8 +33,8 @@
 #            [--output {text,json}] [--attach {auto,kprobe,tracepoint,tp_btf}]
 #            [--explain [US]] [--drops] [--list-vms] [--list-stages] [--dry-run]
 #            [--sample N] [--max-inflight N] [--btf FILE] [--verbose]
-#            [--write-events FILE] [--read-events FILE]... [--clock-offset US]
-#            [--version] [--ebpf]
+#            [--write-events FILE] [--write-pcap FILE] [--read-events FILE]...
+#            [--clock-offset US] [--version] [--ebpf]
 #
 # Copyright (c) 2026 The vm_network_latency developers. MIT License (see LICENSE).
 #
@@ -399,6 +399,11 @@ def build_parser():
     parser.add_argument("--write-events", metavar="FILE", type=_path,
                         help="also save the run's raw events and final counters to FILE, "
                              "for --read-events")
+    parser.add_argument("--write-pcap", metavar="FILE", type=_path,
+                        help="also write each reported packet to FILE (pcapng, for "
+                             "Wireshark): its headers rebuilt from the record, on the "
+                             "device where it entered, with the record as its comment; "
+                             "detailed mode; also from --read-events")
     parser.add_argument("--read-events", metavar="FILE", type=_path, action="append",
                         help="report a run saved with --write-events again (its records, "
                              "histograms and summary), offline: no root, no BPF; given "
@@ -435,16 +440,18 @@ def parse_args(argv):
     if args.clock_offset is not None and len(args.read_events or ()) != 2:
         parser.error("--clock-offset goes with a join of two recordings (--read-events A "
                      "--read-events B)")
-    joining = ("clock_offset", "mode") if len(args.read_events or ()) > 1 else ()
-    if args.read_events and given_besides("read_events", "output", *joining):
-        parser.error("--read-events replays a recording: only --output goes with it%s "
-                     "(not %s)" % (" (joining: and --clock-offset, --mode)" if joining
-                                   else "", ", ".join(given_besides(
-                                       "read_events", "output", *joining))))
-    if args.write_events and (args.list_stages or args.dry_run or args.ebpf):
-        parser.error("--write-events records a trace: not with %s" % next(
-            o for o in ("--list-stages", "--dry-run", "--ebpf")
-            if getattr(args, o[2:].replace("-", "_"))))
+    also = ("clock_offset", "mode") if len(args.read_events or ()) > 1 else ("write_pcap",)
+    if args.read_events and given_besides("read_events", "output", *also):
+        parser.error("--read-events replays a recording: only %s go with it (not %s)" % (
+            ", ".join(["--output"] + ["--" + a.replace("_", "-") for a in also]),
+            ", ".join(given_besides("read_events", "output", *also))))
+    if args.write_pcap and not args.read_events and args.mode != "detailed":
+        parser.error("--write-pcap writes each reported packet: detailed mode only")
+    for opt in ("write_events", "write_pcap"):
+        if getattr(args, opt) and (args.list_stages or args.dry_run or args.ebpf):
+            parser.error("--%s records a trace: not with %s" % (opt.replace("_", "-"), next(
+                o for o in ("--list-stages", "--dry-run", "--ebpf")
+                if getattr(args, o[2:].replace("-", "_")))))
     if args.list_vms and given_besides("list_vms", "output"):
         parser.error("--list-vms only lists the VMs: only --output goes with it (not %s)"
                      % ", ".join(given_besides("list_vms", "output")))
@@ -4516,9 +4523,10 @@ ORDERED_LOADS = ("x86_64", "i686", "i386")
 def open_events(tracer, this):
     table = tracer.bpf["events"]
     if type(table).__name__ == "RingBuf" and os.uname()[4] in ORDERED_LOADS:
-        # recording: every event is recorded whole, by on_record()
+        # recording or capturing: every event is taken whole, by on_record()
         ring = RingReader.of_map(table.map_fd, C.RINGBUF_PAGES * mmap.PAGESIZE, this.on_record,
-                                 None if this.recorder or this.explain else this.on_times,
+                                 None if this.recorder or this.explain or this.pcap
+                                 else this.on_times,
                                  this.write_pending, record_size=this.event_size)
         return EventSource(ring.poll, ring.drain)
     if type(table).__name__ == "RingBuf":
@@ -5519,7 +5527,7 @@ class Run(object):
     the output is the same either way."""
 
     def __init__(self, settings, reporter, segments, kfree_skb_reason, drop_reasons,
-                 wall_offset, book, recorder=None):
+                 wall_offset, book, recorder=None, pcap=None):
         self.settings = settings
         self.reporter = reporter
         self.book = book                # the names of devices, VMs, processes
@@ -5528,6 +5536,7 @@ class Run(object):
         self.drop_reasons = drop_reasons
         self.wall_offset = wall_offset
         self.recorder = recorder
+        self.pcap = pcap                # --write-pcap: PcapWriter
         self.counters = None            # KernelCounters or RecordedCounters
         self.reported = dict.fromkeys(DIRECTIONS, 0)
         self.per_vm_reported = {}       # {tap ifindex: packets reported}
@@ -5585,11 +5594,13 @@ class Run(object):
             if not (why and explained(why)):        # explained: its own output
                 text = self.formatter.packet(fields, bytes(buf[off + KIND_AT:off + PKT.size]),
                                              record)
-        if text is None:        # a drop, or a packet whose output is not templated
+        if text is None or self.pcap:   # a drop, a packet not templated, a capture
             rec = record()
             if rec["type"] == "drop":
                 rec["reason"] = self.reason_name(fields[F.reason])
                 rec["location"] = self.book.location(fields[F.location])
+            if self.pcap:
+                self.pcap.packet(fields, rec, self.wall_offset)
         if self.recorder:       # after the names it needed: a replay meets them first
             self.recorder.event(bytes(buf[off:off + self.event_size]))
         self.write_pending()
@@ -5856,6 +5867,164 @@ def write_all(fd, data):
             e.written = done
             raise
     return done
+
+
+# --- --write-pcap: the reported packets for Wireshark ---
+#
+# pcapng (the IETF draft draft-ietf-opsawg-pcapng, its blocks 4.1-4.3): a section header, one interface description per device (the VM's
+# tap or macvtap where a packet entered from a VM, the NIC where one came from the
+# network), then one enhanced packet block per reported packet or drop, in ns, with the
+# record as the packet's comment. The tool reads no payload: the packet's headers are
+# rebuilt from the record (raw IP, LINKTYPE_RAW: no made-up MAC addresses), and the
+# section's comment says so.
+PCAPNG_LINKTYPE_RAW = 101
+PCAP_SECTION_COMMENT = ("vm_network_latency: the headers of each packet are rebuilt from "
+                        "the tool's record (addresses, protocol, ports, IPv4 id, TCP "
+                        "sequence, ICMP echo id and sequence; through tunnels the inner "
+                        "packet); no payload, lengths of the headers only. Each packet's "
+                        "comment is its record: direction, VM, stages and segments, total, "
+                        "a drop's reason.")
+
+
+def _pcapng_option(code, value):
+    return struct.pack("<HH", code, len(value)) + value + b"\0" * (-len(value) % 4)
+
+
+def _pcapng_block(kind, body):
+    body += b"\0" * (-len(body) % 4)
+    return struct.pack("<II", kind, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+
+
+def _checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff
+
+
+def rebuilt_headers(f):
+    """The packet's IP and L4 headers as far as its record knows them."""
+    proto, v6 = f[F.proto], f[F.ip_version] == 6
+    size = 16 if v6 else 4
+    src, dst = bytes(f[F.saddr][:size]), bytes(f[F.daddr][:size])
+    if proto == Proto.TCP:
+        l4 = struct.pack("!HHIIBBHHH", f[F.sport], f[F.dport], f[F.tcp_seq], 0, 5 << 4, 0,
+                         0, 0, 0)
+    elif proto == Proto.UDP:
+        l4 = struct.pack("!HHHH", f[F.sport], f[F.dport], 8, 0)
+    elif f[F.icmp_type] in ICMP_ECHO.get(proto, ()):
+        l4 = struct.pack("!BBHHH", f[F.icmp_type], 0, 0, f[F.sport], f[F.dport])
+    else:
+        l4 = struct.pack("!BBHI", f[F.icmp_type], 0, 0, 0)
+    if v6:
+        pseudo = src + dst + struct.pack("!I3xB", len(l4), proto)
+    else:
+        pseudo = src + dst + struct.pack("!xBH", proto, len(l4))
+    at = {Proto.TCP: 16, Proto.UDP: 6}.get(proto, 2)
+    summed = l4 if proto == Proto.ICMP else pseudo + l4
+    l4 = l4[:at] + struct.pack("!H", _checksum(summed) or 0xffff) + l4[at + 2:]
+    if v6:
+        return struct.pack("!IHBB", 6 << 28, len(l4), proto, 64) + src + dst + l4
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(l4), f[F.ip_id], 0, 64, proto, 0) + \
+        src + dst
+    return ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:] + l4
+
+
+def pcap_comment(rec, fmt_us):
+    """A packet's record as its comment (as the text output says it, without escapes:
+    Wireshark shows text as text)."""
+    parts = ["vm_network_latency %s" % rec["direction"].upper()]
+    if rec["vm"] or rec["vm_dev"]:
+        parts.append("VM %s (%s)" % (rec["vm"] or "-", rec["vm_dev"] or "-"))
+    if rec["peer_vm_dev"]:
+        parts.append("to VM %s (%s)" % (rec["peer_vm"] or "-", rec["peer_vm_dev"]))
+    if rec["phy_dev"]:
+        parts.append("NIC %s" % rec["phy_dev"])
+    if rec["vlan"] is not None:
+        parts.append("vlan %d" % rec["vlan"])
+    tun = rec["tunnel"]
+    if tun:
+        parts.append("%s vni %s outer %s -> %s" % (tun["type"], tun["vni"],
+                                                   tun["outer_src_ip"], tun["outer_dst_ip"]))
+    text = "; ".join(parts) + "\n" + (" | ".join(
+        "%s->%s: %s" % (s["from"], s["to"], fmt_us(s["us"])) for s in rec["segments"])
+        or "-")
+    if rec["type"] == "drop":
+        text += "\nDROPPED after %s: %s at %s" % (rec["last_stage"], rec["reason"],
+                                                   rec["location"])
+    else:
+        text += "\nTotal Latency: %s" % fmt_us(rec["total_us"])
+    if rec["pid"]:
+        text += " | PID: %d (%s)" % (rec["pid"], rec["comm"])
+    why = rec.get("explain")
+    if why and why.get("segment"):
+        text += "\nwhy: %s" % ", ".join("%s %s" % (c, fmt_us(us)) for c, us in
+                                        sorted(why["us"].items()) if us)
+    return text
+
+
+class PcapWriter(object):
+    """--write-pcap FILE: opened as --write-events' file is (never through a symbolic
+    link, mode 0600, before anything is compiled); each reported packet appended."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = create_private_file(path, "--write-pcap")
+        self.ifaces = {}        # {device name: interface id}
+        self.pending = []
+        self.failed = False
+        self.fmt_us = lambda us: "%.2fus" % us
+        self._write(_pcapng_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1) +
+                                  _pcapng_option(1, PCAP_SECTION_COMMENT.encode()) +
+                                  _pcapng_option(4, ("vm_network_latency " + VERSION)
+                                                 .encode()) + _pcapng_option(0, b"")))
+
+    def interface(self, name):
+        if name not in self.ifaces:
+            self.ifaces[name] = len(self.ifaces)
+            self._write(_pcapng_block(1, struct.pack("<HHI", PCAPNG_LINKTYPE_RAW, 0, 0) +
+                                      _pcapng_option(2, name.encode("utf-8", "replace")) +
+                                      _pcapng_option(9, b"\x09") + _pcapng_option(0, b"")))
+        return self.ifaces[name]
+
+    def packet(self, fields, rec, wall_offset):
+        """One reported packet or drop: on the device where it entered the path, at the
+        time it did (its first stage)."""
+        direction = DIRECTIONS[fields[F.dir]]
+        dev = (rec["vm_dev"] if direction != "rx" else rec["phy_dev"]) or \
+            rec["vm_dev"] or rec["phy_dev"] or "?"
+        iface = self.interface(dev)
+        seen = [fields[sid] for _n, sid in _PATH_FIELDS[direction] if fields[sid]]
+        when = wall_ns(wall_offset) + (seen[0] if seen else 0)
+        data = rebuilt_headers(fields)
+        comment = pcap_comment(rec, self.fmt_us).encode("utf-8", "replace")
+        self._write(_pcapng_block(6, struct.pack("<IIIII", iface, when >> 32,
+                                                 when & 0xffffffff, len(data), len(data)) +
+                                  data + b"\0" * (-len(data) % 4) +
+                                  _pcapng_option(1, comment) + _pcapng_option(0, b"")))
+
+    def _write(self, block):
+        self.pending.append(block)
+        if len(self.pending) >= 256:
+            self.flush()
+
+    def flush(self):
+        if not self.pending or self.failed:
+            return
+        data = b"".join(self.pending)
+        del self.pending[:]
+        try:
+            write_all(self.fd, data)
+        except OSError as e:
+            self.failed = True
+            log("warning: --write-pcap %s: %s: the capture file stops here; tracing goes "
+                "on" % (self.path, e.strerror or e))
+
+    def close(self):
+        self.flush()
+        os.close(self.fd)
 
 
 class Recorder(object):
@@ -6776,6 +6945,8 @@ class LiveTrace(object):
             self.tracer.close()
             if run.recorder:
                 run.recorder.close()
+            if run.pcap:
+                run.pcap.close()
         return 0
 
     def attach_and_report(self):
@@ -6821,6 +6992,8 @@ class LiveTrace(object):
                 run.reporter.flush()
             if run.recorder:
                 run.recorder.flush()
+            if run.pcap:
+                run.pcap.flush()
 
     def refresh_devices(self):
         """New VMs start and stop: the kernel's device map and the VM names follow."""
@@ -6916,16 +7089,29 @@ class LiveTrace(object):
             pass
 
 
-def replay(path, output):
+def replay(path, output, pcap_path=None):
     """Produce the recorded run's output again, from its raw events and nothing else:
-    every name from the recording, none from this machine."""
+    every name from the recording, none from this machine (and --write-pcap's file)."""
     reader = RecordingReader(path)
     meta = reader.meta
+    if pcap_path and meta["mode"] != "detailed":
+        raise UsageError("--write-pcap: %s was recorded in histogram mode: it has no "
+                         "packets to write" % path)
+    pcap = PcapWriter(pcap_path) if pcap_path else None
+    try:
+        return replay_into(reader, meta, output, pcap)
+    finally:
+        if pcap:
+            pcap.close()
+
+
+def replay_into(reader, meta, output, pcap):
+    path = reader.path
     settings = RunSettings(meta["mode"], meta["per_vm"], meta["sample"], False,
                            meta["drops"], meta["explain"])
     run = Run(settings, Reporter(output, meta["protocol"], sample=meta["sample"]),
               meta["segments"], meta["kfree_skb_reason"], meta["drop_reasons"],
-              meta["wall_offset"], NameBook(live=False))
+              meta["wall_offset"], NameBook(live=False), pcap=pcap)
     truncated = final = None
     for line, kind, value in reader:
         if run.output_broken:
@@ -7406,7 +7592,7 @@ def run_command(args):
     if args.read_events and len(args.read_events) > 1:
         return join_recordings(args.read_events, args.output, args.clock_offset, args.mode)
     if args.read_events:
-        return replay(args.read_events[0], args.output)
+        return replay(args.read_events[0], args.output, args.write_pcap)
     selection = DeviceSelection(args.vm_dev or [], args.vm or [], args.phy_dev or [])
     check_devices_exist(selection)
     if args.list_vms:
@@ -7417,6 +7603,7 @@ def run_command(args):
                     "sudo %s" % " ".join([sys.argv[0]] + sys.argv[1:]))
     # the recording's file first: a path it cannot have is reported before a compile
     recorder = Recorder(args.write_events) if args.write_events else None
+    pcap = PcapWriter(args.write_pcap) if args.write_pcap else None
     release = os.uname()[2]
     metrics = None
     if args.prometheus or args.prometheus_textfile:
@@ -7456,7 +7643,7 @@ def run_command(args):
     settings = run_settings(args)
     run = Run(settings, reporter, plan.segments, layout.kfree_skb_reason,
               layout.drop_reasons, wall_clock_offset(),
-              NameBook(ksym=bcc.BPF.ksym, recorder=recorder), recorder)
+              NameBook(ksym=bcc.BPF.ksym, recorder=recorder), recorder, pcap)
     if metrics:
         metrics.attach(run, tracer, plan, layout.prog_info)
     if recorder:

@@ -48,7 +48,7 @@ BAD_INPUT = [
     (["--vm-dev", "lo", "--phy-dev", "lo"], "both --vm-dev and --phy-dev"),
     (["--bogus"], "unrecognized arguments"),
     (["--btf", "/no/such/vmlinux"], "--btf /no/such/vmlinux: no such file"),
-    (["--read-events", "x.vnl", "--protocol", "udp"], "only --output goes with it"),
+    (["--read-events", "x.vnl", "--protocol", "udp"], "only --output, --write-pcap go with it (not --protocol)"),
     (["--vm", ""], "a VM name cannot be empty"),
     (["--per-vm"], "--per-vm splits the histograms by VM: it needs --mode histogram"),
     (["--list-vms", "--protocol", "tcp"], "--list-vms only lists the VMs"),
@@ -61,6 +61,10 @@ BAD_INPUT = [
      "--prometheus-textfile: the file name is empty"),
     (["--btf", ""], "--btf: the file name is empty"),
     (["--btf", "/dev/zero", "--dry-run"], "--btf /dev/zero: not a regular file"),
+    (["--write-pcap", "/tmp/x.pcapng", "--mode", "histogram"],
+     "--write-pcap writes each reported packet: detailed mode only"),
+    (["--write-pcap", "/tmp/x.pcapng", "--list-stages"], "--write-pcap records a trace: "
+     "not with --list-stages"),
     (["--write-events", "/tmp/x.vnl", "--dry-run"], "--write-events records a trace: "
                                                     "not with --dry-run"),
     (["--write-events", "/tmp", "--timeout", "1"], "--write-events /tmp: Is a directory"),
@@ -146,11 +150,12 @@ def stops_early():
     return ["--vm", "no-such-vm-for-this-test", "--timeout", "1"]
 
 
-def test_write_events_never_follows_a_symlink(users_dir):
+@pytest.mark.parametrize("option", ["--write-events", "--write-pcap"])
+def test_files_written_as_root_never_follow_a_symlink(users_dir, option):
     d, victim = users_dir
     link = os.path.join(d, "run.vnl")
     as_user("ln", "-s", victim, link)
-    r = run_tool(*(["--write-events", link] + stops_early()))
+    r = run_tool(*([option, link] + stops_early()))
     assert r.returncode == 2 and "a symbolic link, which the tool does not follow" in r.stderr
     with open(victim, "rb") as f:
         assert f.read() == b"root's own file\n"
