@@ -34,7 +34,7 @@
 #            [--explain [US]] [--drops] [--list-vms] [--list-stages] [--dry-run]
 #            [--sample N] [--max-inflight N] [--btf FILE] [--verbose]
 #            [--write-events FILE] [--write-pcap FILE] [--read-events FILE]...
-#            [--clock-offset US] [--version] [--ebpf]
+#            [--clock-offset US] [--heatmap SVG] [--version] [--ebpf]
 #
 # Copyright (c) 2026 The vm_network_latency developers. MIT License (see LICENSE).
 #
@@ -404,6 +404,10 @@ def build_parser():
                              "Wireshark): its headers rebuilt from the record, on the "
                              "device where it entered, with the record as its comment; "
                              "detailed mode; also from --read-events")
+    parser.add_argument("--heatmap", metavar="SVG", type=_path,
+                        help="with --read-events: draw the recording's latency over time "
+                             "as an SVG heat map, a panel per segment and the total (per "
+                             "VM with --per-vm)")
     parser.add_argument("--read-events", metavar="FILE", type=_path, action="append",
                         help="report a run saved with --write-events again (its records, "
                              "histograms and summary), offline: no root, no BPF; given "
@@ -440,7 +444,10 @@ def parse_args(argv):
     if args.clock_offset is not None and len(args.read_events or ()) != 2:
         parser.error("--clock-offset goes with a join of two recordings (--read-events A "
                      "--read-events B)")
-    also = ("clock_offset", "mode") if len(args.read_events or ()) > 1 else ("write_pcap",)
+    also = ("clock_offset", "mode") if len(args.read_events or ()) > 1 else \
+        ("heatmap", "per_vm") if args.heatmap else ("write_pcap", "heatmap")
+    if args.heatmap and len(args.read_events or ()) != 1:
+        parser.error("--heatmap draws one recording: give it with --read-events FILE")
     if args.read_events and given_besides("read_events", "output", *also):
         parser.error("--read-events replays a recording: only %s go with it (not %s)" % (
             ", ".join(["--output"] + ["--" + a.replace("_", "-") for a in also]),
@@ -455,7 +462,7 @@ def parse_args(argv):
     if args.list_vms and given_besides("list_vms", "output"):
         parser.error("--list-vms only lists the VMs: only --output goes with it (not %s)"
                      % ", ".join(given_besides("list_vms", "output")))
-    if args.per_vm and args.mode != "histogram":
+    if args.per_vm and args.mode != "histogram" and not args.heatmap:
         parser.error("--per-vm splits the histograms by VM: it needs --mode histogram")
     for opt in ("prometheus", "prometheus_textfile"):
         if getattr(args, opt) and args.mode != "histogram":
@@ -6027,6 +6034,213 @@ class PcapWriter(object):
         os.close(self.fd)
 
 
+# --- --heatmap: latency over time from a recording, as SVG ---
+#
+# One panel per direction and segment (and the total): x the time, y the latency on a
+# log scale (HEAT_ROWS_PER_DECADE rows a decade), each cell's colour how many packets
+# took that long then. Per VM with --per-vm. Plain SVG text: any browser shows it.
+HEAT_PLOT_W, HEAT_PLOT_H = 900, 150     # a panel's plot area, px
+HEAT_LEFT, HEAT_RIGHT, HEAT_TOP = 80, 30, 40
+HEAT_PANEL_GAP = 70                     # from one plot area to the next panel's title
+HEAT_COLUMNS = 300                      # time bins across a plot (3 px each)
+HEAT_ROWS_PER_DECADE = 8
+# yellow to dark red (ColorBrewer's YlOrRd without its palest): one packet is seen
+HEAT_COLOURS = ["#fed976", "#feb24c", "#fd8d3c", "#fc4e2a", "#e31a1c", "#bd0026", "#800026"]
+
+
+def _xml(text):
+    """A name from a recording, safe in SVG text and attributes."""
+    return (printable(text, 4 * NAME_LIMIT).replace("&", "&amp;").replace("<", "&lt;")
+            .replace(">", "&gt;").replace('"', "&quot;"))
+
+
+def _us_label(us):
+    for unit, scale in (("s", 1e6), ("ms", 1e3)):
+        if us >= scale:
+            return "%g %s" % (us / scale, unit)
+    return "%g \u00b5s" % us
+
+
+def _time_ticks(t0, t1):
+    """Tick times (seconds since the epoch) at a round step, 4 to 10 of them."""
+    span = max(t1 - t0, 1e-3)
+    for step in (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600,
+                 7200, 21600, 43200, 86400):
+        if span / step <= 10:
+            break
+    first = math.ceil(t0 / step) * step
+    return [first + i * step for i in range(int((t1 - first) / step) + 1)]
+
+
+class HeatPanel(object):
+    def __init__(self, title, vm):
+        self.title, self.vm = title, vm
+        self.points = []        # [(wall time s, latency us)]
+
+
+def heatmap_panels(run_records, per_vm):
+    """[(VM heading or None, [HeatPanel])] from [(packet record)] in time order."""
+    groups = {}
+    for rec in run_records:
+        who = None
+        if per_vm:
+            who = "VM %s (%s)" % (rec["vm"] or rec["vm_dev"] or "host", rec["vm_dev"] or "-")
+            if rec["peer_vm_dev"]:
+                who += " -> VM %s (%s)" % (rec["peer_vm"] or rec["peer_vm_dev"],
+                                           rec["peer_vm_dev"])
+        panels = groups.setdefault(who, {})
+        when = rec["timestamp"]
+        for seg in rec["segments"]:
+            key = (DIRECTIONS.index(rec["direction"]), "%s->%s" % (seg["from"], seg["to"]))
+            panels.setdefault(key, HeatPanel("%s %s" % (rec["direction"].upper(), key[1]),
+                                             who)).points.append((when, seg["us"]))
+        key = (DIRECTIONS.index(rec["direction"]), "total")
+        panels.setdefault(key, HeatPanel("%s total" % rec["direction"].upper(), who)
+                          ).points.append((when, rec["total_us"]))
+    out = []
+    for who in sorted(groups, key=lambda w: w or ""):
+        by_path = groups[who]
+        order = sorted(by_path, key=lambda k: (k[0], k[1] == "total",
+                                                path_position(k[0], k[1])))
+        out.append((who, [by_path[k] for k in order]))
+    return out
+
+
+def path_position(direction, segment):
+    """Where a segment's first stage is on its direction's path (the panels' order)."""
+    names = PATH_ORDER[DIRECTIONS[direction]]
+    first = segment.split("->")[0]
+    return names.index(first) if first in names else len(names)
+
+
+def heatmap_svg(groups, source):
+    """The SVG text of the panels, all on one time axis."""
+    times = [t for _w, panels in groups for p in panels for t, _us in p.points]
+    t0, t1 = min(times), max(times)
+    if t1 - t0 < 1e-3:
+        t1 = t0 + 1e-3
+    count = sum(len(panels) for _w, panels in groups)
+    height = HEAT_TOP + 40 + count * (HEAT_PLOT_H + HEAT_PANEL_GAP) + \
+        sum(30 for who, _p in groups if who)
+    width = HEAT_LEFT + HEAT_PLOT_W + HEAT_RIGHT + 110
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           '<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
+           'viewBox="0 0 %d %d" font-family="sans-serif" font-size="12">'
+           % (width, height, width, height),
+           '<rect width="100%" height="100%" fill="white"/>',
+           '<text x="%d" y="24" font-size="16">vm_network_latency: latency over time '
+           '(%s)</text>' % (HEAT_LEFT, _xml(source))]
+    y = HEAT_TOP + 20
+    n = 0
+    for who, panels in groups:
+        if who:
+            y += 30
+            out.append('<text x="10" y="%d" font-size="15" font-weight="bold">%s</text>'
+                       % (y - 8, _xml(who)))
+        for panel in panels:
+            out += heatmap_panel_svg(panel, n, y, t0, t1)
+            y += HEAT_PLOT_H + HEAT_PANEL_GAP
+            n += 1
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def heatmap_panel_svg(panel, n, top, t0, t1):
+    lat = [us for _t, us in panel.points if us > 0]
+    lo = 10 ** math.floor(math.log10(min(lat))) if lat else 1.0
+    hi = 10 ** math.ceil(math.log10(max(lat))) if lat else 10.0
+    if hi <= lo:
+        hi = lo * 10
+    decades = int(round(math.log10(hi / lo)))
+    rows = decades * HEAT_ROWS_PER_DECADE
+    x0, y0 = HEAT_LEFT, top + 20          # the plot area's top left
+    cells = {}
+    for t, us in panel.points:
+        col = min(HEAT_COLUMNS - 1, int((t - t0) / (t1 - t0) * HEAT_COLUMNS))
+        row = min(rows - 1, max(0, int(math.log10(max(us, lo) / lo) * HEAT_ROWS_PER_DECADE)))
+        cells[(col, row)] = cells.get((col, row), 0) + 1
+    peak = max(cells.values()) if cells else 1
+    cw, rh = HEAT_PLOT_W / float(HEAT_COLUMNS), HEAT_PLOT_H / float(rows)
+    bin_s = (t1 - t0) / HEAT_COLUMNS
+    title = "%s%s: %d packets" % ((panel.vm + ": ") if panel.vm else "", panel.title,
+                                  len(panel.points))
+    out = ['<g id="panel-%d">' % n,
+           '<text x="%d" y="%d" font-size="13" font-weight="bold">%s</text>'
+           % (x0, top + 12, _xml(title)),
+           # the plot area, and what the tests read back from the picture
+           '<rect id="plot-%d" x="%d" y="%d" width="%d" height="%d" fill="none" '
+           'stroke="#888" data-panel="%s" data-vm="%s" data-t0="%.6f" data-t1="%.6f" '
+           'data-lat-min-us="%g" data-lat-max-us="%g"/>'
+           % (n, x0, y0, HEAT_PLOT_W, HEAT_PLOT_H, _xml(panel.title), _xml(panel.vm or ""),
+              t0, t1, lo, hi)]
+    for (col, row), c in sorted(cells.items()):
+        shade = HEAT_COLOURS[min(len(HEAT_COLOURS) - 1, int(
+            math.log(c) / math.log(peak) * (len(HEAT_COLOURS) - 1) + 0.5) if peak > 1 else 0)]
+        out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%d '
+                   'packets</title></rect>' % (x0 + col * cw, y0 + HEAT_PLOT_H - (row + 1) * rh,
+                                               cw + 0.05, rh + 0.05, shade, c))
+    for d in range(decades + 1):        # the latency axis, a line a decade
+        yy = y0 + HEAT_PLOT_H - d * HEAT_ROWS_PER_DECADE * rh
+        out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#ccc"/>'
+                   % (x0 - 4, yy, x0 + HEAT_PLOT_W, yy))
+        out.append('<text x="%d" y="%.1f" text-anchor="end">%s</text>'
+                   % (x0 - 6, yy + 4, _us_label(lo * 10 ** d)))
+    for t in _time_ticks(t0, t1):       # the time axis
+        xx = x0 + (t - t0) / (t1 - t0) * HEAT_PLOT_W
+        out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#888"/>'
+                   % (xx, y0 + HEAT_PLOT_H, xx, y0 + HEAT_PLOT_H + 4))
+        out.append('<text x="%.1f" y="%d" text-anchor="middle">%s</text>' % (
+            xx, y0 + HEAT_PLOT_H + 16, time.strftime("%H:%M:%S", time.localtime(t)) +
+            ("" if abs(t - round(t)) < 1e-6 else (".%d" % int(round((t % 1) * 10))))))
+    out.append('<text x="%d" y="%d" text-anchor="end" fill="#444">latency (log), time '
+               '(%s a column), colour: packets (1 to %d)</text>' % (
+                   x0 + HEAT_PLOT_W, y0 + HEAT_PLOT_H + 32,
+                   "%.3g s" % bin_s, peak))
+    for i, shade in enumerate(HEAT_COLOURS):        # the colour key
+        out.append('<rect x="%d" y="%.1f" width="14" height="%.1f" fill="%s"/>' % (
+            x0 + HEAT_PLOT_W + 12, y0 + HEAT_PLOT_H - (i + 1) * HEAT_PLOT_H /
+            float(len(HEAT_COLOURS)), HEAT_PLOT_H / float(len(HEAT_COLOURS)), shade))
+    out.append('<text x="%d" y="%d">1</text>' % (x0 + HEAT_PLOT_W + 30, y0 + HEAT_PLOT_H))
+    out.append('<text x="%d" y="%d">%d</text>' % (x0 + HEAT_PLOT_W + 30, y0 + 10, peak))
+    out.append("</g>")
+    return out
+
+
+def write_heatmap(path, out_path, per_vm):
+    """--read-events F --heatmap OUT: every packet record of F, drawn."""
+    reader = RecordingReader(path)
+    if reader.meta["mode"] != "detailed":
+        reader.fail("recorded in histogram mode: a heat map is drawn from each packet's "
+                    "record (record with --mode detailed)", line=False)
+    book = NameBook(live=False)
+    records = []
+    for _line, kind, value in reader:
+        if kind == "event":
+            fields = PKT.unpack_from(value)
+            if fields[F.type] == Ev.PACKET:
+                records.append(packet_record(fields, book, reader.meta["wall_offset"]))
+        elif kind == "names":
+            book.devices.update(value[0])
+            book.uplinks.update(value[1])
+        elif kind == "vms":
+            book.vms = value
+        elif kind in book.known:
+            book.known[kind][value[0]] = value[1]
+    if not records:
+        raise UsageError("--heatmap: %s holds no packet to draw" % path)
+    svg = heatmap_svg(heatmap_panels(records, per_vm), os.path.basename(path))
+    fd = create_private_file(out_path, "--heatmap")
+    try:
+        write_all(fd, svg.encode("utf-8"))
+    except OSError as e:
+        raise Fatal("--heatmap %s: %s" % (out_path, e.strerror or e))
+    finally:
+        os.close(fd)
+    log("--heatmap %s: %d packets, %d panels" % (out_path, len(records), svg.count(
+        '<g id="panel-')))
+    return 0
+
+
 class Recorder(object):
     """--write-events: the run's raw events and what is needed to read them again.
 
@@ -7591,6 +7805,8 @@ def run_command(args):
     """From the command line to a trace, a listing, or a replay."""
     if args.read_events and len(args.read_events) > 1:
         return join_recordings(args.read_events, args.output, args.clock_offset, args.mode)
+    if args.read_events and args.heatmap:
+        return write_heatmap(args.read_events[0], args.heatmap, args.per_vm)
     if args.read_events:
         return replay(args.read_events[0], args.output, args.write_pcap)
     selection = DeviceSelection(args.vm_dev or [], args.vm or [], args.phy_dev or [])

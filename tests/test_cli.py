@@ -48,7 +48,7 @@ BAD_INPUT = [
     (["--vm-dev", "lo", "--phy-dev", "lo"], "both --vm-dev and --phy-dev"),
     (["--bogus"], "unrecognized arguments"),
     (["--btf", "/no/such/vmlinux"], "--btf /no/such/vmlinux: no such file"),
-    (["--read-events", "x.vnl", "--protocol", "udp"], "only --output, --write-pcap go with it (not --protocol)"),
+    (["--read-events", "x.vnl", "--protocol", "udp"], "only --output, --write-pcap, --heatmap go with it (not --protocol)"),
     (["--vm", ""], "a VM name cannot be empty"),
     (["--per-vm"], "--per-vm splits the histograms by VM: it needs --mode histogram"),
     (["--list-vms", "--protocol", "tcp"], "--list-vms only lists the VMs"),

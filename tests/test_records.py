@@ -1146,3 +1146,32 @@ def test_the_longest_segment_is_explained_also_when_it_is_not_the_last(tool):
     run, out = explain_run(tool, "text")
     run.on_event(rx + why)
     assert "  why: tap_queue->tap_xmit 30000.00us = queue 30000.00us\n" in out.getvalue()
+
+
+def test_a_heat_map_escapes_the_names_it_draws_and_needs_packets(tool, tmp_path):
+    """--heatmap: a VM's name is text of the SVG, never markup; a histogram-mode
+    recording has no packets to draw (one line, status 2)."""
+    rec = str(tmp_path / "run.vnl")
+    write_recording(tool, rec, [
+        {"kind": "names", "names": {"7": "vnet0", "3": "eth1"}, "uplinks": {}},
+        {"kind": "vms", "vms": {"7": ["<script>alert(1)</script>&\x1b[2J", None, 4242,
+                                      "qemu"]}},
+        {"kind": "event", "raw": udp_tx(tool).hex()},
+        {"kind": "event", "raw": icmp_rx(tool).hex()}])
+    svg = str(tmp_path / "heat.svg")
+    code, _out, err = run_main(tool, ["--read-events", rec, "--heatmap", svg, "--per-vm"])
+    assert code == 0, err
+    text = open(svg).read()
+    assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;&amp;" in text
+    assert "\x1b" not in text
+    import xml.dom.minidom
+    doc = xml.dom.minidom.parse(svg)        # well-formed
+    titles = [n.getAttribute("data-panel") for n in doc.getElementsByTagName("rect")
+              if n.getAttribute("id").startswith("plot-")]
+    assert titles == ["TX tap_rx->phy_queue", "TX phy_queue->phy_xmit", "TX total",
+                      "RX phy_rx->tap_queue", "RX tap_queue->tap_xmit",
+                      "RX tap_xmit->vm_read", "RX total"], titles
+    hist = str(tmp_path / "hist.vnl")
+    write_recording(tool, hist, [], meta=recording_meta(tool, mode="histogram"))
+    code, _out, err = run_main(tool, ["--read-events", hist, "--heatmap", svg])
+    assert code == 2 and "histogram mode" in err and len(err.splitlines()) == 1, err
