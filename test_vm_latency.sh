@@ -16,7 +16,7 @@
 #   Extra pytest arguments: PYTEST_ARGS="-k filters -x" sudo -E ./test_vm_latency.sh vm
 #
 # Installs, idempotently: BCC (python3-bpfcc / python3-bcc), bpftool, pahole, kernel
-# headers for BCC's compiler, QEMU, busybox, tcpdump, tshark, rsvg-convert, pytest,
+# headers for BCC's compiler, QEMU, busybox, tcpdump, tshark, rsvg-convert, tmux, pytest,
 # hypothesis, vermin.
 # Everything the tests create (namespaces, taps, bridges, qdiscs, QEMU, probes) is
 # removed on success, failure and Ctrl-C.
@@ -36,9 +36,9 @@ die() { echo "test_vm_latency: error: $*" >&2; exit 2; }
 DEB_PKGS=(python3-bpfcc bpftool dwarves qemu-system-x86 busybox-static cpio gcc libc6-dev
           xz-utils tcpdump iproute2 iputils-ping kmod python3-pytest python3-hypothesis
           python3-venv mmdebstrap e2fsprogs python3-prometheus-client prometheus openssl
-          tshark librsvg2-bin)
+          tshark librsvg2-bin tmux)
 RPM_PKGS=(python3-bcc bcc-tools bpftool dwarves qemu-kvm cpio gcc glibc-static tcpdump
-          iproute iputils kmod python3-pytest python3-hypothesis wireshark-cli librsvg2-tools)
+          iproute iputils kmod python3-pytest python3-hypothesis wireshark-cli librsvg2-tools tmux)
 
 install_debian() {
     local missing=() p st

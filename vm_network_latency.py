@@ -25,7 +25,7 @@
 #            [--dst-port PORT] [--protocol {tcp,udp,icmp,icmp6,all}] [--vni N]
 #            [--direction {tx,rx,vm2vm,all,both}] [--vm-dev DEV] [--vm NAME]
 #            [--phy-dev DEV]
-#            [--mode {detailed,histogram}] [--interval SECONDS] [--per-vm]
+#            [--mode {detailed,histogram}] [--interval SECONDS] [--top] [--per-vm]
 #            [--prometheus [ADDR:]PORT] [--prometheus-tls-cert FILE]
 #            [--prometheus-tls-key FILE] [--prometheus-client-ca FILE]
 #            [--forget-after SECONDS] [--vm-table-size N] [--prometheus-textfile PATH]
@@ -73,6 +73,7 @@ import sys
 import tempfile
 import threading
 import time
+import collections
 from collections import namedtuple
 
 
@@ -262,6 +263,9 @@ def _clock_offset(text):
     return value
 
 
+TOP_INTERVAL_S = 2.0    # --top's refresh, unless --interval says otherwise
+
+
 # a day: a longer threshold is a typo, and ns of it must fit the C's unsigned 64 bits
 LATENCY_THRESHOLD_MAX_US = 86400 * 10 ** 6
 
@@ -318,6 +322,11 @@ def build_parser():
                         type=str.lower, help="output mode (default: detailed)")
     parser.add_argument("--interval", type=_positive_float, default=5.0, metavar="SECONDS",
                         help="histogram update interval (default: 5)")
+    parser.add_argument("--top", action="store_true",
+                        help="a live view: one line per VM (and VM pair), refreshed every "
+                             "interval (default 2 s here): packets/s each way, P50/P99, "
+                             "the slowest segment, drops; keys p r n d sort, space "
+                             "pauses, q quits. Plain lines when stdout is not a terminal")
     parser.add_argument("--per-vm", action="store_true",
                         help="histogram mode: one set of tables per VM each interval")
     parser.add_argument("--prometheus", type=_listen_address, metavar="[ADDR:]PORT",
@@ -441,6 +450,17 @@ def parse_args(argv):
     def given_besides(*allowed):
         return sorted("--" + k.replace("_", "-") for k, v in vars(args).items()
                       if k not in allowed and v != parser.get_default(k))
+    if args.top and not args.read_events:
+        if args.output == "json":
+            parser.error("--top is a view for people: not with --output json (the "
+                         "histograms' JSON is --mode histogram --per-vm)")
+        if any(a == "--mode" or a.startswith("--mode=") for a in argv or ()) and \
+                args.mode == "detailed":
+            parser.error("--top shows distributions: not with --mode detailed")
+        # per VM, in the kernel; drops as events, counted per VM
+        args.mode, args.per_vm, args.drops = "histogram", True, True
+        if args.interval == parser.get_default("interval"):
+            args.interval = TOP_INTERVAL_S
     if args.clock_offset is not None and len(args.read_events or ()) != 2:
         parser.error("--clock-offset goes with a join of two recordings (--read-events A "
                      "--read-events B)")
@@ -5544,6 +5564,7 @@ class Run(object):
         self.wall_offset = wall_offset
         self.recorder = recorder
         self.pcap = pcap                # --write-pcap: PcapWriter
+        self.drop_sink = None           # --top: (VM label, reason) of each drop, not printed
         self.counters = None            # KernelCounters or RecordedCounters
         self.reported = dict.fromkeys(DIRECTIONS, 0)
         self.per_vm_reported = {}       # {tap ifindex: packets reported}
@@ -5611,6 +5632,9 @@ class Run(object):
         if self.recorder:       # after the names it needed: a replay meets them first
             self.recorder.event(bytes(buf[off:off + self.event_size]))
         self.write_pending()
+        if self.drop_sink and text is None and rec["type"] == "drop":
+            self.drop_sink(self.book.vm_of(fields[F.vm_ifindex])[0], rec["reason"])
+            return
         try:
             if text is None:
                 self.reporter.packet(rec)
@@ -7118,6 +7142,149 @@ def verify_only(tracer, attach):
     return 0
 
 
+# --- --top: one line per VM, refreshed in place ---
+
+TopRow = namedtuple("TopRow", "name tx rx p50 p99 slowest drops reason")
+TOP_SORTS = {"p": ("P99", lambda r: -(r.p99 or 0)), "r": ("rate", lambda r: -(r.tx + r.rx)),
+             "n": ("name", lambda r: r.name), "d": ("drops", lambda r: -r.drops)}
+TOP_LINE = "%-14.14s %5s %5s %7s %7s %-24.24s %s"     # 80 columns: drops get the rest
+TOP_HEAD = TOP_LINE % ("VM", "TX/s", "RX/s", "P50", "P99", "SLOWEST SEGMENT", "DROPS")
+
+
+def top_rows(per_vm, drops, seconds):
+    """--top's rows of one interval: per VM (and VM pair), from what its taps added
+    (Run.vm_histograms) and its drops ({label: Counter of reasons})."""
+    rows = {}
+    for who, tables, _why in per_vm:
+        name = who.label + (" -> " + who.peer_label if who.peer_label else "")
+        count = {"tx": 0, "rx": 0}
+        totals, spent = {}, {}
+        for direction, segment, buckets in tables:
+            if segment == "total":
+                n = sum(buckets.values())
+                count["rx" if direction == "rx" else "tx"] += n
+                for b, c in buckets.items():
+                    totals[b] = totals.get(b, 0) + c
+            else:
+                spent[segment] = spent.get(segment, 0) + sum(
+                    c * sum(bucket_bounds(b)[:2]) / 2 if bucket_bounds(b)[1] != float("inf")
+                    else c * bucket_bounds(b)[0] for b, c in buckets.items())
+        all_spent = sum(spent.values())
+        slowest = max(spent, key=spent.get) if all_spent else None
+        reasons = drops.get(who.label, collections.Counter()) if not who.peer_label else \
+            collections.Counter()
+        rows[name] = TopRow(name, count["tx"] / seconds, count["rx"] / seconds,
+                            percentile(totals, 0.5), percentile(totals, 0.99),
+                            "%s %d%%" % (slowest, round(100.0 * spent[slowest] / all_spent))
+                            if slowest else "-", sum(reasons.values()),
+                            reasons.most_common(1)[0][0] if reasons else "")
+    for label, reasons in drops.items():         # dropped, none through
+        if label not in rows:
+            rows[label] = TopRow(label, 0.0, 0.0, None, None, "-", sum(reasons.values()),
+                                 reasons.most_common(1)[0][0])
+    return rows
+
+
+class TopView(object):
+    """--top: on a terminal, a screen (curses) of one line per VM, redrawn every
+    interval, with keys; otherwise the same lines printed each interval."""
+
+    def __init__(self, interval, out=None):
+        self.interval = interval
+        self.out = out or sys.stdout
+        self.sort, self.paused = "p", False
+        self.rows, self.seen = {}, {}       # this interval's, and every VM's last
+        self.drops = {}                     # {VM label: Counter of reasons}, this interval
+        self.when = None
+        self.screen = None
+        if self.out.isatty():
+            import curses
+            self.curses = curses
+            self.screen = curses.initscr()
+            curses.noecho()
+            curses.cbreak()
+            self.screen.nodelay(True)
+            self.screen.keypad(True)
+            try:
+                curses.curs_set(0)
+            except curses.error:
+                pass
+            self.draw()
+
+    def close(self):
+        if self.screen is not None:
+            self.screen.keypad(False)
+            self.curses.nocbreak()
+            self.curses.echo()
+            self.curses.endwin()
+            self.screen = None
+
+    def on_drop(self, label, reason):
+        self.drops.setdefault(label, collections.Counter())[reason] += 1
+
+    def update(self, when, per_vm):
+        rows = top_rows(per_vm, self.drops, self.interval)
+        self.drops = {}
+        for name, row in self.seen.items():     # quiet this interval: zero
+            rows.setdefault(name, TopRow(name, 0.0, 0.0, None, None, "-", 0, ""))
+        self.seen = dict(rows)
+        if self.paused:
+            return
+        self.rows, self.when = rows, when
+        if self.screen is None:
+            lines = ["[%s] %s" % (time.strftime("%H:%M:%S", time.localtime(when)),
+                                  TOP_HEAD)]
+            lines += [self.line(r) for r in self.ordered()]
+            self.out.write("\n".join(lines) + "\n\n")
+            self.out.flush()
+        else:
+            self.draw()
+
+    def ordered(self):
+        return sorted(self.rows.values(), key=lambda r: (TOP_SORTS[self.sort][1](r), r.name))
+
+    @staticmethod
+    def line(r):
+        def us(v):
+            return "-" if v is None else "%.0fus" % v if v < 10000 else "%.1fms" % (v / 1e3)
+        drops = "%d %s" % (r.drops, shown_name(r.reason)) if r.drops else "0"
+        return (TOP_LINE % (shown_name(r.name), "%.0f" % r.tx, "%.0f" % r.rx, us(r.p50),
+                            us(r.p99), r.slowest, drops))[:79]
+
+    def draw(self):
+        height, width = self.screen.getmaxyx()
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.when or time.time()))
+        head = "vm_network_latency --top %s, every %gs, by %s%s  p r n d: sort, " \
+               "space: pause, q: quit" % (stamp, self.interval, TOP_SORTS[self.sort][0],
+                                          " PAUSED" if self.paused else "")
+        lines = [head, TOP_HEAD] + [self.line(r) for r in self.ordered()]
+        self.screen.erase()
+        for y, text in enumerate(lines[:height]):
+            try:
+                self.screen.addstr(y, 0, text[:max(0, width - 1)],
+                                   self.curses.A_REVERSE if y == 1 else 0)
+            except self.curses.error:
+                pass
+        self.screen.refresh()
+
+    def keys(self):
+        """The keys pressed since the last call: False once q was."""
+        if self.screen is None:
+            return True
+        while True:
+            key = self.screen.getch()
+            if key == -1:
+                return True
+            ch = chr(key) if 0 <= key < 256 else ""
+            if ch in ("q", "Q"):
+                return False
+            if ch in TOP_SORTS:
+                self.sort = ch
+            elif ch == " ":
+                self.paused = not self.paused
+            self.draw()
+
+
 class LiveTrace(object):
     """A live run, from attaching to the summary: the tracer, the run its events and
     counters feed, the metrics, the host's devices and the event reader. trace()
@@ -7132,6 +7299,7 @@ class LiveTrace(object):
         self.gone_since = {}            # {tap ifindex: since when (monotonic) it is gone}
         self.followed = None            # --explain: FollowedThreads
         self.said_unfollowed = False
+        self.top = None                 # --top: TopView
 
     def trace(self):
         """Attach, report until a stop, detach, account for every packet."""
@@ -7156,6 +7324,8 @@ class LiveTrace(object):
                 self.tracer.detach()
             self.final_report()
         finally:
+            if self.top:
+                self.top.close()
             self.tracer.close()
             if run.recorder:
                 run.recorder.close()
@@ -7182,6 +7352,9 @@ class LiveTrace(object):
         log("Tracing VM network latency (%s mode, %s)... Hit Ctrl-C to end."
             % (args.mode, ", ".join("%s=%s" % (p.stage.name, p.method)
                                     for p in self.tracer.plan.plans if p.method)))
+        if args.top:
+            self.top = TopView(args.interval)
+            run.drop_sink = self.top.on_drop
         started = time.monotonic()
         next_interval = started + args.interval
         next_refresh = started + 1.0
@@ -7193,6 +7366,8 @@ class LiveTrace(object):
             if args.timeout:
                 wait = min(wait, max(0.0, args.timeout - (now - started)))
             poll_events(self.events, wait)
+            if self.top and not self.top.keys():
+                break                   # q
             now = time.monotonic()
             if args.mode == "histogram" and now >= next_interval:
                 next_interval += args.interval
@@ -7245,7 +7420,11 @@ class LiveTrace(object):
         sums = run.counters.explain_sums() if run.explain else None
         if keeps_per_vm_counts(self.args):
             counts = run.counters.vm_hist()
-            run.report_vm_histograms(when, run.vm_histograms(when, counts, last), last)
+            per_vm = run.vm_histograms(when, counts, last)
+            if self.top:
+                self.top.update(when, per_vm)
+            else:
+                run.report_vm_histograms(when, per_vm, last)
             counts = self.forget_gone_taps(counts)
             if self.metrics:
                 self.metrics.snapshot(counts, self.args.vm_table_size)
@@ -7286,8 +7465,10 @@ class LiveTrace(object):
         run = self.run
         try:
             poll_events(self.events, 0)
-            if self.args.mode == "histogram" and not run.output_broken:
+            if self.args.mode == "histogram" and not run.output_broken and not self.top:
                 self.report_interval(last=True)
+            if self.top:
+                self.top.close()        # the terminal as it was, then the summary
             now = time.monotonic()
             final = final_counters(run.counters, now, run.perf_lost)
             run.counters = RecordedCounters(final)
