@@ -7585,9 +7585,11 @@ def replay_into(reader, meta, output, pcap):
 JOIN_MAX_WIRE_NS = 10 ** 9      # a match more than a second apart is another packet
 TCP_GSO_WINDOW = 1 << 18        # a GSO segment's sequence: this far past its packet's
 
-# one host's packet, for a join: the recording (index), the decoded record, its one-host
-# JSON record (names from that recording), its NIC time and the stage there
-JoinSide = namedtuple("JoinSide", "host fields rec nic_ns nic_stage rec_end_ns")
+# one host's packet, for a join, small (a recording may hold millions): the recording
+# (index), the record's bytes (decoded again for the few joined), its NIC time and the
+# stage there, when its path ended, what identifies it on the wire (wire_flow(),
+# wire_ident()), whether it is TCP, its tunnel's network id where known
+JoinSide = namedtuple("JoinSide", "host raw nic_ns nic_stage end_ns flow ident tcp net")
 ClockOffset = namedtuple("ClockOffset", "theta_ns uncertainty_ns source lower upper")
 
 
@@ -7601,12 +7603,16 @@ def wire_flow(f):
     return (f[F.ip_version], proto, f[F.saddr], f[F.daddr]) + ports
 
 
+def wire_network(f):
+    """A tunnelled packet's network id, where its record knows it (the outer headers
+    were seen); else None."""
+    return f[F.vni] if f[F.tunnel] and f[F.outer_version] else None
+
+
 def same_network(a, b):
     """Tunnelled, the inner packets of two tenants may look alike: their network ids
-    differ (where each record knows its id: the outer headers were seen)."""
-    fa, fb = a.fields, b.fields
-    return not (fa[F.tunnel] and fb[F.tunnel] and fa[F.outer_version] and
-                fb[F.outer_version] and fa[F.vni] != fb[F.vni])
+    differ (where each record knows its id)."""
+    return a.net is None or b.net is None or a.net == b.net
 
 
 def wire_ident(f):
@@ -7679,8 +7685,14 @@ class HostRecording(object):
             return
         # the wire: from the last TX stage (the NIC's driver) to the first RX one
         name, ns = seen[-1] if direction == "tx" else seen[0]
-        rec = packet_record(fields, self.book, self.wall_offset)
-        self.sides[direction].append(JoinSide(self.index, fields, rec, ns, name, seen[-1][1]))
+        self.sides[direction].append(JoinSide(
+            self.index, bytes(raw[:PKT.size]), ns, name, seen[-1][1], wire_flow(fields),
+            wire_ident(fields), fields[F.proto] == Proto.TCP, wire_network(fields)))
+
+    def record(self, side):
+        """A side's one-host JSON record (the names as the recording ends: a join reads
+        it whole first)."""
+        return packet_record(PKT.unpack_from(side.raw), self.book, self.wall_offset)
 
 
 def wall_offset_resolution_ns(*hosts):
@@ -7736,7 +7748,7 @@ class Join(object):
             for y in hosts:
                 if x is not y:
                     self.join_pair(x, y)
-        self.records.sort(key=lambda r: self.first_clock(r[1], r[1].rec_end_ns))
+        self.records.sort(key=lambda r: self.first_clock(r[1], r[1].end_ns))
 
     def first_clock(self, side, ns):
         """A time of a host's, in the first recording's monotonic clock (where the
@@ -7750,9 +7762,8 @@ class Join(object):
         def by_ident(sides):
             out = {}
             for s in sides:
-                ident = wire_ident(s.fields)
-                if ident is not None:
-                    out.setdefault((wire_flow(s.fields), ident), []).append(s)
+                if s.ident is not None:
+                    out.setdefault((s.flow, s.ident), []).append(s)
             return out
         sent, received = by_ident(x.sides["tx"]), by_ident(y.sides["rx"])
         return [(sent[k][0], received[k][0]) for k in sent
@@ -7765,10 +7776,9 @@ class Join(object):
         off = self.offsets[(x.index, y.index)]
         index, gso = {}, {}     # {(flow, identity): [X's records]}, {TCP flow: [(seq, a)]}
         for a in sorted(x.sides["tx"], key=lambda s: s.nic_ns):
-            flow, ident = wire_flow(a.fields), wire_ident(a.fields)
-            index.setdefault((flow, ident), []).append(a)
-            if a.fields[F.proto] == Proto.TCP:
-                gso.setdefault(flow, []).append((ident, a.nic_ns, a))
+            index.setdefault((a.flow, a.ident), []).append(a)
+            if a.tcp:
+                gso.setdefault(a.flow, []).append((a.ident, a.nic_ns, a))
         for sides in gso.values():
             sides.sort(key=lambda e: e[:2])
         sent_flows = set(k[0] for k in index)
@@ -7776,10 +7786,10 @@ class Join(object):
         first_free = {}         # {(flow, None): the first of its records not taken}
         joined = 0
         for b in sorted(y.sides["rx"], key=lambda s: s.nic_ns):
-            flow, ident = wire_flow(b.fields), wire_ident(b.fields)
+            flow, ident = b.flow, b.ident
             a = self.same_identity(index.get((flow, ident), ()), b, ident, off, used,
                                    first_free, (flow, ident))
-            if a is None and b.fields[F.proto] == Proto.TCP:
+            if a is None and b.tcp:
                 a = self.gso_packet(gso.get(flow, ()), b, ident, off)
             if a is None:
                 if flow in sent_flows:
@@ -7847,23 +7857,24 @@ class Join(object):
         """A joined packet as the JSON output prints it: the sender's record and the
         receiver's, each with its host, and the wire between them."""
         x, y = self.hosts[a.host], self.hosts[b.host]
-        f = a.fields
-        out = dict((k, a.rec[k]) for k in JOINED_FLOW_KEYS)
+        f = PKT.unpack_from(a.raw)
+        sent, received = x.record(a), y.record(b)
+        out = dict((k, sent[k]) for k in JOINED_FLOW_KEYS)
         # when it finished its path (the receiver's last stage), in the first
         # recording's wall clock: one clock for all records (each side's own record
         # keeps its host's)
-        end = wall_us(self.hosts[0].wall_offset, self.first_clock(b, b.rec_end_ns))
+        end = wall_us(self.hosts[0].wall_offset, self.first_clock(b, b.end_ns))
         out.update({"type": "joined", "timestamp": float(timestamp_text(end)),
                     "ip_id": f[F.ip_id] if f[F.ip_version] == 4 else None,
                     "tcp_seq": f[F.tcp_seq] if f[F.proto] == Proto.TCP else None,
-                    "from": dict(a.rec, host=x.name), "to": dict(b.rec, host=y.name),
+                    "from": dict(sent, host=x.name), "to": dict(received, host=y.name),
                     "wire": "%s->%s" % (a.nic_stage, b.nic_stage)})
         wire = wire_max = unc = total = total_max = None
         if off is not None:
             ns = b.nic_ns - off.theta_ns - a.nic_ns
             unc = off.uncertainty_ns / 1000.0
             wire_max = round(max(0, ns + off.uncertainty_ns) / 1000.0, 3)
-            ends = a.rec["total_us"] + b.rec["total_us"]
+            ends = sent["total_us"] + received["total_us"]
             total_max = round(ends + wire_max, 3)
             if ns >= off.uncertainty_ns:        # never a wire time that may be negative
                 wire = round(ns / 1000.0, 3)
