@@ -90,6 +90,16 @@ def segment_us(rec, segment):
     return sum(s["us"] for s in rec["segments"] if "%s->%s" % (s["from"], s["to"]) == segment)
 
 
+def assert_mostly_behind(records, hog):
+    """The hog is named "behind" for most of the records' waits, more than any other
+    task, and by its name."""
+    named = collections.Counter((r["explain"]["behind"] or {}).get("pid") for r in records)
+    assert named.most_common(1)[0][0] == hog.pid and named[hog.pid] >= 0.6 * len(records), \
+        [r["explain"]["behind"] for r in records]
+    assert all(r["explain"]["behind"]["comm"] == HOG_NAME for r in records
+               if (r["explain"]["behind"] or {}).get("pid") == hog.pid)
+
+
 def explained(t, segment, at_least_us):
     """RX records whose explained segment is `segment`, at least at_least_us long."""
     return [r for r in t.packets(direction="rx") if r["explain"] and
@@ -131,13 +141,8 @@ def test_a_backend_starved_by_a_hog_waits_in_the_run_queue_behind_it(lab, traces
     assert sum(r["explain"]["us"]["run_queue"] for r in long) >= 0.8 * sum(
         segment_us(r, "tap_xmit->vm_read") for r in long), [r["explain"] for r in long]
     # behind: the task that preempted QEMU, or after a wake-up the last one to have the
-    # CPU before it (a kworker may run between the hog's burst and QEMU): the hog for
-    # most waits, and more than any other task
-    named = collections.Counter((r["explain"]["behind"] or {}).get("pid") for r in long)
-    assert named.most_common(1)[0][0] == hog.pid and named[hog.pid] >= 0.6 * len(long), \
-        [r["explain"]["behind"] for r in long]
-    assert all(r["explain"]["behind"]["comm"] == HOG_NAME for r in long
-               if (r["explain"]["behind"] or {}).get("pid") == hog.pid)
+    # CPU before it (a kworker may run between the hog's burst and QEMU)
+    assert_mostly_behind(long, hog)
     assert h.returncode == 0, h.stderr
     shares = [o for o in h.objects() if o["type"] == "explain" and o["direction"] == "rx"
               and o["segment"] == "tap_xmit->vm_read"]
@@ -259,13 +264,9 @@ def test_a_busy_reader_preempted_by_the_hog_waits_in_the_run_queue(lab, traces, 
         total = segment_us(r, "tap_xmit->vm_read")
         assert x["us"]["run_queue"] >= 0.9 * total, x
         assert x["us"]["asleep"] == 0 and x["cpu"] == HOG_CPU, x
-    # behind: the task that last preempted it, the hog for most waits (another real-time
-    # task, rcu_preempt say, may take the CPU between the hog's burst and the reader)
-    named = collections.Counter((r["explain"]["behind"] or {}).get("pid") for r in long)
-    assert named.most_common(1)[0][0] == hog.pid and named[hog.pid] >= 0.6 * len(long), \
-        [r["explain"]["behind"] for r in long]
-    assert all(r["explain"]["behind"]["comm"] == HOG_NAME for r in long
-               if (r["explain"]["behind"] or {}).get("pid") == hog.pid)
+    # behind: the task that last preempted it (another real-time task, rcu_preempt say,
+    # may take the CPU between the hog's burst and the reader)
+    assert_mostly_behind(long, hog)
     # per VM: the stand-in's explained time is most of it in the run queue, and more
     # than the VM's (which a free CPU runs); the metrics are the same sums, per VM
     assert h.returncode == 0, h.stderr

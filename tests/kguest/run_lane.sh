@@ -138,7 +138,7 @@ truncate -s 256M "$WORK/results.img"
 # ------------------------------------------------------------ 3. boot
 LOG="$WORK/serial.log"
 : > "$LOG"
-CMDLINE="console=ttyS0 loglevel=4 panic=-1 rdinit=/init kguest.cases=$CASES"
+CMDLINE="console=ttyS0 loglevel=4 panic=-1 rdinit=/init kguest.cases=$CASES kguest.env=KGUEST_SUITE=$SUITE"
 for kv in "${GUEST_ENV[@]}"; do
     [[ "$kv" =~ ^[A-Z_][A-Z0-9_]*=[^[:space:]]*$ ]] || { log "--guest-env '$kv': want NAME=VALUE without spaces"; exit 64; }
     CMDLINE+=" kguest.env=$kv"

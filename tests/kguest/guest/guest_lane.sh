@@ -1111,13 +1111,15 @@ lane_main() {
                     step "tool.list_stages_$m" FAIL "$(tail -n 3 "$OUT/list-stages-$m.json" | tr '\n' ' ')"
             done
             # --explain's histogram-mode programs (the walk at completion adding to the
-            # shares, for all VMs and per VM) through this kernel's verifier; detailed
-            # mode's load in B-vhost
-            if "$PY" "$TOOL" --explain --dry-run --attach tracepoint --mode histogram --per-vm \
-                    > "$OUT/explain-verifier.txt" 2>&1; then
-                step tool.explain_verifier PASS "$(tail -n 1 "$OUT/explain-verifier.txt")"
-            else
-                step tool.explain_verifier FAIL "$(grep -v '^note:' "$OUT/explain-verifier.txt" | tail -n 3 | tr '\n' ' ')"
+            # shares, for all VMs and per VM) through the verifier of 5.10, the strictest of
+            # the three (48 s under emulation: once); detailed mode's load in B-vhost on all
+            if [ "${KGUEST_SUITE:-}" = bullseye ]; then
+                if "$PY" "$TOOL" --explain --dry-run --attach tracepoint --mode histogram \
+                        --per-vm > "$OUT/explain-verifier.txt" 2>&1; then
+                    step tool.explain_verifier PASS "$(tail -n 1 "$OUT/explain-verifier.txt")"
+                else
+                    step tool.explain_verifier FAIL "$(grep -v '^note:' "$OUT/explain-verifier.txt" | tail -n 3 | tr '\n' ' ')"
+                fi
             fi
         else
             step tool SKIP "no $TOOL in the payload"
