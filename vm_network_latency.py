@@ -7862,8 +7862,11 @@ class Join(object):
         out = dict((k, sent[k]) for k in JOINED_FLOW_KEYS)
         # when it finished its path (the receiver's last stage), in the first
         # recording's wall clock: one clock for all records (each side's own record
-        # keeps its host's)
-        end = wall_us(self.hosts[0].wall_offset, self.first_clock(b, b.end_ns))
+        # keeps its host's); the receiver's own where its clock's offset is unknown
+        if b.host and self.offsets.get((0, b.host)) is None:
+            end = wall_us(y.wall_offset, b.end_ns)
+        else:
+            end = wall_us(self.hosts[0].wall_offset, self.first_clock(b, b.end_ns))
         out.update({"type": "joined", "timestamp": float(timestamp_text(end)),
                     "ip_id": f[F.ip_id] if f[F.ip_version] == 4 else None,
                     "tcp_seq": f[F.tcp_seq] if f[F.proto] == Proto.TCP else None,

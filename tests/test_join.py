@@ -300,6 +300,8 @@ def test_a_given_clock_offset_replaces_the_estimate(tool, tmp_path):
     assert code == 0, err
     assert len(joined) == 3 and all(r["wire_us"] is None and r["wire_max_us"] is None
                                     for r in joined)
+    # no common clock: each record's time is the receiver's own
+    assert [r["timestamp"] for r in joined] == [r["to"]["timestamp"] for r in joined]
     code, out, err = join(tool, paths, output="text")
     assert "wire phy_xmit->phy_rx: unknown" in out and "give --clock-offset" in out
     code, joined, summary, err = join(tool, paths, "--clock-offset", str(WALL_AHEAD_S * 1e6))
