@@ -7198,9 +7198,16 @@ class TopView(object):
         self.when = None
         self.screen = None
         if self.out.isatty():
-            import curses
-            self.curses = curses
-            self.screen = curses.initscr()
+            try:
+                import curses
+                self.curses = curses
+                self.screen = curses.initscr()
+            except Exception as e:      # (no terminfo for $TERM: curses.error)
+                log("note: --top: this terminal cannot be drawn on (%s): plain lines"
+                    % printable(e, 80))
+                self.screen = None
+        if self.screen is not None:
+            curses = self.curses
             curses.noecho()
             curses.cbreak()
             self.screen.nodelay(True)

@@ -467,3 +467,21 @@ def test_a_vlan_of_a_bond_without_nics_is_a_note_not_an_error(tool, sysfs):
     assert tool.uplink_notes(found) == [
         "bond7 (under bond7.100) is a bond with no NIC under it: no packet leaves or "
         "arrives there until it has one"]
+
+
+def test_top_on_a_terminal_curses_cannot_draw_prints_plain_lines(tool, monkeypatch, capsys):
+    """--top where $TERM has no terminfo: a note, then the plain lines, no traceback."""
+    master, slave = os.openpty()
+    try:
+        out = os.fdopen(slave, "w")
+        monkeypatch.setenv("TERM", "no-such-terminal-vnl")
+        view = tool.TopView(2.0, out=out)
+        assert view.screen is None
+        assert "--top: this terminal cannot be drawn on" in capsys.readouterr().err
+        view.update(1796119200.0, [])
+        out.flush()
+        assert os.read(master, 4096).decode().startswith("[") and view.keys() is True
+        view.close()
+        out.close()
+    finally:
+        os.close(master)
