@@ -2442,6 +2442,12 @@ def bucket_bounds(bucket):
     return lo / 1024.0, hi / 1024.0
 
 
+def bucket_middle_us(bucket):
+    """A value standing for a bucket's (its middle; the open-ended last one's start)."""
+    lo, hi = bucket_bounds(bucket)
+    return lo if hi == float("inf") else (lo + hi) / 2
+
+
 # --- the program ---
 
 # --explain: a followed thread's last scheduling events, and the C that attributes a
@@ -5390,6 +5396,20 @@ class NameBook(object):
         self.ksym = ksym                # BCC's BPF.ksym (None: addresses as numbers)
         self.recorder = recorder
 
+    def take_recorded(self, kind, value):
+        """A recording's line of names (RecordingReader's value): taken; False for a
+        line of another kind."""
+        if kind == "names":
+            self.devices.update(value[0])
+            self.uplinks.update(value[1])
+        elif kind == "vms":
+            self.vms = value
+        elif kind in self.known:
+            self.known[kind][value[0]] = value[1]
+        else:
+            return False
+        return True
+
     def _resolve(self, kind, key, lookup):
         cache = self.known[kind]
         name = cache.get(key)
@@ -6243,13 +6263,8 @@ def write_heatmap(path, out_path, per_vm):
             fields = PKT.unpack_from(value)
             if fields[F.type] == Ev.PACKET:
                 records.append(packet_record(fields, book, reader.meta["wall_offset"]))
-        elif kind == "names":
-            book.devices.update(value[0])
-            book.uplinks.update(value[1])
-        elif kind == "vms":
-            book.vms = value
-        elif kind in book.known:
-            book.known[kind][value[0]] = value[1]
+        else:
+            book.take_recorded(kind, value)
     if not records:
         raise UsageError("--heatmap: %s holds no packet to draw" % path)
     svg = heatmap_svg(heatmap_panels(records, per_vm), os.path.basename(path))
@@ -7167,8 +7182,7 @@ def top_rows(per_vm, drops, seconds):
                     totals[b] = totals.get(b, 0) + c
             else:
                 spent[segment] = spent.get(segment, 0) + sum(
-                    c * sum(bucket_bounds(b)[:2]) / 2 if bucket_bounds(b)[1] != float("inf")
-                    else c * bucket_bounds(b)[0] for b, c in buckets.items())
+                    c * bucket_middle_us(b) for b, c in buckets.items())
         all_spent = sum(spent.values())
         slowest = max(spent, key=spent.get) if all_spent else None
         reasons = drops.get(who.label, collections.Counter()) if not who.peer_label else \
@@ -7524,15 +7538,9 @@ def replay_into(reader, meta, output, pcap):
             reader.fail("%s after the line where the recording was cut short" % kind)
         if kind == "event":
             run.on_event(value)
-        elif kind == "names":
-            run.book.devices.update(value[0])
-            run.book.uplinks.update(value[1])
-            run.formatter.clear()
-        elif kind == "vms":
-            run.book.vms = value
-            run.formatter.clear()
-        elif kind in run.book.known:
-            run.book.known[kind][value[0]] = value[1]
+        elif run.book.take_recorded(kind, value):
+            if kind in ("names", "vms"):
+                run.formatter.clear()       # the outputs made of the old names
         elif kind == "hist":
             when, last, counts = value
             full = [0] * hist_slots(run.segments)
@@ -7658,13 +7666,8 @@ class HostRecording(object):
                 reader.fail("%s after the line where the recording was cut short" % kind)
             if kind == "event":
                 self.on_event(value)
-            elif kind == "names":
-                self.book.devices.update(value[0])
-                self.book.uplinks.update(value[1])
-            elif kind == "vms":
-                self.book.vms = value
-            elif kind in self.book.known:
-                self.book.known[kind][value[0]] = value[1]
+            elif self.book.take_recorded(kind, value):
+                pass
             elif kind == "final":
                 if self.truncated:
                     reader.fail("final counters in a recording that was cut short")
