@@ -781,6 +781,9 @@ class C(Shared):
     # many threads can be followed (the VMs' threads, vhost workers, ksoftirqd)
     EXPLAIN_RING = 32
     EXPLAIN_THREADS = 4096
+    # per CPU: its last context switches (a power of two), to name the task that held
+    # the CPU longest while a followed thread waited for it
+    EXPLAIN_RUNNERS = 16
     NCAUSES = 6
 
 
@@ -928,8 +931,8 @@ EXPLAIN_CAUSES = ("asleep", "stopped", "run_queue", "running", "irq", "unknown")
 EXPLAIN_FIELDS = [
     ("x_ns", "u64", len(EXPLAIN_CAUSES), "ns of the segment in each Cause"),
     ("x_tid", "u32", 1, "the thread that ended it (0: idle, in a softirq)"),
-    ("x_behind", "u32", 1, "the task that preempted it, or that it got its CPU from"),
-    ("x_cpu", "u16", 1, "the CPU it waited for"),
+    ("x_behind", "u32", 1, "the task that held the CPU longest while it last waited"),
+    ("x_cpu", "u16", 1, "the CPU it waited for (where it got to run)"),
     ("x_from", "u8", 1, "the segment's first stage"),
     ("x_to", "u8", 1, "and its last"),
     ("x_flags", "u8", 1, "XF_FOLLOWED, XF_PARTIAL"),
@@ -2450,8 +2453,9 @@ def bucket_middle_us(bucket):
 
 # --- the program ---
 
-# --explain: a followed thread's last scheduling events, and the C that attributes a
-# segment's time from them (EXPLAIN_WALK_C, also run alone in the kernel by the tests)
+# --explain: a followed thread's last scheduling events and a CPU's last switches, and the
+# C that attributes a segment's time from them and names whom a thread waited behind
+# (EXPLAIN_WALK_C, also run alone in the kernel by the tests)
 EXPLAIN_TYPES_C = r"""
 // One scheduling event of a thread: from ts on it was in state kind (a Cause: ASLEEP,
 // STOPPED, RUN_QUEUE, RUNNING); irq: the thread's interrupt time so far (thist.irq)
@@ -2460,11 +2464,18 @@ struct thist {
     u32 head;                   // events written so far; the next one's slot: head % RING
     u32 flags;                  // XF_KSOFTIRQD (user space sets it)
     u64 irq;                    // ns interrupts cut into its running, since followed
-    u32 behind;                 // its last run-queue wait's: the task that preempted
-                                // it, or after a wake-up the one it got its CPU from
-    u32 wait_cpu;               // the CPU it last waited for
+    u32 behind;                 // its last run-queue wait's: the task that held the
+                                // CPU longest (of the CPU's last EXPLAIN_RUNNERS)
+    u32 wait_cpu;               // the CPU it last waited for (where it got to run)
     char behind_comm[16];
     struct tev ev[EXPLAIN_RING];
+};
+// per CPU: the followed thread running here, the interrupts cutting into it, and the
+// last tasks that ran (each until a switch), to name whom a followed thread waited behind
+struct runner { u64 until; u64 task; u32 tid; u32 pad; };
+struct oncpu {
+    u32 tid; u32 depth; u64 since; u32 irq_counts; u32 head;
+    struct runner ran[EXPLAIN_RUNNERS];
 };
 """
 
@@ -2522,6 +2533,35 @@ static __always_inline void explain_walk(struct thist *h, u64 a, u64 b, struct e
     x->x_ns[CAUSE_UNKNOWN] = covered ? 0 : hi - a;
     x->x_flags = XF_FOLLOWED | (covered ? 0 : XF_PARTIAL);
     x->x_cpu = h->wait_cpu;
+}
+
+// The task that held this CPU longest since `since` (when a followed thread began to
+// wait for it), from the CPU's last switches: each task ran from the switch before its
+// own. With more switches than the ring keeps, the longest of those it keeps.
+static __always_inline u32 longest_runner(struct oncpu *c, u64 since, u64 *task)
+{
+    u32 head = c->head, tid = 0;
+    u64 best = 0;
+    #pragma unroll
+    for (u32 i = 0; i + 1 < EXPLAIN_RUNNERS; i++) {
+        if (i + 1 >= head)
+            break;                  // the switch before it is not known
+        struct runner *r = &c->ran[(head - 1 - i) & (EXPLAIN_RUNNERS - 1)];
+        u64 from = c->ran[(head - 2 - i) & (EXPLAIN_RUNNERS - 1)].until;
+        u64 until = r->until;
+        if (until <= since)
+            break;
+        if (from < since)
+            from = since;
+        if (until - from > best) {
+            best = until - from;
+            tid = r->tid;
+            *task = r->task;
+        }
+        if (from == since)
+            break;                  // it ran when the wait began: none before counts
+    }
+    return tid;
 }
 """
 
@@ -2675,8 +2715,7 @@ BPF_PERCPU_ARRAY(xscratch, struct xevent, 1);
 // The followed threads (the VMs' QEMU threads and vhost workers, ksoftirqd: user space
 // fills the table), each with its last scheduling events
 BPF_HASH(threads, u32, struct thist, EXPLAIN_THREADS);
-// per CPU: the followed thread running here, and the interrupts cutting into it
-struct oncpu { u32 tid; u32 depth; u64 since; u32 irq_counts; u32 pad; };
+// per CPU: the followed thread on it, its interrupts, the CPU's last switches
 BPF_PERCPU_ARRAY(oncpu, struct oncpu, 1);
 #if HISTOGRAM
 // ns of the explained segments by direction, first and last stage, and cause
@@ -3733,15 +3772,18 @@ int rtp_sched_switch(struct bpf_raw_tracepoint_args *ctx)
     struct thist *n = threads.lookup(&next_tid);
     u32 zero = 0;
     struct oncpu *c = oncpu.lookup(&zero);
-    if (c) {
-        c->tid = n ? next_tid : 0;
-        c->depth = 0;
-        c->irq_counts = n && !(n->flags & XF_KSOFTIRQD);  // ksoftirqd's softirqs: its work
-    }
-    u64 now = 0;
+    if (!c)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    c->tid = n ? next_tid : 0;
+    c->depth = 0;
+    c->irq_counts = n && !(n->flags & XF_KSOFTIRQD);    // ksoftirqd's softirqs: its work
+    struct runner *r = &c->ran[c->head & (EXPLAIN_RUNNERS - 1)];
+    r->until = now;
+    r->task = (u64)prev;
+    r->tid = prev_tid;
+    c->head = c->head + 1;
     if (h) {
-        now = bpf_ktime_get_ns();
-        u32 cpu = bpf_get_smp_processor_id();
         // the thread switched out is prev (not next): preempted, it stays runnable
         u32 kind = CAUSE_RUN_QUEUE;
         if (!ctx->args[0]) {
@@ -3756,22 +3798,24 @@ int rtp_sched_switch(struct bpf_raw_tracepoint_args *ctx)
             else if (state)
                 kind = CAUSE_ASLEEP;
         }
-        if (kind == CAUSE_RUN_QUEUE) {      // preempted: behind the task taking its CPU
-            h->wait_cpu = cpu;
-            h->behind = next_tid;
-            bpf_probe_read_kernel(h->behind_comm, sizeof(h->behind_comm),
-                                  (u8 *)next + TASK_COMM);
+        if (kind == CAUSE_RUN_QUEUE) {
+            h->wait_cpu = bpf_get_smp_processor_id();
+            h->behind = 0;          // known when it gets its CPU back
         }
         thread_event(h, now, kind);
     }
     if (n) {
-        if (!now)
-            now = bpf_ktime_get_ns();
-        // it waited since a wake-up: behind the task that had the CPU last
-        if (last_kind(n) == CAUSE_RUN_QUEUE && !n->behind) {
-            n->behind = prev_tid;
-            bpf_probe_read_kernel(n->behind_comm, sizeof(n->behind_comm),
-                                  (u8 *)prev + TASK_COMM);
+        u32 head = n->head;
+        struct tev *e = &n->ev[(head - 1) & (EXPLAIN_RING - 1)];
+        if (head && e->kind == CAUSE_RUN_QUEUE) {
+            // it waited since e->ts: behind whoever held this CPU longest since then
+            u64 task = 0;
+            n->wait_cpu = bpf_get_smp_processor_id();
+            n->behind = longest_runner(c, e->ts, &task);
+            __builtin_memset(n->behind_comm, 0, sizeof(n->behind_comm));
+            if (task)
+                bpf_probe_read_kernel(n->behind_comm, sizeof(n->behind_comm),
+                                      (u8 *)task + TASK_COMM);
         }
         thread_event(n, now, CAUSE_RUNNING);
     }

@@ -8,7 +8,6 @@ checks that the tool names it, and only it:
 - QEMU stopped with SIGSTOP: the wait is the VM being stopped;
 - a token bucket on the tap holding the frames: the wait is the queue's, not a thread's.
 """
-import collections
 import os
 import signal
 import subprocess
@@ -90,14 +89,18 @@ def segment_us(rec, segment):
     return sum(s["us"] for s in rec["segments"] if "%s->%s" % (s["from"], s["to"]) == segment)
 
 
-def assert_mostly_behind(records, hog):
-    """The hog is named "behind" for most of the records' waits, more than any other
-    task, and by its name."""
-    named = collections.Counter((r["explain"]["behind"] or {}).get("pid") for r in records)
-    assert named.most_common(1)[0][0] == hog.pid and named[hog.pid] >= 0.6 * len(records), \
-        [r["explain"]["behind"] for r in records]
-    assert all(r["explain"]["behind"]["comm"] == HOG_NAME for r in records
-               if (r["explain"]["behind"] or {}).get("pid") == hog.pid)
+def assert_behind(records, hog):
+    """Nearly every wait mostly in the run queue (2 ms or more) is behind the hog, by its
+    pid and name: the task that held the CPU longest, even where others (a kworker,
+    rcu_preempt) ran between its bursts and the waiting thread. The rest name another
+    task that ran there (the tool itself, QEMU's vCPU thread), never the waiting
+    thread or the idle task."""
+    waits = [r["explain"] for r in records if r["explain"]["us"]["run_queue"] >= 2000]
+    assert len(waits) >= 5, [r["explain"] for r in records]
+    hogs = [x for x in waits if x["behind"] == {"pid": hog.pid, "comm": HOG_NAME}]
+    assert len(hogs) >= 0.9 * len(waits), [x["behind"] for x in waits]
+    assert all(x["behind"] and x["behind"]["pid"] not in (0, x["tid"]) for x in waits), \
+        [x["behind"] for x in waits]
 
 
 def explained(t, segment, at_least_us):
@@ -140,9 +143,7 @@ def test_a_backend_starved_by_a_hog_waits_in_the_run_queue_behind_it(lab, traces
     # busy, say: the hog's are most, not all)
     assert sum(r["explain"]["us"]["run_queue"] for r in long) >= 0.8 * sum(
         segment_us(r, "tap_xmit->vm_read") for r in long), [r["explain"] for r in long]
-    # behind: the task that preempted QEMU, or after a wake-up the last one to have the
-    # CPU before it (a kworker may run between the hog's burst and QEMU)
-    assert_mostly_behind(long, hog)
+    assert_behind(long, hog)
     assert h.returncode == 0, h.stderr
     shares = [o for o in h.objects() if o["type"] == "explain" and o["direction"] == "rx"
               and o["segment"] == "tap_xmit->vm_read"]
@@ -158,13 +159,11 @@ def test_a_backend_starved_by_a_hog_waits_in_the_run_queue_behind_it(lab, traces
                    x.labels["direction"] == "rx" and x.name.endswith("_total"))
     # the metrics are the same sums as the report
     assert abs(seconds["run_queue"] * 1e6 - us["run_queue"]) < 1, (seconds, us)
-    # without it: no run-queue wait worth a line, but behind QEMU's own threads (its
-    # vCPU shares the CPU with the main loop here)
-    qemu_tids = set(qemu_threads(lab))
+    # without it: no run-queue wait of a hog's size (the host's own tasks, QEMU's vCPU on
+    # the same CPU, a kernel thread, may hold it a millisecond), 5% of the time at most
     waits = [(r["explain"]["us"]["run_queue"], r["explain"]["behind"])
              for r in quiet.packets(direction="rx") if r["explain"]]
-    assert not [(us, b) for us, b in waits if us >= 1000 and
-                (not b or b["pid"] not in qemu_tids)], waits
+    assert not [(us, b) for us, b in waits if us >= 5000], waits
     assert sum(us for us, _b in waits) < 0.05 * sum(
         r["explain"]["us"]["run_queue"] for r in t.packets(direction="rx") if r["explain"])
     assert len(quiet.packets(direction="rx")) >= 30
@@ -271,9 +270,7 @@ def test_a_busy_reader_preempted_by_the_hog_waits_in_the_run_queue(lab, traces, 
         total = segment_us(r, "tap_xmit->vm_read")
         assert x["us"]["run_queue"] >= 0.9 * total, x
         assert x["us"]["asleep"] == 0 and x["cpu"] == HOG_CPU, x
-    # behind: the task that last preempted it (another real-time task, rcu_preempt say,
-    # may take the CPU between the hog's burst and the reader)
-    assert_mostly_behind(long, hog)
+    assert_behind(long, hog)
     # per VM: the stand-in's explained time is most of it in the run queue, and more
     # than the VM's (which a free CPU runs); the metrics are the same sums, per VM
     assert h.returncode == 0, h.stderr

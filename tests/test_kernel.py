@@ -356,6 +356,88 @@ def explain_walk(tool):
     return KernelExplainWalk(tool)
 
 
+class KernelLongestRunner(object):
+    """The tool's own longest_runner() (EXPLAIN_WALK_C), run in this kernel with
+    BPF_PROG_TEST_RUN on a CPU's switches written here: (since) in, (tid, task) out."""
+
+    def __init__(self, tool):
+        import bcc
+        self.tool = tool
+        defines = "\n".join("#define %s %s" % (k, v) for k, v in tool.shared_defines())
+        text = "%s\n%s\n%s\n%s\n" % (
+            defines, tool.record_c_struct("explain", tool.EXPLAIN_FIELDS),
+            tool.EXPLAIN_TYPES_C, tool.EXPLAIN_WALK_C) + """
+BPF_ARRAY(cpus, struct oncpu, 1);
+BPF_ARRAY(out, u64, 2);
+int test_runner(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 zero = 0, one = 1;
+    struct oncpu *c = cpus.lookup(&zero);
+    if (!c)
+        return 0;
+    u64 task = 0, tid = longest_runner(c, ctx->args[0], &task);
+    out.update(&zero, &tid);
+    out.update(&one, &task);
+    return 0;
+}
+"""
+        self.bpf = bcc.BPF(text=text.encode())
+        self.fd = self.bpf.load_func(b"test_runner", bcc.BPF.RAW_TRACEPOINT).fd
+        self.cpus, self.out = self.bpf[b"cpus"], self.bpf[b"out"]
+
+    def longest(self, switches, since):
+        """switches: [(ts, tid of the task switched out then)], oldest first, as
+        sched_switch appends them (the ring keeps the last EXPLAIN_RUNNERS); the task
+        pointer stands in as tid + 0x1000. Returns the tid named (0: none)."""
+        ring = self.tool.C.EXPLAIN_RUNNERS
+        leaf = self.cpus.Leaf()
+        leaf.head = len(switches)
+        for i, (ts, tid) in enumerate(switches):
+            r = leaf.ran[i % ring]
+            r.until, r.task, r.tid = ts, tid + 0x1000, tid
+        self.cpus[ctypes.c_uint32(0)] = leaf
+        ctx = ctypes.create_string_buffer(struct.pack("<Q", since), 8)
+        attr = struct.pack("<IIIIQQIIIIQQII", self.fd, 0, 0, 0, 0, 0, 0, 0, 8, 0,
+                           ctypes.addressof(ctx), 0, 0, 0)
+        res = self.tool.bpf_call(10, attr)    # BPF_PROG_TEST_RUN
+        assert res == 0, "BPF_PROG_TEST_RUN: %s" % os.strerror(-res)
+        tid, task = self.out[ctypes.c_uint32(0)].value, self.out[ctypes.c_uint32(1)].value
+        assert task == (tid + 0x1000 if tid else 0), (tid, task)
+        return tid
+
+
+@pytest.fixture(scope="module")
+def longest_runner(tool):
+    return KernelLongestRunner(tool)
+
+
+def test_behind_is_the_task_that_held_the_cpu_longest_during_the_wait(longest_runner):
+    # a hog (7) ran 100 .. 2000, a kworker (9) 2000 .. 2050, then the waiting thread got
+    # the CPU from rcu (8, 2050 .. 2060): the hog, not the last one before it
+    switches = [(100, 5), (2000, 7), (2050, 9), (2060, 8)]
+    assert longest_runner.longest(switches, 500) == 7
+    # a wait that began late in the hog's run: only its part of the wait counts
+    assert longest_runner.longest(switches, 1990) == 9
+    # preempted at 2000 (the thread itself, 5, switched out then): what ran after
+    assert longest_runner.longest([(100, 7), (2000, 5), (2300, 9), (2400, 8)], 2000) == 9
+    # nothing known before the first switch kept: no name rather than a guess
+    assert longest_runner.longest([(2000, 7)], 500) == 0
+    assert longest_runner.longest([], 500) == 0
+
+
+def test_behind_from_a_ring_that_wrapped(tool, longest_runner):
+    ring = tool.C.EXPLAIN_RUNNERS
+    # the hog (7) ran long early, then more switches than the ring keeps: only the
+    # kept ones are candidates (the newest ring - 1 runs), the longest of them
+    switches = [(0, 1), (10000, 7)] + [(10000 + 10 * (i + 1), 100 + i) for i in range(ring)]
+    switches[-3] = (switches[-4][0] + 40, 555)
+    switches[-2] = (switches[-3][0] + 10, 556)
+    switches[-1] = (switches[-2][0] + 10, 557)
+    assert longest_runner.longest(switches, 0) == 555
+    # with the hog still in the ring, it is named
+    assert longest_runner.longest(switches[:ring - 1], 0) == 7
+
+
 def test_a_wait_is_split_into_asleep_run_queue_and_running(tool, explain_walk):
     XF = tool.XF
     # asleep from 100, woken at 1000, on its CPU at 5000; the segment 500 .. 6000

@@ -732,6 +732,26 @@ def test_vhost_net_records_are_exact_and_name_the_vm(lane):
         run.out["kprobe"].packets[0]["comm"]))
 
 
+def assert_behind_the_hog(explains, hog):
+    """Nearly every wait mostly in the run queue (2 ms or more) is behind the hog (pid and
+    name): the task that held CPU 1 longest meanwhile, even where a kworker ran between
+    its burst and the worker. The rest name another task that held it (the tool itself,
+    say, at the worker's priority), never the worker or the idle task."""
+    waits = [x for x in explains if x["us"]["run_queue"] >= 2000]
+    assert waits, explains
+    hogs = [x for x in waits if x["behind"] == {"pid": hog["hog_pid"], "comm": hog["hog_comm"]}]
+    assert len(hogs) >= 0.85 * len(waits), [x["behind"] for x in waits]
+    assert all(x["behind"] and x["behind"]["pid"] not in (0, x["tid"]) for x in waits), \
+        [x["behind"] for x in waits]
+
+
+def behind_text(records):
+    named = collections.Counter("%s[%d]" % (x["behind"]["comm"], x["behind"]["pid"])
+                                for x in (r["explain"] for r in records)
+                                if x["us"]["run_queue"] >= 2000 and x["behind"])
+    return "run queue behind " + ", ".join("%s %d" % kv for kv in named.most_common())
+
+
 @pytest.mark.parametrize("method", ("kprobe", "tracepoint"))
 def test_explain_names_the_hog_that_starved_the_vhost_worker(lane, method):
     """--explain on vhost-net (B-vhost runs with it): the worker (vhost-PID: a kernel
@@ -763,17 +783,9 @@ def test_explain_names_the_hog_that_starved_the_vhost_worker(lane, method):
         assert x["cpu"] == hog["cpu"] or not x["us"]["run_queue"], x
     # (one of them may be the worker busy, say: the hog's are most, not all)
     assert run_queue >= 0.8 * waits, [r["explain"] for r in long]
-    # behind: the task that preempted the worker, or, after a wake-up, the last one to
-    # have the CPU before it (a kworker may run between the hog's burst and the worker):
-    # the hog is named for most waits, and more than any other task
-    named = collections.Counter((r["explain"]["behind"] or {}).get("pid") for r in long)
-    assert named.most_common(1)[0][0] == hog["hog_pid"] and \
-        named[hog["hog_pid"]] >= 0.6 * len(long), [r["explain"]["behind"] for r in long]
-    behind = [r for r in long if r["explain"]["behind"] ==
-              {"pid": hog["hog_pid"], "comm": hog["hog_comm"]}]
-    assert len(behind) == named[hog["hog_pid"]], "the hog's pid with another name"
-    print("%s B-vhost %s: %d of %d reads waited >= 2 ms, run queue behind the hog in %d"
-          % (lane.suite, method, len(long), len(rx), len(behind)))
+    assert_behind_the_hog([r["explain"] for r in long], hog)
+    print("%s B-vhost %s: %d of %d reads waited >= 2 ms: %s" % (
+        lane.suite, method, len(long), len(rx), behind_text(long)))
 
 
 def test_geneve_overlay_on_ovs_is_followed_per_packet(lane):
