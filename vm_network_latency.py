@@ -2476,6 +2476,7 @@ struct runner { u64 until; u64 task; u32 tid; u32 pad; };
 struct oncpu {
     u32 tid; u32 depth; u64 since; u32 irq_counts; u32 head;
     struct runner ran[EXPLAIN_RUNNERS];
+    struct runner best;         // longest_runner()'s so far (until: how long it ran)
 };
 """
 
@@ -2537,31 +2538,37 @@ static __always_inline void explain_walk(struct thist *h, u64 a, u64 b, struct e
 
 // The task that held this CPU longest since `since` (when a followed thread began to
 // wait for it), from the CPU's last switches: each task ran from the switch before its
-// own. With more switches than the ring keeps, the longest of those it keeps.
+// own. With more switches than the ring keeps, the longest of those it keeps. The best
+// so far lives in the map value, not in registers: the verifier would otherwise follow
+// each combination of the iterations' outcomes (6.12's, with LLVM 19, gave up).
 static __always_inline u32 longest_runner(struct oncpu *c, u64 since, u64 *task)
 {
-    u32 head = c->head, tid = 0;
-    u64 best = 0;
-    #pragma unroll
+    u32 head = c->head;
+    c->best.until = 0;
+    c->best.task = 0;
+    c->best.tid = 0;
     for (u32 i = 0; i + 1 < EXPLAIN_RUNNERS; i++) {
-        if (i + 1 >= head)
+        u32 k = i;                  // (5.10's verifier must see the bound: explain_walk)
+        asm volatile("" : "+r"(k));
+        if (k + 1 >= head)
             break;                  // the switch before it is not known
-        struct runner *r = &c->ran[(head - 1 - i) & (EXPLAIN_RUNNERS - 1)];
-        u64 from = c->ran[(head - 2 - i) & (EXPLAIN_RUNNERS - 1)].until;
+        struct runner *r = &c->ran[(head - 1 - k) & (EXPLAIN_RUNNERS - 1)];
+        u64 from = c->ran[(head - 2 - k) & (EXPLAIN_RUNNERS - 1)].until;
         u64 until = r->until;
         if (until <= since)
             break;
         if (from < since)
             from = since;
-        if (until - from > best) {
-            best = until - from;
-            tid = r->tid;
-            *task = r->task;
+        if (until - from > c->best.until) {
+            c->best.until = until - from;
+            c->best.task = r->task;
+            c->best.tid = r->tid;
         }
         if (from == since)
             break;                  // it ran when the wait began: none before counts
     }
-    return tid;
+    *task = c->best.task;
+    return c->best.tid;
 }
 """
 
@@ -3761,7 +3768,7 @@ int rtp_consume_skb(struct bpf_raw_tracepoint_args *ctx)
 #if EXPLAIN
 // --explain: the scheduler's events of the followed threads. These fire on every
 // context switch and interrupt of the machine: for a thread not followed they cost a
-// lookup (two per switch) and nothing else.
+// lookup (two per switch) and the CPU's note of who ran until when.
 int rtp_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 {
     void *prev = (void *)ctx->args[1], *next = (void *)ctx->args[2];

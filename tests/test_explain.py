@@ -90,15 +90,15 @@ def segment_us(rec, segment):
 
 
 def assert_behind(records, hog):
-    """Nearly every wait mostly in the run queue (2 ms or more) is behind the hog, by its
-    pid and name: the task that held the CPU longest, even where others (a kworker,
-    rcu_preempt) ran between its bursts and the waiting thread. The rest name another
-    task that ran there (the tool itself, QEMU's vCPU thread), never the waiting
-    thread or the idle task."""
+    """Four in five waits mostly in the run queue (2 ms or more), at least, are behind the
+    hog, by its pid and name: the task that held the CPU longest, even where others (a
+    kworker, rcu_preempt) ran between its bursts and the waiting thread. The rest name
+    another task that held it longer (the tool itself, QEMU's vCPU thread), never the
+    waiting thread or the idle task."""
     waits = [r["explain"] for r in records if r["explain"]["us"]["run_queue"] >= 2000]
     assert len(waits) >= 5, [r["explain"] for r in records]
     hogs = [x for x in waits if x["behind"] == {"pid": hog.pid, "comm": HOG_NAME}]
-    assert len(hogs) >= 0.9 * len(waits), [x["behind"] for x in waits]
+    assert len(hogs) >= 0.8 * len(waits), [x["behind"] for x in waits]
     assert all(x["behind"] and x["behind"]["pid"] not in (0, x["tid"]) for x in waits), \
         [x["behind"] for x in waits]
 

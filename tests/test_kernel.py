@@ -297,6 +297,27 @@ def test_percentiles_within_ten_percent_of_exact(tool, kernel_buckets, seed):
 # --explain: the C that splits a segment by a thread's scheduling events, in the kernel
 # ---------------------------------------------------------------------------
 
+def explain_test_program(tool, body, fn):
+    """The tool's own --explain C (EXPLAIN_TYPES_C, EXPLAIN_WALK_C) and a test program
+    calling into it, loaded: (the BPF object, the program's fd)."""
+    import bcc
+    defines = "\n".join("#define %s %s" % (k, v) for k, v in tool.shared_defines())
+    text = "%s\n%s\n%s\n%s\n" % (
+        defines, tool.record_c_struct("explain", tool.EXPLAIN_FIELDS),
+        tool.EXPLAIN_TYPES_C, tool.EXPLAIN_WALK_C) + body
+    bpf = bcc.BPF(text=text.encode())
+    return bpf, bpf.load_func(fn.encode(), bcc.BPF.RAW_TRACEPOINT).fd
+
+
+def prog_test_run(tool, fd, *args):
+    """BPF_PROG_TEST_RUN of a raw tracepoint program, its arguments these u64s."""
+    ctx = ctypes.create_string_buffer(struct.pack("<%dQ" % len(args), *args), 8 * len(args))
+    attr = struct.pack("<IIIIQQIIIIQQII", fd, 0, 0, 0, 0, 0, 0, 0, 8 * len(args), 0,
+                       ctypes.addressof(ctx), 0, 0, 0)
+    res = tool.bpf_call(10, attr)    # BPF_PROG_TEST_RUN
+    assert res == 0, "BPF_PROG_TEST_RUN: %s" % os.strerror(-res)
+
+
 class KernelExplainWalk(object):
     """The tool's own explain_walk() (EXPLAIN_WALK_C), run in this kernel with
     BPF_PROG_TEST_RUN on a thread history written here: (tid, a, b) in, the explanation
@@ -304,12 +325,8 @@ class KernelExplainWalk(object):
     TID = 4242
 
     def __init__(self, tool):
-        import bcc
         self.tool = tool
-        defines = "\n".join("#define %s %s" % (k, v) for k, v in tool.shared_defines())
-        text = "%s\n%s\n%s\n%s\n" % (
-            defines, tool.record_c_struct("explain", tool.EXPLAIN_FIELDS),
-            tool.EXPLAIN_TYPES_C, tool.EXPLAIN_WALK_C) + """
+        self.bpf, self.fd = explain_test_program(tool, """
 BPF_HASH(threads, u32, struct thist, 4);
 BPF_ARRAY(out, struct explain, 1);
 int test_walk(struct bpf_raw_tracepoint_args *ctx)
@@ -323,9 +340,7 @@ int test_walk(struct bpf_raw_tracepoint_args *ctx)
     explain_walk(h, ctx->args[1], ctx->args[2], x);
     return 0;
 }
-"""
-        self.bpf = bcc.BPF(text=text.encode())
-        self.fd = self.bpf.load_func(b"test_walk", bcc.BPF.RAW_TRACEPOINT).fd
+""", "test_walk")
         self.threads, self.out = self.bpf[b"threads"], self.bpf[b"out"]
 
     def walk(self, events, a, b, irq=0, wait_cpu=0):
@@ -341,11 +356,7 @@ int test_walk(struct bpf_raw_tracepoint_args *ctx)
             ev = leaf.ev[i % ring]
             ev.ts, ev.irq, ev.kind = ts, at_irq, getattr(Cause, kind.upper())
         self.threads[self.threads.Key(self.TID)] = leaf
-        ctx = ctypes.create_string_buffer(struct.pack("<QQQ", self.TID, a, b), 24)
-        attr = struct.pack("<IIIIQQIIIIQQII", self.fd, 0, 0, 0, 0, 0, 0, 0, 24, 0,
-                           ctypes.addressof(ctx), 0, 0, 0)
-        res = self.tool.bpf_call(10, attr)    # BPF_PROG_TEST_RUN
-        assert res == 0, "BPF_PROG_TEST_RUN: %s" % os.strerror(-res)
+        prog_test_run(self.tool, self.fd, self.TID, a, b)
         x = self.out[ctypes.c_uint32(0)]
         ns = dict((c, x.x_ns[i]) for i, c in enumerate(self.tool.EXPLAIN_CAUSES) if x.x_ns[i])
         return ns, x.x_flags, x.x_cpu
@@ -361,12 +372,8 @@ class KernelLongestRunner(object):
     BPF_PROG_TEST_RUN on a CPU's switches written here: (since) in, (tid, task) out."""
 
     def __init__(self, tool):
-        import bcc
         self.tool = tool
-        defines = "\n".join("#define %s %s" % (k, v) for k, v in tool.shared_defines())
-        text = "%s\n%s\n%s\n%s\n" % (
-            defines, tool.record_c_struct("explain", tool.EXPLAIN_FIELDS),
-            tool.EXPLAIN_TYPES_C, tool.EXPLAIN_WALK_C) + """
+        self.bpf, self.fd = explain_test_program(tool, """
 BPF_ARRAY(cpus, struct oncpu, 1);
 BPF_ARRAY(out, u64, 2);
 int test_runner(struct bpf_raw_tracepoint_args *ctx)
@@ -380,9 +387,7 @@ int test_runner(struct bpf_raw_tracepoint_args *ctx)
     out.update(&one, &task);
     return 0;
 }
-"""
-        self.bpf = bcc.BPF(text=text.encode())
-        self.fd = self.bpf.load_func(b"test_runner", bcc.BPF.RAW_TRACEPOINT).fd
+""", "test_runner")
         self.cpus, self.out = self.bpf[b"cpus"], self.bpf[b"out"]
 
     def longest(self, switches, since):
@@ -396,11 +401,7 @@ int test_runner(struct bpf_raw_tracepoint_args *ctx)
             r = leaf.ran[i % ring]
             r.until, r.task, r.tid = ts, tid + 0x1000, tid
         self.cpus[ctypes.c_uint32(0)] = leaf
-        ctx = ctypes.create_string_buffer(struct.pack("<Q", since), 8)
-        attr = struct.pack("<IIIIQQIIIIQQII", self.fd, 0, 0, 0, 0, 0, 0, 0, 8, 0,
-                           ctypes.addressof(ctx), 0, 0, 0)
-        res = self.tool.bpf_call(10, attr)    # BPF_PROG_TEST_RUN
-        assert res == 0, "BPF_PROG_TEST_RUN: %s" % os.strerror(-res)
+        prog_test_run(self.tool, self.fd, since)
         tid, task = self.out[ctypes.c_uint32(0)].value, self.out[ctypes.c_uint32(1)].value
         assert task == (tid + 0x1000 if tid else 0), (tid, task)
         return tid
