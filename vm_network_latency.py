@@ -44,7 +44,8 @@
 # 06-Dec-2026   Recordings, names and files as untrusted input; metrics over TLS;
 #               long-running exporters forget VMs that are gone. macvtap, VM to VM
 #               on one host, NICs behind bonds and VLANs.
-# 07-Dec-2026   --explain: why each long wait; two hosts' recordings joined.
+# 07-Dec-2026   --explain: why each long wait; two hosts' recordings joined;
+#               --top, --write-pcap, --heatmap; vhost-net's kick as a stage.
 
 from __future__ import print_function
 
@@ -538,6 +539,9 @@ def parse_args(argv):
 #             another on this host (a packet starts as TX; it becomes VM-to-VM where it
 #             reaches another VM's device)
 #   hook      what the stage's C does (HOOK_HANDLERS):
+#     kick     vhost-net: the guest's kick queues its TX ring's work; the worker takes
+#              it (handle_tx_kick) and the first frame it then sends gets the kick's
+#              time (no packet exists yet: the frame's record starts at tap_rx)
 #     start    netif_receive_skb: a frame from a tap starts TX, one from a NIC RX (or,
 #              sent through a macvtap of this NIC, comes back to another: VM-to-VM)
 #     dev      a device's queue or driver: stamp on a device of this stage's role; at a
@@ -565,6 +569,15 @@ def _stages(*rows):
 
 TX, RX, VM2VM = ("tx",), ("rx",), ("vm2vm",)
 STAGES = _stages(
+    # kprobes only, none of them sees a packet: the queueing of a vhost work (what the
+    # kick's wake-up really calls: vhost_work_queue up to 6.3, vhost_worker_queue from
+    # 6.4, where vhost_vq_work_queue and vhost_poll_queue are inlined into it), the TX
+    # work's start in the worker, and its other start (room again in the socket)
+    ("vhost_kick", TX + VM2VM, "kick", None, None, "vhost_net",
+     [("vhost_work_queue", 2), ("vhost_worker_queue", 2), ("handle_tx_kick", 1),
+      ("handle_tx_net", 1)], None,
+     "the guest kicked its TX ring (vhost-net: the ring's work queued for the worker); "
+     "the first frame the worker sends after it"),
     ("tap_rx", TX + VM2VM, "start", "vm", None, None, [("__netif_receive_skb", 1)],
      ("net", "netif_receive_skb", 0),
      "the host receives the VM's frame from its tap (tun_get_user -> netif_receive_skb)"),
@@ -628,6 +641,8 @@ PATH_ORDER = dict((d, [s.name for s in STAGES if d in s.directions]) for d in DI
 START_STAGES = {"tx": ["tap_rx", "mvt_queue"], "rx": ["phy_rx"],
                 "vm2vm": ["tap_rx", "mvt_queue"]}
 START_SIDS = [[STAGE_BY_NAME[n].sid for n in START_STAGES[d]] for d in DIRECTIONS]
+# vhost-net's kick: before a TX packet's start, when the frame's record starts
+KICK_SID = STAGE_BY_NAME["vhost_kick"].sid
 # the ends of each direction's path, most wanted first (TracePlan takes the first traced)
 END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
                        if s.end and d in s.directions]) for d in DIRECTIONS)
@@ -658,11 +673,13 @@ TYPED_HOOKS = ("start", "dev")
 
 # The C handler of each hook. Stages of the same role-split hook ("start", "dev") may
 # share an attach point: the handler gets the sid of each role's stage there (-1: none).
-HOOK_HANDLERS = {"start": "on_receive", "dev": "on_device", "plain": "on_switch",
-                 "ovs": "on_switch", "upcall": "on_upcall", "vm_read": "on_vm_read",
-                 "host_rcv": "on_host_rcv"}
+HOOK_HANDLERS = {"kick": "on_vhost_queue", "start": "on_receive", "dev": "on_device",
+                 "plain": "on_switch", "ovs": "on_switch", "upcall": "on_upcall",
+                 "vm_read": "on_vm_read", "host_rcv": "on_host_rcv"}
 
 ROLE_SPLIT_HOOKS = ("start", "dev")
+# the kick stage's handler for each of its functions (else: a work's queueing)
+VHOST_HANDLERS = {"handle_tx_kick": "on_vhost_tx_kick", "handle_tx_net": "on_vhost_tx_net"}
 OVS_EXECUTE = "on_ovs_execute"   # also recognises a packet ovs-vswitchd sends back
 OVS_SID = next(s.sid for s in STAGES if s.hook == "ovs")      # where OVS runs actions
 
@@ -822,9 +839,10 @@ RECORD_FIELDS = [
     ("tcp_seq", "u32", 1, "TCP sequence number (with ip_id: a packet's identity on the "
      "wire, which joins two hosts' records of it)"),
     ("ip_id", "u16", 1, "IPv4 identification"),
-    ("seen", "u16", 1, "bit 1 << stage set for each stage that saw it"),
-    ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
+    ("pad", "u16", 1, "(seen on 4 bytes)"),
+    ("seen", "u32", 1, "bit 1 << stage set for each stage that saw it"),
     ("vm_ifindex", "u32", 1, "the VM's tap or macvtap (VM-to-VM: the sender's)"),
+    ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
     ("phy_ifindex", "u32", 1, "the physical device"),
     ("pid", "u32", 1, "VM side: the process that wrote (tx) or read (rx) it"),
     ("tid", "u32", 1, "and its thread"),
@@ -907,7 +925,7 @@ PKT, PKT_INDEX = record_struct()
 KIND_FROM = "seen"
 KIND_AT = record_offset(KIND_FROM)
 
-assert NSTAGES <= 16, "seen is a u16: one bit per stage"
+assert NSTAGES <= 32, "seen is a u32: one bit per stage"
 
 # Where each field of the record is in a decoded event (PKT.unpack): fields[F.dir]
 F = namedtuple("RecordIndex", [name for name, _t, _n, _w in RECORD_FIELDS])(
@@ -2252,6 +2270,15 @@ def why_not(st, attach, view):
                 "no %s symbol" % st.kprobes[0][0])
     if st.module == "bridge" and not any(f in symbols for f, _a in st.kprobes) and kprobes_ok:
         return "the bridge module is not loaded (no Linux bridge)"
+    if st.hook == "kick":
+        if attach not in ("kprobe", "auto"):
+            return "no tracepoint at this point (needs --attach kprobe or auto)"
+        if not kprobes_ok:
+            return kprobe_why
+        if not os.path.isdir("/sys/module/vhost_net"):
+            return "the vhost_net module is not loaded (no vhost-net)"
+        return "needs kprobes on handle_tx_kick, handle_tx_net and vhost_work_queue " \
+               "or vhost_worker_queue: not all are in /proc/kallsyms"
     if attach == "kprobe" and not st.kprobes:
         return "no kprobe at this point"
     if not kprobes_ok:
@@ -2277,9 +2304,13 @@ def plan_stages(direction, attach, layout, view):
                 typed = tp._replace(method="tp_btf")
         kp = None
         syms = [(symbols[f], a) for f, a in st.kprobes if f in symbols]
-        # the upcall stage's kprobes work together: it needs all of them; elsewhere
-        # each is a way to the same point (host_rcv: any of TCP, UDP, ICMP)
-        complete = len(syms) == len(st.kprobes) or st.hook != "upcall"
+        # the upcall stage's kprobes work together: it needs all of them, the kick
+        # stage its worker's two and one of the queueings; elsewhere each is a way to
+        # the same point (host_rcv: any of TCP, UDP, ICMP)
+        complete = len(syms) == len(st.kprobes) or st.hook not in ("upcall", "kick")
+        if st.hook == "kick":
+            complete = "handle_tx_kick" in symbols and "handle_tx_net" in symbols and (
+                "vhost_work_queue" in symbols or "vhost_worker_queue" in symbols)
         if kprobes_ok and syms and complete:
             kp = Plan(st, "kprobe", syms, "")
         # auto prefers the tracepoint: it sits at the same point, costs less, is a
@@ -2707,6 +2738,15 @@ BPF_ARRAY(hist, u64, HIST_SLOTS);
 // for the buckets that are used
 struct vm_hist_key { u32 vm_ifindex; u32 peer_ifindex; u32 slot; };
 BPF_HASH(vm_hist, struct vm_hist_key, u64, VM_HIST_ENTRIES);
+#endif
+#if VHOST_KICK
+// vhost-net's kicks: when each work was queued (its first queueing since the worker last
+// took it; a work the tool does not follow, an RX one, ages out of the LRU), the kick
+// each worker thread hands to the first frame it sends, and the worker threads (whose
+// own queueing, past their weight, is no kick)
+BPF_TABLE("lru_hash", u64, u64, vhost_kicks, 4096);
+BPF_HASH(vhost_sending, u32, u64, 1024);
+BPF_TABLE("lru_hash", u32, u8, vhost_workers, 1024);
 #endif
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -3375,6 +3415,66 @@ static __always_inline int to_vm(struct pkt *p, u64 key, u32 role, u32 ifindex)
 
 // --- one handler per kind of stage; the attach wrappers below only pass the skb ---
 
+#if VHOST_KICK
+// A vhost work queued for its worker: from a guest's kick (KVM's ioeventfd, in a vCPU
+// thread), or the socket's wake-up. Its first queueing's time stands until the worker
+// takes it (the kernel queues a work once; later kicks find it queued).
+static __always_inline int on_vhost_queue(void *work)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    if (vhost_workers.lookup(&tid))
+        return 0;       // the worker requeueing itself (its weight spent): no kick
+    u64 key = (u64)work, now = bpf_ktime_get_ns();
+    vhost_kicks.insert(&key, &now);
+    return 0;
+}
+
+// The worker takes the TX ring's work (handle_tx_kick): the kick goes to the first
+// frame it sends, the only one sure to have been in the ring when the guest kicked
+static __always_inline int on_vhost_tx_kick(void *work)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    if (!vhost_workers.lookup(&tid)) {
+        u8 one = 1;
+        vhost_workers.update(&tid, &one);
+    }
+    u64 key = (u64)work;
+    u64 *kick = vhost_kicks.lookup(&key);
+    if (kick) {
+        u64 when = *kick;
+        vhost_sending.update(&tid, &when);
+        vhost_kicks.delete(&key);
+    } else {
+        vhost_sending.delete(&tid);     // queued before the tool started: unknown
+    }
+    return 0;
+}
+
+// The worker sends because its socket has room again (handle_tx_net): not for a kick
+static __always_inline int on_vhost_tx_net(void *work)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    if (!vhost_workers.lookup(&tid)) {
+        u8 one = 1;
+        vhost_workers.update(&tid, &one);
+    }
+    vhost_sending.delete(&tid);
+    return 0;
+}
+
+// The kick this thread's next frame gets (once), 0 if none: a TX frame from a tap
+static __always_inline u64 vhost_kick_taken(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    u64 *kick = vhost_sending.lookup(&tid);
+    if (!kick)
+        return 0;
+    u64 when = *kick;
+    vhost_sending.delete(&tid);
+    return when;
+}
+#endif
+
 // A packet enters the path at a VM's device (TX) or a physical one (RX): parse it,
 // filter it, start its record. A TX packet of a VM not selected (a peer), or one
 // while only VM-to-VM is wanted, is followed but not counted in (PF_PENDING) until it
@@ -3384,6 +3484,10 @@ static __always_inline void start_packet(void *ctx, void *skb, const int btf_arg
                                          u32 stage)
 {
     const int typed = btf_arg >= 0;
+#if VHOST_KICK
+    // a vhost worker's first frame after a kick takes it, whether it is followed or not
+    u64 kick = dir == DIR_TX ? vhost_kick_taken() : 0;
+#endif
 #if SAMPLE > 1
     // --sample: one packet in SAMPLE, at random (no flow is favoured), before parsing
     if (bpf_get_prandom_u32() % SAMPLE)
@@ -3403,8 +3507,18 @@ static __always_inline void start_packet(void *ctx, void *skb, const int btf_arg
         return;
     u64 now = bpf_ktime_get_ns();
     p->dir = dir;
+#if VHOST_KICK
+    if (kick && kick < now) {
+        p->ts[STAGE_VHOST_KICK] = kick;
+        p->seen = 1 << STAGE_VHOST_KICK;
+        p->last = STAGE_VHOST_KICK;
+#if EXPLAIN
+        explain_mark(p, stage, now);
+#endif
+    }
+#endif
     p->ts[stage] = now;
-    p->seen = 1 << stage;
+    p->seen |= 1 << stage;
     p->last = stage;
     p->dev = (u64)dev;
     p->dev_role = role;
@@ -3982,6 +4096,8 @@ def _handler_call(att, upcalls):
         raise AssertionError("stages %s share %s" % ([p.stage.name for p in att.stages],
                                                      att.probe))
     hook, sid = plan.stage.hook, plan.stage.sid
+    if hook == "kick":      # the argument is a struct vhost_work (not an skb)
+        return "%s(skb)" % VHOST_HANDLERS.get(att.probe.split(".")[0], HOOK_HANDLERS[hook])
     if hook == "upcall" and att.probe.startswith("ovs_execute_actions"):
         # the kprobe way to see a packet ovs-vswitchd returns (no ovs_dp_process_packet)
         return "%s(%s, %d)" % (OVS_EXECUTE, skb, OVS_SID)
@@ -4110,8 +4226,8 @@ def address_filters(opts):
 
 def first_ts_c():
     """C for when a packet entered the path: the time of its first start stage in path
-    order (the stages it did not pass are 0)."""
-    sids = sorted(set(sid for sids in START_SIDS for sid in sids))
+    order, or the vhost kick before it (the stages it did not pass are 0)."""
+    sids = sorted(set(sid for sids in START_SIDS for sid in sids) | {KICK_SID})
     return "(%s(p)->ts[%d])" % ("".join("(p)->ts[%d] ? (p)->ts[%d] : " % (sid, sid)
                                         for sid in sids[:-1]), sids[-1])
 
@@ -4143,6 +4259,7 @@ def generate_program(opts, plan, layout):
         ("STAGE_OVS_EXECUTE", OVS_SID),
         ("STAGE_MVT_QUEUE", STAGE_BY_NAME["mvt_queue"].sid),
         ("STAGE_MVT_XMIT", STAGE_BY_NAME["mvt_xmit"].sid),
+        ("VHOST_KICK", int("vhost_kick" in plan.traced)), ("STAGE_VHOST_KICK", KICK_SID),
         ("WANT_TX", int("tx" in opts.directions)), ("WANT_RX", int("rx" in opts.directions)),
         ("WANT_VM2VM", int("vm2vm" in opts.directions)), ("MACVTAPS", int(opts.macvtaps)),
         # when a packet entered: its first start stage in path order (unseen ones are 0)
@@ -5923,8 +6040,9 @@ class Run(object):
 # that is neither, counts that go backwards) are refused, never printed.
 
 # 2: names before the events, host, "final" in summary; 3: VM-to-VM (a third direction,
-# per-VM counts by sender and receiver); 4: the record's longest segment, --explain's tail
-RECORDING_FORMAT = 5
+# per-VM counts by sender and receiver); 4: the record's longest segment, --explain's tail;
+# 5: the TCP sequence (joins); 6: a 32-bit seen (vhost_kick, the 17th stage)
+RECORDING_FORMAT = 6
 
 
 def create_private_file(path, option):

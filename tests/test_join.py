@@ -332,8 +332,9 @@ def test_joins_that_cannot_be_made_are_one_line_and_status_2(tool, tmp_path, cas
         message = "histogram mode has no packets to join"
     elif case == "old format":
         paths = h.write(tmp_path)
-        write_recording(tool, paths[1], [], meta=recording_meta(tool, format=4))
-        message = "this version reads format 5"
+        write_recording(tool, paths[1], [], meta=recording_meta(
+            tool, format=tool.RECORDING_FORMAT - 1))
+        message = "this version reads format %d" % tool.RECORDING_FORMAT
     elif case == "one file for the offset":
         paths = h.write(tmp_path)[:1]
         extra = ["--clock-offset", "0"]

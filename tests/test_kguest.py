@@ -205,14 +205,18 @@ def expected_stages(traced, topo, direction, upcall=False, host=False):
     return stages
 
 
-def shape_problems(rec, topo, traced, vmstub_pid=None, host=False):
-    """What is wrong with one packet record (empty list: nothing)."""
+def shape_problems(rec, topo, traced, vmstub_pid=None, host=False, kick=False):
+    """What is wrong with one packet record (empty list: nothing). kick: vhost-net with
+    its kprobes, where a TX record may start with the guest's kick."""
     out = []
     stages = rec.get("stages") or []
     if "ovs_upcall" in stages and (topo != "A" or "ovs_upcall" not in traced):
         out.append("ovs_upcall without OVS or without its probe")
+    kicked = stages[:1] == ["vhost_kick"]
+    if kicked and not (kick and rec.get("direction") == "tx"):
+        out.append("vhost_kick without vhost-net's kprobes, or not TX")
     want = expected_stages(traced, topo, rec.get("direction"), "ovs_upcall" in stages, host)
-    if stages != want:
+    if (stages[1:] if kicked else stages) != want:
         out.append("stages %s, want %s" % (stages, want))
     segs = rec.get("segments") or []
     if [(s["from"], s["to"]) for s in segs] != list(zip(stages, stages[1:])):
@@ -248,11 +252,11 @@ def shape_problems(rec, topo, traced, vmstub_pid=None, host=False):
     return out
 
 
-def assert_shapes(lane, out, topo, vmstub_pid=None, host=False):
+def assert_shapes(lane, out, topo, vmstub_pid=None, host=False, kick=False):
     bad = []
     traced = lane.traced(out.method)
     for rec in out.packets:
-        p = shape_problems(rec, topo, traced, vmstub_pid, host)
+        p = shape_problems(rec, topo, traced, vmstub_pid, host, kick)
         if p:
             bad.append("%s: %s" % (fmt_key(flow_key(rec)), "; ".join(p)))
     assert not bad, "%s: %d of %d records malformed:\n  %s" % (
@@ -722,7 +726,7 @@ def test_vhost_net_records_are_exact_and_name_the_vm(lane):
         got = collections.Counter(map(flow_key, out.packets))
         assert got == want, "%s:\n%s" % (out.label, counter_diff(got, want))
         assert_everything_accounted(out, len(wire))
-        assert_shapes(lane, out, "B")
+        assert_shapes(lane, out, "B", kick=m == "kprobe")
         bad = [r for r in out.packets if (r["vm"], r["vm_pid"], r["thread"]) !=
                ("vhost-vm", pid, "vhost-%d" % pid)]
         assert not bad, "%s: %d records not named vhost-vm / written or read by " \
@@ -733,14 +737,15 @@ def test_vhost_net_records_are_exact_and_name_the_vm(lane):
 
 
 def assert_behind_the_hog(explains, hog):
-    """Nearly every wait mostly in the run queue (2 ms or more) is behind the hog (pid and
-    name): the task that held CPU 1 longest meanwhile, even where a kworker ran between
-    its burst and the worker. The rest name another task that held it (the tool itself,
-    say, at the worker's priority), never the worker or the idle task."""
+    """Three in four waits mostly in the run queue (2 ms or more), at least, are behind the
+    hog (pid and name): the task that held CPU 1 longest meanwhile, even where a kworker
+    ran between its burst and the worker. The rest name another task that held it longer
+    (the tool itself or tcpdump, at the worker's priority: seen for 1 wait in 8 to 18),
+    never the worker or the idle task."""
     waits = [x for x in explains if x["us"]["run_queue"] >= 2000]
     assert waits, explains
     hogs = [x for x in waits if x["behind"] == {"pid": hog["hog_pid"], "comm": hog["hog_comm"]}]
-    assert len(hogs) >= 0.85 * len(waits), [x["behind"] for x in waits]
+    assert len(hogs) >= 0.75 * len(waits), [x["behind"] for x in waits]
     assert all(x["behind"] and x["behind"]["pid"] not in (0, x["tid"]) for x in waits), \
         [x["behind"] for x in waits]
 
@@ -786,6 +791,82 @@ def test_explain_names_the_hog_that_starved_the_vhost_worker(lane, method):
     assert_behind_the_hog([r["explain"] for r in long], hog)
     print("%s B-vhost %s: %d of %d reads waited >= 2 ms: %s" % (
         lane.suite, method, len(long), len(rx), behind_text(long)))
+
+
+def segment(rec, frm, to):
+    return sum(s["us"] for s in rec["segments"] if (s["from"], s["to"]) == (frm, to))
+
+
+def test_vhost_kick_is_the_guests_kick_and_the_workers_pick_up(lane):
+    """vhost-net's TX edge as a stage (kprobes: the kick's queueing of the TX work, the
+    worker's handle_tx_kick): the VM's frames whose kick the worker took first start at
+    vhost_kick, at the time vhoststub kicked (its own clock around the eventfd write);
+    every echo request and reply the VM sent alone has one. --attach tracepoint cannot
+    see it and says so."""
+    run = lane.run("B-vhost")
+    kicks = []
+    for line in lane.read("vhost-kicks.txt").splitlines():
+        kind, before, after = line.split()
+        kicks.append((int(before) / 1000.0, int(after) / 1000.0))
+    out = run.out["kprobe"]
+    tx = [r for r in out.packets if r["direction"] == "tx"]
+    kicked = [r for r in tx if "vhost_kick" in r["stages"]]
+    # the pings the VM sent before the hog, every 200 ms: each frame alone with its kick
+    quiet = [r for r in tx if r["protocol"] == "icmp" and r["icmp_type"] == 8][:5]
+    assert len(quiet) == 5 and all(r["stages"][0] == "vhost_kick" for r in quiet), \
+        [r["stages"] for r in quiet]
+    # (a frame the worker took after another, in the same run, has none: it may have
+    # come after the kick; the starved worker's runs take several)
+    assert len(kicked) >= 0.5 * len(tx) and len(kicks) >= len(kicked), \
+        "%d of %d TX records have the kick; %d kicks" % (len(kicked), len(tx), len(kicks))
+    off = []
+    for r in kicked:
+        assert r["stages"][:2] == ["vhost_kick", "tap_rx"], r["stages"]
+        assert segment(r, "vhost_kick", "tap_rx") > 0, r["segments"]
+        # the kick's wall-clock time: the record's end less its total (us, rounded);
+        # the tool's wall clock offset and the rounding within 20 us
+        at = r["timestamp"] * 1e6 - r["total_us"]
+        near = min(kicks, key=lambda k: max(k[0] - at, at - k[1], 0))
+        off.append(max(near[0] - at, at - near[1], 0))
+    assert max(off) <= 20, "kicks %.1f us outside vhoststub's writes (worst)" % max(off)
+    t = run.out["tracepoint"]
+    assert not [r for r in t.packets if "vhost_kick" in r["stages"]]
+    assert any(l.startswith("note: stage vhost_kick not traced: no tracepoint at this point")
+               for l in t.stderr.splitlines()), t.stderr[-2000:]
+    assert not any("vhost_kick not traced" in l for l in out.stderr.splitlines()), out.stderr
+    print("%s B-vhost: %d of %d TX records start at the kick, within %.1f us of vhoststub's"
+          % (lane.suite, len(kicked), len(tx), max(off)))
+
+
+def test_explain_names_the_hog_behind_a_late_pick_up_after_a_kick(lane):
+    """The VM's pings (TX) while the hog starves the worker: the guest kicked, and the
+    worker took the frame 2 ms or more later. That wait, vhost_kick->tap_rx, is the
+    longest segment, explained in the worker at least 80% by the run queue of CPU 1,
+    behind the hog."""
+    run = lane.run("B-vhost")
+    hog = one(run.oracle_of("explain_hog"), "explain_hog")
+    pid = run.meta["vmstub_pid"]
+    out = run.out["kprobe"]
+    # the VM's echo requests after the 5 before the hog (the guest's own slowness, a
+    # kick's write taking 3 ms say, is not the hog's)
+    pings = [r for r in out.packets if r["direction"] == "tx" and
+             r["protocol"] == "icmp" and r["icmp_type"] == 8][5:]
+    assert len(pings) == 40, "%d echo requests from the VM under the hog" % len(pings)
+    late = [r for r in pings if segment(r, "vhost_kick", "tap_rx") >= 2000]
+    assert len(late) >= 5, [(segment(r, "vhost_kick", "tap_rx"), r["explain"])
+                            for r in pings]
+    waits = run_queue = 0
+    for r in late:
+        x = r["explain"]
+        assert x and x["segment"] == "vhost_kick->tap_rx" and not x["partial"], x
+        assert x["tid"] == hog["worker_tid"] and x["thread"] == "vhost-%d" % pid, x
+        assert x["cpu"] == hog["cpu"] or not x["us"]["run_queue"], x
+        waits += segment(r, "vhost_kick", "tap_rx")
+        run_queue += x["us"]["run_queue"]
+    assert run_queue >= 0.8 * waits, [r["explain"] for r in late]
+    assert_behind_the_hog([r["explain"] for r in late], hog)
+    print("%s B-vhost: %d pick-ups 2 ms or more after the kick, %.0f%% of it run queue, %s"
+          % (lane.suite, len(late), 100.0 * run_queue / waits, behind_text(late)))
 
 
 def test_geneve_overlay_on_ovs_is_followed_per_packet(lane):

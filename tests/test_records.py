@@ -285,8 +285,9 @@ def test_summary_accounts_for_every_packet(tool):
     stats = dict.fromkeys(tool.STAT_NAMES, (0, 0, 0))
     stats.update(started=(4, 3, 0), completed=(1, 1, 0), dropped=(1, 0, 0),
                  left_path=(0, 1, 0), lost=(2, 0, 0))
-    waiting = udp_tx(tool, ts={"tap_rx": 299000000000}, last=0)
-    upcalled = udp_tx(tool, ts={"tap_rx": 299500000000}, last=0, upcalled=1)
+    tap_rx = tool.STAGE_BY_NAME["tap_rx"].sid
+    waiting = udp_tx(tool, ts={"tap_rx": 299000000000}, last=tap_rx)
+    upcalled = udp_tx(tool, ts={"tap_rx": 299500000000}, last=tap_rx, upcalled=1)
     run.counters = tool.RecordedCounters({
         "stats": [v for n in tool.STAT_NAMES for v in stats[n]],
         "fates": [[tool.C.FATE_LEFT, tool.Dir.RX, tool.STAGE_BY_NAME["phy_rx"].sid, 1],

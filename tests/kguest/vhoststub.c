@@ -12,6 +12,9 @@
  *
  * usage: vhoststub TAPNAME LINKDEV READYFILE [-name guest=NAME ...]
  *   (the -name argument is only there to be found in /proc/PID/cmdline, as QEMU's is)
+ * With VHOSTSTUB_KICKLOG=FILE, each TX kick is a line "tx BEFORE AFTER": the wall clock
+ * (CLOCK_REALTIME, ns) just before and just after its eventfd write, which the tool's
+ * vhost_kick stage must fall between.
  * Runs until SIGTERM/SIGINT. Build: gcc -O2 -static -o vhoststub vhoststub.c
  */
 #define _GNU_SOURCE
@@ -35,6 +38,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef PACKET_IGNORE_OUTGOING
@@ -63,10 +67,31 @@ static void die(const char *what) { perror(what); exit(1); }
 
 #include "stub_link.h"      /* ifindex_of(), set_up() */
 
+static FILE *kicklog;
+
+static long long wall_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
 static void kick(struct queue *q)
 {
     uint64_t one = 1;
     if (write(q->kick, &one, sizeof(one)) != sizeof(one)) perror("kick");
+}
+
+/* A TX kick, logged (VHOSTSTUB_KICKLOG) with the wall clock around the write */
+static void kick_tx(struct queue *q)
+{
+    long long before = wall_ns();
+    kick(q);
+    if (kicklog) {
+        long long after = wall_ns();
+        fprintf(kicklog, "tx %lld %lld\n", before, after);
+        fflush(kicklog);
+    }
 }
 
 /* Offer descriptor id to the device (the worker) on queue q. */
@@ -179,6 +204,8 @@ int main(int argc, char **argv)
     sa.sa_handler = on_signal;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    if (getenv("VHOSTSTUB_KICKLOG") && !(kicklog = fopen(getenv("VHOSTSTUB_KICKLOG"), "w")))
+        die("VHOSTSTUB_KICKLOG");
     FILE *f = fopen(argv[3], "w");
     if (f) { fprintf(f, "%d\n", (int)getpid()); fclose(f); }
     fprintf(stderr, "vhoststub: %s <-> %s through vhost-net (pid %d)\n", tapname, linkdev,
@@ -241,7 +268,7 @@ int main(int argc, char **argv)
                 tx.desc[id].flags = 0;
                 tx_outstanding++;
                 offer(&tx, id);
-                kick(&tx);
+                kick_tx(&tx);
                 to_host++;
             }
         }

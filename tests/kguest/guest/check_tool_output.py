@@ -26,11 +26,11 @@ import sys
 
 VM_IP, REMOTE_IP = "10.77.0.2", "10.77.0.3"
 # Stage names the lane knows (ovs_upcall: the first packet of a flow, sent to ovs-vswitchd).
-TX_STAGES = ["tap_rx", "mvt_queue", "mvt_xmit", "bridge", "ovs_upcall", "ovs_dp", "encap",
-             "phy_queue", "phy_xmit"]
+TX_STAGES = ["vhost_kick", "tap_rx", "mvt_queue", "mvt_xmit", "bridge", "ovs_upcall", "ovs_dp",
+             "encap", "phy_queue", "phy_xmit"]
 RX_STAGES = ["phy_rx", "decap", "bridge", "ovs_upcall", "ovs_dp", "tap_queue", "tap_xmit",
              "mvt_ring", "vm_read", "host_rcv"]
-VM2VM_STAGES = ["tap_rx", "mvt_queue", "mvt_xmit", "phy_rx", "bridge", "ovs_upcall",
+VM2VM_STAGES = ["vhost_kick", "tap_rx", "mvt_queue", "mvt_xmit", "phy_rx", "bridge", "ovs_upcall",
                 "ovs_dp", "tap_queue", "tap_xmit", "mvt_ring", "vm_read"]
 # each topology's VM device and NICs
 VM_DEV = {"M": "vnlmvt0"}

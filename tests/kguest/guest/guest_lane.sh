@@ -621,8 +621,8 @@ vhost_case() { # topology B again, the tap served by the kernel's vhost-net work
     modprobe vhost_net || { step B.vhost FAIL "modprobe vhost_net"; return 1; }
     kill "$VMSTUB_PID" 2>/dev/null; wait "$VMSTUB_PID" 2>/dev/null   # its tap goes with it
     rm -f /run/vmstub.ready
-    "$LANE_DIR/bin/vhoststub" "$TAP" "$VMLINK" /run/vmstub.ready \
-        -name guest=vhost-vm,debug-threads=on 2>"$OUT/vhoststub.log" &
+    VHOSTSTUB_KICKLOG="$OUT/vhost-kicks.txt" "$LANE_DIR/bin/vhoststub" "$TAP" "$VMLINK" \
+        /run/vmstub.ready -name guest=vhost-vm,debug-threads=on 2>"$OUT/vhoststub.log" &
     VMSTUB_PID=$!
     local i
     for i in $(seq 1 100); do [ -s /run/vmstub.ready ] && break; sleep 0.1; done
@@ -660,9 +660,10 @@ while True:
     time.sleep(random.uniform(0.01, 0.05))
 '
 
-traffic_starved_worker() { # remote -> VM pings while a real-time hog takes CPU 1 from
-    # the vhost worker (pinned there) 20 ms at a time: its reads wait in the run queue
-    local worker hog rc=0 out
+traffic_starved_worker() { # remote -> VM and VM -> remote pings while a real-time hog
+    # takes CPU 1 from the vhost worker (pinned there) 20 ms at a time: its reads (RX) and
+    # its pick-ups after the guest's kicks (TX) wait in the run queue
+    local worker hog rc=0 out vmping
     worker=$(vhost_worker_tid "$VMSTUB_PID") || { echo "no vhost-$VMSTUB_PID thread"; return 1; }
     "$PY" -c 'import os, sys; os.sched_setaffinity(int(sys.argv[1]), {1})' "$worker" || return 1
     "$PY" -c "$HOG_PY" > /run/hog.pid 2> /run/hog.err &
@@ -675,12 +676,17 @@ traffic_starved_worker() { # remote -> VM pings while a real-time hog takes CPU 
     echo "worker $worker cpus: $(grep Cpus_allowed_list "/proc/$worker/status")"
     oracle '{"kind": "explain_hog", "hog_pid": '"$hog"', "worker_tid": '"$worker"', "cpu": 1, "hog_comm": "vnl-hog"}'
     grep -E '^(se.sum_exec_runtime|nr_switches|nr_involuntary_switches) ' "/proc/$hog/sched" "/proc/$worker/sched"
+    in_vm ping -n -c 40 -i 0.1 -W 3 "$REMOTE_IP" > /run/vmping.out 2>&1 &
+    vmping=$!
     out=$(in_remote ping -n -c 40 -i 0.1 -W 3 "$VM_IP") || rc=1
+    wait "$vmping" || rc=1
     grep -E '^(se.sum_exec_runtime|nr_switches|nr_involuntary_switches) ' "/proc/$hog/sched" "/proc/$worker/sched"
     cat /proc/sys/kernel/sched_rt_runtime_us /proc/sys/kernel/sched_rt_period_us
     kill "$hog"; wait "$hog" 2>/dev/null
     "$PY" -c 'import os, sys; os.sched_setaffinity(int(sys.argv[1]), range(os.cpu_count()))' "$worker"
     echo "$out"; ping_oracle remote "$VM_IP" "$out"
+    out=$(cat /run/vmping.out)
+    echo "$out"; ping_oracle vm "$REMOTE_IP" "$out"
     return $rc
 }
 
