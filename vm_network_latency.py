@@ -571,8 +571,8 @@ TX, RX, VM2VM = ("tx",), ("rx",), ("vm2vm",)
 STAGES = _stages(
     # kprobes only, none of them sees a packet: the queueing of a vhost work (what the
     # kick's wake-up really calls: vhost_work_queue up to 6.3, vhost_worker_queue from
-    # 6.4, where vhost_vq_work_queue and vhost_poll_queue are inlined into it), the TX
-    # work's start in the worker, and its other start (room again in the socket)
+    # 6.4; vhost_poll_queue and vhost_vq_work_queue are inlined into the wake-up), the
+    # TX work's start in the worker, and its other start (room again in the socket)
     ("vhost_kick", TX + VM2VM, "kick", None, None, "vhost_net",
      [("vhost_work_queue", 2), ("vhost_worker_queue", 2), ("handle_tx_kick", 1),
       ("handle_tx_net", 1)], None,
@@ -839,7 +839,7 @@ RECORD_FIELDS = [
     ("tcp_seq", "u32", 1, "TCP sequence number (with ip_id: a packet's identity on the "
      "wire, which joins two hosts' records of it)"),
     ("ip_id", "u16", 1, "IPv4 identification"),
-    ("pad", "u16", 1, "(seen on 4 bytes)"),
+    ("pad", "u16", 1, "(alignment: seen starts on 4 bytes)"),
     ("seen", "u32", 1, "bit 1 << stage set for each stage that saw it"),
     ("vm_ifindex", "u32", 1, "the VM's tap or macvtap (VM-to-VM: the sender's)"),
     ("dev", "u64", 1, "the net_device of the last device stage (its role: dev_role)"),
@@ -2745,8 +2745,8 @@ BPF_HASH(vm_hist, struct vm_hist_key, u64, VM_HIST_ENTRIES);
 // each worker thread hands to the first frame it sends, and the worker threads (whose
 // own queueing, past their weight, is no kick)
 BPF_TABLE("lru_hash", u64, u64, vhost_kicks, 4096);
-BPF_HASH(vhost_sending, u32, u64, 1024);
-BPF_TABLE("lru_hash", u32, u8, vhost_workers, 1024);
+BPF_HASH(vhost_sending, u32, u64, 4096);
+BPF_TABLE("lru_hash", u32, u8, vhost_workers, 4096);
 #endif
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
