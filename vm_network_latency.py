@@ -3429,15 +3429,22 @@ static __always_inline int on_vhost_queue(void *work)
     return 0;
 }
 
-// The worker takes the TX ring's work (handle_tx_kick): the kick goes to the first
-// frame it sends, the only one sure to have been in the ring when the guest kicked
-static __always_inline int on_vhost_tx_kick(void *work)
+// This thread is a vhost worker (it runs a TX work): its own queueings are no kicks
+static __always_inline u32 vhost_worker_seen(void)
 {
     u32 tid = bpf_get_current_pid_tgid();
     if (!vhost_workers.lookup(&tid)) {
         u8 one = 1;
         vhost_workers.update(&tid, &one);
     }
+    return tid;
+}
+
+// The worker takes the TX ring's work (handle_tx_kick): the kick goes to the first
+// frame it sends, the only one sure to have been in the ring when the guest kicked
+static __always_inline int on_vhost_tx_kick(void *work)
+{
+    u32 tid = vhost_worker_seen();
     u64 key = (u64)work;
     u64 *kick = vhost_kicks.lookup(&key);
     if (kick) {
@@ -3453,11 +3460,7 @@ static __always_inline int on_vhost_tx_kick(void *work)
 // The worker sends because its socket has room again (handle_tx_net): not for a kick
 static __always_inline int on_vhost_tx_net(void *work)
 {
-    u32 tid = bpf_get_current_pid_tgid();
-    if (!vhost_workers.lookup(&tid)) {
-        u8 one = 1;
-        vhost_workers.update(&tid, &one);
-    }
+    u32 tid = vhost_worker_seen();
     vhost_sending.delete(&tid);
     return 0;
 }
