@@ -220,7 +220,13 @@ def test_a_token_bucket_holding_frames_is_the_queue_not_a_thread(lab, traces):
         x = r["explain"]
         total = segment_us(r, "tap_queue->tap_xmit")
         assert x["us"]["queue"] >= 0.9 * total, x
-        assert x["us"]["run_queue"] == x["us"]["running"] == x["us"]["asleep"] == 0, x
+        # scheduling only once the bucket let the frame go: ksoftirqd, raised by tbf's
+        # timer, may wait its turn and run some microseconds before it dequeues (the
+        # CI once saw 8 us and 11 us of 12 ms); a thread the queue was blamed on would
+        # have the milliseconds
+        scheduled = x["us"]["run_queue"] + x["us"]["running"] + x["us"]["asleep"]
+        assert scheduled <= 0.02 * total, x
+        assert not scheduled or x["thread"].startswith("ksoftirqd/"), x
 
 
 SPIN_TAP, SPIN_MAC, SPIN_IP = "vnltap7", "52:54:00:77:00:17", "10.77.0.17"
