@@ -45,7 +45,7 @@
 #               long-running exporters forget VMs that are gone. macvtap, VM to VM
 #               on one host, NICs behind bonds and VLANs.
 # 07-Dec-2026   --explain: why each long wait; two hosts' recordings joined;
-#               --top, --write-pcap, --heatmap; vhost-net's kick as a stage.
+#               --top, --write-pcap, --heatmap; vhost-net's kick and signal as stages.
 
 from __future__ import print_function
 
@@ -550,14 +550,18 @@ def parse_args(argv):
 #     ovs      the OVS datapath; with upcalls traced it also recognises returned packets
 #     upcall   OVS sends the packet to ovs-vswitchd, which returns a copy
 #     vm_read  the VM's backend reads the frame from its tap or macvtap: RX and VM-to-VM
-#              end here
+#              end here, or, read by a vhost-net worker, at its signal
+#     signal   vhost-net: the worker hands the frames it read to the guest in batches
+#              (vhost_add_used_and_signal_n) and signals it (its call eventfd): each
+#              frame of the batch gets the signal's time; a batch the guest asked not to
+#              be signalled for (it polls) ends at the read
 #     host_rcv the host's own stack takes the packet: RX ends here
 #   role      the device role a start/dev stage stamps on: "vm" a tap or a macvtap (the
 #             VM's side), "mvtap" a macvtap only, "phy" the physical side, "tun" a tunnel
 #   end       where a direction's path ends: 1 first choice, 2, 3 if that is not traced
 #   module    the kernel module without which the stage does not exist
-#   kprobes   [(function, argument number of the skb; -N: of a pointer to it)]: each
-#             one found is attached
+#   kprobes   [(function, argument number of the skb; -N: of a pointer to it; 0: at
+#             the function's return)]: each one found is attached
 #   tracepoint (category, name, argument number of the skb)
 Stage = namedtuple("Stage", "name sid directions hook role end module kprobes tracepoint "
                             "meaning")
@@ -627,6 +631,18 @@ STAGES = _stages(
     ("vm_read", RX + VM2VM, "vm_read", None, 1, None, [("skb_copy_datagram_iter", 1)],
      ("skb", "skb_copy_datagram_iovec", 0),
      "the VM's backend (QEMU or vhost) reads the frame (tun_put_user, tap_put_user)"),
+    # kprobes only, none of them sees a packet: the worker's RX pass (handle_rx_kick,
+    # handle_rx_net: its start and its return), its handing of a batch to the guest
+    # (vhost_add_used_and_signal_n: start and return; vhost_signal is inlined into it)
+    # and, in it, the signal: the call eventfd's (eventfd_signal up to 6.7; from 6.8
+    # that is inline, eventfd_signal_mask is called)
+    ("vhost_signal", RX + VM2VM, "signal", None, None, "vhost_net",
+     [("handle_rx_kick", 1), ("handle_rx_net", 1), ("handle_rx_kick", 0),
+      ("handle_rx_net", 0), ("vhost_add_used_and_signal_n", 1),
+      ("vhost_add_used_and_signal_n", 0), ("eventfd_signal", 1),
+      ("eventfd_signal_mask", 1)], None,
+     "vhost-net signalled the guest that the frame is in its ring (the call eventfd: "
+     "KVM's interrupt), once for a batch of up to 64 frames"),
     ("host_rcv", RX, "host_rcv", None, None, None,
      [("tcp_v4_rcv", 1), ("udp_rcv", 1), ("icmp_rcv", 1), ("tcp_v6_rcv", 1),
       ("udpv6_rcv", 1), ("icmpv6_rcv", 1)], None,
@@ -643,6 +659,8 @@ START_STAGES = {"tx": ["tap_rx", "mvt_queue"], "rx": ["phy_rx"],
 START_SIDS = [[STAGE_BY_NAME[n].sid for n in START_STAGES[d]] for d in DIRECTIONS]
 # vhost-net's kick: before a TX packet's start, when the frame's record starts
 KICK_SID = STAGE_BY_NAME["vhost_kick"].sid
+# vhost-net's signal: after the read, the end of a frame a vhost worker read
+SIGNAL_SID = STAGE_BY_NAME["vhost_signal"].sid
 # the ends of each direction's path, most wanted first (TracePlan takes the first traced)
 END_STAGES = dict((d, [s.name for s in sorted(STAGES, key=lambda s: s.end or 0)
                        if s.end and d in s.directions]) for d in DIRECTIONS)
@@ -675,11 +693,22 @@ TYPED_HOOKS = ("start", "dev")
 # share an attach point: the handler gets the sid of each role's stage there (-1: none).
 HOOK_HANDLERS = {"kick": "on_vhost_queue", "start": "on_receive", "dev": "on_device",
                  "plain": "on_switch", "ovs": "on_switch", "upcall": "on_upcall",
-                 "vm_read": "on_vm_read", "host_rcv": "on_host_rcv"}
+                 "vm_read": "on_vm_read", "host_rcv": "on_host_rcv", "signal": None}
 
 ROLE_SPLIT_HOOKS = ("start", "dev")
-# the kick stage's handler for each of its functions (else: a work's queueing)
-VHOST_HANDLERS = {"handle_tx_kick": "on_vhost_tx_kick", "handle_tx_net": "on_vhost_tx_net"}
+# the vhost stages' handler for each (function, argument; 0: its return): the kick
+# stage's, else a work's queueing (on_vhost_queue); the signal stage's
+VHOST_HANDLERS = {("handle_tx_kick", 1): "on_vhost_tx_kick(skb)",
+                  ("handle_tx_net", 1): "on_vhost_tx_net(skb)",
+                  ("handle_rx_kick", 1): "on_vhost_rx_pass()",
+                  ("handle_rx_net", 1): "on_vhost_rx_pass()",
+                  ("handle_rx_kick", 0): "on_vhost_rx_pass_done(ctx)",
+                  ("handle_rx_net", 0): "on_vhost_rx_pass_done(ctx)",
+                  ("vhost_add_used_and_signal_n", 1): "on_vhost_batch()",
+                  ("vhost_add_used_and_signal_n", 0): "on_vhost_batch_done(ctx)",
+                  ("eventfd_signal", 1): "on_vhost_signal()",
+                  ("eventfd_signal_mask", 1): "on_vhost_signal()"}
+VHOST_HOOKS = ("kick", "signal")
 OVS_EXECUTE = "on_ovs_execute"   # also recognises a packet ovs-vswitchd sends back
 OVS_SID = next(s.sid for s in STAGES if s.hook == "ovs")      # where OVS runs actions
 
@@ -2270,15 +2299,19 @@ def why_not(st, attach, view):
                 "no %s symbol" % st.kprobes[0][0])
     if st.module == "bridge" and not any(f in symbols for f, _a in st.kprobes) and kprobes_ok:
         return "the bridge module is not loaded (no Linux bridge)"
-    if st.hook == "kick":
+    if st.hook in VHOST_HOOKS:
         if attach not in ("kprobe", "auto"):
             return "no tracepoint at this point (needs --attach kprobe or auto)"
         if not kprobes_ok:
             return kprobe_why
         if not os.path.isdir("/sys/module/vhost_net"):
             return "the vhost_net module is not loaded (no vhost-net)"
-        return "needs kprobes on handle_tx_kick, handle_tx_net and vhost_work_queue " \
-               "or vhost_worker_queue: not all are in /proc/kallsyms"
+        if st.hook == "kick":
+            return "needs kprobes on handle_tx_kick, handle_tx_net and vhost_work_queue " \
+                   "or vhost_worker_queue: not all are in /proc/kallsyms"
+        return "needs kprobes on handle_rx_kick, handle_rx_net, " \
+               "vhost_add_used_and_signal_n and eventfd_signal or eventfd_signal_mask: " \
+               "not all are in /proc/kallsyms"
     if attach == "kprobe" and not st.kprobes:
         return "no kprobe at this point"
     if not kprobes_ok:
@@ -2305,12 +2338,17 @@ def plan_stages(direction, attach, layout, view):
         kp = None
         syms = [(symbols[f], a) for f, a in st.kprobes if f in symbols]
         # the upcall stage's kprobes work together: it needs all of them, the kick
-        # stage its worker's two and one of the queueings; elsewhere each is a way to
-        # the same point (host_rcv: any of TCP, UDP, ICMP)
-        complete = len(syms) == len(st.kprobes) or st.hook not in ("upcall", "kick")
+        # stage its worker's two and one of the queueings, the signal stage all but
+        # one of the eventfd's two; elsewhere each is a way to the same point
+        # (host_rcv: any of TCP, UDP, ICMP)
+        complete = len(syms) == len(st.kprobes) or st.hook not in ("upcall",) + VHOST_HOOKS
         if st.hook == "kick":
             complete = "handle_tx_kick" in symbols and "handle_tx_net" in symbols and (
                 "vhost_work_queue" in symbols or "vhost_worker_queue" in symbols)
+        if st.hook == "signal":
+            complete = all(f in symbols for f in (
+                "handle_rx_kick", "handle_rx_net", "vhost_add_used_and_signal_n")) and (
+                "eventfd_signal" in symbols or "eventfd_signal_mask" in symbols)
         if kprobes_ok and syms and complete:
             kp = Plan(st, "kprobe", syms, "")
         # auto prefers the tracepoint: it sits at the same point, costs less, is a
@@ -2354,7 +2392,8 @@ def group_attachments(plans):
     out = []
     for method, probe, arg in order:
         safe = re.sub(r"[^A-Za-z0-9_]", "_", probe)
-        fn = ATTACH_PREFIX[method] + safe
+        fn = ATTACH_PREFIX[method] + safe + ("_return" if method == "kprobe" and arg == 0
+                                             else "")
         out.append(Attachment(method, probe, arg, fn, groups[(method, probe, arg)]))
     return out
 
@@ -2747,6 +2786,16 @@ BPF_HASH(vm_hist, struct vm_hist_key, u64, VM_HIST_ENTRIES);
 BPF_TABLE("lru_hash", u64, u64, vhost_kicks, 4096);
 BPF_HASH(vhost_sending, u32, u64, 4096);
 BPF_TABLE("lru_hash", u32, u8, vhost_workers, 4096);
+#endif
+#if VHOST_SIGNAL
+// vhost-net's RX workers: in an RX pass or not, handing a batch to the guest or not,
+// when that batch's signal went (0: none yet), and the frames read and not yet handed
+// over, held in the in-flight table under keys of their own (vhost_held_key) from
+// sequence number head to tail
+struct vhost_rx { u32 in_rx; u32 in_batch; u64 signalled; u32 head; u32 tail; };
+BPF_TABLE("lru_hash", u32, struct vhost_rx, vhost_rxs, 4096);
+// the drain of the held frames, which runs itself again for the next ones (a tail call)
+BPF_PROG_ARRAY(vhost_drain_prog, 1);
 #endif
 #if USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -3478,6 +3527,144 @@ static __always_inline u64 vhost_kick_taken(void)
 }
 #endif
 
+#if VHOST_SIGNAL
+// The frames a worker holds: as many as VHOST_DRAIN_EACH completions in one program
+// run, times the runs a chain of tail calls allows (33: MAX_TAIL_CALL_CNT is 32 or 33),
+// can hand over at once; more than the 64 of a batch (a frame takes one buffer or more)
+#define VHOST_DRAIN_EACH 4
+#define VHOST_HELD_MAX 128
+
+// A held frame's key: the worker's tid and the frame's number; never a kernel address
+// (an sk_buff's key), which has its top bits set
+static __always_inline u64 vhost_held_key(u32 tid, u32 seq)
+{
+    return (u64)tid << 32 | seq;
+}
+
+// The worker starts an RX pass (handle_rx_kick: the guest gave it buffers;
+// handle_rx_net: the tap has frames)
+static __always_inline int on_vhost_rx_pass(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct vhost_rx *w = vhost_rxs.lookup(&tid);
+    if (!w) {
+        struct vhost_rx fresh = {};
+        vhost_rxs.update(&tid, &fresh);
+        w = vhost_rxs.lookup(&tid);
+        if (!w)
+            return 0;
+    }
+    w->in_rx = 1;
+    w->in_batch = 0;
+    return 0;
+}
+
+// A frame the worker read in its RX pass waits for its batch to be handed to the guest:
+// its record moves to a key of its own (the sk_buff is freed once read). 1 if held.
+static __always_inline int vhost_hold(u64 key, struct pkt *p)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct vhost_rx *w = vhost_rxs.lookup(&tid);
+    if (!w || !w->in_rx || (p->pflags & PF_PENDING) || w->tail - w->head >= VHOST_HELD_MAX)
+        return 0;
+    u32 seq = w->tail;
+    if (track(vhost_held_key(tid, seq), p) != 0)
+        return 0;
+    w->tail = seq + 1;
+    untrack(key);
+    return 1;
+}
+
+// The worker hands a batch to the guest (vhost_add_used_and_signal_n): the buffers it
+// filled go into the used ring, then the guest is signalled unless it asked not to be
+static __always_inline int on_vhost_batch(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct vhost_rx *w = vhost_rxs.lookup(&tid);
+    if (w && w->in_rx) {
+        w->in_batch = 1;
+        w->signalled = 0;
+    }
+    return 0;
+}
+
+// The guest's call eventfd signalled (KVM's irqfd injects the interrupt), by a worker
+// handing over its RX batch; any other eventfd's costs one lookup
+static __always_inline int on_vhost_signal(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct vhost_rx *w = vhost_rxs.lookup(&tid);
+    if (w && w->in_batch && !w->signalled)
+        w->signalled = bpf_ktime_get_ns();
+    return 0;
+}
+
+// Complete the held frames: each gets the batch's signal, if there was one, else it
+// ends at its read (the guest was polling, or the frame was discarded). A program can
+// only complete a few (each completion is the whole of complete()): it runs again for
+// the next few, through the tail call, until none is left.
+int vhost_drain(struct pt_regs *ctx)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct vhost_rx *w = vhost_rxs.lookup(&tid);
+    if (!w)
+        return 0;
+    u64 signalled = w->signalled;
+    #pragma unroll
+    for (int i = 0; i < VHOST_DRAIN_EACH; i++) {
+        u32 seq = w->head;
+        if (seq == w->tail)
+            return 0;
+        w->head = seq + 1;
+        u64 key = vhost_held_key(tid, seq);
+        struct pkt *p = tracked(key);
+        if (!p)
+            continue;
+        u32 last = p->last;
+        asm volatile("" : "+r"(last));
+        if (last >= NSTAGES)
+            continue;
+        u64 end = p->ts[last];
+        if (signalled > end) {
+            stamp(p, STAGE_VHOST_SIGNAL, signalled);
+            end = signalled;
+        }
+        complete(ctx, key, p, end);
+    }
+    if (w->head != w->tail)
+        vhost_drain_prog.call(ctx, 0);
+    return 0;
+}
+
+// The batch is the guest's: its frames complete
+static __always_inline int on_vhost_batch_done(struct pt_regs *ctx)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct vhost_rx *w = vhost_rxs.lookup(&tid);
+    if (!w || !w->in_batch)
+        return 0;
+    w->in_batch = 0;
+    if (w->head != w->tail)
+        vhost_drain_prog.call(ctx, 0);
+    return 0;
+}
+
+// The RX pass ends: frames read and never handed over (discarded: longer than the
+// guest's buffers) end at their read
+static __always_inline int on_vhost_rx_pass_done(struct pt_regs *ctx)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct vhost_rx *w = vhost_rxs.lookup(&tid);
+    if (!w)
+        return 0;
+    w->in_rx = w->in_batch = 0;
+    w->signalled = 0;
+    if (w->head != w->tail)
+        vhost_drain_prog.call(ctx, 0);
+    return 0;
+}
+#endif
+
 // A packet enters the path at a VM's device (TX) or a physical one (RX): parse it,
 // filter it, start its record. A TX packet of a VM not selected (a peer), or one
 // while only VM-to-VM is wanted, is followed but not counted in (PF_PENDING) until it
@@ -3617,6 +3804,20 @@ static __always_inline int learn_outer(void *skb, const int typed, struct pkt *p
 }
 #endif
 
+// The VM's backend (QEMU or a vhost worker) read the frame: RX and VM-to-VM end here,
+// or, read by a vhost worker, when it hands the frame to the guest
+static __always_inline void read_by_vm(void *ctx, u64 key, struct pkt *p, u64 now)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    p->pid = id >> 32;
+    p->tid = id;
+#if VHOST_SIGNAL
+    if (vhost_hold(key, p))
+        return;
+#endif
+    complete(ctx, key, p, now);
+}
+
 // The VM's side (a tap, a macvtap) at one of its stages: an RX packet or a VM-to-VM
 // one arriving, or the sender's own macvtap passing its TX packet on.
 static __always_inline void at_vm_device(void *ctx, u64 key, struct pkt *p, u32 role,
@@ -3639,12 +3840,8 @@ static __always_inline void at_vm_device(void *ctx, u64 key, struct pkt *p, u32 
         p->vm_ifindex = ifindex;
     }
     stamp(p, stage, now);
-    if (stage == FINAL_RX_VM) {
-        u64 id = bpf_get_current_pid_tgid();      // the VM's reader: QEMU or vhost
-        p->pid = id >> 32;
-        p->tid = id;
-        complete(ctx, key, p, now);
-    }
+    if (stage == FINAL_RX_VM)
+        read_by_vm(ctx, key, p, now);
 }
 
 static __always_inline int on_device(void *ctx, void *skb, const int btf_arg, int vm_stage,
@@ -3814,11 +4011,8 @@ static __always_inline int on_vm_read(void *ctx, void *skb, const int btf_arg, u
 #endif
         return 0;
     }
-    u64 id = bpf_get_current_pid_tgid();
-    p->pid = id >> 32;
-    p->tid = id;
     stamp(p, stage, now);
-    complete(ctx, key, p, now);
+    read_by_vm(ctx, key, p, now);
     return 0;
 }
 
@@ -4099,8 +4293,8 @@ def _handler_call(att, upcalls):
         raise AssertionError("stages %s share %s" % ([p.stage.name for p in att.stages],
                                                      att.probe))
     hook, sid = plan.stage.hook, plan.stage.sid
-    if hook == "kick":      # the argument is a struct vhost_work (not an skb)
-        return "%s(skb)" % VHOST_HANDLERS.get(att.probe.split(".")[0], HOOK_HANDLERS[hook])
+    if hook in VHOST_HOOKS:     # the argument is no skb (a struct vhost_work; none)
+        return VHOST_HANDLERS.get((att.probe.split(".")[0], att.arg), "on_vhost_queue(skb)")
     if hook == "upcall" and att.probe.startswith("ovs_execute_actions"):
         # the kprobe way to see a packet ovs-vswitchd returns (no ovs_dp_process_packet)
         return "%s(%s, %d)" % (OVS_EXECUTE, skb, OVS_SID)
@@ -4117,7 +4311,9 @@ def _wrapper(att, upcalls):
     it for a kernel pointer, and does not turn the typed path's plain loads (in the
     helpers both share) into probe reads. A tp_btf program's ctx is a plain u64 array
     to BCC, so it leaves that program's loads alone too."""
-    if att.method == "kprobe" and att.arg < 0:     # a pointer to the skb's pointer
+    if att.method == "kprobe" and att.arg == 0:    # at the function's return: no skb
+        head = "int %s(struct pt_regs *ctx)\n{\n    u64 arg = 0;" % att.fn_name
+    elif att.method == "kprobe" and att.arg < 0:   # a pointer to the skb's pointer
         head = "int %s(struct pt_regs *ctx)\n{\n    u64 arg = 0;\n    " \
                "bpf_probe_read_kernel(&arg, sizeof(arg), (void *)PT_REGS_PARM%d(ctx));" \
             % (att.fn_name, -att.arg)
@@ -4263,6 +4459,8 @@ def generate_program(opts, plan, layout):
         ("STAGE_MVT_QUEUE", STAGE_BY_NAME["mvt_queue"].sid),
         ("STAGE_MVT_XMIT", STAGE_BY_NAME["mvt_xmit"].sid),
         ("VHOST_KICK", int("vhost_kick" in plan.traced)), ("STAGE_VHOST_KICK", KICK_SID),
+        ("VHOST_SIGNAL", int("vhost_signal" in plan.traced)),
+        ("STAGE_VHOST_SIGNAL", SIGNAL_SID),
         ("WANT_TX", int("tx" in opts.directions)), ("WANT_RX", int("rx" in opts.directions)),
         ("WANT_VM2VM", int("vm2vm" in opts.directions)), ("MACVTAPS", int(opts.macvtaps)),
         # when a packet entered: its first start stage in path order (unseen ones are 0)
@@ -4410,7 +4608,16 @@ class Tracer(object):
         for _cat, tp, _what in FREE_TRACEPOINTS + list(self.explain):
             self.bpf.load_func("rtp_" + tp, BPF.RAW_TRACEPOINT)
             count += 1
-        return count
+        return count + self.load_tail_calls()
+
+    def load_tail_calls(self):
+        """The programs others run through a tail call (vhost_drain): loaded and put
+        in their program array. How many."""
+        if "vhost_signal" not in self.plan.traced:
+            return 0
+        fn = self.bpf.load_func("vhost_drain", self.bcc.BPF.KPROBE)
+        self.bpf["vhost_drain_prog"][ctypes.c_int(0)] = ctypes.c_int(fn.fd)
+        return 1
 
     def programs(self):
         """[(name, fd)] of every loaded program, BCC's and the tool's own."""
@@ -4419,8 +4626,12 @@ class Tracer(object):
                       list(self.typed_fds.items()))
 
     def attach(self):
+        self.load_tail_calls()      # before anything that calls them is attached
         for att in self.attachments:
-            if att.method == "kprobe":
+            if att.method == "kprobe" and att.arg == 0:
+                self.bpf.attach_kretprobe(event=att.probe, fn_name=att.fn_name)
+                self.attached.append(("kretprobe", att.probe))
+            elif att.method == "kprobe":
                 self.bpf.attach_kprobe(event=att.probe, fn_name=att.fn_name)
                 self.attached.append(("kprobe", att.probe))
             elif att.method == "tp_btf":
@@ -4448,6 +4659,8 @@ class Tracer(object):
             try:
                 if kind == "kprobe":
                     self.bpf.detach_kprobe(event=probe)
+                elif kind == "kretprobe":
+                    self.bpf.detach_kretprobe(event=probe)
                 elif kind == "link":
                     os.close(probe)
                 else:
@@ -6044,8 +6257,9 @@ class Run(object):
 
 # 2: names before the events, host, "final" in summary; 3: VM-to-VM (a third direction,
 # per-VM counts by sender and receiver); 4: the record's longest segment, --explain's tail;
-# 5: the TCP sequence (joins); 6: a 32-bit seen (vhost_kick, the 17th stage)
-RECORDING_FORMAT = 6
+# 5: the TCP sequence (joins); 6: a 32-bit seen (vhost_kick, the 17th stage);
+# 7: vhost_signal (18 stages)
+RECORDING_FORMAT = 7
 
 
 def create_private_file(path, option):

@@ -12,9 +12,13 @@
  *
  * usage: vhoststub TAPNAME LINKDEV READYFILE [-name guest=NAME ...]
  *   (the -name argument is only there to be found in /proc/PID/cmdline, as QEMU's is)
- * With VHOSTSTUB_KICKLOG=FILE, each TX kick is a line "tx BEFORE AFTER": the wall clock
+ * With VHOSTSTUB_LOG=FILE, each TX kick is a line "tx BEFORE AFTER": the wall clock
  * (CLOCK_REALTIME, ns) just before and just after its eventfd write, which the tool's
- * vhost_kick stage must fall between.
+ * vhost_kick stage must fall between; each read of the RX call eventfd a line "call
+ * BEFORE AFTER COUNT": how many times the worker signalled it since the last read (the
+ * tool's vhost_signal stage is one of those signals); and each ICMP frame the worker
+ * put in the RX ring a line "rx SEEN TYPE ID SEQ": the wall clock when vhoststub found
+ * it there.
  * Runs until SIGTERM/SIGINT. Build: gcc -O2 -static -o vhoststub vhoststub.c
  */
 #define _GNU_SOURCE
@@ -67,7 +71,7 @@ static void die(const char *what) { perror(what); exit(1); }
 
 #include "stub_link.h"      /* ifindex_of(), set_up() */
 
-static FILE *kicklog;
+static FILE *stublog;
 
 static long long wall_ns(void)
 {
@@ -87,11 +91,26 @@ static void kick_tx(struct queue *q)
 {
     long long before = wall_ns();
     kick(q);
-    if (kicklog) {
+    if (stublog) {
         long long after = wall_ns();
-        fprintf(kicklog, "tx %lld %lld\n", before, after);
-        fflush(kicklog);
+        fprintf(stublog, "tx %lld %lld\n", before, after);
+        fflush(stublog);
     }
+}
+
+/* An IPv4 ICMP frame the worker put in the RX ring, logged (VHOSTSTUB_LOG) with the
+ * time it was found there, its ICMP type, identifier and sequence number */
+static void log_rx_icmp(const unsigned char *f, uint32_t len)
+{
+    if (!stublog || len < 14 + 20 + 8 || f[12] != 0x08 || f[13] != 0x00 || f[14 + 9] != 1)
+        return;
+    uint32_t ihl = (f[14] & 0x0f) * 4u;
+    if (ihl < 20 || len < 14 + ihl + 8)
+        return;
+    const unsigned char *icmp = f + 14 + ihl;
+    fprintf(stublog, "rx %lld %u %u %u\n", wall_ns(), icmp[0], (unsigned)(icmp[4] << 8 | icmp[5]),
+            (unsigned)(icmp[6] << 8 | icmp[7]));
+    fflush(stublog);
 }
 
 /* Offer descriptor id to the device (the worker) on queue q. */
@@ -204,8 +223,8 @@ int main(int argc, char **argv)
     sa.sa_handler = on_signal;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
-    if (getenv("VHOSTSTUB_KICKLOG") && !(kicklog = fopen(getenv("VHOSTSTUB_KICKLOG"), "w")))
-        die("VHOSTSTUB_KICKLOG");
+    if (getenv("VHOSTSTUB_LOG") && !(stublog = fopen(getenv("VHOSTSTUB_LOG"), "w")))
+        die("VHOSTSTUB_LOG");
     FILE *f = fopen(argv[3], "w");
     if (f) { fprintf(f, "%d\n", (int)getpid()); fclose(f); }
     fprintf(stderr, "vhoststub: %s <-> %s through vhost-net (pid %d)\n", tapname, linkdev,
@@ -220,8 +239,17 @@ int main(int argc, char **argv)
         int n = poll(pfd, 3, 500);
         if (n < 0) { if (errno == EINTR) continue; perror("poll"); break; }
         uint64_t ev;
-        if (pfd[1].revents & POLLIN && read(rx.call, &ev, sizeof(ev)) < 0 && errno != EAGAIN)
-            perror("read rx call");
+        if (pfd[1].revents & POLLIN) {
+            long long before = wall_ns();
+            if (read(rx.call, &ev, sizeof(ev)) < 0) {
+                if (errno != EAGAIN)
+                    perror("read rx call");
+            } else if (stublog) {
+                fprintf(stublog, "call %lld %lld %llu\n", before, wall_ns(),
+                        (unsigned long long)ev);
+                fflush(stublog);
+            }
+        }
         if (pfd[2].revents & POLLIN && read(tx.call, &ev, sizeof(ev)) < 0 && errno != EAGAIN)
             perror("read tx call");
         /* host -> VM: frames the worker put in the RX buffers */
@@ -231,6 +259,7 @@ int main(int argc, char **argv)
             struct vring_used_elem e = rx.used->ring[rx.last_used % QSZ];
             rx.last_used++;
             if (e.len > HDR) {
+                log_rx_icmp(rx.bufs + (size_t)e.id * BUFSZ + HDR, e.len - HDR);
                 if (send(ps, rx.bufs + (size_t)e.id * BUFSZ + HDR, e.len - HDR, 0) < 0 &&
                     errno != ENOBUFS)
                     perror("send to link");

@@ -29,9 +29,9 @@ VM_IP, REMOTE_IP = "10.77.0.2", "10.77.0.3"
 TX_STAGES = ["vhost_kick", "tap_rx", "mvt_queue", "mvt_xmit", "bridge", "ovs_upcall", "ovs_dp",
              "encap", "phy_queue", "phy_xmit"]
 RX_STAGES = ["phy_rx", "decap", "bridge", "ovs_upcall", "ovs_dp", "tap_queue", "tap_xmit",
-             "mvt_ring", "vm_read", "host_rcv"]
+             "mvt_ring", "vm_read", "vhost_signal", "host_rcv"]
 VM2VM_STAGES = ["vhost_kick", "tap_rx", "mvt_queue", "mvt_xmit", "phy_rx", "bridge", "ovs_upcall",
-                "ovs_dp", "tap_queue", "tap_xmit", "mvt_ring", "vm_read"]
+                "ovs_dp", "tap_queue", "tap_xmit", "mvt_ring", "vm_read", "vhost_signal"]
 # each topology's VM device and NICs
 VM_DEV = {"M": "vnlmvt0"}
 PHY_DEVS = {"V": ("vnlphy0", "vnlphy1"), "O": ("vnlphy0", "vnlphy1")}

@@ -621,7 +621,7 @@ vhost_case() { # topology B again, the tap served by the kernel's vhost-net work
     modprobe vhost_net || { step B.vhost FAIL "modprobe vhost_net"; return 1; }
     kill "$VMSTUB_PID" 2>/dev/null; wait "$VMSTUB_PID" 2>/dev/null   # its tap goes with it
     rm -f /run/vmstub.ready
-    VHOSTSTUB_KICKLOG="$OUT/vhost-kicks.txt" "$LANE_DIR/bin/vhoststub" "$TAP" "$VMLINK" \
+    VHOSTSTUB_LOG="$OUT/vhost-log.txt" "$LANE_DIR/bin/vhoststub" "$TAP" "$VMLINK" \
         /run/vmstub.ready -name guest=vhost-vm,debug-threads=on 2>"$OUT/vhoststub.log" &
     VMSTUB_PID=$!
     local i
