@@ -5678,21 +5678,27 @@ def stage_directions(stage):
     return "all" if len(stage.directions) == len(DIRECTIONS) else ",".join(stage.directions)
 
 
+def probe_names(plan):
+    """Where a stage attaches, as perf names it: a return probe is FUNCTION%return."""
+    return ",".join(n + ("%return" if plan.method == "kprobe" and a == 0 else "")
+                    for n, a in plan.probes)
+
+
 def list_stages_report(plans, layout, out_json, reporter):
     if out_json:
         for p in plans:
             reporter.emit_json({"type": "stage", "name": p.stage.name,
                                 "direction": stage_directions(p.stage), "method": p.method,
-                                "probe": ",".join(n for n, _a in p.probes) or None,
+                                "probe": probe_names(p) or None,
                                 "reason": p.reason or None,
                                 "meaning": p.stage.meaning})
         return
-    reporter.write("%-10s %-8s %-11s %-34s %s\n" % ("STAGE", "DIR", "METHOD", "PROBE",
+    reporter.write("%-12s %-8s %-11s %-34s %s\n" % ("STAGE", "DIR", "METHOD", "PROBE",
                                                      "MEANING / WHY NOT TRACED"))
     for p in plans:
-        reporter.write("%-10s %-8s %-11s %-34s %s\n" % (
+        reporter.write("%-12s %-8s %-11s %-34s %s\n" % (
             p.stage.name, stage_directions(p.stage), p.method or "-",
-            ",".join(n for n, _a in p.probes) or "-",
+            probe_names(p) or "-",
             p.stage.meaning if p.method else p.reason))
     reporter.write("struct layouts: %s\n" % layout.source)
 
