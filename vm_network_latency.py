@@ -3530,9 +3530,11 @@ static __always_inline u64 vhost_kick_taken(void)
 #if VHOST_SIGNAL
 // The frames a worker holds: as many as VHOST_DRAIN_EACH completions in one program
 // run, times the runs a chain of tail calls allows (33: MAX_TAIL_CALL_CNT is 32 or 33),
-// can hand over at once; more than the 64 of a batch (a frame takes one buffer or more)
-#define VHOST_DRAIN_EACH 4
-#define VHOST_HELD_MAX 128
+// can hand over at once: a batch, 65 buffers at most (the worker hands over past 64),
+// a frame one buffer or more. (Each completion is compiled in whole: 2 keep the
+// drain's compilation short.)
+#define VHOST_DRAIN_EACH 2
+#define VHOST_HELD_MAX 66
 
 // A held frame's key: the worker's tid and the frame's number; never a kernel address
 // (an sk_buff's key), which has its top bits set
