@@ -637,8 +637,9 @@ vhost_case() { # topology B again, the tap served by the kernel's vhost-net work
     # vhost-net unloaded again: the cases after this one trace what they traced before
     # it (with vhost_net loaded every kprobe instance also compiles and attaches the
     # vhost stages, which under emulation costs each lane minutes)
+    # (rmmod: modprobe -r would take tun with it, /dev/net/tun and all)
     kill "$VMSTUB_PID" 2>/dev/null; wait "$VMSTUB_PID" 2>/dev/null
-    modprobe -r vhost_net 2>/dev/null
+    rmmod vhost_net 2>/dev/null
 }
 
 vhost_worker_tid() { # the vhost-net worker serving process $1: a kernel thread vhost-$1
