@@ -56,10 +56,16 @@ in):
             time per frame plus the reader's (tun_put_user and the tool's vm_read probe
             run there). The reader must get every frame: one read() a frame is slower
             than the writer, whose floods here are paced at V2V_RATE frames/s (pacing
-            costs both of its configurations the same sleeps). With BPF statistics on
-(kernel.bpf_stats_enabled, one flood each), the run time of every program, and two
-variants of the floor's (floor.py empty, clock): what a program run and a clock read
-cost, from which report.py gives the least histogram mode can cost on this machine.
+            costs its configurations the same sleeps). It is also the path a VM
+            receives by, measured with --explain too (the reader's waits are what
+            --explain explains; no frame raises a softirq of its own here, where every
+            frame on the main path does: the veth's receive into the namespace).
+
+With BPF statistics on (kernel.bpf_stats_enabled, one flood each), the run time of every
+program, and two variants of the floor's (floor.py empty, clock): what a program run and
+a clock read cost, from which report.py gives the least histogram mode can cost on this
+machine, and the least --explain's interrupt time can (a program at each softirq's entry
+and exit).
 
 The devices and namespace are made with the test suite's own tests/harness/topology.py; the
 tool's counts come from its --output json summary. Everything created (devices,
@@ -133,10 +139,14 @@ TOOL_ARGS = {
                  "histogram", "--interval", "3600"],
     "v2v_hist": ["--vm-dev", V2V_TAP, "--vm-dev", RECV_TAP, "--output", "json", "--mode",
                  "histogram", "--interval", "3600"],
+    # --explain where a VM receives: the reader's waits are what it explains, and no
+    # frame raises a softirq of its own (tap -> bridge -> tap)
+    "v2v_explain": ["--vm-dev", V2V_TAP, "--vm-dev", RECV_TAP, "--output", "json", "--mode",
+                    "histogram", "--interval", "3600", "--explain"],
 }
 # which generator floods each configuration's path (the rest: the main one)
 PATH_OF = {"mvt_baseline": "mvt", "mvt_hist": "mvt", "v2v_baseline": "v2v",
-           "v2v_hist": "v2v"}
+           "v2v_hist": "v2v", "v2v_explain": "v2v"}
 # the soaks: is resident memory flat once warm, at full rate for half an hour?
 SOAK_PORT = 9478
 SOAK_ARGS = {
@@ -147,9 +157,10 @@ SOAK_ARGS = {
 SOAK_SAMPLE_S = 10
 STATS_CONFIGS = ["tool_hist", "tool_hist_raw", "tool_detail", "tool_filtered",
                  "tool_sample", "tool_explain", "floor", "floor_empty", "floor_clock"]
+PATH_STATS_CONFIGS = ["v2v_hist", "v2v_explain"]
 # the options a configuration needs of the tool (a version from before them, --rev,
 # is measured without it)
-NEEDS_OPTION = {"tool_explain": "--explain"}
+NEEDS_OPTION = {"tool_explain": "--explain", "v2v_explain": "--explain"}
 # the floor's program on its four tracepoints, and its two variants that measure what
 # no tracer avoids (BPF run time only): a program that returns at once, one that reads
 # the clock once
@@ -815,7 +826,10 @@ class Bench(object):
             tracepoint_of = dict((str(i), tp) for i, tp in
                                  prog_cost.tracepoints_of(tracers[0].pid).items())
             before = bpftool_progs(ids)
-            res = self.gen.flood(self.args.frames, self.args.ports)
+            if PATH_OF.get(cfg) == "v2v":
+                res = self.lab["v2v"][0].flood(self.args.frames, self.args.ports, V2V_RATE)
+            else:
+                res = self.gen.flood(self.args.frames, self.args.ports)
             after = bpftool_progs(ids)
         finally:
             self.stop(tracers)
@@ -905,10 +919,20 @@ def measure_all(args, bench, gen):
 
     log("the other paths: macvtap and VM to VM")
     other_paths_up(bench.lab, bench.work)
-    dry_run_all([c for c in TOOL_ARGS if c in PATH_OF], bench)
+    paths = [c for c in report.PATH_CONFIGS if tool_has(bench.tool, c)]
+    dry_run_all([c for c in TOOL_ARGS if c in paths], bench)
     bench.lab["mvt"].flood(args.frames // 10, args.ports)
     bench.lab["v2v"][0].flood(args.frames // 10, args.ports, V2V_RATE)
-    raw["runs"] += interleaved(args, bench, report.PATH_CONFIGS)
+    raw["runs"] += interleaved(args, bench, paths)
+    if not args.no_bpf_stats:
+        # where the VM-to-VM path's --explain time goes (the reader's waits)
+        old = bpf_stats_enabled()
+        bpf_stats_enabled("1")
+        try:
+            raw["bpf_stats"] += [bench.bpf_stats(cfg) for cfg in PATH_STATS_CONFIGS
+                                 if cfg in paths]
+        finally:
+            bpf_stats_enabled(old)
     return raw
 
 

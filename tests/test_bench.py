@@ -41,6 +41,9 @@ def test_a_short_benchmark_run_counts_every_frame(tmp_path):
     v2v = res["v2v_hist"]["summaries"][0]
     assert (v2v["reported"], v2v["reported_vm2vm"]) == (frames, frames)
     assert res["v2v_baseline"]["received"] == [frames] and res["v2v_hist"]["received"] == [frames]
+    v2v = res["v2v_explain"]["summaries"][0]
+    assert (v2v["reported"], v2v["reported_vm2vm"]) == (frames, frames)
+    assert res["v2v_explain"]["received"] == [frames]
     assert saved["result"]["path_check_warmup"]["rx"] == frames
     assert saved["result"]["path_check_warmup"]["tx"] == 0
     k = saved["result"]["keepup"][0]
@@ -58,6 +61,12 @@ def test_a_short_benchmark_run_counts_every_frame(tmp_path):
     assert lb["tool_hist_runs_per_frame"] == pytest.approx(5, abs=0.01)
     assert lb["clock_read_ns"] > 0
     assert lb["bound_ns_per_frame"] < stats["tool_hist"]["bpf_ns_per_frame_total"]
+    # --explain's interrupt time: on this path each frame the writer sends raises one
+    # softirq (the veth's receive), timed at its entry and exit
+    xb = saved["result"]["explain_interrupt_bound"]
+    assert xb["softirqs_per_frame"] == pytest.approx(1, abs=0.1)
+    assert xb["handler_runs_per_frame"] == pytest.approx(2, abs=0.2)
+    assert set(stats) >= {"v2v_hist", "v2v_explain"}
     # the table printed is the saved analysis, rendered again
     again = subprocess.run([PYTHON, "-m", "bench.report", out], cwd=ROOT,
                            stdout=subprocess.PIPE, universal_newlines=True, check=True)
