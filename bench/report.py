@@ -206,6 +206,13 @@ def bpf_stats(raw_stats):
 CLOCK_READS_PER_FRAME = 3
 
 
+def ns_per_run(stats, cfg):
+    """A configuration's BPF run time per program run, all its programs together."""
+    progs = stats[cfg]["programs"]
+    runs = sum(p["run_cnt"] for p in progs)
+    return sum(p["run_time_ns"] for p in progs) / float(runs) if runs else None
+
+
 def bpf_lower_bound(stats):
     """The least BPF time a frame can cost histogram mode on this machine, whatever its
     programs do: each of its runs costs at least an empty program's run, and each stage
@@ -214,12 +221,7 @@ def bpf_lower_bound(stats):
     need = ("tool_hist", "floor", "floor_empty", "floor_clock")
     if not all(c in stats for c in need):
         return None
-
-    def per_run(cfg):
-        progs = stats[cfg]["programs"]
-        runs = sum(p["run_cnt"] for p in progs)
-        return sum(p["run_time_ns"] for p in progs) / float(runs) if runs else None
-    empty, clock = per_run("floor_empty"), per_run("floor_clock")
+    empty, clock = ns_per_run(stats, "floor_empty"), ns_per_run(stats, "floor_clock")
     if empty is None or clock is None:
         return None
     runs = sum(p["runs_per_frame"] for p in stats["tool_hist"]["programs"])
@@ -248,12 +250,7 @@ def explain_interrupt_bound(stats, res):
     hist_added = res.get("tool_hist", {}).get("added_ns")
     if not all(c in stats for c in need) or not hist_added:
         return None
-
-    def per_run(cfg):
-        progs = stats[cfg]["programs"]
-        runs = sum(p["run_cnt"] for p in progs)
-        return sum(p["run_time_ns"] for p in progs) / float(runs) if runs else None
-    empty, clock = per_run("floor_empty"), per_run("floor_clock")
+    empty, clock = ns_per_run(stats, "floor_empty"), ns_per_run(stats, "floor_clock")
     handlers = [p for p in stats["tool_explain"]["programs"]
                 if re.search(r"\bsoftirq_(entry|exit)\b", p["name"] or "")]
     if empty is None or clock is None or len(handlers) != 2:
