@@ -3534,7 +3534,8 @@ static __always_inline u64 vhost_kick_taken(void)
 // a frame one buffer or more. (Each completion is compiled in whole: 2 keep the
 // drain's compilation short.)
 #define VHOST_DRAIN_EACH 2
-#define VHOST_HELD_MAX 66
+#define VHOST_DRAIN_RUNS 33
+#define VHOST_HELD_MAX (VHOST_DRAIN_EACH * VHOST_DRAIN_RUNS)
 
 // A held frame's key: the worker's tid and the frame's number; never a kernel address
 // (an sk_buff's key), which has its top bits set

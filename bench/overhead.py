@@ -865,6 +865,16 @@ def bpf_stats_enabled(value=None):
         f.write(value)
 
 
+def stats_runs(bench, cfgs):
+    """One flood per configuration with the kernel's BPF statistics on, as it was after."""
+    old = bpf_stats_enabled()
+    bpf_stats_enabled("1")
+    try:
+        return [bench.bpf_stats(cfg) for cfg in cfgs]
+    finally:
+        bpf_stats_enabled(old)
+
+
 # ------------------------------------------------------------------ the run
 
 def measure_all(args, bench, gen):
@@ -906,13 +916,8 @@ def measure_all(args, bench, gen):
                         if s is not None]
     raw["bpf_stats"] = []
     if not args.no_bpf_stats:
-        old = bpf_stats_enabled()
-        bpf_stats_enabled("1")
-        try:
-            raw["bpf_stats"] = [bench.bpf_stats(cfg) for cfg in STATS_CONFIGS
-                                if cfg not in TOOL_ARGS or cfg in main]
-        finally:
-            bpf_stats_enabled(old)
+        raw["bpf_stats"] = stats_runs(bench, [cfg for cfg in STATS_CONFIGS
+                                              if cfg not in TOOL_ARGS or cfg in main])
     raw["path_check_total"] = counter_delta(c0, path_counters())
     if args.main_only:
         return raw
@@ -926,13 +931,7 @@ def measure_all(args, bench, gen):
     raw["runs"] += interleaved(args, bench, paths)
     if not args.no_bpf_stats:
         # where the VM-to-VM path's --explain time goes (the reader's waits)
-        old = bpf_stats_enabled()
-        bpf_stats_enabled("1")
-        try:
-            raw["bpf_stats"] += [bench.bpf_stats(cfg) for cfg in PATH_STATS_CONFIGS
-                                 if cfg in paths]
-        finally:
-            bpf_stats_enabled(old)
+        raw["bpf_stats"] += stats_runs(bench, [c for c in PATH_STATS_CONFIGS if c in paths])
     return raw
 
 
